@@ -1,0 +1,238 @@
+/* SPDX-License-Identifier: Apache-2.0
+ * aimesh kernel/user contract: every struct, enum and limit that crosses the boundary. Types only, no code.
+ *
+ * Mirrors (change them together, never renumber):
+ *   - agent/kernel/abi.py       ctypes structs and IntEnums (sizes checked by tests/kernel/test_abi.py)
+ *   - proto/aimesh/v1/flow.proto Verdict, Hook, Reason enums
+ *
+ * Addresses are always 16 bytes in network order; IPv4 is stored v4-mapped (::ffff:a.b.c.d) so one key layout
+ * serves both families and v4-mapped IPv6 sockets need no special case. Ports in keys are host order.
+ */
+#ifndef AIMESH_ABI_H
+#define AIMESH_ABI_H
+
+/* Limits; the loader passes overrides with -D (agent/kernel/abi.py: build_cflags). */
+#ifndef MAX_CGROUPS
+#define MAX_CGROUPS 65536
+#endif
+#ifndef MAX_PROCESSES
+#define MAX_PROCESSES 65536
+#endif
+#ifndef MAX_ENDPOINTS
+#define MAX_ENDPOINTS 65536        /* both generations together */
+#endif
+#ifndef MAX_LOCAL_ENDPOINTS
+#define MAX_LOCAL_ENDPOINTS 16384
+#endif
+#ifndef MAX_IDENTITIES
+#define MAX_IDENTITIES 16384       /* both generations together */
+#endif
+#ifndef MAX_POLICIES
+#define MAX_POLICIES 262144        /* both generations together */
+#endif
+#ifndef MAX_REDIRECTS
+#define MAX_REDIRECTS 4096
+#endif
+#ifndef MAX_BACKENDS
+#define MAX_BACKENDS 16384
+#endif
+#ifndef MAX_REVERSE_NAT
+#define MAX_REVERSE_NAT 65536
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 256
+#endif
+#define BACKENDS_PER_SERVICE 16    /* weighted split: at most this many backends per redirect */
+
+/* Reserved identities. User identities start at ID_FIRST_USER. */
+#define ID_NONE       0
+#define ID_UNMANAGED  1   /* a local workload no selector matched */
+#define ID_WORLD      2   /* a remote address no endpoint matched */
+#define ID_FIRST_USER 16
+
+/* Decision verdicts (mirror: abi.py Verdict, flow.proto Verdict). */
+enum aimesh_verdict {
+	VERDICT_NONE       = 0,
+	VERDICT_ALLOWED    = 1,
+	VERDICT_DENIED     = 2,
+	VERDICT_AUDIT      = 3,   /* allowed, but enforce mode would deny */
+	VERDICT_REDIRECTED = 4,   /* allowed and rewritten to a backend */
+	VERDICT__MAX       = 8,
+};
+
+/* Where the decision was taken (mirror: abi.py Hook, flow.proto Hook). */
+enum aimesh_hook {
+	HOOK_NONE    = 0,
+	HOOK_CONNECT = 1,   /* cgroup connect4/6 */
+	HOOK_SENDMSG = 2,   /* cgroup sendmsg4/6 (unconnected UDP) */
+	HOOK_INGRESS = 3,   /* cgroup_skb ingress, remote source */
+	HOOK__MAX    = 4,
+};
+
+/* Why (mirror: abi.py Reason, flow.proto Reason). */
+enum aimesh_reason {
+	REASON_NONE           = 0,
+	REASON_POLICY         = 1,  /* a policy allowed it; rule_id says which */
+	REASON_NOT_GOVERNED   = 2,  /* neither end is governed */
+	REASON_SAME_IDENTITY  = 3,
+	REASON_DNS            = 4,
+	REASON_NO_POLICY_SRC  = 5,  /* the governed source has no policy to the destination */
+	REASON_NO_POLICY_DST  = 6,  /* the governed destination has no policy from the source */
+	REASON_SUNSET         = 7,  /* destination deprecated past its sunset, no successor to redirect to */
+	REASON_FAMILY         = 8,  /* redirect skipped: backend family cannot be reached from this socket */
+};
+
+/* decision_event.flags */
+#define EV_F_DEPRECATED        0x01   /* destination is deprecated (before or after sunset) */
+#define EV_F_LIFECYCLE         0x02   /* redirected to the successor because of the sunset */
+#define EV_F_REDIRECTED        0x04   /* the connection was rewritten (also set with VERDICT_AUDIT) */
+
+/* identity_info.flags */
+#define ID_F_GOVERNED   0x01
+#define ID_F_ENFORCE    0x02   /* effective mode of this identity is enforce (else audit) */
+#define ID_F_DEPRECATED 0x04
+#define ID_F_SUNSET     0x08   /* past its sunset date (the agent flips this at the sunset instant) */
+
+/* runtime_config.flags */
+#define CFG_F_DNS_ALLOW  0x01
+#define CFG_F_WATCH_EXEC 0x02   /* emit exec events (only when process selectors exist) */
+
+/* verdict_counters slots: hook * VERDICT__MAX + verdict, then the drop counters. */
+#define COUNTER_DECISION(hook, verdict) ((hook) * VERDICT__MAX + (verdict))
+#define COUNTER_DECISION_EVENTS_LOST   (HOOK__MAX * VERDICT__MAX + 0)
+#define COUNTER_AGENT_EVENTS_LOST      (HOOK__MAX * VERDICT__MAX + 1)
+#define COUNTER_LOCAL_ENDPOINTS_FULL   (HOOK__MAX * VERDICT__MAX + 2)
+#define COUNTER_REVERSE_NAT_FULL       (HOOK__MAX * VERDICT__MAX + 3)
+#define COUNTER_SLOTS                  64
+
+struct runtime_config {
+	__u32 active_gen;   /* 0 or 1: which generation of the policy maps is live */
+	__u32 flags;        /* CFG_F_* */
+};
+
+/* endpoint_identity (LPM trie): prefixlen counts gen(8)+pad(8)+port(16) = 32 bits, then address bits. port 0 = any. */
+struct endpoint_key {
+	__u32 prefixlen;
+	__u8  gen;
+	__u8  pad;
+	__u16 port;
+	__u8  addr[16];
+};
+
+/* local_endpoint_identity: what a local workload bound (post_bind). addr all-zero = wildcard bind. */
+struct local_endpoint_key {
+	__u8  addr[16];
+	__u16 port;
+	__u8  proto;
+	__u8  pad;
+};
+
+struct identity_key {
+	__u32 id;
+	__u32 gen;
+};
+
+struct identity_info {
+	__u32 flags;    /* ID_F_* */
+	__u32 pad;
+};
+
+/* policy_verdict: (src, dst, port, proto) -> allow. port 0 = any port; proto is 6 or 17. */
+struct policy_key {
+	__u32 src;
+	__u32 dst;
+	__u16 port;
+	__u8  proto;
+	__u8  gen;
+};
+
+struct policy_value {
+	__u32 rule_id;  /* index of the policy in the config, for the record */
+};
+
+/* redirect_service: (src, dst) -> backends; src ID_NONE = any source. */
+struct redirect_key {
+	__u32 src;
+	__u32 dst;
+	__u32 gen;
+};
+
+struct redirect_value {
+	__u32 first_backend;   /* key index into redirect_backend */
+	__u32 target_id;       /* identity the backends belong to (the successor for a lifecycle redirect) */
+	__u32 total_weight;
+	__u16 count;           /* <= BACKENDS_PER_SERVICE */
+	__u16 flags;           /* EV_F_LIFECYCLE for sunset redirects */
+};
+
+struct backend_key {
+	__u32 index;
+	__u32 gen;
+};
+
+struct backend {
+	__u8  addr[16];
+	__u32 cum_weight;      /* cumulative weight: pick the first with rand % total < cum_weight */
+	__u16 port;            /* host order */
+	__u8  is_v4;
+	__u8  pad;
+};
+
+/* dialed_address (sk storage) and udp_reverse_nat values: what the client dialed. */
+struct dialed {
+	__u8  addr[16];
+	__u8  backend[16];
+	__u16 port;            /* host order */
+	__u16 backend_port;    /* host order */
+	__u32 pad;
+};
+
+struct reverse_nat_key {
+	__u64 cookie;
+	__u8  addr[16];        /* backend address */
+	__u16 port;            /* backend port, host order */
+	__u16 pad1;
+	__u32 pad2;
+};
+
+/* One decision, emitted to decision_events. */
+struct decision_event {
+	__u64 ts_ns;           /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	__u64 cgroup_id;
+	__u64 cookie;          /* socket cookie; joins with later flow records */
+	__u8  dialed_addr[16];
+	__u8  actual_addr[16];
+	__u8  peer_addr[16];   /* ingress: the remote source; sendmsg: msg source if set */
+	__u32 pid;
+	__u32 src_id;
+	__u32 dst_id;          /* identity dialed (policy is judged on it) */
+	__u32 actual_dst_id;   /* identity really reached (differs on lifecycle redirects) */
+	__u32 rule_id;
+	__u16 dialed_port;     /* host order */
+	__u16 actual_port;
+	__u16 peer_port;
+	__u8  is_v6;           /* socket family */
+	__u8  proto;
+	__u8  hook;
+	__u8  verdict;
+	__u8  reason;
+	__u8  flags;
+	char  comm[16];
+};
+
+enum agent_event_kind {
+	AGENT_EV_CGROUP_MKDIR = 1,
+	AGENT_EV_EXEC         = 2,
+};
+
+#define AGENT_EV_PATH_LEN 256
+
+/* One control event, emitted to agent_events: a new cgroup or an exec to classify. */
+struct agent_event {
+	__u64 cgroup_id;
+	__u32 kind;
+	__u32 pid;
+	char  path[AGENT_EV_PATH_LEN];   /* cgroup path relative to the cgroup2 root (mkdir) */
+};
+
+#endif /* AIMESH_ABI_H */

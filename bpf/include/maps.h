@@ -1,0 +1,27 @@
+/* SPDX-License-Identifier: Apache-2.0
+ * Every aimesh map, one "what -> what" line each. Included once, by bpf/programs.h.
+ * Generation-keyed maps (gen in the key) are double-buffered: the agent writes the inactive generation, flips
+ * runtime_config.active_gen, then deletes the old one, so a reload is atomic for every program run.
+ */
+#ifndef AIMESH_MAPS_H
+#define AIMESH_MAPS_H
+#include "abi.h"
+
+BPF_ARRAY(runtime_config, struct runtime_config, 1);                                  /* 0 -> live generation, flags */
+BPF_HASH(cgroup_identity, __u64, __u32, MAX_CGROUPS);                                  /* cgroup id -> identity */
+BPF_HASH(process_identity, __u32, __u32, MAX_PROCESSES);                               /* tgid -> identity */
+BPF_LPM_TRIE(endpoint_identity, struct endpoint_key, __u32, MAX_ENDPOINTS);            /* (gen, port, prefix) -> identity */
+BPF_HASH(local_endpoint_identity, struct local_endpoint_key, __u32, MAX_LOCAL_ENDPOINTS); /* bound (addr, port, proto) -> identity */
+BPF_HASH(local_address, struct local_endpoint_key, __u8, 1024);                        /* this host's addresses (port 0) -> 1 */
+BPF_HASH(identity_info, struct identity_key, struct identity_info, MAX_IDENTITIES);    /* (id, gen) -> governed/mode/lifecycle */
+BPF_HASH(policy_verdict, struct policy_key, struct policy_value, MAX_POLICIES);        /* (src, dst, port, proto, gen) -> allow */
+BPF_HASH(redirect_service, struct redirect_key, struct redirect_value, MAX_REDIRECTS); /* (src, dst, gen) -> backend set */
+BPF_HASH(redirect_backend, struct backend_key, struct backend, MAX_BACKENDS);          /* (index, gen) -> backend address */
+BPF_SK_STORAGE(dialed_address, struct dialed);                                         /* socket -> address it dialed */
+BPF_TABLE("lru_hash", struct reverse_nat_key, struct dialed, udp_reverse_nat, MAX_REVERSE_NAT); /* (cookie, backend) -> dialed */
+BPF_TABLE("lru_hash", struct reverse_nat_key, __u8, udp_decision_seen, MAX_REVERSE_NAT); /* (cookie, dest) -> verdict already emitted */
+BPF_PERCPU_ARRAY(verdict_counters, __u64, COUNTER_SLOTS);                              /* slot -> count (see abi.h) */
+BPF_RINGBUF_OUTPUT(decision_events, RINGBUF_PAGES);                                    /* struct decision_event */
+BPF_RINGBUF_OUTPUT(agent_events, 16);                                                  /* struct agent_event */
+
+#endif /* AIMESH_MAPS_H */

@@ -1,0 +1,63 @@
+/* Address helpers: 16-byte v4-mapped form, loopback and local-address tests. */
+#ifndef AIMESH_LIB_ADDR_H
+#define AIMESH_LIB_ADDR_H
+
+union addr16 {
+	__u8  b[16];
+	__u32 w[4];
+};
+
+static __always_inline void addr_from_v4(__u8 *dst, __u32 ip4_be)
+{
+	union addr16 a = {};
+	a.w[2] = bpf_htonl(0x0000ffff);
+	a.w[3] = ip4_be;
+	__builtin_memcpy(dst, a.b, 16);
+}
+
+static __always_inline int addr_is_v4(const __u8 *addr)
+{
+	union addr16 a;
+	__builtin_memcpy(a.b, addr, 16);
+	return a.w[0] == 0 && a.w[1] == 0 && a.w[2] == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline __u32 addr_v4(const __u8 *addr)
+{
+	union addr16 a;
+	__builtin_memcpy(a.b, addr, 16);
+	return a.w[3];
+}
+
+static __always_inline int addr_is_zero(const __u8 *addr)
+{
+	union addr16 a;
+	__builtin_memcpy(a.b, addr, 16);
+	return (a.w[0] | a.w[1] | a.w[2] | a.w[3]) == 0;
+}
+
+static __always_inline int addr_equal(const __u8 *x, const __u8 *y)
+{
+	union addr16 a, b;
+	__builtin_memcpy(a.b, x, 16);
+	__builtin_memcpy(b.b, y, 16);
+	return ((a.w[0] ^ b.w[0]) | (a.w[1] ^ b.w[1]) | (a.w[2] ^ b.w[2]) | (a.w[3] ^ b.w[3])) == 0;
+}
+
+/* 127.0.0.0/8 (mapped) or ::1, or an address the agent listed in local_address. */
+static __always_inline int addr_is_local(const __u8 *addr)
+{
+	union addr16 a;
+	__builtin_memcpy(a.b, addr, 16);
+	if (a.w[0] == 0 && a.w[1] == 0) {
+		if (a.w[2] == bpf_htonl(0x0000ffff) && (bpf_ntohl(a.w[3]) >> 24) == 127)
+			return 1;
+		if (a.w[2] == 0 && a.w[3] == bpf_htonl(1))
+			return 1;
+	}
+	struct local_endpoint_key k = {};
+	__builtin_memcpy(k.addr, addr, 16);
+	return local_address.lookup(&k) != NULL;
+}
+
+#endif

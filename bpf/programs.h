@@ -1,0 +1,12 @@
+/* Common prelude of every aimesh program file: the contract, the maps and the helpers, in that order. */
+#ifndef AIMESH_PROGRAMS_H
+#define AIMESH_PROGRAMS_H
+#include <uapi/linux/bpf.h>
+#include "include/abi.h"
+#include "include/maps.h"
+#include "lib/addr.h"
+#include "lib/emit.h"
+#include "lib/identity.h"
+#include "lib/policy.h"
+#include "lib/redirect.h"
+#endif

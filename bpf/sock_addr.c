@@ -1,0 +1,215 @@
+/* cgroup sock_addr hooks: connect4/6, sendmsg4/6, getpeername4/6, recvmsg4/6.
+ *
+ * connect / sendmsg: judge (source identity, dialed identity, port, proto) against the allow-list; a deny returns 0
+ *   (the caller gets EPERM); an allowed or audited connection may be rewritten to a redirect backend.
+ *   reads:  runtime_config, process_identity, cgroup_identity, local_endpoint_identity, local_address,
+ *           endpoint_identity, identity_info, policy_verdict, redirect_service, redirect_backend
+ *   writes: dialed_address (sk storage), udp_reverse_nat, udp_decision_seen, verdict_counters, decision_events
+ * getpeername / recvmsg: put back the address the client dialed (reads dialed_address, udp_reverse_nat).
+ */
+#include "programs.h"
+
+struct sock_target {
+	__u8  addr[16];
+	__u16 port;       /* host order */
+	__u8  is_v6;
+	__u8  rewritten;
+};
+
+/* The whole connect/sendmsg decision; returns 1 to let the call proceed. t is updated when redirected. */
+static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct sock_target *t)
+{
+	const struct runtime_config *cfg = config_get();
+	if (!cfg)
+		return 1;
+	__u8 gen = cfg->active_gen;
+	__u8 proto = ctx->protocol;
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+
+	__u32 src = current_identity();
+	__u32 dst = destination_identity(gen, t->addr, t->port, proto);
+	struct decision d = {};
+	decide(&d, cfg, src, dst, t->port, proto);
+
+	struct dialed dialed = {};
+	__builtin_memcpy(dialed.addr, t->addr, 16);
+	dialed.port = t->port;
+	__u32 actual_dst = dst;
+
+	if (d.verdict != VERDICT_DENIED) {
+		struct redirect_value *svc = redirect_lookup(gen, src, dst);
+		if (svc && (d.reason != REASON_SUNSET || (svc->flags & EV_F_LIFECYCLE))) {
+			struct backend *b = backend_pick(gen, svc);
+			if (b && b->is_v4 == 0 && !t->is_v6) {
+				d.reason = REASON_FAMILY;   /* an IPv4 socket cannot reach an IPv6 backend */
+			} else if (b) {
+				__builtin_memcpy(t->addr, b->addr, 16);
+				t->port = b->port;
+				t->rewritten = 1;
+				actual_dst = svc->target_id;
+				d.flags |= EV_F_REDIRECTED | (svc->flags & EV_F_LIFECYCLE);
+				if (d.reason == REASON_SUNSET) {
+					/* the successor takes the connection: judged on the dialed identity, allowed */
+					d.reason = REASON_POLICY;
+					d.verdict = VERDICT_ALLOWED;
+				}
+				if (d.verdict == VERDICT_ALLOWED)
+					d.verdict = VERDICT_REDIRECTED;
+			}
+		}
+	}
+
+	if (t->rewritten) {
+		__builtin_memcpy(dialed.backend, t->addr, 16);
+		dialed.backend_port = t->port;
+		if (hook == HOOK_CONNECT) {
+			struct dialed *st = dialed_address.sk_storage_get(ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+			if (st)
+				*st = dialed;
+		}
+		struct reverse_nat_key rk = { .cookie = cookie, .port = t->port };
+		__builtin_memcpy(rk.addr, t->addr, 16);
+		if (udp_reverse_nat.update(&rk, &dialed))
+			counter_add(COUNTER_REVERSE_NAT_FULL);
+	}
+
+	counter_add(COUNTER_DECISION(hook, d.verdict));
+
+	if (hook == HOOK_SENDMSG) {
+		/* unconnected UDP: one event per (socket, destination, verdict), not per datagram */
+		struct reverse_nat_key sk = { .cookie = cookie, .port = dialed.port };
+		__builtin_memcpy(sk.addr, dialed.addr, 16);
+		__u8 *seen = udp_decision_seen.lookup(&sk);
+		if (seen && *seen == d.verdict)
+			return d.verdict != VERDICT_DENIED;
+		__u8 v = d.verdict;
+		udp_decision_seen.update(&sk, &v);
+	}
+
+	struct decision_event *ev = decision_reserve();
+	if (ev) {
+		__u64 pid_tgid = bpf_get_current_pid_tgid();
+		ev->ts_ns = bpf_ktime_get_ns();
+		ev->cgroup_id = bpf_get_current_cgroup_id();
+		ev->cookie = cookie;
+		__builtin_memcpy(ev->dialed_addr, dialed.addr, 16);
+		__builtin_memcpy(ev->actual_addr, t->addr, 16);
+		__builtin_memset(ev->peer_addr, 0, 16);
+		ev->pid = pid_tgid >> 32;
+		ev->src_id = src;
+		ev->dst_id = dst;
+		ev->actual_dst_id = actual_dst;
+		ev->rule_id = d.rule_id;
+		ev->dialed_port = dialed.port;
+		ev->actual_port = t->port;
+		ev->peer_port = 0;
+		ev->is_v6 = t->is_v6;
+		ev->proto = proto;
+		ev->hook = hook;
+		ev->verdict = d.verdict;
+		ev->reason = d.reason;
+		ev->flags = d.flags;
+		bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+		decision_events.ringbuf_submit(ev, 0);
+	}
+	return d.verdict != VERDICT_DENIED;
+}
+
+static __always_inline void target_from_v4(struct bpf_sock_addr *ctx, struct sock_target *t)
+{
+	addr_from_v4(t->addr, ctx->user_ip4);
+	t->port = bpf_ntohs(ctx->user_port);
+	t->is_v6 = 0;
+	t->rewritten = 0;
+}
+
+static __always_inline void target_from_v6(struct bpf_sock_addr *ctx, struct sock_target *t)
+{
+	union addr16 a;
+	a.w[0] = ctx->user_ip6[0];
+	a.w[1] = ctx->user_ip6[1];
+	a.w[2] = ctx->user_ip6[2];
+	a.w[3] = ctx->user_ip6[3];
+	__builtin_memcpy(t->addr, a.b, 16);
+	t->port = bpf_ntohs(ctx->user_port);
+	t->is_v6 = 1;
+	t->rewritten = 0;
+}
+
+static __always_inline void write_v4(struct bpf_sock_addr *ctx, const __u8 *addr, __u16 port)
+{
+	ctx->user_ip4 = addr_v4(addr);
+	ctx->user_port = bpf_htons(port);
+}
+
+static __always_inline void write_v6(struct bpf_sock_addr *ctx, const __u8 *addr, __u16 port)
+{
+	union addr16 a;
+	__builtin_memcpy(a.b, addr, 16);
+	ctx->user_ip6[0] = a.w[0];
+	ctx->user_ip6[1] = a.w[1];
+	ctx->user_ip6[2] = a.w[2];
+	ctx->user_ip6[3] = a.w[3];
+	ctx->user_port = bpf_htons(port);
+}
+
+static __always_inline int sock_judge4(struct bpf_sock_addr *ctx, __u8 hook)
+{
+	struct sock_target t;
+	target_from_v4(ctx, &t);
+	int ok = judge(ctx, hook, &t);
+	if (ok && t.rewritten)
+		write_v4(ctx, t.addr, t.port);
+	return ok;
+}
+
+static __always_inline int sock_judge6(struct bpf_sock_addr *ctx, __u8 hook)
+{
+	struct sock_target t;
+	target_from_v6(ctx, &t);
+	int ok = judge(ctx, hook, &t);
+	if (ok && t.rewritten)
+		write_v6(ctx, t.addr, t.port);
+	return ok;
+}
+
+int aimesh_connect4(struct bpf_sock_addr *ctx) { return sock_judge4(ctx, HOOK_CONNECT); }
+int aimesh_connect6(struct bpf_sock_addr *ctx) { return sock_judge6(ctx, HOOK_CONNECT); }
+int aimesh_sendmsg4(struct bpf_sock_addr *ctx) { return sock_judge4(ctx, HOOK_SENDMSG); }
+int aimesh_sendmsg6(struct bpf_sock_addr *ctx) { return sock_judge6(ctx, HOOK_SENDMSG); }
+
+/* Restore: the peer a redirected socket reports is the address it dialed. */
+static __always_inline struct dialed *restore_lookup(struct bpf_sock_addr *ctx, const __u8 *addr, __u16 port)
+{
+	struct dialed *st = dialed_address.sk_storage_get(ctx->sk, 0, 0);
+	if (st && st->backend_port == port && addr_equal(st->backend, addr))
+		return st;
+	struct reverse_nat_key rk = { .cookie = bpf_get_socket_cookie(ctx), .port = port };
+	__builtin_memcpy(rk.addr, addr, 16);
+	return udp_reverse_nat.lookup(&rk);
+}
+
+static __always_inline int restore4(struct bpf_sock_addr *ctx)
+{
+	struct sock_target t;
+	target_from_v4(ctx, &t);
+	struct dialed *d = restore_lookup(ctx, t.addr, t.port);
+	if (d && addr_is_v4(d->addr))
+		write_v4(ctx, d->addr, d->port);
+	return 1;
+}
+
+static __always_inline int restore6(struct bpf_sock_addr *ctx)
+{
+	struct sock_target t;
+	target_from_v6(ctx, &t);
+	struct dialed *d = restore_lookup(ctx, t.addr, t.port);
+	if (d)
+		write_v6(ctx, d->addr, d->port);
+	return 1;
+}
+
+int aimesh_getpeername4(struct bpf_sock_addr *ctx) { return restore4(ctx); }
+int aimesh_getpeername6(struct bpf_sock_addr *ctx) { return restore6(ctx); }
+int aimesh_recvmsg4(struct bpf_sock_addr *ctx) { return restore4(ctx); }
+int aimesh_recvmsg6(struct bpf_sock_addr *ctx) { return restore6(ctx); }

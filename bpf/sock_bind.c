@@ -1,0 +1,37 @@
+/* cgroup post_bind4/6: a workload with an identity that binds a port makes that address:port an endpoint of its
+ * identity, so local model servers need no `endpoints:` entry.
+ *   reads:  process_identity, cgroup_identity
+ *   writes: local_endpoint_identity, verdict_counters (when full)
+ */
+#include "programs.h"
+
+static __always_inline int record_bind(struct bpf_sock *sk, const __u8 *addr)
+{
+	__u32 id = current_identity();
+	if (id == ID_UNMANAGED)
+		return 1;
+	struct local_endpoint_key k = {};
+	__builtin_memcpy(k.addr, addr, 16);
+	k.port = sk->src_port;
+	k.proto = sk->protocol;
+	if (local_endpoint_identity.update(&k, &id))
+		counter_add(COUNTER_LOCAL_ENDPOINTS_FULL);
+	return 1;
+}
+
+int aimesh_post_bind4(struct bpf_sock *sk)
+{
+	__u8 addr[16];
+	addr_from_v4(addr, sk->src_ip4);
+	return record_bind(sk, addr);
+}
+
+int aimesh_post_bind6(struct bpf_sock *sk)
+{
+	union addr16 a;
+	a.w[0] = sk->src_ip6[0];
+	a.w[1] = sk->src_ip6[1];
+	a.w[2] = sk->src_ip6[2];
+	a.w[3] = sk->src_ip6[3];
+	return record_bind(sk, a.b);
+}

@@ -1,0 +1,128 @@
+/* cgroup_skb ingress: a packet from a remote source to a local server is judged on (remote identity, server
+ * identity). Only new TCP connections (SYN without ACK) and UDP datagrams are judged; local sources were already
+ * judged at connect time. Returning 0 drops the packet.
+ *   reads:  runtime_config, local_address, local_endpoint_identity, endpoint_identity, cgroup_identity,
+ *           identity_info, policy_verdict
+ *   writes: verdict_counters, decision_events
+ */
+#include "programs.h"
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/in.h>
+#include <linux/if_ether.h>
+
+struct ingress_tuple {
+	__u8  saddr[16];
+	__u8  daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u8  proto;
+	__u8  is_v6;
+};
+
+/* Returns 1 when the packet is one to judge. */
+static __always_inline int parse(struct __sk_buff *skb, struct ingress_tuple *t)
+{
+	__u32 l4;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
+			return 0;
+		if (ip.frag_off & bpf_htons(0x1fff))
+			return 0;   /* non-first fragment: no ports */
+		addr_from_v4(t->saddr, ip.saddr);
+		addr_from_v4(t->daddr, ip.daddr);
+		t->proto = ip.protocol;
+		t->is_v6 = 0;
+		l4 = ip.ihl * 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr ip6;
+		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)))
+			return 0;
+		__builtin_memcpy(t->saddr, &ip6.saddr, 16);
+		__builtin_memcpy(t->daddr, &ip6.daddr, 16);
+		t->proto = ip6.nexthdr;   /* extension headers are not followed */
+		t->is_v6 = 1;
+		l4 = sizeof(ip6);
+	} else {
+		return 0;
+	}
+	if (t->proto == IPPROTO_TCP) {
+		struct tcphdr th;
+		if (bpf_skb_load_bytes(skb, l4, &th, sizeof(th)))
+			return 0;
+		if (!th.syn || th.ack)
+			return 0;
+		t->sport = bpf_ntohs(th.source);
+		t->dport = bpf_ntohs(th.dest);
+		return 1;
+	}
+	if (t->proto == IPPROTO_UDP) {
+		struct udphdr uh;
+		if (bpf_skb_load_bytes(skb, l4, &uh, sizeof(uh)))
+			return 0;
+		t->sport = bpf_ntohs(uh.source);
+		t->dport = bpf_ntohs(uh.dest);
+		return 1;
+	}
+	return 0;
+}
+
+int aimesh_ingress(struct __sk_buff *skb)
+{
+	const struct runtime_config *cfg = config_get();
+	if (!cfg)
+		return 1;
+	struct ingress_tuple t = {};
+	if (!parse(skb, &t))
+		return 1;
+	if (addr_is_local(t.saddr))
+		return 1;
+
+	__u8 gen = cfg->active_gen;
+	__u64 cg = bpf_skb_cgroup_id(skb);
+	__u32 dst = local_endpoint_lookup(t.daddr, t.dport, t.proto, 1);
+	if (dst == ID_NONE) {
+		__u32 *id = cgroup_identity.lookup(&cg);
+		dst = id ? *id : ID_UNMANAGED;
+	}
+	__u32 src = endpoint_lookup(gen, t.saddr, 0);
+	if (src == ID_NONE)
+		src = ID_WORLD;
+
+	struct decision d = {};
+	decide(&d, cfg, src, dst, t.dport, t.proto);
+	if (d.reason == REASON_SUNSET)
+		d.verdict = deny_or_audit(identity_flags(dst, gen) & ID_F_ENFORCE);
+	counter_add(COUNTER_DECISION(HOOK_INGRESS, d.verdict));
+
+	/* TCP: one event per connection attempt; UDP: only what was not plainly allowed. */
+	if (t.proto == IPPROTO_TCP || d.verdict != VERDICT_ALLOWED) {
+		struct decision_event *ev = decision_reserve();
+		if (ev) {
+			__builtin_memset(ev, 0, sizeof(*ev));
+			ev->ts_ns = bpf_ktime_get_ns();
+			ev->cgroup_id = cg;
+			__builtin_memcpy(ev->dialed_addr, t.daddr, 16);
+			__builtin_memcpy(ev->actual_addr, t.daddr, 16);
+			__builtin_memcpy(ev->peer_addr, t.saddr, 16);
+			ev->src_id = src;
+			ev->dst_id = dst;
+			ev->actual_dst_id = dst;
+			ev->rule_id = d.rule_id;
+			ev->dialed_port = t.dport;
+			ev->actual_port = t.dport;
+			ev->peer_port = t.sport;
+			ev->is_v6 = t.is_v6;
+			ev->proto = t.proto;
+			ev->hook = HOOK_INGRESS;
+			ev->verdict = d.verdict;
+			ev->reason = d.reason;
+			ev->flags = d.flags;
+			decision_events.ringbuf_submit(ev, 0);
+		}
+	}
+	return d.verdict != VERDICT_DENIED;
+}
