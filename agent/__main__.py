@@ -1,0 +1,6 @@
+"""`python -m agent` is the `aimesh` command."""
+import sys
+
+from agent.cli import main
+
+sys.exit(main())

@@ -1,0 +1,193 @@
+"""The node agent: wires config -> compile -> kernel maps, and kernel events -> decode -> flow log and metrics.
+
+Signals: SIGHUP re-reads the config (a bad one is rejected and the old policy stays); SIGTERM/SIGINT detach
+exactly what was attached and exit.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from agent.config import Config, ConfigError, load_config
+from agent.errors import AgentError
+from agent.kernel import abi
+from agent.policy.compile import compile_image
+from agent.policy.identities import IdentityMeta, IdentityNumbering
+
+log = logging.getLogger("aimesh.agent")
+
+
+@dataclass
+class AgentOptions:
+    config_path: Path
+    cgroup_root: Optional[Path] = None
+    metrics_addr: str = "0.0.0.0:9464"
+    flow_log: Optional[str] = None
+    limits: abi.Limits = field(default_factory=abi.Limits)
+
+
+def preflight() -> None:
+    """The checks that make a clear error instead of a bcc traceback."""
+    if os.geteuid() != 0:
+        raise AgentError("aimesh agent must run as root: it loads BPF programs and attaches them to cgroups")
+    rel = os.uname().release
+    if not (Path(f"/lib/modules/{rel}/build").exists() or Path("/sys/kernel/kheaders.tar.xz").exists()):
+        raise AgentError(f"kernel headers for {rel} are missing (no /lib/modules/{rel}/build and no "
+                         "/sys/kernel/kheaders.tar.xz): bcc needs them; run `make setup`")
+    try:
+        import bcc  # noqa: F401
+    except ImportError as e:
+        raise AgentError(f"bcc is not importable ({e}): install Debian's python3-bpfcc; run `make setup`") from None
+    if not Path("/sys/fs/bpf").exists():
+        raise AgentError("this kernel has no BPF filesystem (/sys/fs/bpf missing): is CONFIG_BPF_SYSCALL set?")
+
+
+class Agent:
+    def __init__(self, opts: AgentOptions) -> None:
+        self.opts = opts
+        self.numbering = IdentityNumbering()
+        self.identities: dict[int, IdentityMeta] = {}
+        self.config: Optional[Config] = None
+        self.healthy = False
+        self.state = {"programs_attached": 0, "reloads_ok": 0, "reloads_failed": 0, "decode_errors": 0}
+        self._reload = False
+        self._stop = False
+        self._next_transition: Optional[datetime] = None
+        self._mono_to_wall = time.time_ns() - time.monotonic_ns()
+
+    # ---- signals only set flags; the loop acts ----
+    def _on_signal(self, signum, _frame) -> None:
+        if signum == signal.SIGHUP:
+            self._reload = True
+        else:
+            self._stop = True
+
+    def run(self) -> int:
+        # Imports that need bcc come after preflight so their absence is a clear error.
+        config = load_config(self.opts.config_path)
+        preflight()
+        from agent.export.http import MetricsServer
+        from agent.export.metrics import AgentCollector, DecisionTally, build_registry
+        from agent.flows.log import FlowLog
+        from agent.identity.assigner import IdentityAssigner
+        from agent.identity.cgroups import cgroup2_mount
+        from agent.identity.host import local_address_keys
+        from agent.kernel.datapath import Datapath
+
+        mount = cgroup2_mount()
+        root = Path(self.opts.cgroup_root) if self.opts.cgroup_root else mount
+        try:
+            root.resolve().relative_to(mount)
+        except ValueError:
+            raise AgentError(f"--cgroup-root {root} is not inside the cgroup2 mount {mount}") from None
+        if not root.is_dir():
+            raise AgentError(f"--cgroup-root {root} does not exist")
+
+        self.tally = DecisionTally()
+        self.flow_log = FlowLog(self.opts.flow_log)
+        self.datapath = dp = Datapath(self.opts.limits)
+        collector = AgentCollector(dp.counters, self.tally, lambda: self.identities, self._metrics_state)
+        try:
+            metrics = MetricsServer(self.opts.metrics_addr, build_registry(collector), lambda: self.healthy)
+        except (OSError, ValueError) as e:
+            dp.close()
+            raise AgentError(str(e)) from None
+        metrics.start()
+        for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._on_signal)
+        self.assigner = IdentityAssigner(dp, self.numbering, mount, root)
+        try:
+            self._install(config)
+            dp.set_local_addresses(local_address_keys())
+            dp.open_ring_buffers(self._on_decision, self._on_agent_event)
+            dp.attach(root)
+            self.state["programs_attached"] = dp.attached_count
+            self.healthy = True
+            log.info("agent ready: %d identities, %d policies, governing %s, metrics on %s",
+                     len(config.identities), len(config.policies), root, self.opts.metrics_addr)
+            self._loop()
+        finally:
+            self.healthy = False
+            dp.close()
+            self.state["programs_attached"] = 0
+            metrics.stop()
+            self.flow_log.close()
+            log.info("agent stopped")
+        return 0
+
+    def _install(self, config: Config) -> None:
+        """Compile config into the inactive generation, flip to it, and re-assign workload identities."""
+        image = compile_image(config, self.numbering, self.datapath.next_gen(), datetime.now(timezone.utc))
+        for w in image.warnings:
+            log.warning("%s", w)
+        self.datapath.apply(image)
+        self.identities = image.identities
+        self.config = config
+        self._next_transition = image.next_transition
+        self.assigner.resync(config)
+
+    def _reload_config(self) -> None:
+        try:
+            config = load_config(self.opts.config_path)
+            self._install(config)
+        except (ConfigError, AgentError, ValueError, OSError) as e:
+            self.state["reloads_failed"] += 1
+            log.error("config reload rejected, the previous policy stays in force: %s", e)
+            return
+        self.state["reloads_ok"] += 1
+        log.info("config reloaded: %d identities, %d policies", len(config.identities), len(config.policies))
+
+    def _loop(self) -> None:
+        last_housekeeping = time.monotonic()
+        while not self._stop:
+            self.datapath.poll(100)
+            if self._reload:
+                self._reload = False
+                self._reload_config()
+            if self._next_transition and datetime.now(timezone.utc) >= self._next_transition:
+                log.info("a sunset date passed: recompiling lifecycle rules")
+                self._install(self.config)
+            now = time.monotonic()
+            if now - last_housekeeping > 5:
+                last_housekeeping = now
+                self._mono_to_wall = time.time_ns() - time.monotonic_ns()
+                self.assigner.prune_processes(lambda pid: os.path.exists(f"/proc/{pid}"))
+
+    # ---- kernel events ----
+    def _on_decision(self, data: bytes) -> None:
+        from agent.flows.decode import DecodeError, decode_decision, to_json
+        try:
+            d = decode_decision(data)
+        except DecodeError as e:
+            self.state["decode_errors"] += 1
+            log.warning("%s", e)
+            return
+        self.tally.add(d.src_id, d.dst_id, d.verdict, bool(d.flags & abi.EventFlag.DEPRECATED))
+        self.flow_log.write(to_json(d, self.identities, self._mono_to_wall))
+
+    def _on_agent_event(self, data: bytes) -> None:
+        from agent.flows.decode import DecodeError, decode_agent_event
+        try:
+            ev = decode_agent_event(data)
+        except DecodeError as e:
+            self.state["decode_errors"] += 1
+            log.warning("%s", e)
+            return
+        if ev.kind == abi.AgentEventKind.CGROUP_MKDIR:
+            self.assigner.on_cgroup_created(ev.path.decode(errors="replace"), ev.cgroup_id)
+        elif ev.kind == abi.AgentEventKind.EXEC:
+            self.assigner.on_exec(ev.pid)
+
+    def _metrics_state(self) -> dict:
+        st = dict(self.state)
+        st["maps"] = self.datapath.map_usage()
+        st["maps"]["cgroup_identity"] = (len(self.assigner.cgroups), self.opts.limits.max_cgroups)
+        st["maps"]["process_identity"] = (len(self.assigner.processes), self.opts.limits.max_processes)
+        st["flow_log_records"] = self.flow_log.written
+        return st

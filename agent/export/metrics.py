@@ -1,0 +1,110 @@
+"""Prometheus metrics: kernel counters read at scrape time, identity-labelled decisions aggregated from events.
+
+Labels are identities (name, kind, version) and verdicts, never addresses or ports, so cardinality is bounded by
+the config. The registry is built explicitly (no import-time global registry).
+"""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Callable, Iterable, Mapping, Optional
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from agent.kernel import abi
+from agent.policy.identities import IdentityMeta
+
+IDENTITY_LABELS = ["source", "source_kind", "source_version", "destination", "destination_kind",
+                   "destination_version", "verdict"]
+
+
+class DecisionTally:
+    """Decisions per (source identity, destination identity, verdict), plus deprecated-model use."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.decisions: Counter = Counter()
+        self.deprecated: Counter = Counter()
+
+    def add(self, src: int, dst: int, verdict: abi.Verdict, deprecated: bool) -> None:
+        with self._lock:
+            self.decisions[(src, dst, int(verdict))] += 1
+            if deprecated:
+                self.deprecated[(src, dst)] += 1
+
+    def snapshot(self) -> tuple[dict, dict]:
+        with self._lock:
+            return dict(self.decisions), dict(self.deprecated)
+
+
+def _labels(meta: Mapping[int, IdentityMeta], iid: int) -> list[str]:
+    m = meta.get(iid)
+    return [m.name, m.kind, m.version or ""] if m else [f"id:{iid}", "unknown", ""]
+
+
+class AgentCollector(Collector):
+    def __init__(self, counters: Callable[[], list[int]], tally: DecisionTally,
+                 identities: Callable[[], Mapping[int, IdentityMeta]], state: Callable[[], dict]) -> None:
+        self._counters, self._tally, self._identities, self._state = counters, tally, identities, state
+
+    def collect(self) -> Iterable:
+        c = self._counters()
+        dec = CounterMetricFamily("aimesh_kernel_decisions", "Decisions taken in the kernel, by hook and verdict",
+                                  labels=["hook", "verdict"])
+        for hook in (abi.Hook.CONNECT, abi.Hook.SENDMSG, abi.Hook.INGRESS):
+            for verdict in (abi.Verdict.ALLOWED, abi.Verdict.DENIED, abi.Verdict.AUDIT, abi.Verdict.REDIRECTED):
+                dec.add_metric([hook.name.lower(), verdict.name.lower()], c[abi.counter_decision(hook, verdict)])
+        yield dec
+        lost = CounterMetricFamily("aimesh_events_lost", "Events dropped in the kernel because a ring buffer was full",
+                                   labels=["ring"])
+        lost.add_metric(["decision_events"], c[abi.COUNTER_DECISION_EVENTS_LOST])
+        lost.add_metric(["agent_events"], c[abi.COUNTER_AGENT_EVENTS_LOST])
+        yield lost
+        full = CounterMetricFamily("aimesh_map_full", "Kernel map updates refused because the map was full",
+                                   labels=["map"])
+        full.add_metric(["local_endpoint_identity"], c[abi.COUNTER_LOCAL_ENDPOINTS_FULL])
+        full.add_metric(["udp_reverse_nat"], c[abi.COUNTER_REVERSE_NAT_FULL])
+        yield full
+
+        meta = self._identities()
+        decisions, deprecated = self._tally.snapshot()
+        conn = CounterMetricFamily("aimesh_connections",
+                                   "Connection decisions (connect, first sendmsg, ingress) by identities and verdict",
+                                   labels=IDENTITY_LABELS)
+        for (src, dst, verdict), n in sorted(decisions.items()):
+            conn.add_metric(_labels(meta, src) + _labels(meta, dst) + [abi.Verdict(verdict).name.lower()], n)
+        yield conn
+        dep = CounterMetricFamily("aimesh_deprecated_model_connections",
+                                  "Connections to a deprecated identity", labels=IDENTITY_LABELS[:-1])
+        for (src, dst), n in sorted(deprecated.items()):
+            dep.add_metric(_labels(meta, src) + _labels(meta, dst), n)
+        yield dep
+
+        st = self._state()
+        yield GaugeMetricFamily("aimesh_programs_attached", "BPF programs attached by this agent",
+                                value=st.get("programs_attached", 0))
+        reloads = CounterMetricFamily("aimesh_config_reloads", "Config reloads", labels=["result"])
+        reloads.add_metric(["ok"], st.get("reloads_ok", 0))
+        reloads.add_metric(["failed"], st.get("reloads_failed", 0))
+        yield reloads
+        entries = GaugeMetricFamily("aimesh_map_entries", "Entries the agent keeps in a kernel map", labels=["map"])
+        capacity = GaugeMetricFamily("aimesh_map_capacity", "Capacity of a kernel map", labels=["map"])
+        for name, (n, cap) in sorted(st.get("maps", {}).items()):
+            entries.add_metric([name], n)
+            capacity.add_metric([name], cap)
+        yield entries
+        yield capacity
+        yield CounterMetricFamily("aimesh_flow_log_records", "Records written to the flow log",
+                                  value=st.get("flow_log_records", 0))
+        yield CounterMetricFamily("aimesh_decode_errors", "Kernel events that could not be decoded",
+                                  value=st.get("decode_errors", 0))
+
+
+def build_registry(collector: Collector, extra: Optional[Iterable[Collector]] = None) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(collector)
+    for c in extra or ():
+        reg.register(c)
+    return reg

@@ -1,0 +1,128 @@
+"""Keeps cgroup_identity and process_identity in step with the config and with cgroups and processes as they appear.
+
+It decides (selectors) and writes through a small interface, so it runs against the real datapath in the agent and
+against a dict in unit tests.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Protocol
+
+from agent.config import Config
+from agent.identity import cgroups, processes
+from agent.identity.host import listeners
+from agent.identity.selectors import cgroup_match, process_match
+from agent.kernel import abi
+from agent.policy.identities import IdentityNumbering
+
+log = logging.getLogger("aimesh.identity")
+
+
+class IdentityMaps(Protocol):
+    def set_cgroup_identity(self, cgroup_id: int, identity: int) -> None: ...
+    def clear_cgroup_identity(self, cgroup_id: int) -> None: ...
+    def set_process_identity(self, pid: int, identity: int) -> None: ...
+    def clear_process_identity(self, pid: int) -> None: ...
+    def set_local_endpoint(self, key: abi.LocalEndpointKey, identity: int) -> None: ...
+
+
+class IdentityAssigner:
+    def __init__(self, maps: IdentityMaps, numbering: IdentityNumbering, mount: Path, root: Path) -> None:
+        self.maps, self.numbering, self.mount, self.root = maps, numbering, mount, root
+        self.cgroups: dict[int, int] = {}     # cgroup id -> identity id, as written
+        self.processes: dict[int, int] = {}   # pid -> identity id, as written
+        self.config: Optional[Config] = None
+
+    # ---- full passes (start, reload) ----
+    def resync(self, config: Config) -> None:
+        self.config = config
+        seen: dict[int, int] = {}
+        for rel, cid in cgroups.walk(self.mount, self.root):
+            name = cgroup_match(rel, config.identities)
+            if name:
+                seen[cid] = self.numbering.id_of(name)
+        self._diff(self.cgroups, seen, self.maps.set_cgroup_identity, self.maps.clear_cgroup_identity)
+        procs: dict[int, int] = {}
+        if any(i.select.processes for i in config.identities):
+            for pid in processes.all_pids():
+                info = processes.read_process(pid)
+                name = process_match(*info, config.identities) if info else None
+                if name:
+                    procs[pid] = self.numbering.id_of(name)
+        self._diff(self.processes, procs, self.maps.set_process_identity, self.maps.clear_process_identity)
+        self._seed_listeners()
+        log.info("identities assigned: %d cgroups, %d processes", len(self.cgroups), len(self.processes))
+
+    def _seed_listeners(self) -> None:
+        """Servers that bound before the agent started: their sockets become endpoints of their identity."""
+        for lst in listeners():
+            ident = self.processes.get(lst.pid)
+            if ident is None:
+                cid = _pid_cgroup_id(self.mount, lst.pid)
+                ident = self.cgroups.get(cid) if cid is not None else None
+            if ident is None:
+                continue
+            k = abi.LocalEndpointKey()
+            k.addr[:] = lst.addr
+            k.port, k.proto = lst.port, lst.proto
+            self.maps.set_local_endpoint(k, ident)
+
+    @staticmethod
+    def _diff(current: dict[int, int], wanted: dict[int, int], set_fn, clear_fn) -> None:
+        for key in list(current):
+            if key not in wanted:
+                clear_fn(key)
+                del current[key]
+        for key, ident in wanted.items():
+            if current.get(key) != ident:
+                set_fn(key, ident)
+                current[key] = ident
+
+    # ---- events ----
+    def on_cgroup_created(self, rel_path: str, cgroup_id: int) -> Optional[str]:
+        if self.config is None:
+            return None
+        full = self.mount / rel_path.lstrip("/")
+        try:
+            full.relative_to(self.root)
+        except ValueError:
+            return None  # outside the subtree we govern
+        name = cgroup_match(rel_path, self.config.identities)
+        if name:
+            ident = self.numbering.id_of(name)
+            self.maps.set_cgroup_identity(cgroup_id, ident)
+            self.cgroups[cgroup_id] = ident
+            log.info("cgroup %s -> %s", rel_path, name)
+        return name
+
+    def on_exec(self, pid: int) -> Optional[str]:
+        if self.config is None:
+            return None
+        info = processes.read_process(pid)
+        name = process_match(*info, self.config.identities) if info else None
+        if name:
+            ident = self.numbering.id_of(name)
+            self.maps.set_process_identity(pid, ident)
+            self.processes[pid] = ident
+            log.info("process %d (%s) -> %s", pid, info[0], name)
+        elif pid in self.processes:
+            # exec'd into something that no longer matches
+            self.maps.clear_process_identity(pid)
+            del self.processes[pid]
+        return name
+
+    def prune_processes(self, alive) -> None:
+        """Forget pids that exited (the kernel deletes their map entries itself)."""
+        for pid in [p for p in self.processes if not alive(p)]:
+            del self.processes[pid]
+
+
+def _pid_cgroup_id(mount: Path, pid: int) -> Optional[int]:
+    try:
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return cgroups.cgroup_id(mount / line[3:].lstrip("/"))
+    except OSError:
+        return None
+    return None

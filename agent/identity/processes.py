@@ -1,0 +1,22 @@
+"""Processes from /proc: their executable path and command line, for process selectors."""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional
+
+
+def read_process(pid: int) -> Optional[tuple[str, str]]:
+    """(exe, cmdline joined by spaces), or None when the process is gone or not readable."""
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    return exe, cmdline
+
+
+def all_pids() -> Iterator[int]:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            yield int(name)

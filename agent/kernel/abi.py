@@ -1,0 +1,216 @@
+"""Python mirror of bpf/include/abi.h: one ctypes struct per C struct, one IntEnum per C enum.
+
+Change this file together with abi.h and proto/aimesh/v1/flow.proto; values are never renumbered.
+tests/kernel/test_abi.py compares every size here with what the compiled program reports.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import enum
+from dataclasses import dataclass, fields
+
+ID_NONE = 0
+ID_UNMANAGED = 1
+ID_WORLD = 2
+ID_FIRST_USER = 16
+
+BACKENDS_PER_SERVICE = 16
+AGENT_EV_PATH_LEN = 256
+
+
+class Verdict(enum.IntEnum):
+    NONE = 0
+    ALLOWED = 1
+    DENIED = 2
+    AUDIT = 3
+    REDIRECTED = 4
+
+
+VERDICT_MAX = 8
+
+
+class Hook(enum.IntEnum):
+    NONE = 0
+    CONNECT = 1
+    SENDMSG = 2
+    INGRESS = 3
+
+
+HOOK_MAX = 4
+
+
+class Reason(enum.IntEnum):
+    NONE = 0
+    POLICY = 1
+    NOT_GOVERNED = 2
+    SAME_IDENTITY = 3
+    DNS = 4
+    NO_POLICY_SRC = 5
+    NO_POLICY_DST = 6
+    SUNSET = 7
+    FAMILY = 8
+
+
+class EventFlag(enum.IntFlag):
+    DEPRECATED = 0x01
+    LIFECYCLE = 0x02
+    REDIRECTED = 0x04
+
+
+class IdentityFlag(enum.IntFlag):
+    GOVERNED = 0x01
+    ENFORCE = 0x02
+    DEPRECATED = 0x04
+    SUNSET = 0x08
+
+
+class ConfigFlag(enum.IntFlag):
+    DNS_ALLOW = 0x01
+    WATCH_EXEC = 0x02
+
+
+class AgentEventKind(enum.IntEnum):
+    CGROUP_MKDIR = 1
+    EXEC = 2
+
+
+def counter_decision(hook: int, verdict: int) -> int:
+    return hook * VERDICT_MAX + verdict
+
+
+COUNTER_DECISION_EVENTS_LOST = HOOK_MAX * VERDICT_MAX + 0
+COUNTER_AGENT_EVENTS_LOST = HOOK_MAX * VERDICT_MAX + 1
+COUNTER_LOCAL_ENDPOINTS_FULL = HOOK_MAX * VERDICT_MAX + 2
+COUNTER_REVERSE_NAT_FULL = HOOK_MAX * VERDICT_MAX + 3
+COUNTER_SLOTS = 64
+
+Addr16 = ct.c_uint8 * 16
+
+
+class RuntimeConfig(ct.Structure):
+    """struct runtime_config { __u32 active_gen; __u32 flags; };"""
+    _fields_ = [("active_gen", ct.c_uint32), ("flags", ct.c_uint32)]
+
+
+class EndpointKey(ct.Structure):
+    """struct endpoint_key { __u32 prefixlen; __u8 gen; __u8 pad; __u16 port; __u8 addr[16]; };"""
+    _fields_ = [("prefixlen", ct.c_uint32), ("gen", ct.c_uint8), ("pad", ct.c_uint8),
+                ("port", ct.c_uint16), ("addr", Addr16)]
+
+
+class LocalEndpointKey(ct.Structure):
+    """struct local_endpoint_key { __u8 addr[16]; __u16 port; __u8 proto; __u8 pad; };"""
+    _fields_ = [("addr", Addr16), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class IdentityKey(ct.Structure):
+    """struct identity_key { __u32 id; __u32 gen; };"""
+    _fields_ = [("id", ct.c_uint32), ("gen", ct.c_uint32)]
+
+
+class IdentityInfo(ct.Structure):
+    """struct identity_info { __u32 flags; __u32 pad; };"""
+    _fields_ = [("flags", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class PolicyKey(ct.Structure):
+    """struct policy_key { __u32 src; __u32 dst; __u16 port; __u8 proto; __u8 gen; };"""
+    _fields_ = [("src", ct.c_uint32), ("dst", ct.c_uint32), ("port", ct.c_uint16),
+                ("proto", ct.c_uint8), ("gen", ct.c_uint8)]
+
+
+class PolicyValue(ct.Structure):
+    """struct policy_value { __u32 rule_id; };"""
+    _fields_ = [("rule_id", ct.c_uint32)]
+
+
+class RedirectKey(ct.Structure):
+    """struct redirect_key { __u32 src; __u32 dst; __u32 gen; };"""
+    _fields_ = [("src", ct.c_uint32), ("dst", ct.c_uint32), ("gen", ct.c_uint32)]
+
+
+class RedirectValue(ct.Structure):
+    """struct redirect_value { __u32 first_backend, target_id, total_weight; __u16 count, flags; };"""
+    _fields_ = [("first_backend", ct.c_uint32), ("target_id", ct.c_uint32), ("total_weight", ct.c_uint32),
+                ("count", ct.c_uint16), ("flags", ct.c_uint16)]
+
+
+class BackendKey(ct.Structure):
+    """struct backend_key { __u32 index; __u32 gen; };"""
+    _fields_ = [("index", ct.c_uint32), ("gen", ct.c_uint32)]
+
+
+class Backend(ct.Structure):
+    """struct backend { __u8 addr[16]; __u32 cum_weight; __u16 port; __u8 is_v4; __u8 pad; };"""
+    _fields_ = [("addr", Addr16), ("cum_weight", ct.c_uint32), ("port", ct.c_uint16),
+                ("is_v4", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class Dialed(ct.Structure):
+    """struct dialed { __u8 addr[16]; __u8 backend[16]; __u16 port; __u16 backend_port; __u32 pad; };"""
+    _fields_ = [("addr", Addr16), ("backend", Addr16), ("port", ct.c_uint16), ("backend_port", ct.c_uint16),
+                ("pad", ct.c_uint32)]
+
+
+class ReverseNatKey(ct.Structure):
+    """struct reverse_nat_key { __u64 cookie; __u8 addr[16]; __u16 port; __u16 pad1; __u32 pad2; };"""
+    _fields_ = [("cookie", ct.c_uint64), ("addr", Addr16), ("port", ct.c_uint16), ("pad1", ct.c_uint16),
+                ("pad2", ct.c_uint32)]
+
+
+class DecisionEvent(ct.Structure):
+    """struct decision_event: one connect/sendmsg/ingress decision (see abi.h for each field)."""
+    _fields_ = [
+        ("ts_ns", ct.c_uint64), ("cgroup_id", ct.c_uint64), ("cookie", ct.c_uint64),
+        ("dialed_addr", Addr16), ("actual_addr", Addr16), ("peer_addr", Addr16),
+        ("pid", ct.c_uint32), ("src_id", ct.c_uint32), ("dst_id", ct.c_uint32), ("actual_dst_id", ct.c_uint32),
+        ("rule_id", ct.c_uint32),
+        ("dialed_port", ct.c_uint16), ("actual_port", ct.c_uint16), ("peer_port", ct.c_uint16),
+        ("is_v6", ct.c_uint8), ("proto", ct.c_uint8), ("hook", ct.c_uint8), ("verdict", ct.c_uint8),
+        ("reason", ct.c_uint8), ("flags", ct.c_uint8),
+        ("comm", ct.c_char * 16),
+    ]
+
+
+class AgentEvent(ct.Structure):
+    """struct agent_event { __u64 cgroup_id; __u32 kind; __u32 pid; char path[256]; };"""
+    _fields_ = [("cgroup_id", ct.c_uint64), ("kind", ct.c_uint32), ("pid", ct.c_uint32),
+                ("path", ct.c_char * AGENT_EV_PATH_LEN)]
+
+
+# C struct name -> ctypes mirror; the ABI test walks this.
+MIRRORS: dict[str, type[ct.Structure]] = {
+    "runtime_config": RuntimeConfig,
+    "endpoint_key": EndpointKey,
+    "local_endpoint_key": LocalEndpointKey,
+    "identity_key": IdentityKey,
+    "identity_info": IdentityInfo,
+    "policy_key": PolicyKey,
+    "policy_value": PolicyValue,
+    "redirect_key": RedirectKey,
+    "redirect_value": RedirectValue,
+    "backend_key": BackendKey,
+    "backend": Backend,
+    "dialed": Dialed,
+    "reverse_nat_key": ReverseNatKey,
+    "decision_event": DecisionEvent,
+    "agent_event": AgentEvent,
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Map capacities, passed to the compiler as -D (no text patching). Policy maps hold two generations."""
+    max_cgroups: int = 65536
+    max_processes: int = 65536
+    max_endpoints: int = 65536
+    max_local_endpoints: int = 16384
+    max_identities: int = 16384
+    max_policies: int = 262144
+    max_redirects: int = 4096
+    max_backends: int = 16384
+    max_reverse_nat: int = 65536
+    ringbuf_pages: int = 256
+
+    def cflags(self) -> list[str]:
+        return [f"-D{f.name.upper()}={getattr(self, f.name)}" for f in fields(self)]
