@@ -16,6 +16,37 @@ struct sock_target {
 	__u8  rewritten;
 };
 
+/* UDP from a socket bound to a port its identity serves (post_bind recorded it) answers a client that was judged
+ * on its way in; judging the reply as a new flow would deny every governed UDP server's answers. */
+static __always_inline int is_server_reply(struct bpf_sock_addr *ctx, __u32 src, __u8 proto)
+{
+	struct bpf_sock *sk = ctx->sk;
+	if (!sk || src == ID_UNMANAGED)
+		return 0;
+	/* one load per field: the verifier refuses pointer arithmetic on a socket pointer */
+	__u8 local[16];
+	union addr16 a;
+	if (ctx->family == 2 /* AF_INET */) {
+		__u32 ip4 = sk->src_ip4;
+		barrier_var(ip4);
+		addr_from_v4(local, ip4);
+	} else {
+		a.w[0] = sk->src_ip6[0];
+		barrier_var(a.w[0]);
+		a.w[1] = sk->src_ip6[1];
+		barrier_var(a.w[1]);
+		a.w[2] = sk->src_ip6[2];
+		barrier_var(a.w[2]);
+		a.w[3] = sk->src_ip6[3];
+		barrier_var(a.w[3]);
+		__builtin_memcpy(local, a.b, 16);
+	}
+	__u16 port = sk->src_port;
+	if (!port)
+		return 0;
+	return local_endpoint_lookup(local, port, proto, 1) == src;
+}
+
 /* The whole connect/sendmsg decision; returns 1 to let the call proceed. t is updated when redirected. */
 static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct sock_target *t)
 {
@@ -27,6 +58,10 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 
 	__u32 src = current_identity();
+	if (hook == HOOK_SENDMSG && is_server_reply(ctx, src, proto)) {
+		counter_add(COUNTER_DECISION(hook, VERDICT_ALLOWED));
+		return 1;
+	}
 	__u32 dst = destination_identity(gen, t->addr, t->port, proto);
 	struct decision d = {};
 	decide(&d, cfg, src, dst, t->port, proto);

@@ -49,6 +49,7 @@ class Reason(enum.IntEnum):
     NO_POLICY_DST = 6
     SUNSET = 7
     FAMILY = 8
+    REPLY = 9
 
 
 class EventFlag(enum.IntFlag):

@@ -80,6 +80,7 @@ enum aimesh_reason {
 	REASON_NO_POLICY_DST  = 6,  /* the governed destination has no policy from the source */
 	REASON_SUNSET         = 7,  /* destination deprecated past its sunset, no successor to redirect to */
 	REASON_FAMILY         = 8,  /* redirect skipped: backend family cannot be reached from this socket */
+	REASON_REPLY          = 9,  /* UDP sent from a port the sender's identity serves: a reply, not a new flow */
 };
 
 /* decision_event.flags */

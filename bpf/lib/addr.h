@@ -2,6 +2,11 @@
 #ifndef AIMESH_LIB_ADDR_H
 #define AIMESH_LIB_ADDR_H
 
+/* Keep the compiler from merging field loads of a context or socket pointer into pointer arithmetic. */
+#ifndef barrier_var
+#define barrier_var(var) asm volatile("" : "+r"(var))
+#endif
+
 union addr16 {
 	__u8  b[16];
 	__u32 w[4];
