@@ -70,8 +70,8 @@ class Agent:
 
     def run(self) -> int:
         # Imports that need bcc come after preflight so their absence is a clear error.
-        config = load_config(self.opts.config_path)
         preflight()
+        config = load_config(self.opts.config_path)
         from agent.export.http import MetricsServer
         from agent.export.metrics import AgentCollector, DecisionTally, build_registry
         from agent.flows.log import FlowLog

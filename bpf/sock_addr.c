@@ -71,7 +71,7 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 	dialed.port = t->port;
 	__u32 actual_dst = dst;
 
-	if (d.verdict != VERDICT_DENIED) {
+	if (d.verdict != VERDICT_DENIED || d.reason == REASON_SUNSET) {
 		struct redirect_value *svc = redirect_lookup(gen, src, dst);
 		if (svc && (d.reason != REASON_SUNSET || (svc->flags & EV_F_LIFECYCLE))) {
 			struct backend *b = backend_pick(gen, svc);

@@ -206,4 +206,4 @@ def attached_programs(cgroup: Path) -> list[str]:
     out = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cgroup)], capture_output=True, text=True)
     if out.returncode != 0:
         raise AssertionError(f"bpftool cgroup show failed: {out.stderr}")
-    return [p.get("name", "") for p in json.loads(out.stdout or "[]")]
+    return [p.get("name", "") for p in json.loads(out.stdout.strip() or "[]")]

@@ -1,0 +1,146 @@
+"""The agent as a process: ingress from another host, identities for new cgroups, SIGHUP, SIGTERM, clear errors."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.kernel.harness import REPO, attached_programs, free_port, run_client, start_server
+from tests.kernel.netns import NetnsHost
+from tests.kernel.test_enforce import base_config
+
+
+@pytest.fixture
+def testhost():
+    h = NetnsHost()
+    try:
+        yield h
+    finally:
+        h.remove()
+
+
+@pytest.mark.parametrize("v6", [False, True])
+def test_ingress_from_remote_source(cgroups, agents, testhost, v6):
+    port = free_port()
+    llama = cgroups.child("llama")
+    allowed_src, world_src = (testhost.addrs6 if v6 else testhost.addrs)[:2]
+    server_addr = testhost.host_addr6 if v6 else testhost.host_addr
+    cfg = base_config(cgroups, port)
+    cfg["identities"].append({"name": "lab", "kind": "external",
+                              "endpoints": [f"[{allowed_src}/128]" if v6 else f"{allowed_src}/32"]})
+    cfg["policies"].append({"from": "lab", "to": "llama", "ports": [port]})
+    agent = agents(cfg)
+    srv = start_server(llama, port, name="llama", host="::" if v6 else "0.0.0.0")
+    ok = run_client(None, port, host=server_addr, bind=allowed_src, netns=testhost.ns, timeout=2)
+    assert ok["ok"] == 1 and ok["answers"] == {"llama": 1}, ok
+    dropped = run_client(None, port, host=server_addr, bind=world_src, netns=testhost.ns, timeout=1.5)
+    assert dropped["ok"] == 0 and list(dropped["errors"]) == ["timeout"], dropped
+    recs = [r for r in agent.flows(wait_for=2) if r["hook"] == "ingress" and r["destination"]["port"] == port]
+    seen = {(r["source"]["name"], r["source"]["address"], r["destination"]["name"], r["verdict"]) for r in recs}
+    assert ("lab", allowed_src, "llama", "allowed") in seen
+    assert ("world", world_src, "llama", "denied") in seen
+    srv.popen.kill()
+
+
+def test_new_cgroup_gets_identity(cgroups, agents):
+    port = free_port()
+    llama = cgroups.child("llama")
+    agent = agents(base_config(cgroups, port))
+    srv = start_server(llama, port, name="llama")
+    t0 = time.monotonic()
+    chat = cgroups.child("chat")        # created after the agent started
+    time.sleep(0.1)
+    res = run_client(chat, port)
+    waited = 0.1
+    while res["ok"] != 1 and waited < 5:  # the brief asks for 100 ms; retry only to report, never to hide
+        time.sleep(0.1)
+        waited = time.monotonic() - t0
+        res = run_client(chat, port)
+    assert res["ok"] == 1, agent.log()
+    assert waited <= 0.1 + 1e-9 or pytest.fail(f"identity took {waited:.2f}s to apply")
+    srv.popen.kill()
+
+
+def test_sighup_good_and_bad_config(cgroups, agents):
+    port = free_port()
+    batch, llama = cgroups.child("batch"), cgroups.child("llama")
+    cfg = base_config(cgroups, port)
+    agent = agents(cfg)
+    srv = start_server(llama, port, name="llama")
+    assert run_client(batch, port)["errors"] == {"EPERM": 1}
+
+    good = base_config(cgroups, port)
+    good["policies"].append({"from": "batch", "to": "llama", "ports": [port]})
+    agent.reload(good)
+    assert run_client(batch, port)["ok"] == 1
+
+    bad = base_config(cgroups, port)
+    bad["identities"][2]["kind"] = "modle"
+    agent.reload(bad, expect="config reload rejected")
+    assert "identities.2.kind" in agent.log() and "'modle'" in agent.log()
+    assert run_client(batch, port)["ok"] == 1, "the previous policy must stay in force"
+
+    agent.reload("policies: [ {from: nobody, to: llama} ]", expect="config reload rejected")
+    assert "policies.0.from: unknown identity 'nobody'" in agent.log()
+    assert run_client(batch, port)["ok"] == 1
+
+    agent.reload(cfg)  # back to the first config: batch denied again
+    assert run_client(batch, port)["errors"] == {"EPERM": 1}
+    _, metrics = agent.get("/metrics")
+    assert 'aimesh_config_reloads_total{result="ok"} 2.0' in metrics
+    assert 'aimesh_config_reloads_total{result="failed"} 2.0' in metrics
+    srv.popen.kill()
+
+
+def test_sigterm_detaches_exactly_what_it_attached(cgroups, agents):
+    agent = agents(base_config(cgroups, 18000))
+    names = attached_programs(cgroups.root)
+    assert len(names) == 11 and all(n.startswith("aimesh_") for n in names)
+    assert agent.get("/healthz")[0] == 200
+    assert agent.stop() == 0
+    assert attached_programs(cgroups.root) == []
+
+
+def test_two_agents_stack_and_detach_independently(cgroups, agents, tmp_path):
+    """BPF_F_ALLOW_MULTI: a second attachment (here a second agent) is not disturbed by the first one leaving."""
+    first = agents(base_config(cgroups, 18000))
+    from tests.kernel.harness import start_agent
+    (tmp_path / "second").mkdir()
+    second = start_agent(tmp_path / "second", cgroups.root, base_config(cgroups, 18000))
+    try:
+        assert len(attached_programs(cgroups.root)) == 22
+        first.stop()
+        assert len(attached_programs(cgroups.root)) == 11
+    finally:
+        second.stop()
+    assert attached_programs(cgroups.root) == []
+
+
+def _aimesh(*args, user=None):
+    cmd = [sys.executable, "-m", "agent", *args]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_clear_errors(cgroups, tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("mode: enforce\n")
+    r = _aimesh("agent", "--config", str(good), user=65534)
+    assert r.returncode == 2 and "must run as root" in r.stderr and "Traceback" not in r.stderr
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mode: enforse\n")
+    r = _aimesh("agent", "--config", str(bad))
+    assert r.returncode == 2 and "mode" in r.stderr and "'enforse'" in r.stderr and "Traceback" not in r.stderr
+
+    r = _aimesh("agent", "--config", str(good), "--cgroup-root", "/tmp")
+    assert r.returncode == 2 and "not inside the cgroup2 mount" in r.stderr
+
+    r = _aimesh("agent", "--config", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "cannot read" in r.stderr
+    assert attached_programs(cgroups.root) == []
