@@ -208,13 +208,13 @@ class Datapath:
                 return 0
             return cb
         self._cbs = (wrap(on_decision), wrap(on_agent))
-        self.bpf["decision_events"].open_ring_buffer(self._cbs[0])
-        self.bpf["agent_events"].open_ring_buffer(self._cbs[1])
+        self.bpf[b"decision_events"].open_ring_buffer(self._cbs[0])
+        self.bpf[b"agent_events"].open_ring_buffer(self._cbs[1])
 
     def poll(self, timeout_ms: int) -> None:
         self.bpf.ring_buffer_poll(timeout_ms)
 
     def counters(self) -> list[int]:
         """verdict_counters summed over CPUs, one int per slot (see abi.h)."""
-        table = self.bpf["verdict_counters"]
+        table = self.bpf[b"verdict_counters"]
         return [int(sum(table[ct.c_int(i)])) for i in range(abi.COUNTER_SLOTS)]

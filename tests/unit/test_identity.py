@@ -1,0 +1,52 @@
+"""Pure identity helpers: cgroup2 mount detection, selector matching, BPF source assembly."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.config import parse_config
+from agent.identity.cgroups import cgroup2_mount_from
+from agent.identity.selectors import cgroup_match, process_match
+from agent.kernel.abi import Limits
+from agent.kernel.source import assemble
+
+
+def test_cgroup2_mount_detection():
+    hybrid = ("tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n"
+              "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n")
+    assert cgroup2_mount_from(hybrid) == Path("/sys/fs/cgroup/unified")
+    assert cgroup2_mount_from("cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n") == Path("/sys/fs/cgroup")
+    assert cgroup2_mount_from("cgroup2 /mnt/my\\040cg cgroup2 rw 0 0\n") == Path("/mnt/my cg")
+    assert cgroup2_mount_from("proc /proc proc rw 0 0\n") is None
+
+
+CFG = parse_config("""
+identities:
+  - {name: chat, kind: service, select: {cgroups: ["/demo/chat*"], processes: [{cmdline: "*chat_app*"}]}}
+  - {name: llama, kind: model, select: {cgroups: ["/demo/*"], processes: [{exe: "*/llama-server", cmdline: "*--v3*"}]}}
+""")
+
+
+def test_cgroup_globs_first_match_wins():
+    assert cgroup_match("/demo/chat-1", CFG.identities) == "chat"
+    assert cgroup_match("/demo/chat-1/sub", CFG.identities) == "chat"
+    assert cgroup_match("/demo/llama", CFG.identities) == "llama"
+    assert cgroup_match("/other", CFG.identities) is None
+
+
+def test_process_selectors_need_every_given_field():
+    assert process_match("/usr/bin/python3", "python3 chat_app.py", CFG.identities) == "chat"
+    assert process_match("/opt/llama-server", "llama-server --v3", CFG.identities) == "llama"
+    assert process_match("/opt/llama-server", "llama-server --v2", CFG.identities) is None
+
+
+def test_source_assembly_inlines_our_headers_once():
+    text = assemble()
+    assert text.count("#define AIMESH_ABI_H") == 1
+    assert '#include "' not in text
+    for fn in ("aimesh_connect4", "aimesh_post_bind6", "aimesh_ingress", "cgroup_mkdir"):
+        assert fn in text
+
+
+def test_limits_become_defines():
+    flags = Limits(max_policies=10).cflags()
+    assert "-DMAX_POLICIES=10" in flags and "-DRINGBUF_PAGES=256" in flags
