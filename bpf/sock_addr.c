@@ -81,7 +81,10 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 				__builtin_memcpy(t->addr, b->addr, 16);
 				t->port = b->port;
 				t->rewritten = 1;
-				actual_dst = svc->target_id;
+				/* who really serves the backend (a split can span versions); else the configured target */
+				actual_dst = destination_identity(gen, t->addr, t->port, proto);
+				if (actual_dst == ID_WORLD || actual_dst == ID_UNMANAGED)
+					actual_dst = svc->target_id;
 				d.flags |= EV_F_REDIRECTED | (svc->flags & EV_F_LIFECYCLE);
 				if (d.reason == REASON_SUNSET) {
 					/* the successor takes the connection: judged on the dialed identity, allowed */

@@ -69,6 +69,11 @@ class FlowRecord:
         """True when the connection landed on another address/port than the one dialed."""
         return (self.actual.address, self.actual.port) != (self.destination.address, self.destination.port)
 
+    @property
+    def rewritten(self) -> bool:
+        """A redirect took it (even when the backend picked is the address dialed)."""
+        return self.verdict == "redirected" or self.lifecycle_redirect or self.landed_elsewhere
+
 
 def _opt_str(obj: Mapping[str, Any], key: str) -> str | None:
     value = obj.get(key)
@@ -163,6 +168,21 @@ def clock_label(time: str) -> str:
     return m.group(1) + (m.group(2) or "")
 
 
+def landed_label(record: FlowRecord) -> str:
+    """Where the connection landed: `llama-next@4.0 :18002` (the address only when it differs from the one dialed)."""
+    actual = record.actual
+    if actual.address and actual.address == record.destination.address and actual.port is not None:
+        where = f":{actual.port}"
+    else:
+        where = address_label(actual)
+    return f"{identity_label(actual)} {where}".strip()
+
+
+def strip_log_prefix(line: str) -> str:
+    """`2026-11-27 15:05:08,159 INFO aimesh.agent: ready` -> `INFO aimesh.agent: ready` (logging's asctime)."""
+    return re.sub(r"^\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(?:[.,]\d+)?\s+", "", line)
+
+
 def note_label(record: FlowRecord) -> str:
     """Why, in a few words: the reason unless it is the plain `policy`, and the lifecycle flags."""
     parts: list[str] = []
@@ -186,12 +206,11 @@ class FlowKey:
     source: str
     destination: str
     verdict: str
-    landed: str = ""     # `llama-next@4.0 127.0.0.1:18002` when the connection landed elsewhere, else ''
+    landed: str = ""     # `llama-next@4.0 :18002` when a redirect took the connection, else ''
 
 
 def flow_key(record: FlowRecord) -> FlowKey:
-    moved = record.verdict == "redirected" or record.lifecycle_redirect or record.landed_elsewhere
-    landed = f"{identity_label(record.actual)} {address_label(record.actual)}".strip() if moved else ""
+    landed = landed_label(record) if record.rewritten else ""
     return FlowKey(identity_label(record.source), identity_label(record.destination), record.verdict, landed)
 
 
@@ -301,19 +320,15 @@ def clip(text: str, width: int) -> str:
     return "".join(out)
 
 
-def pad(text: str, width: int) -> str:
-    return text + " " * max(0, width - visible_len(text))
-
-
 def decision_line(record: FlowRecord, color: bool) -> str:
-    """One decision on one line: `15:00:00.123 redirected chat-frontend pid 12 -> llama@3.1-8b 127.0.0.1:18001 => ...`."""
+    """One decision on one line: `15:00:00.123 redirected chat-frontend[12] -> llama@3.1-8b 127.0.0.1:18001 => ...`."""
     src = identity_label(record.source)
     if record.source.pid is not None:
-        src += f" pid {record.source.pid}"
+        src += f"[{record.source.pid}]"
     dst = f"{identity_label(record.destination)} {address_label(record.destination)}".strip()
     text = f"{clock_label(record.time)} {verdict_cell(record.verdict, 10, color)} {src} -> {dst}"
-    if record.verdict == "redirected" or record.landed_elsewhere:
-        text += f" => {identity_label(record.actual)} {address_label(record.actual)}".rstrip()
+    if record.rewritten:
+        text += f" => {landed_label(record)}"
     note = note_label(record)
     tail = f"{record.hook}/{record.protocol}" if record.protocol else record.hook
     if note:
@@ -358,7 +373,7 @@ def flow_rows(table: FlowTable, color: bool) -> list[str]:
     dsts = [k.destination for k, _ in rows]
     sw = max([len("SOURCE")] + [len(s) for s in srcs])
     dw = max([len("DESTINATION")] + [len(d) for d in dsts])
-    head = f"{'SOURCE':<{sw}}    {'DESTINATION':<{dw}}  {'VERDICT':<10} {'COUNT':>6}  {'LAST':<12}  LANDED ON / NOTE"
+    head = f"{'SOURCE':<{sw}}    {'DESTINATION':<{dw}}  {'VERDICT':<10} {'COUNT':>6}  {'LAST':<8}  LANDED ON / NOTE"
     out = [style(head, BOLD, color)]
     if not rows:
         out.append(style("(no decisions yet)", DIM, color))
@@ -366,7 +381,7 @@ def flow_rows(table: FlowTable, color: bool) -> list[str]:
         detail = " ".join(x for x in (key.landed and f"=> {key.landed}", stats.note) if x)
         out.append(
             f"{key.source:<{sw}} -> {key.destination:<{dw}}  {verdict_cell(key.verdict, 10, color)} "
-            f"{stats.count:>6}  {clock_label(stats.last_time):<12}  {detail}"
+            f"{stats.count:>6}  {clock_label(stats.last_time)[:8]:<8}  {detail}"
         )
     return out
 
@@ -381,7 +396,8 @@ def workload_rows(workloads: Sequence[WorkloadStatus], color: bool) -> list[str]
     for w in workloads:
         pid = str(w.pid) if w.pid is not None else "-"
         state = style(f"{w.state:<{stw}}", "" if w.state == "running" else "1;31", color and w.state != "running")
-        out.append(f"{w.name:<{nw}}  {w.cgroup:<{cw}}  {w.identity:<{iw}}  {pid:>7}  {state}  {w.last_line}")
+        out.append(f"{w.name:<{nw}}  {w.cgroup:<{cw}}  {w.identity:<{iw}}  {pid:>7}  {state}  "
+                   f"{strip_log_prefix(w.last_line)}")
     return out
 
 

@@ -58,15 +58,21 @@ def test_weighted_split(cgroups, agents):
     cfg["identities"][2]["endpoints"] = [f"127.0.0.1/32:{dialed}"]
     cfg["redirects"] = [{"from": ["chat"], "to": "llama", "backends": [
         {"address": f"127.0.0.1:{b1}", "weight": 80}, {"address": f"127.0.0.1:{b2}", "weight": 20}]}]
-    agents(cfg)
+    cfg["identities"].append({"name": "llama-next", "kind": "model", "version": "4.0",
+                              "select": {"cgroups": [cgroups.rel(cgroups.root) + "/llama-next"]}})
+    agent = agents(cfg)
     s1 = start_server(llama, b1, name="b1")
-    s2 = start_server(llama, b2, name="b2")
+    s2 = start_server(cgroups.child("llama-next"), b2, name="b2")
     n = 400
     res = run_client(chat, dialed, count=n, timeout=2)
     assert res["ok"] == n, res
     share = res["answers"].get("b1", 0) / n
     # binomial(400, 0.8): sd = 2%; 6 sd either side
     assert 0.68 <= share <= 0.92, res["answers"]
+    # each record names the identity that really served the backend it landed on
+    recs = [r for r in agent.flows(wait_for=n) if r["destination"]["port"] == dialed]
+    landed = {(r["actual"]["port"], r["actual"]["name"], r["actual"]["version"]) for r in recs}
+    assert landed == {(b1, "llama", "3.1-8b"), (b2, "llama-next", "4.0")}
     s1.popen.kill()
     s2.popen.kill()
 
