@@ -14,7 +14,8 @@ from agent.errors import AgentError
 def _agent(args: argparse.Namespace) -> int:
     from agent.daemon import Agent, AgentOptions
     opts = AgentOptions(config_path=Path(args.config), cgroup_root=args.cgroup_root,
-                        metrics_addr=args.metrics_addr, flow_log=args.flow_log)
+                        metrics_addr=args.metrics_addr, flow_log=args.flow_log, records_log=args.records_log,
+                        collector=args.collector, agent_id=args.agent_id)
     return Agent(opts).run()
 
 
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cgroup v2 directory to attach at (default: the cgroup2 mount)")
     a.add_argument("--metrics-addr", default="0.0.0.0:9464", help="HOST:PORT for /metrics and /healthz")
     a.add_argument("--flow-log", default=None, help="write one JSON line per decision to PATH, or - for stdout")
+    a.add_argument("--records-log", default=None,
+                   help="write one JSON line per flow record (connection close, interim, UDP window) to PATH or -")
+    a.add_argument("--collector", default=None, help="HOST:PORT of the collector (overrides collector.address)")
+    a.add_argument("--agent-id", default=None, help="this agent's id in exported batches (default: host name)")
     a.set_defaults(func=_agent)
 
     c = sub.add_parser("check", help="validate and compile a config without loading anything")

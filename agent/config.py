@@ -196,14 +196,29 @@ class Redirect(_Strict):
 
 class CollectorSettings(_Strict):
     address: Optional[str] = None          # host:port of the collector; unset = no export
-    tls_cert: Optional[Path] = None
-    tls_key: Optional[Path] = None
+    agent_id: Optional[str] = None         # default: the host name
+    tls: bool = False                      # TLS with the system roots (implied by tls_ca / tls_cert)
     tls_ca: Optional[Path] = None
-    token_file: Optional[Path] = None
+    tls_cert: Optional[Path] = None        # client certificate for mutual TLS (with tls_key)
+    tls_key: Optional[Path] = None
+    tls_server_name: Optional[str] = None
+    token_file: Optional[Path] = None      # bearer token, first line
     batch_size: int = Field(default=500, ge=1, le=100_000)
     flush_interval: float = Field(default=1.0, gt=0, le=60)
-    spool_dir: Path = Path("/var/lib/aimesh/spool")
-    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    queue_records: int = Field(default=100_000, ge=1)
+    spool_dir: Optional[Path] = Path("/var/lib/aimesh/spool")   # null: memory only
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+
+    @model_validator(mode="after")
+    def _pair(self) -> "CollectorSettings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (mutual TLS)")
+        return self
+
+
+class Telemetry(_Strict):
+    interim_interval: float = Field(default=60.0, ge=0, le=86400)   # seconds; 0: long connections report at close only
+    udp_window: float = Field(default=10.0, gt=0, le=3600)          # seconds per UDP aggregate
 
 
 class Config(_Strict):
@@ -213,6 +228,7 @@ class Config(_Strict):
     policies: list[Policy] = Field(default_factory=list)
     redirects: list[Redirect] = Field(default_factory=list)
     collector: CollectorSettings = Field(default_factory=CollectorSettings)
+    telemetry: Telemetry = Field(default_factory=Telemetry)
 
     @model_validator(mode="after")
     def _references(self) -> "Config":

@@ -29,6 +29,9 @@ class AgentOptions:
     cgroup_root: Optional[Path] = None
     metrics_addr: str = "0.0.0.0:9464"
     flow_log: Optional[str] = None
+    records_log: Optional[str] = None          # flow records as JSON lines (local debugging, tests)
+    collector: Optional[str] = None            # overrides config collector.address
+    agent_id: Optional[str] = None             # overrides config collector.agent_id
     limits: abi.Limits = field(default_factory=abi.Limits)
 
 
@@ -48,6 +51,31 @@ def preflight() -> None:
         raise AgentError("this kernel has no BPF filesystem (/sys/fs/bpf missing): is CONFIG_BPF_SYSCALL set?")
 
 
+def build_exporter(config: Config, opts: AgentOptions):
+    """The collector exporter from the config's collector section and the flag overrides; None when no address."""
+    c = config.collector
+    target = opts.collector or c.address
+    if not target:
+        return None
+    from agent.collector.channel import ClientTls, ConfigError as ChannelError, read_token
+    from agent.export.collector_client import ExporterConfig, FlowExporter
+    tls = None
+    if c.tls or c.tls_ca or c.tls_cert:
+        tls = ClientTls(ca=c.tls_ca, cert=c.tls_cert, key=c.tls_key, server_name=c.tls_server_name)
+    try:
+        token = read_token(None, c.token_file)
+        cfg = ExporterConfig(target=target, agent_id=opts.agent_id or c.agent_id or os.uname().nodename, tls=tls,
+                             token=token, spool_dir=c.spool_dir, spool_max_bytes=c.spool_max_bytes,
+                             max_queue_records=c.queue_records, batch_max_records=c.batch_size,
+                             flush_interval_s=c.flush_interval)
+        cfg.validate()
+        if tls:
+            tls.credentials()   # read the files now: a missing key is a start-up error, not a silent export failure
+        return FlowExporter(cfg)
+    except ChannelError as e:
+        raise AgentError(f"collector: {e}") from None
+
+
 class Agent:
     def __init__(self, opts: AgentOptions) -> None:
         self.opts = opts
@@ -60,6 +88,13 @@ class Agent:
         self._stop = False
         self._next_transition: Optional[datetime] = None
         self._mono_to_wall = time.time_ns() - time.monotonic_ns()
+        self._local_addrs: set[bytes] = set()
+        self.node = os.uname().nodename
+        self.agent_id = opts.agent_id or self.node
+        self.exporter = None
+        from agent.flows.records import UdpWindow
+        self._udp_window = UdpWindow()
+        self._udp_last = time.monotonic_ns()
 
     # ---- signals only set flags; the loop acts ----
     def _on_signal(self, signum, _frame) -> None:
@@ -72,6 +107,8 @@ class Agent:
         # Imports that need bcc come after preflight so their absence is a clear error.
         preflight()
         config = load_config(self.opts.config_path)
+        self.agent_id = self.opts.agent_id or config.collector.agent_id or self.node
+        from agent.export.flow_metrics import FlowTally
         from agent.export.http import MetricsServer
         from agent.export.metrics import AgentCollector, DecisionTally, build_registry
         from agent.flows.log import FlowLog
@@ -91,21 +128,29 @@ class Agent:
 
         self.tally = DecisionTally()
         self.flow_log = FlowLog(self.opts.flow_log)
+        self.records_log = FlowLog(self.opts.records_log)
+        self.exporter = build_exporter(config, self.opts)
         self.datapath = dp = Datapath(self.opts.limits)
+        self.flow_tally = FlowTally(lambda: self.exporter.stats() if self.exporter else None, self._flow_losses)
         collector = AgentCollector(dp.counters, self.tally, lambda: self.identities, self._metrics_state)
         try:
-            metrics = MetricsServer(self.opts.metrics_addr, build_registry(collector), lambda: self.healthy)
+            metrics = MetricsServer(self.opts.metrics_addr, build_registry(collector, [self.flow_tally]),
+                                    lambda: self.healthy)
         except (OSError, ValueError) as e:
             dp.close()
             raise AgentError(str(e)) from None
         metrics.start()
+        if self.exporter:
+            self.exporter.start()
         for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._on_signal)
         self.assigner = IdentityAssigner(dp, self.numbering, mount, root)
         try:
             self._install(config)
-            dp.set_local_addresses(local_address_keys())
-            dp.open_ring_buffers(self._on_decision, self._on_agent_event)
+            keys = local_address_keys()
+            dp.set_local_addresses(keys)
+            self._local_addrs = {bytes(k.addr) for k in keys}
+            dp.open_ring_buffers(self._on_decision, self._on_agent_event, self._on_flow)
             dp.attach(root)
             self.state["programs_attached"] = dp.attached_count
             self.healthy = True
@@ -114,16 +159,28 @@ class Agent:
             self._loop()
         finally:
             self.healthy = False
-            dp.close()
+            dp.detach()
             self.state["programs_attached"] = 0
+            try:
+                dp.poll(0)              # what the kernel queued before detaching
+                self._drain_udp(final=True)
+            except Exception:
+                log.exception("final drain failed")
+            dp.close()
+            if self.exporter:
+                st = self.exporter.close()
+                log.info("exporter closed: %d records sent, %d spooled batches kept, %d dropped",
+                         st.sent_records, st.spool_batches, st.dropped)
             metrics.stop()
             self.flow_log.close()
+            self.records_log.close()
             log.info("agent stopped")
         return 0
 
     def _install(self, config: Config) -> None:
         """Compile config into the inactive generation, flip to it, and re-assign workload identities."""
         image = compile_image(config, self.numbering, self.datapath.next_gen(), datetime.now(timezone.utc))
+        self.datapath.interim_ns = int(config.telemetry.interim_interval * 1e9)
         for w in image.warnings:
             log.warning("%s", w)
         self.datapath.apply(image)
@@ -145,8 +202,11 @@ class Agent:
 
     def _loop(self) -> None:
         last_housekeeping = time.monotonic()
+        self._udp_last = time.monotonic_ns()
         while not self._stop:
             self.datapath.poll(100)
+            if time.monotonic_ns() - self._udp_last >= self.config.telemetry.udp_window * 1e9:
+                self._drain_udp()
             if self._reload:
                 self._reload = False
                 self._reload_config()
@@ -170,6 +230,47 @@ class Agent:
             return
         self.tally.add(d.src_id, d.dst_id, d.verdict, bool(d.flags & abi.EventFlag.DEPRECATED))
         self.flow_log.write(to_json(d, self.identities, self._mono_to_wall))
+
+    def _on_flow(self, data: bytes) -> None:
+        from agent.flows.decode import DecodeError
+        from agent.flows.records import decode_flow_event, flow_record
+        try:
+            ev = decode_flow_event(data)
+        except DecodeError as e:
+            self.state["decode_errors"] += 1
+            log.warning("%s", e)
+            return
+        rec = flow_record(ev, self.identities, self._mono_to_wall, self.agent_id, self.node)
+        counted = ev.side == abi.Side.CLIENT or bytes(ev.remote_addr) not in self._local_addrs and \
+            not rec.source_address.startswith("127.") and rec.source_address != "::1"
+        self._emit_record(rec, counted)
+
+    def _emit_record(self, rec, counted: bool) -> None:
+        self.flow_tally.add(rec, counted)
+        if self.records_log._out is not None:
+            from dataclasses import asdict
+            self.records_log.write(asdict(rec))
+        if self.exporter:
+            self.exporter.submit(rec)
+
+    def _drain_udp(self, final: bool = False) -> None:
+        """Report UDP traffic since the last drain, per identity pair; forget sockets idle for three windows."""
+        from agent.flows.records import udp_aggregate
+        now = time.monotonic_ns()
+        entries = list(self.datapath.maps["udp_flows"].items())
+        records = udp_aggregate(entries, self._udp_window, self.identities, self._mono_to_wall, self._udp_last, now,
+                                self.agent_id, self.node)
+        for rec in records:
+            self._emit_record(rec, True)
+        idle = 3 * self.config.telemetry.udp_window * 1e9
+        for key, uf in entries:
+            if now - uf.last_ns > idle:
+                self.datapath.maps["udp_flows"].delete(key)
+        self._udp_last = now
+
+    def _flow_losses(self) -> dict:
+        c = self.datapath.counters() if self.healthy else [0] * abi.COUNTER_SLOTS
+        return {"kernel_ring_full": c[abi.COUNTER_FLOW_EVENTS_LOST], "udp_table_full": c[abi.COUNTER_UDP_FLOWS_FULL]}
 
     def _on_agent_event(self, data: bytes) -> None:
         from agent.flows.decode import DecodeError, decode_agent_event

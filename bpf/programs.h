@@ -2,6 +2,12 @@
 #ifndef AIMESH_PROGRAMS_H
 #define AIMESH_PROGRAMS_H
 #include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
 #include "include/abi.h"
 #include "include/maps.h"
 #include "lib/addr.h"
@@ -9,4 +15,5 @@
 #include "lib/identity.h"
 #include "lib/policy.h"
 #include "lib/redirect.h"
+#include "lib/flow.h"
 #endif

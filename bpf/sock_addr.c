@@ -4,7 +4,7 @@
  *   (the caller gets EPERM); an allowed or audited connection may be rewritten to a redirect backend.
  *   reads:  runtime_config, process_identity, cgroup_identity, local_endpoint_identity, local_address,
  *           endpoint_identity, identity_info, policy_verdict, redirect_service, redirect_backend
- *   writes: dialed_address (sk storage), udp_reverse_nat, udp_decision_seen, verdict_counters, decision_events
+ *   writes: dialed_address and flow_state (sk storage), udp_reverse_nat, udp_flows, verdict_counters, decision_events
  * getpeername / recvmsg: put back the address the client dialed (reads dialed_address, udp_reverse_nat).
  */
 #include "programs.h"
@@ -105,7 +105,7 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 			if (st)
 				*st = dialed;
 		}
-		struct reverse_nat_key rk = { .cookie = cookie, .port = t->port };
+		struct socket_peer_key rk = { .cookie = cookie, .port = t->port };
 		__builtin_memcpy(rk.addr, t->addr, 16);
 		if (udp_reverse_nat.update(&rk, &dialed))
 			counter_add(COUNTER_REVERSE_NAT_FULL);
@@ -113,22 +113,56 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 
 	counter_add(COUNTER_DECISION(hook, d.verdict));
 
-	if (hook == HOOK_SENDMSG) {
-		/* unconnected UDP: one event per (socket, destination, verdict), not per datagram */
-		struct reverse_nat_key sk = { .cookie = cookie, .port = dialed.port };
-		__builtin_memcpy(sk.addr, dialed.addr, 16);
-		__u8 *seen = udp_decision_seen.lookup(&sk);
-		if (seen && *seen == d.verdict)
-			return d.verdict != VERDICT_DENIED;
-		__u8 v = d.verdict;
-		udp_decision_seen.update(&sk, &v);
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	if (d.verdict != VERDICT_DENIED) {
+		if (proto == IPPROTO_TCP) {
+			/* sock_ops picks this up at established and reports the connection at close */
+			struct flow_origin *fo = flow_state.sk_storage_get(ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+			if (fo) {
+				fo->cgroup_id = cgroup_id;
+				__builtin_memcpy(fo->dialed_addr, dialed.addr, 16);
+				fo->pid = pid_tgid >> 32;
+				fo->src_id = src;
+				fo->dst_id = dst;
+				fo->actual_dst_id = actual_dst;
+				fo->dialed_port = dialed.port;
+				fo->verdict = d.verdict;
+				fo->reason = d.reason;
+				fo->flags = d.flags;
+				bpf_get_current_comm(fo->comm, sizeof(fo->comm));
+			}
+		} else if (proto == IPPROTO_UDP) {
+			/* the cgroup_skb programs count bytes into this entry; one decision event per entry and verdict */
+			struct socket_peer_key uk = { .cookie = cookie, .port = t->port };
+			__builtin_memcpy(uk.addr, t->addr, 16);
+			struct udp_flow *uf = udp_flows.lookup(&uk);
+			if (uf && uf->verdict == d.verdict && uf->dst_id == dst)
+				return 1;
+			struct udp_flow nf = {};
+			nf.first_ns = bpf_ktime_get_ns();
+			nf.last_ns = nf.first_ns;
+			nf.cgroup_id = cgroup_id;
+			__builtin_memcpy(nf.dialed_addr, dialed.addr, 16);
+			nf.pid = pid_tgid >> 32;
+			nf.src_id = src;
+			nf.dst_id = dst;
+			nf.actual_dst_id = actual_dst;
+			nf.dialed_port = dialed.port;
+			nf.verdict = d.verdict;
+			nf.reason = d.reason;
+			nf.flags = d.flags;
+			nf.is_v6 = t->is_v6;
+			bpf_get_current_comm(nf.comm, sizeof(nf.comm));
+			if (udp_flows.update(&uk, &nf))
+				counter_add(COUNTER_UDP_FLOWS_FULL);
+		}
 	}
 
 	struct decision_event *ev = decision_reserve();
 	if (ev) {
-		__u64 pid_tgid = bpf_get_current_pid_tgid();
 		ev->ts_ns = bpf_ktime_get_ns();
-		ev->cgroup_id = bpf_get_current_cgroup_id();
+		ev->cgroup_id = cgroup_id;
 		ev->cookie = cookie;
 		__builtin_memcpy(ev->dialed_addr, dialed.addr, 16);
 		__builtin_memcpy(ev->actual_addr, t->addr, 16);
@@ -222,7 +256,7 @@ static __always_inline struct dialed *restore_lookup(struct bpf_sock_addr *ctx, 
 	struct dialed *st = dialed_address.sk_storage_get(ctx->sk, 0, 0);
 	if (st && st->backend_port == port && addr_equal(st->backend, addr))
 		return st;
-	struct reverse_nat_key rk = { .cookie = bpf_get_socket_cookie(ctx), .port = port };
+	struct socket_peer_key rk = { .cookie = bpf_get_socket_cookie(ctx), .port = port };
 	__builtin_memcpy(rk.addr, addr, 16);
 	return udp_reverse_nat.lookup(&rk);
 }

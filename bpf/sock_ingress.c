@@ -3,15 +3,10 @@
  * judged at connect time. Returning 0 drops the packet.
  *   reads:  runtime_config, local_address, local_endpoint_identity, endpoint_identity, cgroup_identity,
  *           identity_info, policy_verdict
- *   writes: verdict_counters, decision_events
+ *   Also counts received UDP bytes into udp_flows (the client socket's entry for this remote address).
+ *   writes: verdict_counters, decision_events, udp_flows
  */
 #include "programs.h"
-#include <linux/ip.h>
-#include <linux/ipv6.h>
-#include <linux/tcp.h>
-#include <linux/udp.h>
-#include <linux/in.h>
-#include <linux/if_ether.h>
 
 struct ingress_tuple {
 	__u8  saddr[16];
@@ -20,6 +15,7 @@ struct ingress_tuple {
 	__u16 dport;
 	__u8  proto;
 	__u8  is_v6;
+	__u32 l4;         /* offset of the transport header */
 };
 
 /* Returns 1 when the packet is one to judge. */
@@ -49,6 +45,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct ingress_tuple *t)
 	} else {
 		return 0;
 	}
+	t->l4 = l4;
 	if (t->proto == IPPROTO_TCP) {
 		struct tcphdr th;
 		if (bpf_skb_load_bytes(skb, l4, &th, sizeof(th)))
@@ -78,6 +75,8 @@ int aimesh_ingress(struct __sk_buff *skb)
 	struct ingress_tuple t = {};
 	if (!parse(skb, &t))
 		return 1;
+	if (t.proto == IPPROTO_UDP)
+		udp_account(skb, t.saddr, t.sport, skb->len - t.l4 - sizeof(struct udphdr), 0);
 	if (addr_is_local(t.saddr))
 		return 1;
 

@@ -82,6 +82,8 @@ _SCALAR_FIELDS = tuple(f for f in FlowRecordData.__dataclass_fields__ if f not i
 
 
 def _identity_to_proto(identity: IdentityData, out: flow_pb2.Identity) -> None:
+    if identity == _NO_IDENTITY:
+        return  # leave the field unset rather than an empty message
     out.name = identity.name
     out.kind = identity.kind
     out.version = identity.version

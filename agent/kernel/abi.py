@@ -70,6 +70,18 @@ class ConfigFlag(enum.IntFlag):
     WATCH_EXEC = 0x02
 
 
+class FlowKind(enum.IntEnum):
+    CONNECTION = 1
+    INTERIM = 2
+    UDP = 3
+
+
+class Side(enum.IntEnum):
+    UNKNOWN = 0
+    CLIENT = 1
+    SERVER = 2
+
+
 class AgentEventKind(enum.IntEnum):
     CGROUP_MKDIR = 1
     EXEC = 2
@@ -83,14 +95,17 @@ COUNTER_DECISION_EVENTS_LOST = HOOK_MAX * VERDICT_MAX + 0
 COUNTER_AGENT_EVENTS_LOST = HOOK_MAX * VERDICT_MAX + 1
 COUNTER_LOCAL_ENDPOINTS_FULL = HOOK_MAX * VERDICT_MAX + 2
 COUNTER_REVERSE_NAT_FULL = HOOK_MAX * VERDICT_MAX + 3
+COUNTER_FLOW_EVENTS_LOST = HOOK_MAX * VERDICT_MAX + 4
+COUNTER_UDP_FLOWS_FULL = HOOK_MAX * VERDICT_MAX + 5
+COUNTER_FLOWS_UNTRACKED = HOOK_MAX * VERDICT_MAX + 6
 COUNTER_SLOTS = 64
 
 Addr16 = ct.c_uint8 * 16
 
 
 class RuntimeConfig(ct.Structure):
-    """struct runtime_config { __u32 active_gen; __u32 flags; };"""
-    _fields_ = [("active_gen", ct.c_uint32), ("flags", ct.c_uint32)]
+    """struct runtime_config { __u32 active_gen; __u32 flags; __u64 interim_ns; };"""
+    _fields_ = [("active_gen", ct.c_uint32), ("flags", ct.c_uint32), ("interim_ns", ct.c_uint64)]
 
 
 class EndpointKey(ct.Structure):
@@ -153,8 +168,8 @@ class Dialed(ct.Structure):
                 ("pad", ct.c_uint32)]
 
 
-class ReverseNatKey(ct.Structure):
-    """struct reverse_nat_key { __u64 cookie; __u8 addr[16]; __u16 port; __u16 pad1; __u32 pad2; };"""
+class SocketPeerKey(ct.Structure):
+    """struct socket_peer_key { __u64 cookie; __u8 addr[16]; __u16 port; __u16 pad1; __u32 pad2; };"""
     _fields_ = [("cookie", ct.c_uint64), ("addr", Addr16), ("port", ct.c_uint16), ("pad1", ct.c_uint16),
                 ("pad2", ct.c_uint32)]
 
@@ -171,6 +186,51 @@ class DecisionEvent(ct.Structure):
         ("reason", ct.c_uint8), ("flags", ct.c_uint8),
         ("comm", ct.c_char * 16),
     ]
+
+
+class FlowOrigin(ct.Structure):
+    """struct flow_origin: flow_state sk storage (see abi.h)."""
+    _fields_ = [
+        ("start_ns", ct.c_uint64), ("last_report_ns", ct.c_uint64), ("cgroup_id", ct.c_uint64),
+        ("dialed_addr", Addr16),
+        ("pid", ct.c_uint32), ("src_id", ct.c_uint32), ("dst_id", ct.c_uint32), ("actual_dst_id", ct.c_uint32),
+        ("dialed_port", ct.c_uint16), ("verdict", ct.c_uint8), ("reason", ct.c_uint8), ("flags", ct.c_uint8),
+        ("side", ct.c_uint8), ("pad", ct.c_uint8 * 2),
+        ("comm", ct.c_char * 16),
+    ]
+
+
+class FlowEvent(ct.Structure):
+    """struct flow_event: one TCP connection side, at close or interim (see abi.h)."""
+    _fields_ = [
+        ("cookie", ct.c_uint64), ("start_ns", ct.c_uint64), ("end_ns", ct.c_uint64),
+        ("bytes_sent", ct.c_uint64), ("bytes_received", ct.c_uint64), ("cgroup_id", ct.c_uint64),
+        ("local_addr", Addr16), ("remote_addr", Addr16), ("dialed_addr", Addr16),
+        ("pid", ct.c_uint32), ("src_id", ct.c_uint32), ("dst_id", ct.c_uint32), ("actual_dst_id", ct.c_uint32),
+        ("srtt_us", ct.c_uint32), ("retransmits", ct.c_uint32), ("segs_out", ct.c_uint32), ("segs_in", ct.c_uint32),
+        ("local_port", ct.c_uint16), ("remote_port", ct.c_uint16), ("dialed_port", ct.c_uint16),
+        ("is_v6", ct.c_uint8), ("proto", ct.c_uint8), ("side", ct.c_uint8), ("kind", ct.c_uint8),
+        ("verdict", ct.c_uint8), ("reason", ct.c_uint8), ("flags", ct.c_uint8), ("pad", ct.c_uint8 * 3),
+        ("comm", ct.c_char * 16),
+    ]
+
+
+class UdpFlow(ct.Structure):
+    """struct udp_flow: udp_flows value (see abi.h)."""
+    _fields_ = [
+        ("first_ns", ct.c_uint64), ("last_ns", ct.c_uint64), ("bytes_sent", ct.c_uint64),
+        ("bytes_received", ct.c_uint64), ("packets_sent", ct.c_uint64), ("packets_received", ct.c_uint64),
+        ("cgroup_id", ct.c_uint64), ("dialed_addr", Addr16),
+        ("pid", ct.c_uint32), ("src_id", ct.c_uint32), ("dst_id", ct.c_uint32), ("actual_dst_id", ct.c_uint32),
+        ("dialed_port", ct.c_uint16), ("verdict", ct.c_uint8), ("reason", ct.c_uint8), ("flags", ct.c_uint8),
+        ("is_v6", ct.c_uint8), ("pad", ct.c_uint8 * 2),
+        ("comm", ct.c_char * 16),
+    ]
+
+
+class PeerOrigin(ct.Structure):
+    """struct peer_origin { __u32 src_id; __u32 pid; };"""
+    _fields_ = [("src_id", ct.c_uint32), ("pid", ct.c_uint32)]
 
 
 class AgentEvent(ct.Structure):
@@ -193,7 +253,11 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "backend_key": BackendKey,
     "backend": Backend,
     "dialed": Dialed,
-    "reverse_nat_key": ReverseNatKey,
+    "socket_peer_key": SocketPeerKey,
+    "flow_origin": FlowOrigin,
+    "flow_event": FlowEvent,
+    "udp_flow": UdpFlow,
+    "peer_origin": PeerOrigin,
     "decision_event": DecisionEvent,
     "agent_event": AgentEvent,
 }
@@ -211,7 +275,10 @@ class Limits:
     max_redirects: int = 4096
     max_backends: int = 16384
     max_reverse_nat: int = 65536
+    max_udp_flows: int = 65536
+    max_local_peers: int = 65536
     ringbuf_pages: int = 256
+    flow_ringbuf_pages: int = 4096
 
     def cflags(self) -> list[str]:
         return [f"-D{f.name.upper()}={getattr(self, f.name)}" for f in fields(self)]

@@ -46,6 +46,8 @@ PROGRAMS = (
     ProgramSpec("aimesh_post_bind4", BPF.CGROUP_SOCK, 12),
     ProgramSpec("aimesh_post_bind6", BPF.CGROUP_SOCK, 13),
     ProgramSpec("aimesh_ingress", BPF.CGROUP_SKB, 0),
+    ProgramSpec("aimesh_egress", BPF.CGROUP_SKB, 1),
+    ProgramSpec("aimesh_sock_ops", BPF.SOCK_OPS, 3),
 )
 
 
@@ -62,7 +64,9 @@ def _map_specs(limits: abi.Limits) -> dict[str, tuple[type, type, int, bool]]:
         "policy_verdict": (abi.PolicyKey, abi.PolicyValue, limits.max_policies, True),
         "redirect_service": (abi.RedirectKey, abi.RedirectValue, limits.max_redirects, True),
         "redirect_backend": (abi.BackendKey, abi.Backend, limits.max_backends, True),
-        "udp_reverse_nat": (abi.ReverseNatKey, abi.Dialed, limits.max_reverse_nat, False),
+        "udp_reverse_nat": (abi.SocketPeerKey, abi.Dialed, limits.max_reverse_nat, False),
+        "udp_flows": (abi.SocketPeerKey, abi.UdpFlow, limits.max_udp_flows, False),
+        "local_peer": (abi.LocalEndpointKey, abi.PeerOrigin, limits.max_local_peers, False),
     }
 
 
@@ -77,8 +81,9 @@ class Datapath:
         except Exception as e:  # bcc raises bare Exception for compile and load errors
             raise AgentError(f"compiling the BPF programs failed: {e}") from None
         try:
-            self.functions = {p.name: self.bpf.load_func(p.name, p.prog_type, attach_type=p.attach_type)
-                              if p.prog_type != BPF.CGROUP_SKB else self.bpf.load_func(p.name, p.prog_type)
+            self.functions = {p.name: self.bpf.load_func(p.name.encode(), p.prog_type, attach_type=p.attach_type)
+                              if p.prog_type in (BPF.CGROUP_SOCK_ADDR, BPF.CGROUP_SOCK)
+                              else self.bpf.load_func(p.name.encode(), p.prog_type)
                               for p in PROGRAMS}
         except Exception as e:
             raise AgentError(f"loading the BPF programs failed: {e}") from None
@@ -92,6 +97,7 @@ class Datapath:
         self._live: Optional[MapImage] = None
         self.active_gen = 0
         self.config_flags = 0
+        self.interim_ns = 0
 
     # ---- attach / detach ----
     def attach(self, cgroup_dir: Path) -> None:
@@ -172,8 +178,10 @@ class Datapath:
                 usage[name] = (len(items), self.maps[name].capacity)
         return usage
 
-    def set_runtime(self, gen: int, flags: int) -> None:
-        self.maps["runtime_config"].update(ct.c_uint32(0), abi.RuntimeConfig(gen, flags))
+    def set_runtime(self, gen: int, flags: int, interim_ns: Optional[int] = None) -> None:
+        if interim_ns is not None:
+            self.interim_ns = interim_ns
+        self.maps["runtime_config"].update(ct.c_uint32(0), abi.RuntimeConfig(gen, flags, self.interim_ns))
         self.active_gen, self.config_flags = gen, flags
 
     # ---- identities of local workloads ----
@@ -198,7 +206,8 @@ class Datapath:
         m.update_many([(k, ct.c_uint8(1)) for k in keys])
 
     # ---- events and counters ----
-    def open_ring_buffers(self, on_decision: Callable[[bytes], None], on_agent: Callable[[bytes], None]) -> None:
+    def open_ring_buffers(self, on_decision: Callable[[bytes], None], on_agent: Callable[[bytes], None],
+                          on_flow: Callable[[bytes], None]) -> None:
         def wrap(fn):
             def cb(_ctx, data, size):
                 try:
@@ -207,9 +216,10 @@ class Datapath:
                     log.exception("event callback failed")
                 return 0
             return cb
-        self._cbs = (wrap(on_decision), wrap(on_agent))
+        self._cbs = (wrap(on_decision), wrap(on_agent), wrap(on_flow))
         self.bpf[b"decision_events"].open_ring_buffer(self._cbs[0])
         self.bpf[b"agent_events"].open_ring_buffer(self._cbs[1])
+        self.bpf[b"flow_events"].open_ring_buffer(self._cbs[2])
 
     def poll(self, timeout_ms: int) -> None:
         self.bpf.ring_buffer_poll(timeout_ms)

@@ -39,8 +39,17 @@
 #ifndef MAX_REVERSE_NAT
 #define MAX_REVERSE_NAT 65536
 #endif
+#ifndef MAX_UDP_FLOWS
+#define MAX_UDP_FLOWS 65536
+#endif
+#ifndef MAX_LOCAL_PEERS
+#define MAX_LOCAL_PEERS 65536
+#endif
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 256
+#endif
+#ifndef FLOW_RINGBUF_PAGES
+#define FLOW_RINGBUF_PAGES 4096        /* 16 MiB: ~100k flow records of headroom */
 #endif
 #define BACKENDS_PER_SERVICE 16    /* weighted split: at most this many backends per redirect */
 
@@ -104,11 +113,15 @@ enum aimesh_reason {
 #define COUNTER_AGENT_EVENTS_LOST      (HOOK__MAX * VERDICT__MAX + 1)
 #define COUNTER_LOCAL_ENDPOINTS_FULL   (HOOK__MAX * VERDICT__MAX + 2)
 #define COUNTER_REVERSE_NAT_FULL       (HOOK__MAX * VERDICT__MAX + 3)
+#define COUNTER_FLOW_EVENTS_LOST       (HOOK__MAX * VERDICT__MAX + 4)
+#define COUNTER_UDP_FLOWS_FULL         (HOOK__MAX * VERDICT__MAX + 5)
+#define COUNTER_FLOWS_UNTRACKED        (HOOK__MAX * VERDICT__MAX + 6)   /* established with no connect-time origin */
 #define COUNTER_SLOTS                  64
 
 struct runtime_config {
 	__u32 active_gen;   /* 0 or 1: which generation of the policy maps is live */
 	__u32 flags;        /* CFG_F_* */
+	__u64 interim_ns;   /* a still-open TCP connection reports at most this often (0: only at close) */
 };
 
 /* endpoint_identity (LPM trie): prefixlen counts gen(8)+pad(8)+port(16) = 32 bits, then address bits. port 0 = any. */
@@ -188,7 +201,8 @@ struct dialed {
 	__u32 pad;
 };
 
-struct reverse_nat_key {
+/* (socket, remote address): udp_reverse_nat, udp_flows. */
+struct socket_peer_key {
 	__u64 cookie;
 	__u8  addr[16];        /* backend address */
 	__u16 port;            /* backend port, host order */
@@ -219,6 +233,99 @@ struct decision_event {
 	__u8  reason;
 	__u8  flags;
 	char  comm[16];
+};
+
+/* Flow records (mirror: abi.py FlowKind/Side, flow.proto RecordKind). */
+enum flow_kind {
+	FLOW_KIND_CONNECTION = 1,   /* a TCP connection side, at close */
+	FLOW_KIND_INTERIM    = 2,   /* a TCP connection side still open: totals so far */
+	FLOW_KIND_UDP        = 3,   /* UDP between two identities over a window (built by the agent) */
+};
+
+enum flow_side {
+	SIDE_CLIENT = 1,
+	SIDE_SERVER = 2,
+};
+
+/* flow_state (sk storage): what the connect decision or the passive open knew about a TCP socket. */
+struct flow_origin {
+	__u64 start_ns;
+	__u64 last_report_ns;
+	__u64 cgroup_id;
+	__u8  dialed_addr[16];
+	__u32 pid;
+	__u32 src_id;
+	__u32 dst_id;
+	__u32 actual_dst_id;
+	__u16 dialed_port;
+	__u8  verdict;
+	__u8  reason;
+	__u8  flags;
+	__u8  side;         /* enum flow_side; 0 until established */
+	__u8  pad[2];
+	char  comm[16];
+};
+
+/* One TCP connection side, emitted to flow_events at close (and as interim records while open). */
+struct flow_event {
+	__u64 cookie;
+	__u64 start_ns;
+	__u64 end_ns;
+	__u64 bytes_sent;       /* payload bytes the peer acknowledged */
+	__u64 bytes_received;
+	__u64 cgroup_id;
+	__u8  local_addr[16];
+	__u8  remote_addr[16];
+	__u8  dialed_addr[16];
+	__u32 pid;
+	__u32 src_id;
+	__u32 dst_id;
+	__u32 actual_dst_id;
+	__u32 srtt_us;
+	__u32 retransmits;
+	__u32 segs_out;
+	__u32 segs_in;
+	__u16 local_port;
+	__u16 remote_port;
+	__u16 dialed_port;
+	__u8  is_v6;
+	__u8  proto;
+	__u8  side;
+	__u8  kind;             /* enum flow_kind */
+	__u8  verdict;
+	__u8  reason;
+	__u8  flags;
+	__u8  pad[3];
+	char  comm[16];
+};
+
+/* udp_flows value: one UDP socket's traffic to one remote address, counted by the cgroup_skb programs. */
+struct udp_flow {
+	__u64 first_ns;
+	__u64 last_ns;
+	__u64 bytes_sent;
+	__u64 bytes_received;
+	__u64 packets_sent;
+	__u64 packets_received;
+	__u64 cgroup_id;
+	__u8  dialed_addr[16];
+	__u32 pid;
+	__u32 src_id;
+	__u32 dst_id;
+	__u32 actual_dst_id;
+	__u16 dialed_port;
+	__u8  verdict;
+	__u8  reason;
+	__u8  flags;
+	__u8  is_v6;
+	__u8  pad[2];
+	char  comm[16];
+};
+
+/* local_peer value: the identity behind a local client socket, for the server side of the same connection. */
+struct peer_origin {
+	__u32 src_id;
+	__u32 pid;
 };
 
 enum agent_event_kind {

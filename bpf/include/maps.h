@@ -18,10 +18,13 @@ BPF_HASH(policy_verdict, struct policy_key, struct policy_value, MAX_POLICIES); 
 BPF_HASH(redirect_service, struct redirect_key, struct redirect_value, MAX_REDIRECTS); /* (src, dst, gen) -> backend set */
 BPF_HASH(redirect_backend, struct backend_key, struct backend, MAX_BACKENDS);          /* (index, gen) -> backend address */
 BPF_SK_STORAGE(dialed_address, struct dialed);                                         /* socket -> address it dialed */
-BPF_TABLE("lru_hash", struct reverse_nat_key, struct dialed, udp_reverse_nat, MAX_REVERSE_NAT); /* (cookie, backend) -> dialed */
-BPF_TABLE("lru_hash", struct reverse_nat_key, __u8, udp_decision_seen, MAX_REVERSE_NAT); /* (cookie, dest) -> verdict already emitted */
+BPF_TABLE("lru_hash", struct socket_peer_key, struct dialed, udp_reverse_nat, MAX_REVERSE_NAT); /* (cookie, backend) -> dialed */
+BPF_TABLE("lru_hash", struct socket_peer_key, struct udp_flow, udp_flows, MAX_UDP_FLOWS);   /* (cookie, remote) -> UDP counters */
+BPF_SK_STORAGE(flow_state, struct flow_origin);                                         /* TCP socket -> identities, start */
+BPF_TABLE("lru_hash", struct local_endpoint_key, struct peer_origin, local_peer, MAX_LOCAL_PEERS); /* local client addr:port -> identity */
 BPF_PERCPU_ARRAY(verdict_counters, __u64, COUNTER_SLOTS);                              /* slot -> count (see abi.h) */
 BPF_RINGBUF_OUTPUT(decision_events, RINGBUF_PAGES);                                    /* struct decision_event */
 BPF_RINGBUF_OUTPUT(agent_events, 16);                                                  /* struct agent_event */
+BPF_RINGBUF_OUTPUT(flow_events, FLOW_RINGBUF_PAGES);                                   /* struct flow_event */
 
 #endif /* AIMESH_MAPS_H */

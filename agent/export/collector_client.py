@@ -1,0 +1,600 @@
+"""The agent's flow exporter: batches records and pushes them to the collector, surviving collector outages.
+
+    exporter = FlowExporter(ExporterConfig(target="collector:4317", agent_id="node-a", spool_dir=Path(...)))
+    exporter.start()
+    exporter.submit(record)      # cheap, never blocks; False when the queue is full (counted)
+    ...
+    exporter.close()             # sends what it can within close_timeout_s, spools the rest
+
+Pipeline, all but submit() on one background thread:
+  submit -> incoming queue (max_queue_records) -> batch builder (batch_max_records / batch_max_bytes /
+  flush_interval_s) -> sealed batch with (agent_id, sequence) -> outbox -> Push.
+The outbox is memory (memory_max_bytes) backed by the spool directory (spool_max_bytes): when memory is full, or
+while the spool holds anything (to keep order), sealed batches go to disk, one file per batch. A batch that fits
+neither is dropped and counted. Spooled batches survive an agent restart and are sent first.
+
+A batch keeps its sequence through every retry, so the collector stores it once even when a reply was lost.
+Sequences start at the wall clock in microseconds (or after the spool's last one), so a restarted agent never
+reuses one. Retries back off exponentially with jitter. A batch the collector refuses for its size or content is
+split in halves (new sequences: it was not stored), down to single records, which are then dropped and counted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import grpc
+
+from agent._gen.aimesh.v1 import collector_pb2, flow_pb2
+from agent.collector.channel import ClientTls, ConfigError, call_metadata, open_channel, parse_hostport
+from agent.collector.service import MD_MAX_BYTES, MD_MAX_RECORDS
+from agent.export.records import FlowRecordData, to_proto
+
+log = logging.getLogger(__name__)
+
+PUSH_METHOD = "/aimesh.v1.FlowCollector/Push"
+_RECORD_OVERHEAD = 6  # field tag and length prefix of a record inside a FlowBatch
+_BATCH_OVERHEAD = 32  # FlowBatch header besides agent_id
+
+
+@dataclass(frozen=True, slots=True)
+class ExporterConfig:
+    target: str  # collector HOST:PORT
+    agent_id: str
+    tls: ClientTls | None = None
+    token: str | None = None
+    spool_dir: Path | None = None  # None: memory only
+    spool_max_bytes: int = 256 << 20
+    memory_max_bytes: int = 16 << 20  # sealed batches kept in memory before spilling to the spool
+    max_queue_records: int = 100_000  # submitted records not yet batched
+    batch_max_records: int = 500
+    batch_max_bytes: int = 1 << 20
+    flush_interval_s: float = 1.0  # a partial batch is sent after this long
+    rpc_timeout_s: float = 10.0
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 30.0
+    close_timeout_s: float = 5.0
+
+    def validate(self) -> None:
+        parse_hostport(self.target, what="collector address")
+        if not self.agent_id.strip():
+            raise ConfigError("agent_id is required")
+        for name in ("spool_max_bytes", "memory_max_bytes", "max_queue_records", "batch_max_records", "batch_max_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive")
+        for name in ("flush_interval_s", "rpc_timeout_s", "backoff_initial_s", "backoff_max_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.close_timeout_s < 0:
+            raise ConfigError("close_timeout_s must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class ExporterStats:
+    """Counters since start (records unless named otherwise) and the current backlog."""
+
+    submitted: int = 0
+    sent_records: int = 0  # confirmed stored by the collector
+    sent_batches: int = 0
+    duplicate_batches: int = 0  # retries the collector had already stored (their records count in sent_records)
+    dropped_queue_full: int = 0  # submit() found the incoming queue full
+    dropped_spool_full: int = 0  # neither memory nor spool had room (or, at close, no spool to keep them in)
+    rejected_records: int = 0  # refused by the collector even as a single-record batch
+    invalid_records: int = 0  # could not be encoded (a field out of range)
+    corrupt_spool_files: int = 0  # unreadable spool files, deleted
+    export_errors: int = 0  # failed Push attempts
+    queued_records: int = 0  # submitted, not yet in a batch
+    memory_batches: int = 0
+    memory_bytes: int = 0
+    spool_batches: int = 0
+    spool_bytes: int = 0
+    last_error: str = ""
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_queue_full + self.dropped_spool_full + self.rejected_records + self.invalid_records
+
+
+@dataclass(frozen=True, slots=True)
+class SealedBatch:
+    sequence: int
+    payload: bytes  # serialized aimesh.v1.FlowBatch
+    records: int
+
+
+class Outcome(Enum):
+    RETRY = "retry"  # maybe stored, maybe not: send the same batch again later
+    SPLIT = "split"  # refused for its size or content, not stored: send its halves under new sequences
+    DROP = "drop"  # a single record refused: give up on it
+
+
+def classify_error(code: grpc.StatusCode, details: str, trailing_keys: Iterable[str], records: int) -> Outcome:
+    """What to do after a failed Push. Pure."""
+    keys = set(trailing_keys)
+    too_large = code == grpc.StatusCode.RESOURCE_EXHAUSTED and (
+        bool(keys & {MD_MAX_RECORDS, MD_MAX_BYTES}) or "larger than max" in details.lower()
+    )
+    if too_large or code == grpc.StatusCode.INVALID_ARGUMENT:
+        return Outcome.SPLIT if records > 1 else Outcome.DROP
+    return Outcome.RETRY  # unavailable, deadline, unauthenticated (fix the token: keep the data), overload, ...
+
+
+def backoff_delay(attempt: int, initial: float, cap: float, rand: float) -> float:
+    """Delay before retry number `attempt` (1, 2, ...): exponential, capped, with "equal jitter" (rand in [0, 1))."""
+    base = min(cap, initial * (2 ** min(max(attempt - 1, 0), 32)))
+    return base / 2 + base / 2 * rand
+
+
+def encode_batch(agent_id: str, sequence: int, records: Iterable[flow_pb2.FlowRecord]) -> bytes:
+    batch = collector_pb2.FlowBatch(agent_id=agent_id, sequence=sequence)
+    batch.records.extend(records)
+    return batch.SerializeToString()
+
+
+class Spool:
+    """Sealed batches on disk: <dir>/<sequence, 20 digits>.batch, each a serialized FlowBatch. Not thread-safe."""
+
+    SUFFIX = ".batch"
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise ConfigError(f"cannot create spool directory {self.directory}: {e.strerror or e}") from None
+        self._sizes: dict[int, int] = {}
+        self._order: list[int] = []  # sequences, ascending
+        self.bytes = 0
+        for path in self.directory.iterdir():
+            if path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)  # a write cut short by a crash
+            elif path.name.endswith(self.SUFFIX) and path.name[: -len(self.SUFFIX)].isdigit():
+                size = path.stat().st_size
+                seq = int(path.name[: -len(self.SUFFIX)])
+                self._sizes[seq] = size
+                self.bytes += size
+        self._order = sorted(self._sizes)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @property
+    def max_sequence(self) -> int:
+        return self._order[-1] if self._order else 0
+
+    def _path(self, sequence: int) -> Path:
+        return self.directory / f"{sequence:020d}{self.SUFFIX}"
+
+    def put(self, batch: SealedBatch) -> bool:
+        """Write a batch; False (and nothing written) when it would exceed max_bytes or the write fails."""
+        size = len(batch.payload)
+        if self.bytes + size > self.max_bytes:
+            return False
+        final = self._path(batch.sequence)
+        tmp = final.with_name(final.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(batch.payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except OSError as e:
+            log.warning("cannot write spool file %s: %s", final, e)
+            tmp.unlink(missing_ok=True)
+            return False
+        if batch.sequence not in self._sizes:
+            bisect.insort(self._order, batch.sequence)
+        else:
+            self.bytes -= self._sizes[batch.sequence]
+        self._sizes[batch.sequence] = size
+        self.bytes += size
+        return True
+
+    def oldest(self) -> SealedBatch | None:
+        """The batch with the lowest sequence. Raises ValueError (after deleting it) for an unreadable file."""
+        if not self._order:
+            return None
+        seq = self._order[0]
+        try:
+            payload = self._path(seq).read_bytes()
+            batch = collector_pb2.FlowBatch.FromString(payload)
+        except Exception as e:  # OSError, DecodeError
+            self.remove(seq)
+            raise ValueError(f"spool file {self._path(seq)} is unreadable ({e}); deleted") from None
+        return SealedBatch(sequence=seq, payload=payload, records=len(batch.records))
+
+    def remove(self, sequence: int) -> None:
+        size = self._sizes.pop(sequence, None)
+        if size is None:
+            return
+        self._order.remove(sequence)
+        self.bytes -= size
+        self._path(sequence).unlink(missing_ok=True)
+
+
+@dataclass
+class _Counters:
+    submitted: int = 0
+    sent_records: int = 0
+    sent_batches: int = 0
+    duplicate_batches: int = 0
+    dropped_queue_full: int = 0
+    dropped_spool_full: int = 0
+    rejected_records: int = 0
+    invalid_records: int = 0
+    corrupt_spool_files: int = 0
+    export_errors: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class _Builder:
+    records: list[flow_pb2.FlowRecord] = field(default_factory=list)
+    bytes: int = 0
+    started: float = 0.0  # monotonic time of the first record
+
+
+class FlowExporter:
+    """Ships FlowRecordData to the collector from a background thread. submit() is thread-safe."""
+
+    def __init__(
+        self,
+        config: ExporterConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_ns: Callable[[], int] = time.time_ns,
+        rng: random.Random | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        self._metadata = call_metadata(config.token)
+        if config.tls is not None:
+            config.tls.credentials()  # fail now, not in the sender thread, on missing or unreadable files
+        self._cond = threading.Condition()
+        # Shared with submit()/flush()/close(), under _cond:
+        self._incoming: deque[FlowRecordData] = deque()
+        self._counters = _Counters()
+        self._stopping = False
+        self._close_deadline = 0.0
+        self._flush_waiters = 0
+        self._idle = True
+        # Owned by the sender thread (read under _cond by stats()):
+        self._builder = _Builder()
+        self._memory: deque[SealedBatch] = deque()
+        self._memory_bytes = 0
+        self._spool = Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir else None
+        spooled = self._spool.max_sequence if self._spool else 0
+        self._next_sequence = max(wall_ns() // 1000, spooled + 1)
+        self._attempt = 0
+        self._next_try = 0.0
+        self._failing = False
+        self._channel: grpc.Channel | None = None
+        self._push: grpc.UnaryUnaryMultiCallable | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        if self._spool is not None and len(self._spool):
+            self._idle = False
+            log.info("spool %s holds %d batches from a previous run", config.spool_dir, len(self._spool))
+
+    # --- the caller's side ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None or self._closed:
+            raise RuntimeError("FlowExporter.start() called twice, or after close()")
+        cfg = self.config
+        backoff_ms = int(cfg.backoff_max_s * 1000)
+        options = [
+            # gRPC's own reconnect backoff defaults to 120 s; keep it within ours so a returning collector is found.
+            ("grpc.initial_reconnect_backoff_ms", max(int(cfg.backoff_initial_s * 1000), 100)),
+            ("grpc.min_reconnect_backoff_ms", max(int(cfg.backoff_initial_s * 1000), 100)),
+            ("grpc.max_reconnect_backoff_ms", max(backoff_ms, 100)),
+        ]
+        self._channel = open_channel(cfg.target, cfg.tls, options)
+        self._push = self._channel.unary_unary(
+            PUSH_METHOD, request_serializer=None, response_deserializer=collector_pb2.PushReply.FromString
+        )
+        self._thread = threading.Thread(target=self._run, name="flow-exporter", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: FlowRecordData) -> bool:
+        """Queue a record. False when the queue is full: the record is dropped and counted."""
+        with self._cond:
+            if self._stopping or len(self._incoming) >= self.config.max_queue_records:
+                self._counters.dropped_queue_full += 1
+                return False
+            self._incoming.append(record)
+            self._counters.submitted += 1
+            self._idle = False
+            if len(self._incoming) >= self.config.batch_max_records:
+                self._cond.notify_all()
+            return True
+
+    def submit_many(self, records: Iterable[FlowRecordData]) -> int:
+        """Queue records; returns how many were accepted."""
+        return sum(1 for r in records if self.submit(r))
+
+    def flush(self, timeout: float) -> bool:
+        """Send everything submitted so far (partial batch included). True if it all got through in time."""
+        deadline = self._clock() + timeout
+        with self._cond:
+            self._flush_waiters += 1
+            self._cond.notify_all()
+            try:
+                while not self._idle:
+                    left = deadline - self._clock()
+                    if left <= 0 or self._thread is None or not self._thread.is_alive():
+                        return False
+                    self._cond.wait(min(left, 0.5))
+                return True
+            finally:
+                self._flush_waiters -= 1
+
+    def close(self, timeout: float | None = None) -> ExporterStats:
+        """Stop: send what can be sent within timeout (default close_timeout_s), spool the rest. Idempotent."""
+        wait = self.config.close_timeout_s if timeout is None else timeout
+        with self._cond:
+            if self._closed:
+                return self._stats_locked()
+            self._closed = True
+            self._stopping = True
+            self._close_deadline = self._clock() + wait
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        else:  # never started: keep what was submitted in the spool for the next run
+            self._finish()
+        if self._channel is not None:
+            self._channel.close()
+        return self.stats()
+
+    def stats(self) -> ExporterStats:
+        with self._cond:
+            return self._stats_locked()
+
+    def _stats_locked(self) -> ExporterStats:
+        c = self._counters
+        return ExporterStats(
+            submitted=c.submitted,
+            sent_records=c.sent_records,
+            sent_batches=c.sent_batches,
+            duplicate_batches=c.duplicate_batches,
+            dropped_queue_full=c.dropped_queue_full,
+            dropped_spool_full=c.dropped_spool_full,
+            rejected_records=c.rejected_records,
+            invalid_records=c.invalid_records,
+            corrupt_spool_files=c.corrupt_spool_files,
+            export_errors=c.export_errors,
+            queued_records=len(self._incoming) + len(self._builder.records),
+            memory_batches=len(self._memory),
+            memory_bytes=self._memory_bytes,
+            spool_batches=len(self._spool) if self._spool else 0,
+            spool_bytes=self._spool.bytes if self._spool else 0,
+            last_error=c.last_error,
+        )
+
+    def __enter__(self) -> FlowExporter:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the sender thread ------------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    timeout = self._wait_time()
+                    if timeout > 0:
+                        self._cond.wait(timeout)
+                    incoming, self._incoming = self._incoming, deque()
+                    stopping, deadline = self._stopping, self._close_deadline
+                    force = stopping or self._flush_waiters > 0
+                self._absorb(incoming)
+                if self._builder.records and (force or self._clock() - self._builder.started >= self.config.flush_interval_s):
+                    self._seal()
+                if self._has_outbox() and self._clock() >= self._next_try:
+                    if not stopping or self._clock() < deadline:
+                        self._send_next(deadline if stopping else None)
+                self._update_idle()
+                if stopping and (not self._has_outbox() or self._clock() >= deadline):
+                    break
+        except Exception:  # noqa: BLE001 - never die silently; what is left goes to the spool below
+            log.exception("flow exporter thread failed")
+        finally:
+            self._finish()
+
+    def _wait_time(self) -> float:
+        """How long the sender may sleep before its next round (called under _cond)."""
+        cfg = self.config
+        now = self._clock()
+        pending = bool(self._incoming) or bool(self._builder.records)
+        urgent = self._stopping or self._flush_waiters > 0
+        if len(self._incoming) >= cfg.batch_max_records or (urgent and pending):
+            return 0.0
+        if self._stopping and not self._has_outbox():
+            return 0.0  # nothing left: finish now
+        waits = [1.0]
+        if self._builder.records:
+            waits.append(self._builder.started + cfg.flush_interval_s - now)
+        elif self._incoming:
+            waits.append(cfg.flush_interval_s)
+        if self._has_outbox():
+            waits.append(self._next_try - now)
+        if self._stopping:
+            waits.append(self._close_deadline - now)
+        return max(0.0, min(waits))
+
+    def _has_outbox(self) -> bool:
+        return bool(self._memory) or bool(self._spool is not None and len(self._spool))
+
+    def _update_idle(self) -> None:
+        with self._cond:
+            self._idle = not self._incoming and not self._builder.records and not self._has_outbox()
+            self._cond.notify_all()
+
+    def _count(self, **deltas: int) -> None:
+        with self._cond:
+            for name, n in deltas.items():
+                setattr(self._counters, name, getattr(self._counters, name) + n)
+
+    def _absorb(self, records: Iterable[FlowRecordData]) -> None:
+        cfg = self.config
+        limit = cfg.batch_max_bytes - _BATCH_OVERHEAD - len(cfg.agent_id.encode())
+        invalid = 0
+        for rec in records:
+            try:
+                msg = to_proto(rec)
+            except ValueError as e:
+                invalid += 1
+                log.debug("dropping a flow record: %s", e)
+                continue
+            size = msg.ByteSize() + _RECORD_OVERHEAD
+            b = self._builder
+            if b.records and b.bytes + size > limit:
+                self._seal()
+                b = self._builder
+            if not b.records:
+                b.started = self._clock()
+            b.records.append(msg)
+            b.bytes += size
+            if len(b.records) >= cfg.batch_max_records:
+                self._seal()
+        if invalid:
+            self._count(invalid_records=invalid)
+
+    def _take_sequence(self) -> int:
+        seq = self._next_sequence
+        self._next_sequence += 1
+        return seq
+
+    def _seal(self) -> None:
+        records = self._builder.records
+        self._builder = _Builder()
+        if records:
+            seq = self._take_sequence()
+            self._enqueue(SealedBatch(seq, encode_batch(self.config.agent_id, seq, records), len(records)))
+
+    def _enqueue(self, batch: SealedBatch) -> None:
+        spool = self._spool
+        fits_memory = not self._memory or self._memory_bytes + len(batch.payload) <= self.config.memory_max_bytes
+        if fits_memory and (spool is None or not len(spool)):  # memory only while the spool is empty: keeps order
+            self._memory.append(batch)
+            self._memory_bytes += len(batch.payload)
+            return
+        if spool is not None and spool.put(batch):
+            return
+        self._count(dropped_spool_full=batch.records)
+        log.debug("outbox full: dropped a batch of %d records", batch.records)
+
+    def _next_batch(self) -> tuple[SealedBatch, bool] | None:
+        """The oldest unsent batch and whether it is in the spool. Memory batches are always the older ones."""
+        if self._memory:
+            return self._memory[0], False
+        while self._spool is not None and len(self._spool):
+            try:
+                batch = self._spool.oldest()
+            except ValueError as e:
+                log.warning("%s", e)
+                self._count(corrupt_spool_files=1)
+                continue
+            if batch is not None:
+                return batch, True
+        return None
+
+    def _remove(self, batch: SealedBatch, from_spool: bool) -> None:
+        if from_spool:
+            assert self._spool is not None
+            self._spool.remove(batch.sequence)
+        else:
+            self._memory.popleft()
+            self._memory_bytes -= len(batch.payload)
+
+    def _send_next(self, deadline: float | None) -> None:
+        head = self._next_batch()
+        if head is None:
+            return
+        batch, from_spool = head
+        assert self._push is not None, "start() first"
+        timeout = self.config.rpc_timeout_s
+        if deadline is not None:
+            timeout = max(0.05, min(timeout, deadline - self._clock()))
+        try:
+            reply = self._push(batch.payload, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as e:
+            self._on_error(batch, from_spool, e)
+            return
+        self._remove(batch, from_spool)
+        self._attempt = 0
+        self._next_try = 0.0
+        if self._failing:
+            self._failing = False
+            log.info("collector %s reachable again", self.config.target)
+        self._count(
+            sent_records=batch.records, sent_batches=1, duplicate_batches=1 if reply.duplicate else 0
+        )
+
+    def _on_error(self, batch: SealedBatch, from_spool: bool, error: grpc.RpcError) -> None:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = (error.details() if hasattr(error, "details") else "") or ""
+        trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+        keys = [m.key for m in trailing or ()]
+        outcome = classify_error(code, details, keys, batch.records)
+        message = f"{code.name}: {details}"
+        with self._cond:
+            self._counters.export_errors += 1
+            self._counters.last_error = message
+        if outcome is Outcome.RETRY:
+            self._attempt += 1
+            delay = backoff_delay(
+                self._attempt, self.config.backoff_initial_s, self.config.backoff_max_s, self._rng.random()
+            )
+            self._next_try = self._clock() + delay
+            if not self._failing:
+                self._failing = True
+                log.warning("cannot push flows to %s (%s); retrying with backoff", self.config.target, message)
+            return
+        self._remove(batch, from_spool)
+        if outcome is Outcome.DROP:
+            self._count(rejected_records=batch.records)
+            log.warning("collector refused a flow record (%s); dropped", message)
+            return
+        # SPLIT: not stored, so the halves take new sequences; they go first, in order.
+        records = list(collector_pb2.FlowBatch.FromString(batch.payload).records)
+        half = len(records) // 2
+        for part in (records[half:], records[:half]):
+            seq = self._take_sequence()
+            sealed = SealedBatch(seq, encode_batch(self.config.agent_id, seq, part), len(part))
+            self._memory.appendleft(sealed)
+            self._memory_bytes += len(sealed.payload)
+
+    def _finish(self) -> None:
+        """Seal what is left and put unsent memory batches in the spool (or count them dropped)."""
+        with self._cond:
+            incoming, self._incoming = self._incoming, deque()
+        self._absorb(incoming)
+        self._seal()
+        lost = 0
+        while self._memory:
+            batch = self._memory.popleft()
+            self._memory_bytes -= len(batch.payload)
+            if self._spool is None or not self._spool.put(batch):
+                lost += batch.records
+        if lost:
+            self._count(dropped_spool_full=lost)
+            log.warning("flow exporter closed with %d unsent records that did not fit in the spool", lost)
+        self._update_idle()

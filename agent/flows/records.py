@@ -1,0 +1,115 @@
+"""Kernel flow events -> flow records (FlowRecordData), and UDP counters -> per-window aggregates. Pure."""
+from __future__ import annotations
+
+import ctypes as ct
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Mapping
+
+from agent.export.records import FlowRecordData, IdentityData, RecordKind
+from agent.flows.decode import DecodeError, format_addr
+from agent.kernel import abi
+from agent.policy.identities import IdentityMeta
+
+
+def identity_data(meta: Mapping[int, IdentityMeta], iid: int) -> IdentityData:
+    m = meta.get(iid)
+    if m is None:
+        return IdentityData(name="unknown" if iid == abi.ID_NONE else f"id:{iid}", kind="unknown")
+    return IdentityData(name=m.name, kind=m.kind, version=m.version or "")
+
+
+def decode_flow_event(data: bytes) -> abi.FlowEvent:
+    size = ct.sizeof(abi.FlowEvent)
+    if len(data) < size:
+        raise DecodeError(f"flow event is {len(data)} bytes, expected {size}")
+    ev = abi.FlowEvent.from_buffer_copy(data[:size])
+    if ev.kind not in (abi.FlowKind.CONNECTION, abi.FlowKind.INTERIM) or ev.side not in (abi.Side.CLIENT,
+                                                                                          abi.Side.SERVER):
+        raise DecodeError(f"flow event with unknown kind {ev.kind} or side {ev.side}")
+    return ev
+
+
+def flow_record(ev: abi.FlowEvent, meta: Mapping[int, IdentityMeta], mono_to_wall_ns: int,
+                agent_id: str = "", node: str = "") -> FlowRecordData:
+    """One TCP connection side. Source is always the client, destination the server, whichever side observed it."""
+    local, remote = format_addr(bytes(ev.local_addr)), format_addr(bytes(ev.remote_addr))
+    client_side = ev.side == abi.Side.CLIENT
+    src = (local, ev.local_port) if client_side else (remote, ev.remote_port)
+    dst = (remote, ev.remote_port) if client_side else (local, ev.local_port)
+    flags = abi.EventFlag(ev.flags)
+    return FlowRecordData(
+        agent_id=agent_id, node=node, cookie=ev.cookie,
+        kind=RecordKind.CONNECTION, interim=ev.kind == abi.FlowKind.INTERIM,
+        start_time_unix_nano=ev.start_ns + mono_to_wall_ns, end_time_unix_nano=ev.end_ns + mono_to_wall_ns,
+        source=identity_data(meta, ev.src_id), destination=identity_data(meta, ev.dst_id),
+        actual_destination=identity_data(meta, ev.actual_dst_id),
+        source_address=src[0], source_port=src[1], destination_address=dst[0], destination_port=dst[1],
+        dialed_address=format_addr(bytes(ev.dialed_addr)), dialed_port=ev.dialed_port,
+        protocol=ev.proto, hook=int(abi.Hook.CONNECT if client_side else abi.Hook.INGRESS),
+        verdict=ev.verdict, reason=ev.reason,
+        deprecated=bool(flags & abi.EventFlag.DEPRECATED), redirected=bool(flags & abi.EventFlag.REDIRECTED),
+        lifecycle=bool(flags & abi.EventFlag.LIFECYCLE),
+        bytes_sent=ev.bytes_sent, bytes_received=ev.bytes_received,
+        packets_sent=ev.segs_out, packets_received=ev.segs_in,
+        duration_ns=max(0, ev.end_ns - ev.start_ns), srtt_us=ev.srtt_us, retransmits=ev.retransmits,
+        pid=ev.pid, comm=ev.comm.decode(errors="replace"),
+    )
+
+
+@dataclass
+class UdpCounters:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    packets_sent: int = 0
+    packets_received: int = 0
+
+
+@dataclass
+class UdpWindow:
+    """Per-socket UDP counters seen at the previous drain, to report deltas; entries idle for long are forgotten."""
+    seen: dict[bytes, UdpCounters] = field(default_factory=dict)
+
+
+def udp_aggregate(entries: Iterable[tuple[abi.SocketPeerKey, abi.UdpFlow]], window: UdpWindow,
+                  meta: Mapping[int, IdentityMeta], mono_to_wall_ns: int, window_start_ns: int, now_ns: int,
+                  agent_id: str = "", node: str = "") -> list[FlowRecordData]:
+    """Sum the traffic since the last drain per (source, destination, actual destination, port, verdict).
+
+    Returns one FlowRecordData (kind UDP_AGGREGATE) per group that moved bytes in the window. Updates window.seen.
+    """
+    groups: dict[tuple, tuple[FlowRecordData, UdpCounters]] = {}
+    alive: set[bytes] = set()
+    for key, uf in entries:
+        k = bytes(key)
+        alive.add(k)
+        prev = window.seen.get(k, UdpCounters())
+        delta = UdpCounters(uf.bytes_sent - prev.bytes_sent, uf.bytes_received - prev.bytes_received,
+                            uf.packets_sent - prev.packets_sent, uf.packets_received - prev.packets_received)
+        window.seen[k] = UdpCounters(uf.bytes_sent, uf.bytes_received, uf.packets_sent, uf.packets_received)
+        if delta.packets_sent <= 0 and delta.packets_received <= 0:
+            continue
+        actual = format_addr(bytes(key.addr))
+        gkey = (uf.src_id, uf.dst_id, uf.actual_dst_id, key.port, uf.verdict)
+        if gkey not in groups:
+            flags = abi.EventFlag(uf.flags)
+            base = FlowRecordData(
+                agent_id=agent_id, node=node, kind=RecordKind.UDP_AGGREGATE,
+                start_time_unix_nano=window_start_ns + mono_to_wall_ns, end_time_unix_nano=now_ns + mono_to_wall_ns,
+                source=identity_data(meta, uf.src_id), destination=identity_data(meta, uf.dst_id),
+                actual_destination=identity_data(meta, uf.actual_dst_id),
+                destination_address=actual, destination_port=key.port,
+                dialed_address=format_addr(bytes(uf.dialed_addr)), dialed_port=uf.dialed_port,
+                protocol=17, hook=int(abi.Hook.SENDMSG), verdict=uf.verdict, reason=uf.reason,
+                deprecated=bool(flags & abi.EventFlag.DEPRECATED), redirected=bool(flags & abi.EventFlag.REDIRECTED),
+                lifecycle=bool(flags & abi.EventFlag.LIFECYCLE),
+                duration_ns=max(0, now_ns - window_start_ns), pid=uf.pid, comm=uf.comm.decode(errors="replace"))
+            groups[gkey] = (base, UdpCounters())
+        acc = groups[gkey][1]
+        acc.bytes_sent += delta.bytes_sent
+        acc.bytes_received += delta.bytes_received
+        acc.packets_sent += delta.packets_sent
+        acc.packets_received += delta.packets_received
+    for k in [k for k in window.seen if k not in alive]:
+        del window.seen[k]
+    return [replace(base, bytes_sent=c.bytes_sent, bytes_received=c.bytes_received, packets_sent=c.packets_sent,
+                    packets_received=c.packets_received) for base, c in groups.values()]

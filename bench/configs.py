@@ -1,0 +1,61 @@
+"""Agent configs for the benchmark: pure functions, config dict in, YAML text out.
+
+Every config has the two identities the workload uses (`client`, a service, and `server`, a governed model) and the
+one policy client -> server on the bench port. The rest of the N policy entries are dummies between model identities
+m0..mK that no workload belongs to: they only fill the policy map, as a large deployment would.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import yaml
+
+DUMMY_PORT_BASE = 8000
+PORTS_PER_PAIR = 10
+
+
+@dataclass(frozen=True)
+class AgentConfigSpec:
+    """What one governed configuration looks like: where its workload lives and how many policy entries it holds."""
+    name: str               # "r10", "r100k": also the cgroup directory under the bench subtree
+    cgroup_rel: str         # the governed subtree, relative to the cgroup2 mount, e.g. "/aimesh-bench-123/r10"
+    port: int               # the server's port
+    policy_entries: int     # total entries in the policy map, the client -> server one included
+
+
+def dummy_pairs(entries: int) -> list[tuple[int, int, list[int]]]:
+    """(src index, dst index, ports) covering exactly `entries` tcp policy entries, PORTS_PER_PAIR per pair."""
+    if entries <= 0:
+        return []
+    pairs_needed = math.ceil(entries / PORTS_PER_PAIR)
+    k = math.isqrt(pairs_needed - 1) + 1          # k*k >= pairs_needed
+    out: list[tuple[int, int, list[int]]] = []
+    left = entries
+    for i in range(k):
+        for j in range(k):
+            if left == 0:
+                return out
+            n = min(PORTS_PER_PAIR, left)
+            out.append((i, j, list(range(DUMMY_PORT_BASE, DUMMY_PORT_BASE + n))))
+            left -= n
+    return out
+
+
+def agent_config(spec: AgentConfigSpec) -> dict:
+    """The config dict for one governed configuration (see the module docstring)."""
+    pairs = dummy_pairs(spec.policy_entries - 1)
+    dummies = sorted({i for i, _, _ in pairs} | {j for _, j, _ in pairs})
+    identities = [
+        {"name": "client", "kind": "service", "select": {"cgroups": [f"{spec.cgroup_rel}/client"]}},
+        {"name": "server", "kind": "model", "version": "1", "select": {"cgroups": [f"{spec.cgroup_rel}/server"]}},
+    ] + [{"name": f"m{i}", "kind": "model", "version": "1"} for i in dummies]
+    policies = [{"from": "client", "to": "server", "ports": [spec.port], "protocol": "tcp"}] + [
+        {"from": f"m{i}", "to": f"m{j}", "ports": ports, "protocol": "tcp"} for i, j, ports in pairs
+    ]
+    return {"mode": "enforce", "identities": identities, "policies": policies}
+
+
+def to_yaml(config: dict) -> str:
+    """Flow style per list item keeps a 10,000-policy file around 600 kB and quick to parse."""
+    return yaml.safe_dump(config, default_flow_style=None, sort_keys=False, width=200)

@@ -1,0 +1,66 @@
+"""What the host is doing around a measurement: CPU busy fraction (to wait for a quiet machine) and TCP counters."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    busy: int
+    total: int
+
+
+def parse_proc_stat(text: str) -> CpuTimes:
+    """The aggregate `cpu` line of /proc/stat: idle + iowait are idle, the rest busy (guest time is inside user)."""
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0] == "cpu":
+            values = [int(v) for v in parts[1:9]]
+            idle = values[3] + values[4]
+            return CpuTimes(busy=sum(values) - idle, total=sum(values))
+    raise ValueError("no aggregate cpu line in /proc/stat")
+
+
+def busy_fraction(before: CpuTimes, after: CpuTimes) -> float:
+    total = after.total - before.total
+    return 0.0 if total <= 0 else (after.busy - before.busy) / total
+
+
+def sample_busy(window_s: float) -> float:
+    """Fraction of all CPUs busy over the next window_s seconds."""
+    before = parse_proc_stat(Path("/proc/stat").read_text())
+    time.sleep(window_s)
+    return busy_fraction(before, parse_proc_stat(Path("/proc/stat").read_text()))
+
+
+def wait_quiet(threshold: float, max_wait_s: float, window_s: float = 0.2) -> tuple[float, float]:
+    """Sample until the host is below threshold busy or max_wait_s passed: (last busy fraction, seconds waited)."""
+    t0 = time.monotonic()
+    busy = sample_busy(window_s)
+    while busy > threshold and time.monotonic() - t0 < max_wait_s:
+        busy = sample_busy(window_s)
+    return busy, time.monotonic() - t0
+
+
+def parse_netstat(text: str, names: tuple[str, ...]) -> dict[str, int]:
+    """Named TcpExt counters from a /proc/net/netstat text (header line, then value line, per group)."""
+    lines = text.splitlines()
+    out: dict[str, int] = {}
+    for header, values in zip(lines[::2], lines[1::2]):
+        if header.startswith("TcpExt:"):
+            row = dict(zip(header.split()[1:], values.split()[1:]))
+            out = {n: int(row.get(n, 0)) for n in names}
+    return out
+
+
+LISTEN_COUNTERS = ("ListenOverflows", "ListenDrops")
+
+
+def listen_counters() -> dict[str, int]:
+    """Host-wide accept-queue overflow counters: nonzero deltas mean a connect round paid a SYN retransmit."""
+    try:
+        return parse_netstat(Path("/proc/net/netstat").read_text(), LISTEN_COUNTERS)
+    except OSError:
+        return {}

@@ -1,0 +1,214 @@
+/* aimesh-lg: a small TCP load generator for bench/ (compiled at bench time with the machine's cc).
+ *
+ *   aimesh-lg server HOST PORT              listen; per connection: echo until EOF/reset, then close. Prints
+ *                                           "ready" once listening; runs until killed.
+ *   aimesh-lg rr  HOST PORT N SIZE WARMUP   one connection, WARMUP + N ping-pongs of SIZE bytes (TCP_NODELAY);
+ *                                           prints one JSON line with the round-trip median/p99/mean of the N.
+ *   aimesh-lg crr HOST PORT N WARMUP        WARMUP + N times: socket(), connect(), close() with SO_LINGER 0 (a RST,
+ *                                           so no TIME_WAIT eats the ephemeral ports); prints one JSON line with the
+ *                                           rate over the N and the per-iteration median/p99.
+ *
+ * Loopback only in bench/, but any HOST the kernel accepts works. Exit status 0 on success, 1 on any error (the
+ * message names the failing call and errno, e.g. "connect: Operation not permitted" when a policy denies it).
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_SIZE 65536
+
+static int fail(const char *what)
+{
+	fprintf(stderr, "aimesh-lg: %s: %s\n", what, strerror(errno));
+	return 1;
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int parse_addr(const char *host, const char *port, struct sockaddr_in *sa)
+{
+	memset(sa, 0, sizeof(*sa));
+	sa->sin_family = AF_INET;
+	sa->sin_port = htons((uint16_t)atoi(port));
+	if (inet_pton(AF_INET, host, &sa->sin_addr) != 1) {
+		fprintf(stderr, "aimesh-lg: %s is not an IPv4 address\n", host);
+		return -1;
+	}
+	return 0;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return (x > y) - (x < y);
+}
+
+/* Sorts s in place; the nearest-rank percentile p (0..100). */
+static double percentile_us(uint64_t *s, long n, double p)
+{
+	long i = (long)((p / 100.0) * (double)n + 0.5) - 1;
+	if (i < 0)
+		i = 0;
+	if (i >= n)
+		i = n - 1;
+	return (double)s[i] / 1000.0;
+}
+
+static double mean_us(const uint64_t *s, long n)
+{
+	double sum = 0;
+	for (long i = 0; i < n; i++)
+		sum += (double)s[i];
+	return sum / (double)n / 1000.0;
+}
+
+static int full_io(int fd, char *buf, long len, int writing)
+{
+	long done = 0;
+	while (done < len) {
+		ssize_t r = writing ? write(fd, buf + done, len - done) : read(fd, buf + done, len - done);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return -1;
+		done += r;
+	}
+	return 0;
+}
+
+static int serve(struct sockaddr_in *sa)
+{
+	int one = 1;
+	int ls = socket(AF_INET, SOCK_STREAM, 0);
+	if (ls < 0)
+		return fail("socket");
+	setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (bind(ls, (struct sockaddr *)sa, sizeof(*sa)) < 0)
+		return fail("bind");
+	if (listen(ls, 4096) < 0)
+		return fail("listen");
+	printf("ready\n");
+	fflush(stdout);
+	static char buf[MAX_SIZE];
+	for (;;) {
+		int c = accept(ls, NULL, NULL);
+		if (c < 0) {
+			if (errno == EINTR || errno == ECONNABORTED)
+				continue;
+			return fail("accept");
+		}
+		setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		for (;;) {
+			ssize_t r = read(c, buf, sizeof(buf));
+			if (r < 0 && errno == EINTR)
+				continue;
+			if (r <= 0 || full_io(c, buf, r, 1) < 0)
+				break;
+		}
+		close(c);
+	}
+}
+
+static int rr(struct sockaddr_in *sa, long n, long size, long warmup)
+{
+	int one = 1;
+	if (size < 1 || size > MAX_SIZE || n < 1)
+		return fprintf(stderr, "aimesh-lg: rr needs N >= 1 and 1 <= SIZE <= %d\n", MAX_SIZE), 1;
+	uint64_t *s = calloc((size_t)n, sizeof(*s));
+	static char buf[MAX_SIZE];
+	memset(buf, 'x', sizeof(buf));
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	if (fd < 0 || !s)
+		return fail("socket");
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if (connect(fd, (struct sockaddr *)sa, sizeof(*sa)) < 0)
+		return fail("connect");
+	for (long i = 0; i < warmup; i++)
+		if (full_io(fd, buf, size, 1) < 0 || full_io(fd, buf, size, 0) < 0)
+			return fail("warmup ping-pong");
+	uint64_t start = now_ns();
+	for (long i = 0; i < n; i++) {
+		uint64_t t0 = now_ns();
+		if (full_io(fd, buf, size, 1) < 0 || full_io(fd, buf, size, 0) < 0)
+			return fail("ping-pong");
+		s[i] = now_ns() - t0;
+	}
+	double elapsed = (double)(now_ns() - start) / 1e9;
+	close(fd);
+	double mean = mean_us(s, n);
+	qsort(s, (size_t)n, sizeof(*s), cmp_u64);
+	printf("{\"mode\": \"rr\", \"n\": %ld, \"size\": %ld, \"median_us\": %.3f, \"p99_us\": %.3f, \"mean_us\": %.3f, "
+	       "\"min_us\": %.3f, \"elapsed_s\": %.6f}\n",
+	       n, size, percentile_us(s, n, 50), percentile_us(s, n, 99), mean, (double)s[0] / 1000.0, elapsed);
+	free(s);
+	return 0;
+}
+
+static int connect_close(struct sockaddr_in *sa)
+{
+	struct linger lg = { .l_onoff = 1, .l_linger = 0 };
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	if (fd < 0)
+		return fail("socket");
+	if (connect(fd, (struct sockaddr *)sa, sizeof(*sa)) < 0)
+		return fail("connect");
+	setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+	close(fd);
+	return 0;
+}
+
+static int crr(struct sockaddr_in *sa, long n, long warmup)
+{
+	if (n < 1)
+		return fprintf(stderr, "aimesh-lg: crr needs N >= 1\n"), 1;
+	uint64_t *s = calloc((size_t)n, sizeof(*s));
+	if (!s)
+		return fail("calloc");
+	for (long i = 0; i < warmup; i++)
+		if (connect_close(sa))
+			return 1;
+	uint64_t start = now_ns();
+	for (long i = 0; i < n; i++) {
+		uint64_t t0 = now_ns();
+		if (connect_close(sa))
+			return 1;
+		s[i] = now_ns() - t0;
+	}
+	double elapsed = (double)(now_ns() - start) / 1e9;
+	double mean = mean_us(s, n);
+	qsort(s, (size_t)n, sizeof(*s), cmp_u64);
+	printf("{\"mode\": \"crr\", \"n\": %ld, \"rate_per_s\": %.1f, \"median_us\": %.3f, \"p99_us\": %.3f, "
+	       "\"mean_us\": %.3f, \"elapsed_s\": %.6f}\n",
+	       n, (double)n / elapsed, percentile_us(s, n, 50), percentile_us(s, n, 99), mean, elapsed);
+	free(s);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	struct sockaddr_in sa;
+	if (argc >= 4 && parse_addr(argv[2], argv[3], &sa) < 0)
+		return 1;
+	if (argc == 4 && !strcmp(argv[1], "server"))
+		return serve(&sa);
+	if (argc == 7 && !strcmp(argv[1], "rr"))
+		return rr(&sa, atol(argv[4]), atol(argv[5]), atol(argv[6]));
+	if (argc == 6 && !strcmp(argv[1], "crr"))
+		return crr(&sa, atol(argv[4]), atol(argv[5]));
+	fprintf(stderr, "usage: %s server HOST PORT | rr HOST PORT N SIZE WARMUP | crr HOST PORT N WARMUP\n", argv[0]);
+	return 2;
+}
