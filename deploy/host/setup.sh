@@ -9,7 +9,7 @@ die() { echo "[setup] error: $*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (bcc loads BPF programs and attaches them to cgroups)"
 
-APT_PKGS=(python3-bpfcc libbpfcc bpftool python3-venv iproute2 make)
+APT_PKGS=(python3-bpfcc libbpfcc bpftool python3-venv iproute2 make prometheus openssl)
 need=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 # bpftool is its own package on Debian 12; on Ubuntu it comes with linux-tools.
