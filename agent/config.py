@@ -224,6 +224,7 @@ class Telemetry(_Strict):
 class Config(_Strict):
     mode: Literal["enforce", "audit"] = "enforce"
     dns: Literal["allow", "deny"] = "allow"
+    fast_path: bool = True             # same-node TCP between governed workloads skips the loopback stack
     identities: list[Identity] = Field(default_factory=list)
     policies: list[Policy] = Field(default_factory=list)
     redirects: list[Redirect] = Field(default_factory=list)

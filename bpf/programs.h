@@ -15,5 +15,7 @@
 #include "lib/identity.h"
 #include "lib/policy.h"
 #include "lib/redirect.h"
+#include "lib/sockops.h"
+#include "lib/fastpath.h"
 #include "lib/flow.h"
 #endif

@@ -6,7 +6,9 @@
  *   RTT                 interim record when the connection has not reported for runtime_config.interim_ns.
  *   STATE -> CLOSE      one flow_event per connection side.
  *   reads:  runtime_config, local_endpoint_identity, local_address, endpoint_identity, identity_info, policy_verdict
- *   writes: flow_state (sk storage), local_peer, flow_events, verdict_counters
+ *   Fast path: an allowed connection whose peer is on this host joins fastpath_sockets (lib/fastpath.h); its
+ *   record adds what sk_msg carried.
+ *   writes: flow_state (sk storage), local_peer, fastpath_sockets, fastpath_state, flow_events, verdict_counters
  */
 #include "programs.h"
 
@@ -60,6 +62,8 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, __u8 side
 		fo->dialed_port = skops->local_port;
 	}
 	fo->side = side;
+	fastpath_join(skops, local, remote, rport, remote_is_local, fo->verdict);
+	fo->cookie = bpf_get_socket_cookie(skops);
 	fo->start_ns = bpf_ktime_get_ns();
 	fo->last_report_ns = fo->start_ns;
 	__u32 flags = BPF_SOCK_OPS_STATE_CB_FLAG;
@@ -77,6 +81,7 @@ static __always_inline void on_close(struct bpf_sock_ops *skops, __u32 old_state
 	if (!fo || !fo->side)
 		return;
 	flow_emit(skops, fo, FLOW_KIND_CONNECTION, old_state);
+	fastpath_forget(skops);
 	if (fo->side == SIDE_CLIENT) {
 		__u8 local[16], remote[16];
 		sockops_addrs(skops, local, remote);

@@ -66,7 +66,22 @@ class AgentCollector(Collector):
                                    labels=["map"])
         full.add_metric(["local_endpoint_identity"], c[abi.COUNTER_LOCAL_ENDPOINTS_FULL])
         full.add_metric(["udp_reverse_nat"], c[abi.COUNTER_REVERSE_NAT_FULL])
+        full.add_metric(["udp_flows"], c[abi.COUNTER_UDP_FLOWS_FULL])
         yield full
+        yield CounterMetricFamily("aimesh_fastpath_sockets", "TCP sockets put on the same-node fast path",
+                                  value=c[abi.COUNTER_FASTPATH_SOCKETS])
+        fb = CounterMetricFamily("aimesh_fastpath_fallbacks", "TCP sockets that stayed on the normal path, by why",
+                                 labels=["reason"])
+        fb.add_metric(["remote_peer"], c[abi.COUNTER_FASTPATH_REMOTE])
+        fb.add_metric(["peer_not_governed"], c[abi.COUNTER_FASTPATH_UNWATCHED])
+        fb.add_metric(["map_full"], c[abi.COUNTER_FASTPATH_FULL])
+        yield fb
+        yield CounterMetricFamily("aimesh_fastpath_messages", "sendmsg calls handed straight to the peer socket",
+                                  value=c[abi.COUNTER_FASTPATH_MESSAGES])
+        yield CounterMetricFamily("aimesh_fastpath_bytes", "Bytes handed straight to the peer socket",
+                                  value=c[abi.COUNTER_FASTPATH_BYTES])
+        yield CounterMetricFamily("aimesh_flows_untracked", "TCP connections established with no connect-time origin",
+                                  value=c[abi.COUNTER_FLOWS_UNTRACKED])
 
         meta = self._identities()
         decisions, deprecated = self._tally.snapshot()

@@ -68,6 +68,7 @@ class IdentityFlag(enum.IntFlag):
 class ConfigFlag(enum.IntFlag):
     DNS_ALLOW = 0x01
     WATCH_EXEC = 0x02
+    FAST_PATH = 0x04
 
 
 class FlowKind(enum.IntEnum):
@@ -98,6 +99,12 @@ COUNTER_REVERSE_NAT_FULL = HOOK_MAX * VERDICT_MAX + 3
 COUNTER_FLOW_EVENTS_LOST = HOOK_MAX * VERDICT_MAX + 4
 COUNTER_UDP_FLOWS_FULL = HOOK_MAX * VERDICT_MAX + 5
 COUNTER_FLOWS_UNTRACKED = HOOK_MAX * VERDICT_MAX + 6
+COUNTER_FASTPATH_SOCKETS = HOOK_MAX * VERDICT_MAX + 7
+COUNTER_FASTPATH_FULL = HOOK_MAX * VERDICT_MAX + 8
+COUNTER_FASTPATH_REMOTE = HOOK_MAX * VERDICT_MAX + 9
+COUNTER_FASTPATH_UNWATCHED = HOOK_MAX * VERDICT_MAX + 10
+COUNTER_FASTPATH_MESSAGES = HOOK_MAX * VERDICT_MAX + 11
+COUNTER_FASTPATH_BYTES = HOOK_MAX * VERDICT_MAX + 12
 COUNTER_SLOTS = 64
 
 Addr16 = ct.c_uint8 * 16
@@ -191,8 +198,8 @@ class DecisionEvent(ct.Structure):
 class FlowOrigin(ct.Structure):
     """struct flow_origin: flow_state sk storage (see abi.h)."""
     _fields_ = [
-        ("start_ns", ct.c_uint64), ("last_report_ns", ct.c_uint64), ("cgroup_id", ct.c_uint64),
-        ("dialed_addr", Addr16),
+        ("start_ns", ct.c_uint64), ("last_report_ns", ct.c_uint64), ("cookie", ct.c_uint64),
+        ("cgroup_id", ct.c_uint64), ("dialed_addr", Addr16),
         ("pid", ct.c_uint32), ("src_id", ct.c_uint32), ("dst_id", ct.c_uint32), ("actual_dst_id", ct.c_uint32),
         ("dialed_port", ct.c_uint16), ("verdict", ct.c_uint8), ("reason", ct.c_uint8), ("flags", ct.c_uint8),
         ("side", ct.c_uint8), ("pad", ct.c_uint8 * 2),
@@ -233,6 +240,18 @@ class PeerOrigin(ct.Structure):
     _fields_ = [("src_id", ct.c_uint32), ("pid", ct.c_uint32)]
 
 
+class SockTuple(ct.Structure):
+    """struct sock_tuple { __u8 local[16]; __u8 remote[16]; __u16 local_port; __u16 remote_port; __u32 pad; };"""
+    _fields_ = [("local", Addr16), ("remote", Addr16), ("local_port", ct.c_uint16), ("remote_port", ct.c_uint16),
+                ("pad", ct.c_uint32)]
+
+
+class FastpathState(ct.Structure):
+    """struct fastpath_state { __u64 bytes_sent; __u64 bytes_received; __u32 mode; __u32 pad; };"""
+    _fields_ = [("bytes_sent", ct.c_uint64), ("bytes_received", ct.c_uint64), ("mode", ct.c_uint32),
+                ("pad", ct.c_uint32)]
+
+
 class AgentEvent(ct.Structure):
     """struct agent_event { __u64 cgroup_id; __u32 kind; __u32 pid; char path[256]; };"""
     _fields_ = [("cgroup_id", ct.c_uint64), ("kind", ct.c_uint32), ("pid", ct.c_uint32),
@@ -258,6 +277,8 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "flow_event": FlowEvent,
     "udp_flow": UdpFlow,
     "peer_origin": PeerOrigin,
+    "sock_tuple": SockTuple,
+    "fastpath_state": FastpathState,
     "decision_event": DecisionEvent,
     "agent_event": AgentEvent,
 }
@@ -277,6 +298,7 @@ class Limits:
     max_reverse_nat: int = 65536
     max_udp_flows: int = 65536
     max_local_peers: int = 65536
+    max_fastpath_sockets: int = 65536
     ringbuf_pages: int = 256
     flow_ringbuf_pages: int = 4096
 

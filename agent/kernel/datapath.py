@@ -49,6 +49,8 @@ PROGRAMS = (
     ProgramSpec("aimesh_egress", BPF.CGROUP_SKB, 1),
     ProgramSpec("aimesh_sock_ops", BPF.SOCK_OPS, 3),
 )
+# The fast path's verdict program attaches to the fastpath_sockets map, not to a cgroup.
+SK_MSG = ProgramSpec("aimesh_sk_msg", BPF.SK_MSG, 7)   # BPF_SK_MSG_VERDICT
 
 
 def _map_specs(limits: abi.Limits) -> dict[str, tuple[type, type, int, bool]]:
@@ -85,6 +87,7 @@ class Datapath:
                               if p.prog_type in (BPF.CGROUP_SOCK_ADDR, BPF.CGROUP_SOCK)
                               else self.bpf.load_func(p.name.encode(), p.prog_type)
                               for p in PROGRAMS}
+            self.functions[SK_MSG.name] = self.bpf.load_func(SK_MSG.name.encode(), SK_MSG.prog_type)
         except Exception as e:
             raise AgentError(f"loading the BPF programs failed: {e}") from None
         log.info("compiled and loaded %d programs in %.1fs", len(PROGRAMS), time.monotonic() - t0)
@@ -93,6 +96,7 @@ class Datapath:
             fd = lib.bpf_table_fd(self.bpf.module, name.encode())
             self.maps[name] = MapHandle(fd, name, kt, vt, cap, batch)
         self._attached: list[tuple[ProgramSpec, int]] = []
+        self._sockhash_fd = lib.bpf_table_fd(self.bpf.module, b"fastpath_sockets")
         self._cgroup_fd: Optional[int] = None
         self._live: Optional[MapImage] = None
         self.active_gen = 0
@@ -106,6 +110,11 @@ class Datapath:
         except OSError as e:
             raise AgentError(f"cannot open cgroup {cgroup_dir}: {e.strerror}") from None
         self._cgroup_fd = fd
+        # the sk_msg verdict goes on the sockhash before sock_ops can put a socket in it
+        res = lib.bpf_prog_attach(self.functions[SK_MSG.name].fd, self._sockhash_fd, SK_MSG.attach_type, 0)
+        if res < 0:
+            raise AgentError(f"attaching {SK_MSG.name} to fastpath_sockets failed: {os.strerror(-res)}")
+        self._attached.append((SK_MSG, self._sockhash_fd))
         for spec in PROGRAMS:
             res = lib.bpf_prog_attach(self.functions[spec.name].fd, fd, spec.attach_type, BPF_F_ALLOW_MULTI)
             if res < 0:
@@ -131,7 +140,8 @@ class Datapath:
 
     @property
     def attached_count(self) -> int:
-        return len(self._attached)
+        """Programs attached to the cgroup (the sk_msg program on the sockhash is not counted)."""
+        return sum(1 for spec, _ in self._attached if spec is not SK_MSG)
 
     def close(self) -> None:
         self.detach()

@@ -107,6 +107,8 @@ def compile_image(cfg: Config, ids: IdentityNumbering, gen: int, now: datetime) 
     image.identities[WORLD.id] = WORLD
     if cfg.dns == "allow":
         image.config_flags |= abi.ConfigFlag.DNS_ALLOW
+    if cfg.fast_path:
+        image.config_flags |= abi.ConfigFlag.FAST_PATH
     if any(i.select.processes for i in cfg.identities):
         image.config_flags |= abi.ConfigFlag.WATCH_EXEC
 

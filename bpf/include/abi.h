@@ -45,6 +45,9 @@
 #ifndef MAX_LOCAL_PEERS
 #define MAX_LOCAL_PEERS 65536
 #endif
+#ifndef MAX_FASTPATH_SOCKETS
+#define MAX_FASTPATH_SOCKETS 65536
+#endif
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 256
 #endif
@@ -106,6 +109,7 @@ enum aimesh_reason {
 /* runtime_config.flags */
 #define CFG_F_DNS_ALLOW  0x01
 #define CFG_F_WATCH_EXEC 0x02   /* emit exec events (only when process selectors exist) */
+#define CFG_F_FAST_PATH  0x04   /* same-node fast path: sockhash + sk_msg */
 
 /* verdict_counters slots: hook * VERDICT__MAX + verdict, then the drop counters. */
 #define COUNTER_DECISION(hook, verdict) ((hook) * VERDICT__MAX + (verdict))
@@ -116,6 +120,12 @@ enum aimesh_reason {
 #define COUNTER_FLOW_EVENTS_LOST       (HOOK__MAX * VERDICT__MAX + 4)
 #define COUNTER_UDP_FLOWS_FULL         (HOOK__MAX * VERDICT__MAX + 5)
 #define COUNTER_FLOWS_UNTRACKED        (HOOK__MAX * VERDICT__MAX + 6)   /* established with no connect-time origin */
+#define COUNTER_FASTPATH_SOCKETS       (HOOK__MAX * VERDICT__MAX + 7)   /* sockets put in fastpath_sockets */
+#define COUNTER_FASTPATH_FULL          (HOOK__MAX * VERDICT__MAX + 8)   /* fallback: fastpath_sockets full */
+#define COUNTER_FASTPATH_REMOTE        (HOOK__MAX * VERDICT__MAX + 9)   /* fallback: the peer is not on this host */
+#define COUNTER_FASTPATH_UNWATCHED     (HOOK__MAX * VERDICT__MAX + 10)  /* fallback: the local peer is not governed */
+#define COUNTER_FASTPATH_MESSAGES      (HOOK__MAX * VERDICT__MAX + 11)  /* sendmsg calls handed straight to the peer */
+#define COUNTER_FASTPATH_BYTES         (HOOK__MAX * VERDICT__MAX + 12)
 #define COUNTER_SLOTS                  64
 
 struct runtime_config {
@@ -251,6 +261,7 @@ enum flow_side {
 struct flow_origin {
 	__u64 start_ns;
 	__u64 last_report_ns;
+	__u64 cookie;
 	__u64 cgroup_id;
 	__u8  dialed_addr[16];
 	__u32 pid;
@@ -320,6 +331,23 @@ struct udp_flow {
 	__u8  is_v6;
 	__u8  pad[2];
 	char  comm[16];
+};
+
+/* fastpath_sockets key, and fastpath_state key: one TCP socket by its own 4-tuple (local first). */
+struct sock_tuple {
+	__u8  local[16];
+	__u8  remote[16];
+	__u16 local_port;      /* host order */
+	__u16 remote_port;     /* host order */
+	__u32 pad;
+};
+
+/* fastpath_state value: whether this socket's sends go straight to its peer, and what went that way. */
+struct fastpath_state {
+	__u64 bytes_sent;      /* redirected by sk_msg from this socket */
+	__u64 bytes_received;  /* redirected by sk_msg to this socket */
+	__u32 mode;            /* 0: undecided until the first send; 1: redirect; 2: normal path */
+	__u32 pad;
 };
 
 /* local_peer value: the identity behind a local client socket, for the server side of the same connection. */

@@ -22,6 +22,8 @@ BPF_TABLE("lru_hash", struct socket_peer_key, struct dialed, udp_reverse_nat, MA
 BPF_TABLE("lru_hash", struct socket_peer_key, struct udp_flow, udp_flows, MAX_UDP_FLOWS);   /* (cookie, remote) -> UDP counters */
 BPF_SK_STORAGE(flow_state, struct flow_origin);                                         /* TCP socket -> identities, start */
 BPF_TABLE("lru_hash", struct local_endpoint_key, struct peer_origin, local_peer, MAX_LOCAL_PEERS); /* local client addr:port -> identity */
+BPF_SOCKHASH(fastpath_sockets, struct sock_tuple, MAX_FASTPATH_SOCKETS);               /* own 4-tuple -> TCP socket */
+BPF_HASH(fastpath_state, struct sock_tuple, struct fastpath_state, MAX_FASTPATH_SOCKETS); /* own 4-tuple -> mode, bytes */
 BPF_PERCPU_ARRAY(verdict_counters, __u64, COUNTER_SLOTS);                              /* slot -> count (see abi.h) */
 BPF_RINGBUF_OUTPUT(decision_events, RINGBUF_PAGES);                                    /* struct decision_event */
 BPF_RINGBUF_OUTPUT(agent_events, 16);                                                  /* struct agent_event */

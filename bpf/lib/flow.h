@@ -9,44 +9,6 @@
 #define TCP_STATE_CLOSING   11
 #define TCP_STATE_CLOSE_WAIT 8
 
-/* local and remote address of a sock_ops socket, 16-byte form; one load per field (verifier) */
-static __always_inline void sockops_addrs(struct bpf_sock_ops *skops, __u8 *local, __u8 *remote)
-{
-	union addr16 a;
-	if (skops->family == 2 /* AF_INET */) {
-		__u32 l4 = skops->local_ip4;
-		barrier_var(l4);
-		__u32 r4 = skops->remote_ip4;
-		barrier_var(r4);
-		addr_from_v4(local, l4);
-		addr_from_v4(remote, r4);
-		return;
-	}
-	a.w[0] = skops->local_ip6[0];
-	barrier_var(a.w[0]);
-	a.w[1] = skops->local_ip6[1];
-	barrier_var(a.w[1]);
-	a.w[2] = skops->local_ip6[2];
-	barrier_var(a.w[2]);
-	a.w[3] = skops->local_ip6[3];
-	barrier_var(a.w[3]);
-	__builtin_memcpy(local, a.b, 16);
-	a.w[0] = skops->remote_ip6[0];
-	barrier_var(a.w[0]);
-	a.w[1] = skops->remote_ip6[1];
-	barrier_var(a.w[1]);
-	a.w[2] = skops->remote_ip6[2];
-	barrier_var(a.w[2]);
-	a.w[3] = skops->remote_ip6[3];
-	barrier_var(a.w[3]);
-	__builtin_memcpy(remote, a.b, 16);
-}
-
-static __always_inline __u16 sockops_remote_port(struct bpf_sock_ops *skops)
-{
-	return (__u16)bpf_ntohl(skops->remote_port);
-}
-
 /* bytes_acked counts our SYN on the client side (a passive socket is born with it acknowledged) and our FIN once
  * acknowledged, which the state we close from tells. */
 static __always_inline __u64 payload_sent(__u64 acked, __u32 old_state, __u8 side)
@@ -68,34 +30,19 @@ static __always_inline __u64 payload_received(__u64 received, __u32 old_state)
 	return received;
 }
 
-static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct flow_origin *fo, __u8 kind, __u32 old_state)
+/* The parts of a flow_event that come from the socket's origin. */
+static __always_inline void flow_fill_origin(struct flow_event *ev, const struct flow_origin *fo, __u8 kind, __u64 now)
 {
-	struct flow_event *ev = flow_events.ringbuf_reserve(sizeof(struct flow_event));
-	if (!ev) {
-		counter_add(COUNTER_FLOW_EVENTS_LOST);
-		return;
-	}
-	__u64 now = bpf_ktime_get_ns();
-	ev->cookie = bpf_get_socket_cookie(skops);
+	ev->cookie = fo->cookie;
 	ev->start_ns = fo->start_ns;
 	ev->end_ns = now;
-	ev->bytes_sent = payload_sent(skops->bytes_acked, old_state, fo->side);
-	ev->bytes_received = payload_received(skops->bytes_received, old_state);
 	ev->cgroup_id = fo->cgroup_id;
-	sockops_addrs(skops, ev->local_addr, ev->remote_addr);
 	__builtin_memcpy(ev->dialed_addr, fo->dialed_addr, 16);
 	ev->pid = fo->pid;
 	ev->src_id = fo->src_id;
 	ev->dst_id = fo->dst_id;
 	ev->actual_dst_id = fo->actual_dst_id;
-	ev->srtt_us = skops->srtt_us >> 3;
-	ev->retransmits = skops->total_retrans;
-	ev->segs_out = skops->segs_out;
-	ev->segs_in = skops->segs_in;
-	ev->local_port = skops->local_port;
-	ev->remote_port = sockops_remote_port(skops);
 	ev->dialed_port = fo->dialed_port;
-	ev->is_v6 = skops->family != 2;
 	ev->proto = IPPROTO_TCP;
 	ev->side = fo->side;
 	ev->kind = kind;
@@ -106,6 +53,37 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct flow_or
 	ev->pad[1] = 0;
 	ev->pad[2] = 0;
 	__builtin_memcpy(ev->comm, fo->comm, 16);
+}
+
+static __always_inline struct flow_event *flow_reserve(void)
+{
+	struct flow_event *ev = flow_events.ringbuf_reserve(sizeof(struct flow_event));
+	if (!ev)
+		counter_add(COUNTER_FLOW_EVENTS_LOST);
+	return ev;
+}
+
+/* sock_ops: a record from the socket's own counters, plus what the fast path carried. */
+static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct flow_origin *fo, __u8 kind, __u32 old_state)
+{
+	struct flow_event *ev = flow_reserve();
+	if (!ev)
+		return;
+	__u64 now = bpf_ktime_get_ns();
+	flow_fill_origin(ev, fo, kind, now);
+	__u64 sent = payload_sent(skops->bytes_acked, old_state, fo->side);
+	__u64 received = payload_received(skops->bytes_received, old_state);
+	fastpath_leave(skops, &sent, &received);
+	ev->bytes_sent = sent;
+	ev->bytes_received = received;
+	sockops_addrs(skops, ev->local_addr, ev->remote_addr);
+	ev->srtt_us = skops->srtt_us >> 3;
+	ev->retransmits = skops->total_retrans;
+	ev->segs_out = skops->segs_out;
+	ev->segs_in = skops->segs_in;
+	ev->local_port = skops->local_port;
+	ev->remote_port = sockops_remote_port(skops);
+	ev->is_v6 = skops->family != 2;
 	flow_events.ringbuf_submit(ev, 0);
 	fo->last_report_ns = now;
 }

@@ -107,8 +107,9 @@ def test_numbering_is_stable_across_compiles():
 
 def test_config_flags():
     img, _ = _img()
-    assert img.config_flags == abi.ConfigFlag.DNS_ALLOW
-    img, _ = _img("dns: deny\nidentities: [{name: a, kind: service, select: {processes: [{exe: '*x'}]}}]")
+    assert img.config_flags == abi.ConfigFlag.DNS_ALLOW | abi.ConfigFlag.FAST_PATH
+    img, _ = _img("dns: deny\nfast_path: false\n"
+                  "identities: [{name: a, kind: service, select: {processes: [{exe: '*x'}]}}]")
     assert img.config_flags == abi.ConfigFlag.WATCH_EXEC
 
 
