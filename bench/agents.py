@@ -83,7 +83,8 @@ def wait_ready(agent: AgentProc, timeout_s: float) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
         if agent.popen.poll() is not None:
-            raise AgentStartError(f"agent {agent.name} exited with {agent.popen.returncode}:\n{_log_tail(agent.log_path)}")
+            raise AgentStartError(f"agent {agent.name} exited with {agent.popen.returncode}:\n"
+                                  f"{_log_tail(agent.log_path)}")
         if healthy(agent):
             return time.monotonic() - t0
         time.sleep(0.1)

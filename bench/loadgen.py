@@ -75,7 +75,7 @@ def crr_argv(lg: LoadGen, port: int, w: Workload) -> list[str]:
     return lg.argv + ["crr", HOST, str(port), str(w.crr_n), str(w.crr_warmup)]
 
 
-def start_server(line: str, timeout_s: float = 10.0) -> subprocess.Popen:
+def start_server(line: str) -> subprocess.Popen:
     """Start a server shell line; returns once it printed 'ready' (it is listening)."""
     p = subprocess.Popen(["sh", "-c", line], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -144,31 +144,44 @@ def lines_for(c: Configuration, tree: cgroups.BenchTree, lg: loadgen.LoadGen, op
     }
 
 
-def run_workload(lines: dict[str, str], opts: Options, made: Made) -> tuple[dict, dict, int]:
-    """Server up, the RR run, the connect+close run, server down: (rr, crr, accept-queue overflows)."""
-    timeout = 120.0 if opts.python_loadgen else 60.0
-    server = loadgen.start_server(lines["server"])
-    made.servers.append(server)
-    try:
-        rr = loadgen.run_client(lines["rr"], timeout)
-        before = host.listen_counters()
-        crr = loadgen.run_client(lines["crr"], timeout)
-        after = host.listen_counters()
-    finally:
-        loadgen.stop_server(server)
-        made.servers.remove(server)
-    return rr, crr, after.get("ListenOverflows", 0) - before.get("ListenOverflows", 0)
+def timed_client(line: str, timeout: float, agent: Optional[agents.AgentProc]) -> tuple[dict, float]:
+    """Run one client to completion: (its JSON, CPU the governing agent used meanwhile, 0 without an agent)."""
+    before = agents.usage(agent) if agent else None
+    out = loadgen.run_client(line, timeout)
+    after = agents.usage(agent) if agent else None
+    return out, (after.cpu_s - before.cpu_s) if (before and after) else 0.0
 
 
-def measure(c: Configuration, lines: dict[str, str], round_no: int, position: int, opts: Options, made: Made,
-            agent: Optional[agents.AgentProc]) -> stats.RoundResult:
+def measure_round(order: list[Configuration], lines: dict[str, dict[str, str]], round_no: int, opts: Options,
+                  made: Made, by_name: dict[str, agents.AgentProc]) -> list[stats.RoundResult]:
+    """Every configuration's server up; the RR runs back to back, then the connect+close runs; servers down.
+
+    Back to back matters: this VM's host flips between a fast and a ~20 % slower state every few seconds, so
+    the runs a paired ratio compares should be as close in time as possible.
+    """
     busy, waited = host.wait_quiet(opts.quiet_threshold, opts.quiet_max_wait_s)
-    cpu0 = agents.usage(agent) if agent else None
-    rr, crr, overflows = run_workload(lines, opts, made)
-    cpu1 = agents.usage(agent) if agent else None
-    return stats.RoundResult(round=round_no, position=position, config=c.name, busy_before=round(busy, 4),
-                             quiet_wait_s=round(waited, 3), rr=rr, crr=crr, listen_overflows=overflows,
-                             agent_cpu_s=round(cpu1.cpu_s - cpu0.cpu_s, 4) if (cpu0 and cpu1) else None)
+    timeout = 120.0 if opts.python_loadgen else 60.0
+    servers = []
+    try:
+        for c in order:
+            servers.append(loadgen.start_server(lines[c.name]["server"]))
+            made.servers.append(servers[-1])
+        rr = {c.name: timed_client(lines[c.name]["rr"], timeout, by_name.get(c.name)) for c in order}
+        crr, overflows = {}, {}
+        for c in order:
+            before = host.listen_counters()
+            crr[c.name] = timed_client(lines[c.name]["crr"], timeout, by_name.get(c.name))
+            after = host.listen_counters()
+            overflows[c.name] = after.get("ListenOverflows", 0) - before.get("ListenOverflows", 0)
+    finally:
+        for srv in servers:
+            loadgen.stop_server(srv)
+            made.servers.remove(srv)
+    return [stats.RoundResult(round=round_no, position=pos, config=c.name, busy_before=round(busy, 4),
+                              quiet_wait_s=round(waited, 3), rr=rr[c.name][0], crr=crr[c.name][0],
+                              listen_overflows=overflows[c.name],
+                              agent_cpu_s=round(rr[c.name][1] + crr[c.name][1], 4) if c.agent else None)
+            for pos, c in enumerate(order)]
 
 
 def profile(configs: list[Configuration], tree: cgroups.BenchTree, lines: dict[str, dict[str, str]], opts: Options,
@@ -183,7 +196,7 @@ def profile(configs: list[Configuration], tree: cgroups.BenchTree, lines: dict[s
             if c.agent is None:
                 continue
             before = progstats.counters(tree.group(c.name))
-            run_workload(lines[c.name], opts, made)
+            measure_round([c], lines, -1, opts, made, {})
             out[c.name] = progstats.per_run(before, progstats.counters(tree.group(c.name)))
     finally:
         progstats.disable_stats(fd)
@@ -265,8 +278,7 @@ def run(opts: Options, made: Made) -> RunData:
     results: list[stats.RoundResult] = []
     t0 = time.monotonic()
     for r in range(opts.rounds):
-        for pos, c in enumerate(rotated(configs, r)):
-            results.append(measure(c, lines[c.name], r, pos, opts, made, by_name.get(c.name)))
+        results += measure_round(rotated(configs, r), lines, r, opts, made, by_name)
         print(progress_line(r, opts.rounds, results), flush=True)
     rounds_s = time.monotonic() - t0
     usage_after = {a.name: agents.usage(a) for a in made.agents}
@@ -287,7 +299,8 @@ def report(d: RunData) -> dict:
     ratios = stats.all_ratios(d.results, summaries, governed)
     print()
     print(f"aimesh datapath cost — {opts.rounds} rounds × {len(d.configs)} configurations, interleaved (order "
-          f"rotated per round); medians across rounds [min–max], ratio to no agent")
+          f"rotated per round); medians across rounds [min–max]; ratio = median over rounds of (configuration / no "
+          f"agent in the same round)")
     print(f"RR: {w.rr_n} × {w.rr_size} B ping-pong on one connection; connect+close: {w.crr_n} × socket/connect/"
           f"close(RST) per round; 127.0.0.1 TCP; client+server on CPU {opts.workload_cpu}, agents on CPU "
           f"{opts.agent_cpu}; both agents running throughout, each on its own subtree; {d.lg.kind} load generator; "
@@ -296,7 +309,7 @@ def report(d: RunData) -> dict:
     print(stats.render_table(summaries, ratios, [c.name for c in d.configs], labels))
     print()
     target_text, target_rows = stats.render_targets(stats.targets(governed, labels), ratios)
-    print("targets (ratio of medians; informational, the exit status is 0 either way)")
+    print("targets (paired-median ratios as in the table; informational, the exit status is 0 either way)")
     print(target_text)
     print()
     agent_rows = agent_report(d, labels)
@@ -309,10 +322,10 @@ def report(d: RunData) -> dict:
     overflow_runs = sum(1 for x in d.results if x.listen_overflows)
     if overflow_runs:
         print(f"note: {overflow_runs} connect runs saw host-wide accept-queue overflows (a SYN retransmit costs 1 s)")
-    busy = sum(1 for x in d.results if x.busy_before > opts.quiet_threshold)
+    busy = len({x.round for x in d.results if x.busy_before > opts.quiet_threshold})
     if busy:
-        print(f"note: {busy} of {len(d.results)} measurements started on a host busier than "
-              f"{opts.quiet_threshold:.0%} (other tenants); interleaving spreads that over all configurations")
+        print(f"note: {busy} of {opts.rounds} rounds started on a host busier than {opts.quiet_threshold:.0%} "
+              f"(other tenants); interleaving spreads that over all configurations")
     return {
         "finished": datetime.now(timezone.utc).isoformat(),
         "command": [sys.executable, "-m", "bench.run"] + sys.argv[1:],
@@ -362,7 +375,6 @@ def agent_report(d: RunData, labels: dict[str, str]) -> dict[str, dict]:
         lost = int(sum(v for k, v in m.items() if k.startswith("aimesh_events_lost")))
         own = [x.agent_cpu_s for x in d.results if x.config == c.name and x.agent_cpu_s is not None]
         own_cpu = sum(own)
-        connects = d.opts.rounds * (d.opts.workload.crr_n + d.opts.workload.crr_warmup + 1)
         row = {
             "argv": d.agent_argv.get(c.name),
             "policy_entries": c.agent.policy_entries, "ready_s": d.ready_s.get(c.name),
@@ -370,7 +382,7 @@ def agent_report(d: RunData, labels: dict[str, str]) -> dict[str, dict]:
             "cpu_s_since_start": e.cpu_s if e else None,
             "cpu_s_during_rounds": (e.cpu_s - b.cpu_s) if (b and e) else None,
             "cpu_s_during_own_measurements": own_cpu,
-            "cpu_us_per_connect": 1e6 * own_cpu / connects,
+            "cpu_us_per_connect": 1e6 * own_cpu / expected,
             "connects_allowed_by_hook": allowed, "connects_denied_by_hook": denied,
             "connects_expected": expected, "events_lost": lost,
         }
@@ -387,7 +399,7 @@ def agent_report(d: RunData, labels: dict[str, str]) -> dict[str, dict]:
 
 def parse_args(argv: Optional[Sequence[str]]) -> Options:
     p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=15, help="rounds; each measures every configuration once")
+    p.add_argument("--rounds", type=int, default=20, help="rounds; each measures every configuration once")
     p.add_argument("--rr-n", type=int, default=20000, help="ping-pongs per round")
     p.add_argument("--rr-size", type=int, default=64, help="bytes per message")
     p.add_argument("--crr-n", type=int, default=5000, help="connect+close per round")

@@ -72,7 +72,7 @@ def _verdicts_arg(text: str) -> list[str]:
 def _add_token_options(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--token", help="bearer token (visible in the process list: prefer --token-file)")
-    g.add_argument("--token-file", type=Path, help="file whose first line is the bearer token")
+    g.add_argument("--token-file", type=Path, metavar="PATH", help="file whose first line is the bearer token")
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -87,7 +87,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     c.add_argument("--retention-age", type=_duration_arg, default="7d", metavar="DUR",
                    help="delete flows older than this (e.g. 12h, 7d; 0 = keep); default 7d")  # fmt: skip
     c.add_argument("--retention-bytes", type=_size_arg, default="1GiB", metavar="N",
-                   help="delete the oldest flows beyond this much data (e.g. 500MiB; 0 = no limit); default 1GiB")  # fmt: skip
+                   help="delete the oldest flows past this much data (500MiB; 0 = no limit); default 1GiB")  # fmt: skip
     c.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate (enables TLS)")
     c.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
     c.add_argument("--tls-ca", type=Path, metavar="PEM", help="require client certificates signed by this CA (mTLS)")
@@ -111,7 +111,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     f.add_argument("--since", metavar="DUR|TIME", help="flows after this long ago (5m) or this time (RFC 3339)")
     f.add_argument("--until", metavar="DUR|TIME", help="flows before this long ago or this time")
     f.add_argument("--limit", type=int, metavar="N",
-                   help="the newest N flows (default 20; 0 = all); with --follow, N flows of backlog (default 0)")  # fmt: skip
+                   help="the newest N flows (default 20; 0 = all); --follow: N of backlog (default: none)")  # fmt: skip
     f.add_argument("--follow", "-f", action="store_true", help="keep printing new flows as they arrive")
     f.add_argument("-o", "--output", choices=("table", "json"), default="table", help="default table")
     f.add_argument("--tls", action="store_true", help="use TLS (implied by --tls-ca/--tls-cert)")

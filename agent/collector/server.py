@@ -1,6 +1,6 @@
 """The collector process: a grpc.server (plaintext, TLS or mutual TLS) over a FlowStore, with retention.
 
-    serve("127.0.0.1:4317", Path("/var/lib/aimesh/flows.db"))   # blocks until SIGTERM/SIGINT
+    serve("127.0.0.1:4790", Path("/var/lib/aimesh/flows.db"))   # blocks until SIGTERM/SIGINT
 
 CollectorServer is the same thing as an object (start/stop), for tests and for embedding.
 """
@@ -305,6 +305,8 @@ def serve(
         try:
             if metrics_addr is not None:
                 http = _start_metrics(metrics_addr, collector.registry)
+                bound = HostPort(metrics_addr.host, int(http.server_address[1]))
+                log.info("metrics on http://%s/metrics", bound)
             if on_ready is not None:
                 on_ready(address)
             while not done.wait(0.5):  # a short wait keeps the signal handler responsive
@@ -312,6 +314,7 @@ def serve(
         finally:
             if http is not None:
                 http.shutdown()
+                http.server_close()
             collector.stop()
             log.info("collector stopped")
 

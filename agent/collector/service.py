@@ -114,7 +114,9 @@ def validate_batch(batch: collector_pb2.FlowBatch, limits: ServiceLimits) -> Rej
         return Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid", "agent_id is required")
     if len(agent_id) > MAX_AGENT_ID:
         return Rejection(
-            grpc.StatusCode.INVALID_ARGUMENT, "invalid", f"agent_id is {len(agent_id)} characters, at most {MAX_AGENT_ID}"
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid",
+            f"agent_id is {len(agent_id)} characters, at most {MAX_AGENT_ID}",
         )
     limits_md = ((MD_MAX_RECORDS, str(limits.max_batch_records)), (MD_MAX_BYTES, str(limits.max_batch_bytes)))
     n = len(batch.records)
@@ -266,7 +268,9 @@ class FlowCollectorService:
         """End every Follow stream (the server is shutting down)."""
         self._notifier.close()
 
-    def Push(self, request: collector_pb2.FlowBatch | Malformed, context: grpc.ServicerContext) -> collector_pb2.PushReply:  # noqa: N802
+    def Push(  # noqa: N802 - gRPC method names
+        self, request: collector_pb2.FlowBatch | Malformed, context: grpc.ServicerContext
+    ) -> collector_pb2.PushReply:
         if isinstance(request, Malformed):
             _reject_malformed(context, request)
         rejection = validate_batch(request, self._limits)
@@ -292,7 +296,9 @@ class FlowCollectorService:
                 self._notifier.publish(result.last_id)
         return collector_pb2.PushReply(accepted=result.inserted, duplicate=result.duplicate)
 
-    def ListFlows(self, request: collector_pb2.FlowQuery | Malformed, context: grpc.ServicerContext) -> Iterator[bytes]:  # noqa: N802
+    def ListFlows(  # noqa: N802
+        self, request: collector_pb2.FlowQuery | Malformed, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         if isinstance(request, Malformed):
             _reject_malformed(context, request)
             return
@@ -305,21 +311,19 @@ class FlowCollectorService:
         except StoreError as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"flow store unavailable: {e}")
 
-    def Follow(self, request: collector_pb2.FlowQuery | Malformed, context: grpc.ServicerContext) -> Iterator[bytes]:  # noqa: N802
+    def Follow(  # noqa: N802
+        self, request: collector_pb2.FlowQuery | Malformed, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         if isinstance(request, Malformed):
             _reject_malformed(context, request)
             return
         if self._no_followers or not self._followers.acquire(blocking=False):
-            _abort(
-                context,
-                self._metrics,
-                Rejection(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "busy",
-                    f"the collector already serves {self._limits.max_followers} follow streams; try again later",
-                ),
+            why = (
+                "following is disabled on this collector (max_followers 0)"
+                if self._no_followers
+                else f"the collector already serves {self._limits.max_followers} follow streams; try again later"
             )
-            return
+            _abort(context, self._metrics, Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", why))
         try:
             yield from self._follow(request, context)
         except StoreError as e:
@@ -338,7 +342,7 @@ class FlowCollectorService:
         context.add_callback(on_done)
         flt = query_filter(request)
         cursor = self._store.last_id()
-        if request.limit:
+        if request.limit or request.since_unix_nano:  # a backlog, as ListFlows would send it
             for flow in self._store.iter_flows(flt, limit=request.limit):
                 if flow.id <= cursor:  # newer rows come below, in arrival order
                     yield flow.payload
@@ -378,7 +382,9 @@ class HealthService:
             self._closed = True
             self._cond.notify_all()
 
-    def Check(self, request: health_pb2.HealthCheckRequest | Malformed, context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:  # noqa: N802
+    def Check(  # noqa: N802
+        self, request: health_pb2.HealthCheckRequest | Malformed, context: grpc.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
         if isinstance(request, Malformed):
             _reject_malformed(context, request)
         with self._cond:
@@ -387,7 +393,9 @@ class HealthService:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
-    def Watch(self, request: health_pb2.HealthCheckRequest | Malformed, context: grpc.ServicerContext) -> Iterator[health_pb2.HealthCheckResponse]:  # noqa: N802
+    def Watch(  # noqa: N802
+        self, request: health_pb2.HealthCheckRequest | Malformed, context: grpc.ServicerContext
+    ) -> Iterator[health_pb2.HealthCheckResponse]:
         if isinstance(request, Malformed):
             _reject_malformed(context, request)
             return
@@ -504,4 +512,5 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
             return handler
         self._metrics.rejected.labels("unauthenticated").inc()
         why = "missing bearer token" if given is None else "invalid bearer token"
-        return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, f"{why} (metadata authorization: Bearer <token>)")
+        message = f"{why} (metadata authorization: Bearer <token>)"
+        return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, message)

@@ -341,8 +341,8 @@ class FlowStore:
                 args = [*params, page]
             else:
                 sql = (
-                    f"SELECT id, time_ns, record FROM flows WHERE ({where}) AND (time_ns > ? OR (time_ns = ? AND id > ?))"
-                    " ORDER BY time_ns, id LIMIT ?"
+                    f"SELECT id, time_ns, record FROM flows WHERE ({where})"
+                    " AND (time_ns > ? OR (time_ns = ? AND id > ?)) ORDER BY time_ns, id LIMIT ?"
                 )
                 args = [*params, cursor[0], cursor[0], cursor[1], page]
             with self._reader() as conn:

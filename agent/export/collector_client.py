@@ -69,7 +69,8 @@ class ExporterConfig:
         parse_hostport(self.target, what="collector address")
         if not self.agent_id.strip():
             raise ConfigError("agent_id is required")
-        for name in ("spool_max_bytes", "memory_max_bytes", "max_queue_records", "batch_max_records", "batch_max_bytes"):
+        sizes = ("spool_max_bytes", "memory_max_bytes", "max_queue_records", "batch_max_records", "batch_max_bytes")
+        for name in sizes:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive")
         for name in ("flush_interval_s", "rpc_timeout_s", "backoff_initial_s", "backoff_max_s"):
@@ -110,6 +111,19 @@ class SealedBatch:
     sequence: int
     payload: bytes  # serialized aimesh.v1.FlowBatch
     records: int
+
+
+class _Cancelled(grpc.RpcError):
+    """close() cancelled the push in flight."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def details(self) -> str:
+        return "cancelled at close"
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
 
 
 class Outcome(Enum):
@@ -283,6 +297,7 @@ class FlowExporter:
         self._failing = False
         self._channel: grpc.Channel | None = None
         self._push: grpc.UnaryUnaryMultiCallable | None = None
+        self._inflight: grpc.Future | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
         if self._spool is not None and len(self._spool):
@@ -318,7 +333,8 @@ class FlowExporter:
             self._incoming.append(record)
             self._counters.submitted += 1
             self._idle = False
-            if len(self._incoming) >= self.config.batch_max_records:
+            n = len(self._incoming)
+            if n == 1 or n >= self.config.batch_max_records:  # start the flush clock; or a batch is ready
                 self._cond.notify_all()
             return True
 
@@ -327,7 +343,9 @@ class FlowExporter:
         return sum(1 for r in records if self.submit(r))
 
     def flush(self, timeout: float) -> bool:
-        """Send everything submitted so far (partial batch included). True if it all got through in time."""
+        """Send everything queued, the partial batch and the spool included (and what is submitted meanwhile).
+
+        True if the collector has it all within timeout."""
         deadline = self._clock() + timeout
         with self._cond:
             self._flush_waiters += 1
@@ -353,7 +371,13 @@ class FlowExporter:
             self._close_deadline = self._clock() + wait
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(wait + 0.5)
+            if self._thread.is_alive():  # a push begun before close() is still waiting for its rpc_timeout
+                with self._cond:
+                    inflight = self._inflight
+                if inflight is not None:
+                    inflight.cancel()  # retried from the spool next time; the sequence keeps it idempotent
+                self._thread.join()
         else:  # never started: keep what was submitted in the spool for the next run
             self._finish()
         if self._channel is not None:
@@ -405,7 +429,8 @@ class FlowExporter:
                     stopping, deadline = self._stopping, self._close_deadline
                     force = stopping or self._flush_waiters > 0
                 self._absorb(incoming)
-                if self._builder.records and (force or self._clock() - self._builder.started >= self.config.flush_interval_s):
+                due = self._clock() - self._builder.started >= self.config.flush_interval_s
+                if self._builder.records and (force or due):
                     self._seal()
                 if self._has_outbox() and self._clock() >= self._next_try:
                     if not stopping or self._clock() < deadline:
@@ -432,7 +457,7 @@ class FlowExporter:
         if self._builder.records:
             waits.append(self._builder.started + cfg.flush_interval_s - now)
         elif self._incoming:
-            waits.append(cfg.flush_interval_s)
+            return 0.0  # absorb them: that starts the batch's flush clock
         if self._has_outbox():
             waits.append(self._next_try - now)
         if self._stopping:
@@ -533,11 +558,20 @@ class FlowExporter:
         timeout = self.config.rpc_timeout_s
         if deadline is not None:
             timeout = max(0.05, min(timeout, deadline - self._clock()))
+        call = self._push.future(batch.payload, timeout=timeout, metadata=self._metadata)
+        with self._cond:
+            self._inflight = call
         try:
-            reply = self._push(batch.payload, timeout=timeout, metadata=self._metadata)
+            reply = call.result()
         except grpc.RpcError as e:
             self._on_error(batch, from_spool, e)
             return
+        except grpc.FutureCancelledError:
+            self._on_error(batch, from_spool, _Cancelled())
+            return
+        finally:
+            with self._cond:
+                self._inflight = None
         self._remove(batch, from_spool)
         self._attempt = 0
         self._next_try = 0.0

@@ -19,7 +19,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -q >/dev/null
   if ! apt-get install -y -q "${need[@]}" >/dev/null; then
     # Ubuntu: bpftool lives in linux-tools-*.
-    apt-get install -y -q python3-bpfcc libbpfcc python3-venv iproute2 make linux-tools-common "linux-tools-$(uname -r)" >/dev/null \
+    apt-get install -y -q python3-bpfcc libbpfcc python3-venv iproute2 make prometheus openssl linux-tools-common "linux-tools-$(uname -r)" >/dev/null \
       || die "apt-get install ${need[*]} failed"
   fi
 fi

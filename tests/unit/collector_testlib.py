@@ -11,11 +11,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from agent import build_proto
 
@@ -26,6 +29,13 @@ import grpc  # noqa: E402
 from agent._gen.aimesh.v1 import collector_pb2, collector_pb2_grpc, flow_pb2  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def tmp_dir() -> Iterator[Path]:
+    """A temporary directory removed after the test (pytest's tmp_path keeps the last runs' files)."""
+    with tempfile.TemporaryDirectory(prefix="aimesh-test-") as d:
+        yield Path(d)
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02) -> bool:
@@ -176,7 +186,8 @@ def make_pki(d: Path) -> Pki:
     """A CA, a server certificate for 127.0.0.1/localhost, a client certificate, and a foreign CA and client."""
     d.mkdir(parents=True, exist_ok=True)
     ca = _make_ca(d, "test-ca")
-    server = _make_leaf(d, "server", ca, "subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost\nextendedKeyUsage=serverAuth\n")
+    server_ext = "subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
+    server = _make_leaf(d, "server", ca, server_ext)
     client = _make_leaf(d, "client", ca, "extendedKeyUsage=clientAuth\n")
     other = _make_ca(d, "other-ca")
     other_client = _make_leaf(d, "other-client", other, "extendedKeyUsage=clientAuth\n")

@@ -6,17 +6,27 @@ import argparse
 import io
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import timezone
 from pathlib import Path
 
 import pytest
 
-from tests.unit.collector_testlib import REPO, batch, record, refusing_port, start_collector_process, stub_for, wait_until
+from tests.unit.collector_testlib import (  # tmp_dir: a fixture
+    REPO,
+    batch,
+    record,
+    refusing_port,
+    start_collector_process,
+    stub_for,
+    tmp_dir,  # noqa: F401
+)
 from agent._gen.aimesh.v1 import flow_pb2
 from agent.collector.cli import add_commands, flow_cells, parse_identity, run_flows
 from agent.collector.server import CollectorConfig, CollectorServer
@@ -49,7 +59,8 @@ RECORDS = [
            bytes_sent=1024, bytes_received=2048, duration_ns=1_500_000_000, srtt_us=250, comm="python3",
            source_address="10.0.0.1", dialed_address="10.0.0.9", dialed_port=8000),
     record(2, start_time_unix_nano=T + 1_000_000, end_time_unix_nano=T + 1_000_000, kind=flow_pb2.RECORD_KIND_DECISION,
-           source=identity("chat-ui", "v1"), destination=identity("vector-db"), actual_destination=identity("vector-db"),
+           source=identity("chat-ui", "v1"), destination=identity("vector-db"),
+           actual_destination=identity("vector-db"),
            verdict=flow_pb2.VERDICT_DENIED, reason=flow_pb2.REASON_NO_POLICY_SRC),
     record(3, start_time_unix_nano=T + 2_000_000, end_time_unix_nano=T + 3_000_000, source=identity("batch", "v3"),
            destination=flow_pb2.Identity(), destination_address="2001:db8::5", dialed_address="2001:db8::5",
@@ -59,8 +70,8 @@ RECORDS = [
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[CollectorServer]:
-    srv = CollectorServer(CollectorConfig(listen="127.0.0.1:0", db=tmp_path / "f.db", token="tk", grace_s=0.2))
+def server(tmp_dir: Path) -> Iterator[CollectorServer]:
+    srv = CollectorServer(CollectorConfig(listen="127.0.0.1:0", db=tmp_dir / "f.db", token="tk", grace_s=0.2))
     srv.start()
     ch, stub = stub_for(str(srv.address))
     with ch:
@@ -203,7 +214,7 @@ def test_flows_through_the_aimesh_parser(server: CollectorServer, capsys: pytest
     assert len(capsys.readouterr().out.splitlines()) == 3
 
 
-def test_flows_errors(server: CollectorServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_flows_errors(server: CollectorServer, tmp_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     addr = str(server.address)
 
     def run(*argv: str) -> tuple[int, str]:
@@ -220,7 +231,7 @@ def test_flows_errors(server: CollectorServer, tmp_path: Path, capsys: pytest.Ca
     with refusing_port() as port:
         rc, err = run("--collector", f"127.0.0.1:{port}")
     assert rc == 1 and f"cannot reach the collector at 127.0.0.1:{port}" in err
-    rc, err = run("--collector", addr, "--token-file", str(tmp_path / "none"))
+    rc, err = run("--collector", addr, "--token-file", str(tmp_dir / "none"))
     assert rc == 2 and "cannot read token file" in err
     rc, err = run("--collector", addr, "--since", "someday")
     assert rc == 2 and "--since" in err
@@ -230,26 +241,33 @@ def test_flows_errors(server: CollectorServer, tmp_path: Path, capsys: pytest.Ca
     assert rc == 2 and "--tls-cert and --tls-key" in err
 
 
-def test_flows_follow_until_interrupted(server: CollectorServer, tmp_path: Path) -> None:
+def test_flows_follow_until_interrupted(server: CollectorServer, tmp_dir: Path) -> None:
     addr = str(server.address)
-    (tmp_path / "token").write_text("tk\n")
+    (tmp_dir / "token").write_text("tk\n")
+    # --limit 1: the record pushed below is shown once whether it lands before or after the stream starts.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent.collector", "flows", "--collector", addr, "--token-file", str(tmp_path / "token"),
-         "--follow", "--from", "late"],
+        [sys.executable, "-m", "agent.collector", "flows", "--collector", addr, "--token-file", str(tmp_dir / "token"),
+         "--follow", "--from", "late", "--limit", "1"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True)
+    reader.start()
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().split()[0] == "TIME"  # the header comes first
+        assert lines.get(timeout=15).split()[0] == "TIME"  # the header comes first
         ch, stub = stub_for(addr)
         with ch:
             late = record(7, source=identity("late", "v9"), destination=identity("llm", "v1"))
             stub.Push(batch("node-a", 2, [late]), metadata=(("authorization", "Bearer tk"),), timeout=5)
-        line = proc.stdout.readline()
+        line = lines.get(timeout=15)
         assert "late(v9)" in line and "llm(v1)" in line and "ALLOWED" in line
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 130
         assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
+        reader.join(5)
+        assert lines.empty()  # printed once
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -262,9 +280,9 @@ def test_flows_follow_until_interrupted(server: CollectorServer, tmp_path: Path)
 # --- collector ----------------------------------------------------------------------------------------------------
 
 
-def test_collector_command_serves_until_sigterm(tmp_path: Path) -> None:
-    db = tmp_path / "f.db"
-    proc = start_collector_process(db, tmp_path / "c.log", "127.0.0.1:0", "--retention-age", "1d",
+def test_collector_command_serves_until_sigterm(tmp_dir: Path) -> None:
+    db = tmp_dir / "f.db"
+    proc = start_collector_process(db, tmp_dir / "c.log", "127.0.0.1:0", "--retention-age", "1d",
                                    "--retention-bytes", "10MiB", "--max-batch-records", "100")  # fmt: skip
     try:
         ch, stub = stub_for(proc.address)
@@ -278,21 +296,21 @@ def test_collector_command_serves_until_sigterm(tmp_path: Path) -> None:
         proc.kill()
 
 
-def test_collector_command_errors(tmp_path: Path) -> None:
+def test_collector_command_errors(tmp_dir: Path) -> None:
     def run(*argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "agent.collector", "collector", *argv], cwd=REPO,
                               capture_output=True, text=True, timeout=30)  # fmt: skip
 
     with socket.create_server(("127.0.0.1", 0)) as listener:  # a port another program listens on
         port = listener.getsockname()[1]
-        busy = run("--listen", f"127.0.0.1:{port}", "--db", str(tmp_path / "f.db"))
+        busy = run("--listen", f"127.0.0.1:{port}", "--db", str(tmp_dir / "f.db"))
     assert busy.returncode == 1 and "cannot listen on 127.0.0.1:" in busy.stderr
     assert len(busy.stderr.strip().splitlines()) == 1 and "Traceback" not in busy.stderr
-    bad_db = run("--listen", "127.0.0.1:0", "--db", str(tmp_path / "notadir" / "x" / "f.db"), "--retention-age", "5x")
+    bad_db = run("--listen", "127.0.0.1:0", "--db", str(tmp_dir / "notadir" / "x" / "f.db"), "--retention-age", "5x")
     assert bad_db.returncode == 2 and "--retention-age" in bad_db.stderr
-    (tmp_path / "garbage.db").write_bytes(b"not sqlite" * 100)
-    garbage = run("--listen", "127.0.0.1:0", "--db", str(tmp_path / "garbage.db"))
+    (tmp_dir / "garbage.db").write_bytes(b"not sqlite" * 100)
+    garbage = run("--listen", "127.0.0.1:0", "--db", str(tmp_dir / "garbage.db"))
     assert garbage.returncode == 1 and "cannot open flow database" in garbage.stderr
     assert len(garbage.stderr.strip().splitlines()) == 1
-    mtls_no_cert = run("--db", str(tmp_path / "f.db"), "--tls-ca", "ca.pem")
+    mtls_no_cert = run("--db", str(tmp_dir / "f.db"), "--tls-ca", "ca.pem")
     assert mtls_no_cert.returncode == 2 and "--tls-ca" in mtls_no_cert.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.unit.collector_testlib import batch, record, stub_for, wait_until
+from tests.unit.collector_testlib import batch, record, stub_for, tmp_dir, wait_until  # noqa: F401 (fixture)
 from agent._gen.aimesh.v1 import collector_pb2, flow_pb2
 from agent._gen.grpc.health.v1 import health_pb2, health_pb2_grpc
 from agent.collector.server import CollectorConfig, CollectorServer, ServerError, transport_limit
@@ -25,11 +25,11 @@ StartFn = Callable[..., CollectorServer]
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[StartFn]:
+def start(tmp_dir: Path) -> Iterator[StartFn]:
     servers: list[CollectorServer] = []
 
     def _start(**overrides: object) -> CollectorServer:
-        fields: dict[str, object] = {"listen": "127.0.0.1:0", "db": tmp_path / "flows.db", "grace_s": 0.5}
+        fields: dict[str, object] = {"listen": "127.0.0.1:0", "db": tmp_dir / "flows.db", "grace_s": 0.5}
         fields.update(overrides)
         srv = CollectorServer(CollectorConfig(**fields))  # type: ignore[arg-type]
         srv.start()
@@ -199,7 +199,8 @@ def test_keeps_serving_after_tcp_garbage(start: StartFn) -> None:
     try:
         _garbage(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         _garbage(port, bytes(range(256)) * 64)
-        _garbage(port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x12\x04\x00\x00\x00\x00\x00" + b"\xde\xad" * 500)
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        _garbage(port, preface + b"\x00\x00\x12\x04\x00\x00\x00\x00\x00" + b"\xde\xad" * 500)  # a bad frame
         _garbage(port, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 100)  # a TLS hello to plaintext
         _garbage(port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", wait_reply=False)  # preface, then hang up
         ch, stub = stub_for(f"127.0.0.1:{port}")
@@ -227,7 +228,8 @@ def test_list_filters_and_limit(start: StartFn) -> None:
         stub.Push(batch("a", 1, recs), timeout=5)
 
         def q(**kw: object) -> list[int]:
-            return [r.cookie for r in stub.ListFlows(collector_pb2.FlowQuery(**kw), timeout=5)]  # type: ignore[arg-type]
+            query = collector_pb2.FlowQuery(**kw)  # type: ignore[arg-type]
+            return [r.cookie for r in stub.ListFlows(query, timeout=5)]
 
         assert q() == [1, 2, 3, 4]
         assert q(limit=2) == [3, 4]
@@ -272,6 +274,20 @@ def _until_cancelled(stream: Iterator[flow_pb2.FlowRecord]) -> Iterator[flow_pb2
             raise
 
 
+def test_follow_since_sends_the_backlog_first(start: StartFn) -> None:
+    srv = start()
+    ch, stub = stub_for(str(srv.address))
+    with ch:
+        stub.Push(batch("a", 1, [record(1), record(2), record(3)]), timeout=5)
+        stream = stub.Follow(collector_pb2.FlowQuery(since_unix_nano=record(2).end_time_unix_nano))
+        try:
+            assert [next(stream).cookie for _ in range(2)] == [2, 3]
+            stub.Push(batch("a", 2, [record(4)]), timeout=5)
+            assert next(stream).cookie == 4
+        finally:
+            stream.cancel()
+
+
 def test_follower_limit_and_shutdown_ends_streams(start: StartFn) -> None:
     srv = start(limits=ServiceLimits(max_followers=1))
     ch, stub = stub_for(str(srv.address))
@@ -295,7 +311,8 @@ def test_health_check_and_watch(start: StartFn) -> None:
     with ch:
         health = health_pb2_grpc.HealthStub(ch)
         serving = health_pb2.HealthCheckResponse.SERVING
-        assert health.Check(health_pb2.HealthCheckRequest(service="aimesh.v1.FlowCollector"), timeout=5).status == serving
+        request = health_pb2.HealthCheckRequest(service="aimesh.v1.FlowCollector")
+        assert health.Check(request, timeout=5).status == serving
         err = rpc_error(lambda: health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5))
         assert err.code() == grpc.StatusCode.NOT_FOUND
         watch = health.Watch(health_pb2.HealthCheckRequest(service="nope"))
@@ -308,21 +325,21 @@ def test_health_check_and_watch(start: StartFn) -> None:
         assert statuses in ([], [health_pb2.HealthCheckResponse.NOT_SERVING])
 
 
-def test_port_in_use_is_an_error(start: StartFn, tmp_path: Path) -> None:
+def test_port_in_use_is_an_error(start: StartFn, tmp_dir: Path) -> None:
     srv = start()
     with pytest.raises(ServerError, match="cannot listen"):
-        start(listen=str(srv.address), db=tmp_path / "other.db")
+        start(listen=str(srv.address), db=tmp_dir / "other.db")
 
 
-def test_bad_config(tmp_path: Path) -> None:
+def test_bad_config(tmp_dir: Path) -> None:
     with pytest.raises(ConfigError, match="HOST:PORT"):
-        CollectorServer(CollectorConfig(listen="nope", db=tmp_path / "f.db"))
+        CollectorServer(CollectorConfig(listen="nope", db=tmp_dir / "f.db"))
     with pytest.raises(ConfigError, match="max_followers"):
-        CollectorServer(CollectorConfig(listen="127.0.0.1:0", db=tmp_path / "f.db", max_workers=4,
+        CollectorServer(CollectorConfig(listen="127.0.0.1:0", db=tmp_dir / "f.db", max_workers=4,
                                         limits=ServiceLimits(max_followers=4)))  # fmt: skip
 
 
-def test_store_survives_restart(start: StartFn, tmp_path: Path) -> None:
+def test_store_survives_restart(start: StartFn, tmp_dir: Path) -> None:
     srv = start()
     addr = str(srv.address)
     ch, stub = stub_for(addr)
@@ -355,3 +372,40 @@ def test_validate_batch_is_pure() -> None:
     assert validate_batch(batch("a", 1, [record(1)]), limits) is None
     r = validate_batch(batch("a", 1, [record(1)] * 3), limits)
     assert r is not None and r.code == grpc.StatusCode.RESOURCE_EXHAUSTED and r.reason == "too_large"
+
+
+def test_serve_until_stopped_with_metrics(tmp_dir: Path) -> None:
+    import urllib.request
+
+    from agent.collector.server import serve
+
+    with socket.socket() as s:  # a free port for the metrics endpoint
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    stop = threading.Event()
+    ready: list[str] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve("127.0.0.1:0", tmp_dir / "f.db", metrics_listen=f"127.0.0.1:{metrics_port}", stop=stop,
+                  on_ready=lambda a: ready.append(str(a)))  # fmt: skip
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert wait_until(lambda: bool(ready) or bool(errors), 10) and not errors
+        ch, stub = stub_for(ready[0])
+        with ch:
+            stub.Push(batch("a", 1, [record(1)]), timeout=5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        assert "aimesh_collector_records_total 1.0" in text
+        assert 'aimesh_collector_batches_total{result="stored"} 1.0' in text
+        assert "aimesh_collector_store_data_bytes" in text
+    finally:
+        stop.set()
+        thread.join(10)
+    assert not thread.is_alive() and not errors

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import tests.unit.collector_testlib  # noqa: F401  (generates the protobuf code)
+from tests.unit.collector_testlib import tmp_dir  # noqa: F401  (a fixture; the import also generates the protobuf code)
 from agent.collector.store import (
     FlowFilter,
     FlowRow,
@@ -37,8 +37,8 @@ def row(i: int, *, time_ns: int | None = None, src: str = "a", dst: str = "b", a
 
 
 @pytest.fixture
-def store(tmp_path: Path):
-    s = FlowStore(tmp_path / "flows.db")
+def store(tmp_dir: Path):
+    s = FlowStore(tmp_dir / "flows.db")
     yield s
     s.close()
 
@@ -149,11 +149,11 @@ def test_flows_after_follows_arrival_order(store: FlowStore) -> None:
     assert len(page) == 2 and cursor == page[-1].id
 
 
-def test_data_survives_reopen(tmp_path: Path) -> None:
-    s = FlowStore(tmp_path / "f.db")
+def test_data_survives_reopen(tmp_dir: Path) -> None:
+    s = FlowStore(tmp_dir / "f.db")
     s.insert_batch("n1", 1, [row(1)])
     s.close()
-    s = FlowStore(tmp_path / "f.db")
+    s = FlowStore(tmp_dir / "f.db")
     try:
         assert s.insert_batch("n1", 1, [row(1)]).duplicate
         assert s.count() == 1
@@ -161,20 +161,20 @@ def test_data_survives_reopen(tmp_path: Path) -> None:
         s.close()
 
 
-def test_unknown_schema_version_is_refused(tmp_path: Path) -> None:
-    FlowStore(tmp_path / "f.db").close()
-    conn = sqlite3.connect(tmp_path / "f.db")
+def test_unknown_schema_version_is_refused(tmp_dir: Path) -> None:
+    FlowStore(tmp_dir / "f.db").close()
+    conn = sqlite3.connect(tmp_dir / "f.db")
     conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     conn.commit()
     conn.close()
     with pytest.raises(StoreError, match="schema version 99"):
-        FlowStore(tmp_path / "f.db")
+        FlowStore(tmp_dir / "f.db")
 
 
-def test_not_a_database(tmp_path: Path) -> None:
-    (tmp_path / "f.db").write_bytes(b"this is not sqlite" * 100)
+def test_not_a_database(tmp_dir: Path) -> None:
+    (tmp_dir / "f.db").write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreError, match="cannot open"):
-        FlowStore(tmp_path / "f.db")
+        FlowStore(tmp_dir / "f.db")
 
 
 def test_closed_store_refuses(store: FlowStore) -> None:

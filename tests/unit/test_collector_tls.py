@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-from tests.unit.collector_testlib import Pki, batch, make_pki, record, stub_for
+from tests.unit.collector_testlib import Pki, batch, make_pki, record, stub_for, tmp_dir  # noqa: F401 (fixture)
 from agent._gen.aimesh.v1 import collector_pb2
 from agent.collector.channel import ClientTls, ConfigError, open_channel
 from agent.collector.server import CollectorConfig, CollectorServer, ServerTls
@@ -21,13 +22,14 @@ pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs t
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+def pki() -> Iterator[Pki]:
+    with tempfile.TemporaryDirectory(prefix="aimesh-pki-") as d:
+        yield make_pki(Path(d))
 
 
 @pytest.fixture
-def tls_server(pki: Pki, tmp_path: Path) -> Iterator[CollectorServer]:
-    srv = CollectorServer(CollectorConfig(listen="127.0.0.1:0", db=tmp_path / "f.db",
+def tls_server(pki: Pki, tmp_dir: Path) -> Iterator[CollectorServer]:
+    srv = CollectorServer(CollectorConfig(listen="127.0.0.1:0", db=tmp_dir / "f.db",
                                           tls=ServerTls(pki.server_cert, pki.server_key)))  # fmt: skip
     srv.start()
     yield srv
@@ -35,9 +37,9 @@ def tls_server(pki: Pki, tmp_path: Path) -> Iterator[CollectorServer]:
 
 
 @pytest.fixture
-def mtls_server(pki: Pki, tmp_path: Path) -> Iterator[CollectorServer]:
-    srv = CollectorServer(CollectorConfig(listen="127.0.0.1:0", db=tmp_path / "f.db", token="tok",
-                                          tls=ServerTls(pki.server_cert, pki.server_key, client_ca=pki.ca)))  # fmt: skip
+def mtls_server(pki: Pki, tmp_dir: Path) -> Iterator[CollectorServer]:
+    tls = ServerTls(pki.server_cert, pki.server_key, client_ca=pki.ca)
+    srv = CollectorServer(CollectorConfig(listen="127.0.0.1:0", db=tmp_dir / "f.db", token="tok", tls=tls))
     srv.start()
     yield srv
     srv.stop(0)
@@ -94,13 +96,13 @@ def test_mtls_requires_a_client_certificate_from_the_ca(mtls_server: CollectorSe
         assert push(ch, 1, auth).accepted == 1
 
 
-def test_exporter_over_mtls(mtls_server: CollectorServer, pki: Pki, tmp_path: Path) -> None:
+def test_exporter_over_mtls(mtls_server: CollectorServer, pki: Pki, tmp_dir: Path) -> None:
     cfg = ExporterConfig(
         target=str(mtls_server.address),
         agent_id="node-tls",
         token="tok",
         tls=ClientTls(ca=pki.ca, cert=pki.client_cert, key=pki.client_key),
-        spool_dir=tmp_path / "spool",
+        spool_dir=tmp_dir / "spool",
         flush_interval_s=0.05,
     )
     exporter = FlowExporter(cfg)
@@ -114,12 +116,12 @@ def test_exporter_over_mtls(mtls_server: CollectorServer, pki: Pki, tmp_path: Pa
     assert mtls_server.store.count() == 50
 
 
-def test_missing_tls_files_are_clear_errors(pki: Pki, tmp_path: Path) -> None:
+def test_missing_tls_files_are_clear_errors(pki: Pki, tmp_dir: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read TLS certificate .*nope.pem"):
-        CollectorServer(CollectorConfig(listen="127.0.0.1:0", db=tmp_path / "f.db",
-                                        tls=ServerTls(tmp_path / "nope.pem", pki.server_key))).start()  # fmt: skip
+        CollectorServer(CollectorConfig(listen="127.0.0.1:0", db=tmp_dir / "f.db",
+                                        tls=ServerTls(tmp_dir / "nope.pem", pki.server_key))).start()  # fmt: skip
     with pytest.raises(ConfigError, match="CA bundle"):
-        FlowExporter(ExporterConfig(target="127.0.0.1:1", agent_id="a", tls=ClientTls(ca=tmp_path / "missing")))
+        FlowExporter(ExporterConfig(target="127.0.0.1:1", agent_id="a", tls=ClientTls(ca=tmp_dir / "missing")))
     with pytest.raises(ConfigError, match="both --tls-cert and --tls-key"):
         ClientTls(ca=pki.ca, cert=pki.client_cert).credentials()
-    assert not (tmp_path / "f.db").exists()  # nothing opened when the TLS files are bad
+    assert not (tmp_dir / "f.db").exists()  # nothing opened when the TLS files are bad

@@ -13,7 +13,13 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.unit.collector_testlib import list_cookies, refusing_port, start_collector_process, wait_until
+from tests.unit.collector_testlib import (  # tmp_dir: a fixture
+    list_cookies,
+    refusing_port,
+    start_collector_process,
+    tmp_dir,  # noqa: F401
+    wait_until,
+)
 from agent._gen.aimesh.v1 import collector_pb2
 from agent.collector.server import CollectorConfig, CollectorServer
 from agent.collector.service import (
@@ -52,14 +58,16 @@ def fast_config(target: str, **overrides: object) -> ExporterConfig:
 
 
 @pytest.fixture
-def collectors(tmp_path: Path) -> Iterator[list[CollectorServer]]:
+def collectors(tmp_dir: Path) -> Iterator[list[CollectorServer]]:
     started: list[CollectorServer] = []
     yield started
     for srv in started:
         srv.stop(0)
 
 
-def start_server(started: list[CollectorServer], db: Path, listen: str = "127.0.0.1:0", **kw: object) -> CollectorServer:
+def start_server(
+    started: list[CollectorServer], db: Path, listen: str = "127.0.0.1:0", **kw: object
+) -> CollectorServer:
     srv = CollectorServer(CollectorConfig(listen=listen, db=db, grace_s=0.2, **kw))  # type: ignore[arg-type]
     srv.start()
     started.append(srv)
@@ -67,7 +75,8 @@ def start_server(started: list[CollectorServer], db: Path, listen: str = "127.0.
 
 
 def rec(i: int) -> FlowRecordData:
-    return FlowRecordData(cookie=i, source=IdentityData("ui", "agent", "v1"), end_time_unix_nano=1_700_000_000 * 10**9 + i)
+    when = 1_700_000_000 * 10**9 + i
+    return FlowRecordData(cookie=i, source=IdentityData("ui", "agent", "v1"), end_time_unix_nano=when)
 
 
 def stream(exporter: FlowExporter, n: int, seconds: float) -> threading.Thread:
@@ -84,17 +93,21 @@ def stream(exporter: FlowExporter, n: int, seconds: float) -> threading.Thread:
     return t
 
 
+def spooled_records(spool_dir: Path) -> int:
+    return sum(len(collector_pb2.FlowBatch.FromString(p.read_bytes()).records) for p in spool_dir.glob("*.batch"))
+
+
 def assert_exactly_once(cookies: list[int], n: int) -> None:
     counts = Counter(cookies)
     assert [c for c, k in counts.items() if k > 1] == [], "stored twice"
     assert sorted(counts) == list(range(n)), f"missing {sorted(set(range(n)) - set(counts))[:10]}"
 
 
-def test_collector_restart_during_a_steady_stream(collectors: list[CollectorServer], tmp_path: Path) -> None:
-    db = tmp_path / "flows.db"
+def test_collector_restart_during_a_steady_stream(collectors: list[CollectorServer], tmp_dir: Path) -> None:
+    db = tmp_dir / "flows.db"
     srv = start_server(collectors, db)
     addr = str(srv.address)
-    exporter = FlowExporter(fast_config(addr, spool_dir=tmp_path / "spool", memory_max_bytes=8192))
+    exporter = FlowExporter(fast_config(addr, spool_dir=tmp_dir / "spool", memory_max_bytes=8192))
     exporter.start()
     n = 4000
     try:
@@ -110,16 +123,16 @@ def test_collector_restart_during_a_steady_stream(collectors: list[CollectorServ
     finally:
         stats = exporter.close()
     assert stats.submitted == n and stats.sent_records == n and stats.dropped == 0
-    assert stats.spool_batches == 0 and not list((tmp_path / "spool").glob("*.batch"))
+    assert stats.spool_batches == 0 and not list((tmp_dir / "spool").glob("*.batch"))
     assert_exactly_once(list_cookies(addr), n)
 
 
-def test_collector_killed_and_restarted(tmp_path: Path) -> None:
+def test_collector_killed_and_restarted(tmp_dir: Path) -> None:
     """SIGKILL the collector process mid-stream; restart it on the same database and port."""
-    db = tmp_path / "flows.db"
-    first = start_collector_process(db, tmp_path / "collector1.log")
+    db = tmp_dir / "flows.db"
+    first = start_collector_process(db, tmp_dir / "collector1.log")
     procs = [first]
-    exporter = FlowExporter(fast_config(first.address, spool_dir=tmp_path / "spool"))
+    exporter = FlowExporter(fast_config(first.address, spool_dir=tmp_dir / "spool"))
     exporter.start()
     n = 3000
     try:
@@ -127,7 +140,7 @@ def test_collector_killed_and_restarted(tmp_path: Path) -> None:
         assert wait_until(lambda: exporter.stats().sent_records > 300, 15)
         first.kill()
         assert wait_until(lambda: exporter.stats().export_errors > 0, 10)
-        second = start_collector_process(db, tmp_path / "collector2.log", first.address)
+        second = start_collector_process(db, tmp_dir / "collector2.log", first.address)
         procs.append(second)
         feeder.join()
         assert exporter.flush(30)
@@ -159,11 +172,12 @@ class LosesFirstReply:
         return getattr(self._inner, name)
 
 
-def test_lost_reply_is_retried_with_the_same_sequence(tmp_path: Path) -> None:
-    store = FlowStore(tmp_path / "f.db")
+def test_lost_reply_is_retried_with_the_same_sequence(tmp_dir: Path) -> None:
+    store = FlowStore(tmp_dir / "f.db")
     metrics = CollectorMetrics(CollectorRegistry())
     servicer = LosesFirstReply(FlowCollectorService(store, metrics))
-    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[service_handler(FLOW_SERVICE, servicer, lambda: None)])
+    handler = service_handler(FLOW_SERVICE, servicer, lambda: None)
+    server = grpc.server(futures.ThreadPoolExecutor(4), handlers=[handler])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -180,8 +194,8 @@ def test_lost_reply_is_retried_with_the_same_sequence(tmp_path: Path) -> None:
         store.close()
 
 
-def test_spool_limit_drops_are_counted(collectors: list[CollectorServer], tmp_path: Path) -> None:
-    spool_dir = tmp_path / "spool"
+def test_spool_limit_drops_are_counted(collectors: list[CollectorServer], tmp_dir: Path) -> None:
+    spool_dir = tmp_dir / "spool"
     with refusing_port() as port:
         cfg = fast_config(f"127.0.0.1:{port}", spool_dir=spool_dir, memory_max_bytes=2048, spool_max_bytes=16384,
                           batch_max_records=20)  # fmt: skip
@@ -192,24 +206,24 @@ def test_spool_limit_drops_are_counted(collectors: list[CollectorServer], tmp_pa
 
         def settled() -> bool:
             s = exporter.stats()
-            return s.queued_records == 0 and s.dropped_spool_full > 0
+            return s.queued_records == 0 and s.dropped_spool_full > 0 and s.export_errors > 0
 
         assert wait_until(settled, 10)
         stats = exporter.stats()
-        on_disk = sum(len(collector_pb2.FlowBatch.FromString(p.read_bytes()).records) for p in spool_dir.glob("*.batch"))
+        on_disk = spooled_records(spool_dir)
         assert stats.spool_bytes <= 16384
         in_memory = stats.submitted - stats.dropped_spool_full - on_disk
         assert in_memory > 0 and stats.memory_bytes <= 2048 + 2048  # one batch may overshoot
         assert stats.sent_records == 0 and stats.export_errors > 0
         assert "UNAVAILABLE" in stats.last_error
-    srv = start_server(collectors, tmp_path / "flows.db", listen=f"127.0.0.1:{port}")
+    srv = start_server(collectors, tmp_dir / "flows.db", listen=f"127.0.0.1:{port}")
     assert exporter.flush(20)
     final = exporter.close()
     stored = list_cookies(str(srv.address))
     assert final.sent_records == n - final.dropped_spool_full == len(stored) == len(set(stored))
 
 
-def test_queue_full_drops_are_counted(tmp_path: Path) -> None:
+def test_queue_full_drops_are_counted(tmp_dir: Path) -> None:
     exporter = FlowExporter(fast_config("127.0.0.1:1", max_queue_records=10))  # not started: nothing drains
     accepted = exporter.submit_many(rec(i) for i in range(25))
     assert accepted == 10
@@ -217,8 +231,8 @@ def test_queue_full_drops_are_counted(tmp_path: Path) -> None:
     exporter.close(timeout=0)
 
 
-def test_spool_survives_an_agent_restart(collectors: list[CollectorServer], tmp_path: Path) -> None:
-    spool_dir = tmp_path / "spool"
+def test_spool_survives_an_agent_restart(collectors: list[CollectorServer], tmp_dir: Path) -> None:
+    spool_dir = tmp_dir / "spool"
     with refusing_port() as port:
         first = FlowExporter(fast_config(f"127.0.0.1:{port}", spool_dir=spool_dir))
         first.start()
@@ -226,10 +240,10 @@ def test_spool_survives_an_agent_restart(collectors: list[CollectorServer], tmp_
         stats = first.close(timeout=0.3)  # the collector is down: everything goes to the spool
     assert stats.sent_records == 0 and stats.dropped == 0
     files = sorted(spool_dir.glob("*.batch"))
-    assert sum(len(collector_pb2.FlowBatch.FromString(p.read_bytes()).records) for p in files) == 300
+    assert spooled_records(spool_dir) == 300
     first_sequences = [int(p.stem) for p in files]
 
-    srv = start_server(collectors, tmp_path / "flows.db", listen=f"127.0.0.1:{port}")
+    srv = start_server(collectors, tmp_dir / "flows.db", listen=f"127.0.0.1:{port}")
     second = FlowExporter(fast_config(str(srv.address), spool_dir=spool_dir))
     second.start()
     second.submit_many(rec(i) for i in range(300, 400))
@@ -243,8 +257,9 @@ def test_spool_survives_an_agent_restart(collectors: list[CollectorServer], tmp_
     assert min(seqs[len(first_sequences):]) > max(first_sequences)  # and no sequence reused after the restart
 
 
-def test_oversized_batches_are_split_and_bad_records_dropped(collectors: list[CollectorServer], tmp_path: Path) -> None:
-    srv = start_server(collectors, tmp_path / "flows.db", limits=ServiceLimits(max_batch_records=7, max_batch_bytes=4096))
+def test_oversized_batches_are_split_and_bad_records_dropped(collectors: list[CollectorServer], tmp_dir: Path) -> None:
+    limits = ServiceLimits(max_batch_records=7, max_batch_bytes=4096)
+    srv = start_server(collectors, tmp_dir / "flows.db", limits=limits)
     exporter = FlowExporter(fast_config(str(srv.address), batch_max_records=40))
     exporter.start()
     exporter.submit_many(rec(i) for i in range(100))
@@ -257,8 +272,8 @@ def test_oversized_batches_are_split_and_bad_records_dropped(collectors: list[Co
     assert_exactly_once(list_cookies(str(srv.address)), 100)
 
 
-def test_unauthenticated_keeps_the_data(collectors: list[CollectorServer], tmp_path: Path) -> None:
-    srv = start_server(collectors, tmp_path / "flows.db", token="right")
+def test_unauthenticated_keeps_the_data(collectors: list[CollectorServer], tmp_dir: Path) -> None:
+    srv = start_server(collectors, tmp_dir / "flows.db", token="right")
     exporter = FlowExporter(fast_config(str(srv.address), token="wrong"))
     exporter.start()
     exporter.submit_many(rec(i) for i in range(10))
@@ -268,8 +283,8 @@ def test_unauthenticated_keeps_the_data(collectors: list[CollectorServer], tmp_p
     assert stats.dropped_spool_full == 10  # no spool configured: counted, not silently lost
 
 
-def test_close_is_prompt_and_idempotent(collectors: list[CollectorServer], tmp_path: Path) -> None:
-    srv = start_server(collectors, tmp_path / "flows.db")
+def test_close_is_prompt_and_idempotent(collectors: list[CollectorServer], tmp_dir: Path) -> None:
+    srv = start_server(collectors, tmp_dir / "flows.db")
     exporter = FlowExporter(fast_config(str(srv.address), flush_interval_s=30))
     exporter.start()
     exporter.submit_many(rec(i) for i in range(3))  # a partial batch: close sends it without waiting 30 s
@@ -282,14 +297,14 @@ def test_close_is_prompt_and_idempotent(collectors: list[CollectorServer], tmp_p
         exporter.start()
 
 
-def test_corrupt_spool_file_is_skipped(collectors: list[CollectorServer], tmp_path: Path) -> None:
-    spool_dir = tmp_path / "spool"
+def test_corrupt_spool_file_is_skipped(collectors: list[CollectorServer], tmp_dir: Path) -> None:
+    spool_dir = tmp_dir / "spool"
     spool = Spool(spool_dir, 1 << 20)
     good = [to_proto(rec(i)) for i in range(3)]
     assert spool.put(SealedBatch(5, encode_batch("node-a", 5, good), 3))
     (spool_dir / f"{4:020d}.batch").write_bytes(b"\xff\xff\xff not a batch")
     (spool_dir / "00000000000000000009.batch.tmp").write_bytes(b"half written")
-    srv = start_server(collectors, tmp_path / "flows.db")
+    srv = start_server(collectors, tmp_dir / "flows.db")
     exporter = FlowExporter(fast_config(str(srv.address), spool_dir=spool_dir))
     assert not (spool_dir / "00000000000000000009.batch.tmp").exists()
     exporter.start()
@@ -299,13 +314,13 @@ def test_corrupt_spool_file_is_skipped(collectors: list[CollectorServer], tmp_pa
     assert sorted(list_cookies(str(srv.address))) == [0, 1, 2]
 
 
-def test_spool_is_bounded_and_ordered(tmp_path: Path) -> None:
-    spool = Spool(tmp_path, max_bytes=100)
+def test_spool_is_bounded_and_ordered(tmp_dir: Path) -> None:
+    spool = Spool(tmp_dir, max_bytes=100)
     assert spool.put(SealedBatch(3, b"x" * 40, 1))
     assert spool.put(SealedBatch(1, b"y" * 40, 1))
     assert not spool.put(SealedBatch(2, b"z" * 40, 1))  # would exceed 100 bytes
     assert (len(spool), spool.bytes, spool.max_sequence) == (2, 80, 3)
-    reopened = Spool(tmp_path, max_bytes=100)
+    reopened = Spool(tmp_dir, max_bytes=100)
     assert (len(reopened), reopened.bytes) == (2, 80)
     with pytest.raises(ValueError, match="unreadable"):  # b"y"*40 is not a FlowBatch
         reopened.oldest()
@@ -333,9 +348,59 @@ def test_error_classification() -> None:
     assert classify_error(code.INVALID_ARGUMENT, "bad", [], 1) is Outcome.DROP
 
 
-def test_sequences_start_after_the_clock_and_the_spool(tmp_path: Path) -> None:
-    Spool(tmp_path, 1 << 20).put(SealedBatch(10**18, encode_batch("a", 10**18, []), 0))
-    exporter = FlowExporter(fast_config("127.0.0.1:1", spool_dir=tmp_path), wall_ns=lambda: 5_000_000)
+def test_sequences_start_after_the_clock_and_the_spool(tmp_dir: Path) -> None:
+    Spool(tmp_dir, 1 << 20).put(SealedBatch(10**18, encode_batch("a", 10**18, []), 0))
+    exporter = FlowExporter(fast_config("127.0.0.1:1", spool_dir=tmp_dir), wall_ns=lambda: 5_000_000)
     assert exporter._take_sequence() == 10**18 + 1  # noqa: SLF001
     plain = FlowExporter(fast_config("127.0.0.1:1"), wall_ns=lambda: 5_000_000)
     assert plain._take_sequence() == 5000  # noqa: SLF001 - microseconds
+
+
+def test_a_lone_record_goes_out_after_the_flush_interval(collectors: list[CollectorServer], tmp_dir: Path) -> None:
+    srv = start_server(collectors, tmp_dir / "flows.db")
+    exporter = FlowExporter(fast_config(str(srv.address), flush_interval_s=0.1))
+    exporter.start()
+    try:
+        time.sleep(0.2)  # the sender is asleep
+        t0 = time.monotonic()
+        exporter.submit(rec(1))
+        assert wait_until(lambda: exporter.stats().sent_records == 1, 5)
+        assert time.monotonic() - t0 < 0.9  # not the sender's 1 s idle tick
+    finally:
+        exporter.close()
+
+
+class Hangs:
+    """A collector that accepts pushes and never answers them."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def Push(self, request: object, context: grpc.ServicerContext) -> collector_pb2.PushReply:  # noqa: N802
+        self.release.wait(30)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "gave up")
+        raise AssertionError
+
+    def ListFlows(self, request: object, context: grpc.ServicerContext) -> Iterator[bytes]:  # noqa: N802
+        return iter(())
+
+    Follow = ListFlows
+
+
+def test_close_cancels_a_hung_push_and_spools_it(tmp_dir: Path) -> None:
+    hangs = Hangs()
+    server = grpc.server(futures.ThreadPoolExecutor(2), handlers=[service_handler(FLOW_SERVICE, hangs, lambda: None)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        exporter = FlowExporter(fast_config(f"127.0.0.1:{port}", rpc_timeout_s=30, spool_dir=tmp_dir / "spool"))
+        exporter.start()
+        exporter.submit(rec(1))
+        time.sleep(0.3)  # the push is in flight
+        t0 = time.monotonic()
+        stats = exporter.close(timeout=0.3)
+        assert time.monotonic() - t0 < 3
+        assert stats.spool_batches == 1 and stats.dropped == 0 and "CANCELLED" in stats.last_error
+    finally:
+        hangs.release.set()
+        server.stop(0).wait()
