@@ -22,6 +22,8 @@ from agent.policy.identities import IdentityMeta, IdentityNumbering
 
 log = logging.getLogger("aimesh.agent")
 
+POLL_MS = 25   # how often queued decision and flow events are drained (they do not wake the agent)
+
 
 @dataclass
 class AgentOptions:
@@ -204,7 +206,7 @@ class Agent:
         last_housekeeping = time.monotonic()
         self._udp_last = time.monotonic_ns()
         while not self._stop:
-            self.datapath.poll(100)
+            self.datapath.poll(POLL_MS)
             if time.monotonic_ns() - self._udp_last >= self.config.telemetry.udp_window * 1e9:
                 self._drain_udp()
             if self._reload:

@@ -72,7 +72,7 @@ static __always_inline void fastpath_interim(struct sk_msg_md *msg, const struct
 	ev->local_port = own->local_port;
 	ev->remote_port = own->remote_port;
 	ev->is_v6 = family != 2;
-	flow_events.ringbuf_submit(ev, 0);
+	flow_events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
 	fo->last_report_ns = now;
 }
 

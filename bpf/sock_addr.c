@@ -182,7 +182,7 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 		ev->reason = d.reason;
 		ev->flags = d.flags;
 		bpf_get_current_comm(ev->comm, sizeof(ev->comm));
-		decision_events.ringbuf_submit(ev, 0);
+		decision_events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
 	}
 	return d.verdict != VERDICT_DENIED;
 }

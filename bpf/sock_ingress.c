@@ -120,7 +120,7 @@ int aimesh_ingress(struct __sk_buff *skb)
 			ev->verdict = d.verdict;
 			ev->reason = d.reason;
 			ev->flags = d.flags;
-			decision_events.ringbuf_submit(ev, 0);
+			decision_events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
 		}
 	}
 	return d.verdict != VERDICT_DENIED;

@@ -299,7 +299,7 @@ class Limits:
     max_udp_flows: int = 65536
     max_local_peers: int = 65536
     max_fastpath_sockets: int = 65536
-    ringbuf_pages: int = 256
+    ringbuf_pages: int = 1024
     flow_ringbuf_pages: int = 4096
 
     def cflags(self) -> list[str]:

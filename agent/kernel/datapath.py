@@ -232,7 +232,10 @@ class Datapath:
         self.bpf[b"flow_events"].open_ring_buffer(self._cbs[2])
 
     def poll(self, timeout_ms: int) -> None:
+        """Wait up to timeout_ms for an agent event (they wake us), then drain every ring: decision and flow events
+        are queued without a wakeup (see maps.h)."""
         self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
 
     def counters(self) -> list[int]:
         """verdict_counters summed over CPUs, one int per slot (see abi.h)."""

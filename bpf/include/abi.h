@@ -49,7 +49,7 @@
 #define MAX_FASTPATH_SOCKETS 65536
 #endif
 #ifndef RINGBUF_PAGES
-#define RINGBUF_PAGES 256
+#define RINGBUF_PAGES 1024          /* 4 MiB: ~35k decisions between two drains */
 #endif
 #ifndef FLOW_RINGBUF_PAGES
 #define FLOW_RINGBUF_PAGES 4096        /* 16 MiB: ~100k flow records of headroom */

@@ -2,6 +2,8 @@
  * Every aimesh map, one "what -> what" line each. Included once, by bpf/programs.h.
  * Generation-keyed maps (gen in the key) are double-buffered: the agent writes the inactive generation, flips
  * runtime_config.active_gen, then deletes the old one, so a reload is atomic for every program run.
+ * decision_events and flow_events are submitted with BPF_RB_NO_WAKEUP: waking the agent per event made every connect
+ * pay for a wakeup; the agent drains them on a short timer instead. agent_events (rare) wake it at once.
  */
 #ifndef AIMESH_MAPS_H
 #define AIMESH_MAPS_H

@@ -84,7 +84,7 @@ static __always_inline void flow_emit(struct bpf_sock_ops *skops, struct flow_or
 	ev->local_port = skops->local_port;
 	ev->remote_port = sockops_remote_port(skops);
 	ev->is_v6 = skops->family != 2;
-	flow_events.ringbuf_submit(ev, 0);
+	flow_events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
 	fo->last_report_ns = now;
 }
 

@@ -98,7 +98,7 @@ def test_sighup_good_and_bad_config(cgroups, agents):
 def test_sigterm_detaches_exactly_what_it_attached(cgroups, agents):
     agent = agents(base_config(cgroups, 18000))
     names = attached_programs(cgroups.root)
-    assert len(names) == 11 and all(n.startswith("aimesh_") for n in names)
+    assert len(names) == 13 and all(n.startswith("aimesh_") for n in names)
     assert agent.get("/healthz")[0] == 200
     assert agent.stop() == 0
     assert attached_programs(cgroups.root) == []
@@ -111,9 +111,9 @@ def test_two_agents_stack_and_detach_independently(cgroups, agents, tmp_path):
     (tmp_path / "second").mkdir()
     second = start_agent(tmp_path / "second", cgroups.root, base_config(cgroups, 18000))
     try:
-        assert len(attached_programs(cgroups.root)) == 22
+        assert len(attached_programs(cgroups.root)) == 26
         first.stop()
-        assert len(attached_programs(cgroups.root)) == 11
+        assert len(attached_programs(cgroups.root)) == 13
     finally:
         second.stop()
     assert attached_programs(cgroups.root) == []

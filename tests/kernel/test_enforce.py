@@ -136,7 +136,7 @@ def test_udp_sendmsg(cgroups, agents, host):
     ok = run_client(chat, port, host=host, udp=True, count=3)
     assert ok["ok"] == 3 and ok["answers"] == {"llama-udp": 3}
     assert run_client(rogue, port, host=host, udp=True)["errors"] == {"EPERM": 1}
-    recs = [r for r in agent.flows(wait_for=2) if r["destination"]["port"] == port]
+    recs = [r for r in agent.flows(wait_for=4) if r["destination"]["port"] == port]
     # three datagrams from one socket... are three sockets here (one per attempt): one record each, hook sendmsg
     assert {r["hook"] for r in recs} == {"sendmsg"} and {r["protocol"] for r in recs} == {"udp"}
     assert sorted(r["verdict"] for r in recs) == ["allowed"] * 3 + ["denied"]
