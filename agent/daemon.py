@@ -232,6 +232,11 @@ class Agent:
             return
         self.tally.add(d.src_id, d.dst_id, d.verdict, bool(d.flags & abi.EventFlag.DEPRECATED))
         self.flow_log.write(to_json(d, self.identities, self._mono_to_wall))
+        if d.verdict == abi.Verdict.DENIED:
+            # no connection follows, so no connection record: the collector gets the decision itself
+            from agent.flows.records import decision_record
+            self._emit_record(decision_record(d, self.identities, self._mono_to_wall, self.agent_id, self.node),
+                              False)
 
     def _on_flow(self, data: bytes) -> None:
         from agent.flows.decode import DecodeError

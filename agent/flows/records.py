@@ -56,6 +56,24 @@ def flow_record(ev: abi.FlowEvent, meta: Mapping[int, IdentityMeta], mono_to_wal
     )
 
 
+def decision_record(d, meta: Mapping[int, IdentityMeta], mono_to_wall_ns: int, agent_id: str = "",
+                    node: str = "") -> FlowRecordData:
+    """A connect/sendmsg/ingress decision that made no connection (denied): kind DECISION, no bytes."""
+    ingress = d.hook == abi.Hook.INGRESS
+    return FlowRecordData(
+        agent_id=agent_id, node=node, cookie=d.cookie, kind=RecordKind.DECISION,
+        start_time_unix_nano=d.ts_ns + mono_to_wall_ns, end_time_unix_nano=d.ts_ns + mono_to_wall_ns,
+        source=identity_data(meta, d.src_id), destination=identity_data(meta, d.dst_id),
+        actual_destination=identity_data(meta, d.actual_dst_id),
+        source_address=(d.peer_addr or "") if ingress else "", source_port=d.peer_port if ingress else 0,
+        destination_address=d.actual_addr, destination_port=d.actual_port,
+        dialed_address=d.dialed_addr, dialed_port=d.dialed_port,
+        protocol=6 if d.protocol == "tcp" else 17, hook=int(d.hook), verdict=int(d.verdict), reason=int(d.reason),
+        rule_id=d.rule_id, deprecated=bool(d.flags & abi.EventFlag.DEPRECATED),
+        redirected=bool(d.flags & abi.EventFlag.REDIRECTED), lifecycle=bool(d.flags & abi.EventFlag.LIFECYCLE),
+        pid=d.pid, comm=d.comm)
+
+
 @dataclass
 class UdpCounters:
     bytes_sent: int = 0
