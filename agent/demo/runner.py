@@ -14,6 +14,7 @@ import argparse
 import os
 import shutil
 import signal
+import subprocess
 import socket
 import sys
 import tempfile
@@ -38,6 +39,7 @@ DEFAULT_CONFIG = "deploy/examples/demo.yaml"
 DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
 FRAME_INTERVAL_S = 0.5
 TICK_S = 0.1
+DEFAULT_COLLECTOR_ADDR = "127.0.0.1:4790"
 WORKLOAD_GRACE_S = 3.0
 AGENT_GRACE_S = 15.0
 SERVER_READY_TIMEOUT_S = 15.0
@@ -52,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop and clean up after this many seconds of traffic (default: run until Ctrl-C)")
     parser.add_argument("--metrics-addr", default=DEFAULT_METRICS_ADDR, metavar="HOST:PORT",
                         help=f"where the demo's agent serves /metrics and /healthz (default {DEFAULT_METRICS_ADDR})")
+    parser.add_argument("--collector-addr", default=DEFAULT_COLLECTOR_ADDR, metavar="HOST:PORT",
+                        help=f"where the demo's local flow collector listens (default {DEFAULT_COLLECTOR_ADDR})")
     parser.add_argument("--flow-log", default=None, metavar="PATH",
                         help="where the agent writes its flow log (default: in a temporary directory removed at exit)")
     parser.add_argument("--keep-logs", action="store_true",
@@ -79,9 +83,15 @@ def url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def agent_argv(python: str, module: str, config: Path, cgroup_root: Path, flow_log: Path, metrics_addr: str) -> list[str]:
+def agent_argv(python: str, module: str, config: Path, cgroup_root: Path, flow_log: Path, metrics_addr: str,
+               collector_addr: str | None = None) -> list[str]:
     return [python, "-m", module, "agent", "--config", str(config), "--cgroup-root", str(cgroup_root),
-            "--flow-log", str(flow_log), "--metrics-addr", metrics_addr]
+            "--flow-log", str(flow_log), "--metrics-addr", metrics_addr] + (
+        ["--collector", collector_addr, "--agent-id", "demo"] if collector_addr else [])
+
+
+def collector_argv(python: str, listen: str, db: Path) -> list[str]:
+    return [python, "-m", "agent", "collector", "--listen", listen, "--db", str(db)]
 
 
 def server_argv(python: str, spec: ServerSpec) -> list[str]:
@@ -229,6 +239,9 @@ class Session:
     python: str = sys.executable
     tree: CgroupTree | None = None
     agent: Child | None = None
+    collector: Child | None = None
+    collector_addr: str | None = None
+    summary: list[str] = field(default_factory=list)
     workloads: list[Child] = field(default_factory=list)
     table: view.FlowTable = field(default_factory=view.FlowTable)
     flows: FileTail | None = None
@@ -247,17 +260,41 @@ class Session:
         env["PYTHONUNBUFFERED"] = "1"
         return Spawner(cwd=Path(__file__).resolve().parents[2], env=env)
 
+    def start_collector(self, spawner: Spawner) -> None:
+        """The local flow collector the agent exports to (SQLite in the work directory)."""
+        if self.collector_addr:
+            self.collector = spawner.start("aimesh collector", "collector",
+                                           collector_argv(self.python, self.collector_addr, self.workdir / "flows.db"),
+                                           self.workdir / "collector.log")
+
     def start_agent(self, spawner: Spawner) -> None:
         assert self.tree is not None
         config = self.workdir / "agent-config.yaml"
+        agent_config = dict(self.demo.agent_config)
+        if self.collector_addr:
+            agent_config["collector"] = {**agent_config.get("collector", {}),
+                                         "spool_dir": str(self.workdir / "spool"), "flush_interval": 0.5}
         config.write_text(
             f"# rendered by `aimesh demo` from {self.config_path} (its `demo:` section removed)\n"
-            + yaml.safe_dump(self.demo.agent_config, sort_keys=False)
+            + yaml.safe_dump(agent_config, sort_keys=False)
         )
         self.flows = FileTail(self.flow_log)
         self.flows.skip_existing()
-        argv = agent_argv(self.python, self.agent_module, config, self.tree.root, self.flow_log, self.metrics_addr)
+        argv = agent_argv(self.python, self.agent_module, config, self.tree.root, self.flow_log, self.metrics_addr,
+                          self.collector_addr)
         self.agent = spawner.start("aimesh agent", "agent", argv, self.workdir / "agent.log")
+
+    def collector_summary(self) -> list[str]:
+        """The last flows the collector stored, as `aimesh flows` prints them."""
+        if not self.collector_addr or self.collector is None or not self.collector.running():
+            return []
+        try:
+            r = subprocess.run([self.python, "-m", "agent", "flows", "--collector", self.collector_addr,
+                                "--limit", "8"], capture_output=True, text=True, timeout=20,
+                               cwd=Path(__file__).resolve().parents[2])
+        except (OSError, subprocess.SubprocessError) as e:
+            return [f"aimesh flows failed: {e}"]
+        return (r.stdout or r.stderr).rstrip().splitlines()
 
     def wait_agent(self, timeout_s: float) -> str | None:
         """None when /healthz says 200, else why not."""
@@ -388,6 +425,11 @@ class Session:
             if killed:
                 problems.append(f"the agent did not stop on SIGTERM within {AGENT_GRACE_S:g}s (killed)")
         self.pump()
+        self.summary = self.collector_summary()   # after the agent flushed its last records
+        if self.collector is not None:
+            killed = stop_children([self.collector], WORKLOAD_GRACE_S)
+            if killed:
+                problems.append("the collector did not stop on SIGTERM (killed)")
         if self.tree is not None:
             problems += [f"cgroup not removed: {p}" for p in remove_tree(self.tree)]
         return problems
@@ -436,6 +478,10 @@ def preflight(args: argparse.Namespace) -> Preflight:
     if tcp_accepts(host, port):
         raise PreflightError(f"something already listens on {args.metrics_addr} (another agent?); "
                              "pass --metrics-addr HOST:PORT")
+    if args.collector_addr:
+        chost, cport = parse_hostport(args.collector_addr)
+        if tcp_accepts(chost, cport):
+            raise PreflightError(f"something already listens on {args.collector_addr}; pass --collector-addr HOST:PORT")
     busy = [f"{s.name}:{s.port}" for s in demo.plan.servers if tcp_accepts("127.0.0.1", s.port)]
     if busy:
         raise PreflightError(f"ports already in use on 127.0.0.1: {', '.join(busy)}; change them in {config_path}")
@@ -447,6 +493,7 @@ def drive(session: Session, args: argparse.Namespace) -> str | None:
     try:
         session.make_cgroups()
         spawner = session.spawner()
+        session.start_collector(spawner)
         session.start_agent(spawner)
         failure = session.wait_agent(args.agent_timeout)
         if failure is None and not session.stop.requested:
@@ -482,6 +529,10 @@ def report(session: Session, args: argparse.Namespace, failure: str | None, prob
         console.line(f"aimesh demo: logs kept in {session.workdir}")
     else:
         shutil.rmtree(session.workdir, ignore_errors=True)
+    if session.summary:
+        console.line(f"aimesh demo: the last flows in the collector (aimesh flows --collector {session.collector_addr}):")
+        for line in session.summary:
+            console.line(f"  {line}")
     if args.flow_log:
         console.line(f"aimesh demo: flow log at {session.flow_log}")
     if session.tree is not None and not problems:
@@ -503,7 +554,7 @@ def run(args: argparse.Namespace) -> int:
         config_path=Path(args.config), demo=pre.demo, mount=pre.mount, metrics_addr=args.metrics_addr,
         console=Console(out=sys.stdout, live=sys.stdout.isatty() and not args.plain), stop=stop, workdir=workdir,
         flow_log=Path(args.flow_log).resolve() if args.flow_log else workdir / "flows.jsonl",
-        agent_module=args.agent_module,
+        agent_module=args.agent_module, collector_addr=args.collector_addr or None,
     )
     # Until everything is removed, SIGINT/SIGTERM/SIGHUP only set the flag: a second Ctrl-C cannot cut the cleanup.
     previous = install_handlers(stop)
