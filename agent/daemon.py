@@ -85,7 +85,8 @@ class Agent:
         self.identities: dict[int, IdentityMeta] = {}
         self.config: Optional[Config] = None
         self.healthy = False
-        self.state = {"programs_attached": 0, "reloads_ok": 0, "reloads_failed": 0, "decode_errors": 0}
+        self.state = {"programs_attached": 0, "reloads_ok": 0, "reloads_failed": 0, "decode_errors": 0,
+                      "ring_events": {"decision_events": 0, "flow_events": 0, "agent_events": 0}}
         self._reload = False
         self._stop = False
         self._next_transition: Optional[datetime] = None
@@ -224,6 +225,7 @@ class Agent:
     # ---- kernel events ----
     def _on_decision(self, data: bytes) -> None:
         from agent.flows.decode import DecodeError, decode_decision, to_json
+        self.state["ring_events"]["decision_events"] += 1
         try:
             d = decode_decision(data)
         except DecodeError as e:
@@ -241,6 +243,7 @@ class Agent:
     def _on_flow(self, data: bytes) -> None:
         from agent.flows.decode import DecodeError
         from agent.flows.records import decode_flow_event, flow_record
+        self.state["ring_events"]["flow_events"] += 1
         try:
             ev = decode_flow_event(data)
         except DecodeError as e:
@@ -281,6 +284,7 @@ class Agent:
 
     def _on_agent_event(self, data: bytes) -> None:
         from agent.flows.decode import DecodeError, decode_agent_event
+        self.state["ring_events"]["agent_events"] += 1
         try:
             ev = decode_agent_event(data)
         except DecodeError as e:
@@ -298,4 +302,7 @@ class Agent:
         st["maps"]["cgroup_identity"] = (len(self.assigner.cgroups), self.opts.limits.max_cgroups)
         st["maps"]["process_identity"] = (len(self.assigner.processes), self.opts.limits.max_processes)
         st["flow_log_records"] = self.flow_log.written
+        lim = self.opts.limits
+        st["ring_capacity"] = {"decision_events": lim.ringbuf_pages * 4096, "flow_events": lim.flow_ringbuf_pages * 4096,
+                               "agent_events": 16 * 4096}
         return st

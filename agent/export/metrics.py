@@ -111,6 +111,14 @@ class AgentCollector(Collector):
             capacity.add_metric([name], cap)
         yield entries
         yield capacity
+        rings = CounterMetricFamily("aimesh_ring_events", "Events the agent read from each kernel ring buffer",
+                                    labels=["ring"])
+        cap = GaugeMetricFamily("aimesh_ring_capacity_bytes", "Size of each kernel ring buffer", labels=["ring"])
+        for ring, n in sorted(st.get("ring_events", {}).items()):
+            rings.add_metric([ring], n)
+            cap.add_metric([ring], st.get("ring_capacity", {}).get(ring, 0))
+        yield rings
+        yield cap
         yield CounterMetricFamily("aimesh_flow_log_records", "Records written to the flow log",
                                   value=st.get("flow_log_records", 0))
         yield CounterMetricFamily("aimesh_decode_errors", "Kernel events that could not be decoded",
