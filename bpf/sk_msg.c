@@ -9,33 +9,12 @@
 static __always_inline void msg_tuple(struct sk_msg_md *msg, struct sock_tuple *own, struct sock_tuple *peer)
 {
 	__u8 local[16], remote[16];
-	union addr16 a;
 	if (msg->family == 2 /* AF_INET */) {
-		__u32 l4 = msg->local_ip4;
-		barrier_var(l4);
-		__u32 r4 = msg->remote_ip4;
-		barrier_var(r4);
-		addr_from_v4(local, l4);
-		addr_from_v4(remote, r4);
+		ADDR_LOAD_V4(local, msg->local_ip4);
+		ADDR_LOAD_V4(remote, msg->remote_ip4);
 	} else {
-		a.w[0] = msg->local_ip6[0];
-		barrier_var(a.w[0]);
-		a.w[1] = msg->local_ip6[1];
-		barrier_var(a.w[1]);
-		a.w[2] = msg->local_ip6[2];
-		barrier_var(a.w[2]);
-		a.w[3] = msg->local_ip6[3];
-		barrier_var(a.w[3]);
-		__builtin_memcpy(local, a.b, 16);
-		a.w[0] = msg->remote_ip6[0];
-		barrier_var(a.w[0]);
-		a.w[1] = msg->remote_ip6[1];
-		barrier_var(a.w[1]);
-		a.w[2] = msg->remote_ip6[2];
-		barrier_var(a.w[2]);
-		a.w[3] = msg->remote_ip6[3];
-		barrier_var(a.w[3]);
-		__builtin_memcpy(remote, a.b, 16);
+		ADDR_LOAD_V6(local, msg->local_ip6);
+		ADDR_LOAD_V6(remote, msg->remote_ip6);
 	}
 	__u16 lport = msg->local_port;
 	__u16 rport = (__u16)bpf_ntohl(msg->remote_port);

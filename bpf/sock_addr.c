@@ -23,24 +23,11 @@ static __always_inline int is_server_reply(struct bpf_sock_addr *ctx, __u32 src,
 	struct bpf_sock *sk = ctx->sk;
 	if (!sk || src == ID_UNMANAGED)
 		return 0;
-	/* one load per field: the verifier refuses pointer arithmetic on a socket pointer */
 	__u8 local[16];
-	union addr16 a;
-	if (ctx->family == 2 /* AF_INET */) {
-		__u32 ip4 = sk->src_ip4;
-		barrier_var(ip4);
-		addr_from_v4(local, ip4);
-	} else {
-		a.w[0] = sk->src_ip6[0];
-		barrier_var(a.w[0]);
-		a.w[1] = sk->src_ip6[1];
-		barrier_var(a.w[1]);
-		a.w[2] = sk->src_ip6[2];
-		barrier_var(a.w[2]);
-		a.w[3] = sk->src_ip6[3];
-		barrier_var(a.w[3]);
-		__builtin_memcpy(local, a.b, 16);
-	}
+	if (ctx->family == 2 /* AF_INET */)
+		ADDR_LOAD_V4(local, sk->src_ip4);
+	else
+		ADDR_LOAD_V6(local, sk->src_ip6);
 	__u16 port = sk->src_port;
 	if (!port)
 		return 0;
@@ -197,12 +184,7 @@ static __always_inline void target_from_v4(struct bpf_sock_addr *ctx, struct soc
 
 static __always_inline void target_from_v6(struct bpf_sock_addr *ctx, struct sock_target *t)
 {
-	union addr16 a;
-	a.w[0] = ctx->user_ip6[0];
-	a.w[1] = ctx->user_ip6[1];
-	a.w[2] = ctx->user_ip6[2];
-	a.w[3] = ctx->user_ip6[3];
-	__builtin_memcpy(t->addr, a.b, 16);
+	ADDR_LOAD_V6(t->addr, ctx->user_ip6);
 	t->port = bpf_ntohs(ctx->user_port);
 	t->is_v6 = 1;
 	t->rewritten = 0;

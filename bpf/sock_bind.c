@@ -28,10 +28,7 @@ int aimesh_post_bind4(struct bpf_sock *sk)
 
 int aimesh_post_bind6(struct bpf_sock *sk)
 {
-	union addr16 a;
-	a.w[0] = sk->src_ip6[0];
-	a.w[1] = sk->src_ip6[1];
-	a.w[2] = sk->src_ip6[2];
-	a.w[3] = sk->src_ip6[3];
-	return record_bind(sk, a.b);
+	__u8 addr[16];
+	ADDR_LOAD_V6(addr, sk->src_ip6);
+	return record_bind(sk, addr);
 }

@@ -12,6 +12,30 @@ union addr16 {
 	__u32 w[4];
 };
 
+/* Copy a context's __u32 field[4] IPv6 address into dst (16 bytes): four separate loads, since the verifier refuses
+ * the merged or pointer-arithmetic access the compiler would otherwise make on sock and sk_msg contexts. */
+#define ADDR_LOAD_V6(dst, field)                      \
+	do {                                          \
+		union addr16 __a;                     \
+		__a.w[0] = (field)[0];                \
+		barrier_var(__a.w[0]);                \
+		__a.w[1] = (field)[1];                \
+		barrier_var(__a.w[1]);                \
+		__a.w[2] = (field)[2];                \
+		barrier_var(__a.w[2]);                \
+		__a.w[3] = (field)[3];                \
+		barrier_var(__a.w[3]);                \
+		__builtin_memcpy((dst), __a.b, 16);   \
+	} while (0)
+
+/* The same for a __u32 IPv4 field, into the v4-mapped form. */
+#define ADDR_LOAD_V4(dst, field)                      \
+	do {                                          \
+		__u32 __v4 = (field);                 \
+		barrier_var(__v4);                    \
+		addr_from_v4((dst), __v4);            \
+	} while (0)
+
 static __always_inline void addr_from_v4(__u8 *dst, __u32 ip4_be)
 {
 	union addr16 a = {};

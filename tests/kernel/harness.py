@@ -146,6 +146,15 @@ class AgentProc:
                 return recs
             time.sleep(0.05)
 
+    def records_where(self, pred, timeout: float = 5.0) -> list[dict]:
+        """Flow-log records matching pred; waits until there is at least one (the agent drains every 25 ms)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            recs = [r for r in self.flows() if pred(r)]
+            if recs or time.monotonic() > deadline:
+                return recs
+            time.sleep(0.05)
+
     def write_config(self, cfg: dict | str) -> None:
         text = cfg if isinstance(cfg, str) else yaml.safe_dump(cfg, sort_keys=False)
         tmp = self.config_path.with_suffix(".tmp")

@@ -183,6 +183,6 @@ def test_process_selector(cgroups, agents, tmp_path):
         if res["ok"] == 1 or time.monotonic() > deadline:
             break
     assert res["ok"] == 1, res
-    recs = [r for r in agent.flows() if r["destination"]["port"] == port and r["verdict"] == "allowed"]
+    recs = agent.records_where(lambda r: r["destination"]["port"] == port and r["verdict"] == "allowed")
     assert recs and recs[-1]["source"]["name"] == "chat"
     srv.popen.kill()
