@@ -45,10 +45,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def agent_argv(python: Path, config: Path, cgroup_root: Path, metrics_port: int, cpu: Optional[int]) -> list[str]:
+def agent_argv(python: Path, config: Path, cgroup_root: Path, metrics_port: int, cpu: Optional[int],
+               extra: tuple[str, ...] = ()) -> list[str]:
     pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
     return pin + [str(python), "-m", "agent", "agent", "--config", str(config), "--cgroup-root", str(cgroup_root),
-                  "--metrics-addr", f"127.0.0.1:{metrics_port}"]
+                  "--metrics-addr", f"127.0.0.1:{metrics_port}", *extra]
 
 
 def start_agent(name: str, argv: list[str], metrics_port: int, log_path: Path, cwd: Path) -> AgentProc:
@@ -92,10 +93,15 @@ def wait_ready(agent: AgentProc, timeout_s: float) -> float:
 
 
 def usage(agent: AgentProc) -> Optional[Usage]:
+    return usage_of(agent.ps)
+
+
+def usage_of(ps: psutil.Process) -> Optional[Usage]:
+    """CPU (user + system, all threads) and RSS of any process we started; None once it is gone."""
     try:
-        with agent.ps.oneshot():
-            t = agent.ps.cpu_times()
-            return Usage(cpu_s=t.user + t.system, rss_bytes=agent.ps.memory_info().rss)
+        with ps.oneshot():
+            t = ps.cpu_times()
+            return Usage(cpu_s=t.user + t.system, rss_bytes=ps.memory_info().rss)
     except psutil.Error:
         return None
 

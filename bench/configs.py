@@ -3,11 +3,17 @@
 Every config has the two identities the workload uses (`client`, a service, and `server`, a governed model) and the
 one policy client -> server on the bench port. The rest of the N policy entries are dummies between model identities
 m0..mK that no workload belongs to: they only fill the policy map, as a large deployment would.
+
+Optional parts, for the scale and flow sections:
+  watched cgroups  empty cgroups `<subtree>/idle-0..idle-N-1`, all matched by one glob to the identity `watched`;
+  workloads        cgroups `<subtree>/wl-0..wl-N-1`, each matched by its own glob to its own identity `wl-I`;
+  fast_path, telemetry, collector: passed through as the agent's config keys of the same names.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import yaml
 
@@ -22,6 +28,15 @@ class AgentConfigSpec:
     cgroup_rel: str         # the governed subtree, relative to the cgroup2 mount, e.g. "/aimesh-bench-123/r10"
     port: int               # the server's port
     policy_entries: int     # total entries in the policy map, the client -> server one included
+    fast_path: Optional[bool] = None     # None: the agent's default
+    watched_cgroups: int = 0
+    workloads: int = 0
+    telemetry: Optional[dict] = None
+    collector: Optional[dict] = None
+
+
+WATCHED_PREFIX = "idle-"
+WORKLOAD_PREFIX = "wl-"
 
 
 def dummy_pairs(entries: int) -> list[tuple[int, int, list[int]]]:
@@ -50,10 +65,23 @@ def agent_config(spec: AgentConfigSpec) -> dict:
         {"name": "client", "kind": "service", "select": {"cgroups": [f"{spec.cgroup_rel}/client"]}},
         {"name": "server", "kind": "model", "version": "1", "select": {"cgroups": [f"{spec.cgroup_rel}/server"]}},
     ] + [{"name": f"m{i}", "kind": "model", "version": "1"} for i in dummies]
+    if spec.watched_cgroups:
+        identities.append({"name": "watched", "kind": "model", "version": "1",
+                           "select": {"cgroups": [f"{spec.cgroup_rel}/{WATCHED_PREFIX}*"]}})
+    identities += [{"name": f"{WORKLOAD_PREFIX}{i}", "kind": "model", "version": "1",
+                    "select": {"cgroups": [f"{spec.cgroup_rel}/{WORKLOAD_PREFIX}{i}"]}} for i in range(spec.workloads)]
     policies = [{"from": "client", "to": "server", "ports": [spec.port], "protocol": "tcp"}] + [
         {"from": f"m{i}", "to": f"m{j}", "ports": ports, "protocol": "tcp"} for i, j, ports in pairs
     ]
-    return {"mode": "enforce", "identities": identities, "policies": policies}
+    config: dict = {"mode": "enforce"}
+    if spec.fast_path is not None:
+        config["fast_path"] = spec.fast_path
+    if spec.telemetry is not None:
+        config["telemetry"] = spec.telemetry
+    if spec.collector is not None:
+        config["collector"] = spec.collector
+    config.update(identities=identities, policies=policies)
+    return config
 
 
 def to_yaml(config: dict) -> str:

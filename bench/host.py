@@ -23,6 +23,24 @@ def parse_proc_stat(text: str) -> CpuTimes:
     raise ValueError("no aggregate cpu line in /proc/stat")
 
 
+def parse_proc_stat_cpu(text: str, cpu: int) -> CpuTimes:
+    """The `cpuN` line of /proc/stat, as parse_proc_stat reads the aggregate one."""
+    name = f"cpu{cpu}"
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0] == name:
+            values = [int(v) for v in parts[1:9]]
+            idle = values[3] + values[4]
+            return CpuTimes(busy=sum(values) - idle, total=sum(values))
+    raise ValueError(f"no {name} line in /proc/stat")
+
+
+def cpu_times(cpu: int | None = None) -> CpuTimes:
+    """Busy and total ticks of one CPU (or all, when cpu is None), now."""
+    text = Path("/proc/stat").read_text()
+    return parse_proc_stat(text) if cpu is None else parse_proc_stat_cpu(text, cpu)
+
+
 def busy_fraction(before: CpuTimes, after: CpuTimes) -> float:
     total = after.total - before.total
     return 0.0 if total <= 0 else (after.busy - before.busy) / total

@@ -1,12 +1,20 @@
 /* aimesh-lg: a small TCP load generator for bench/ (compiled at bench time with the machine's cc).
  *
- *   aimesh-lg server HOST PORT              listen; per connection: echo until EOF/reset, then close. Prints
+ *   aimesh-lg server HOST PORT              listen; per connection: echo until EOF/reset, then close. A connection
+ *                                           that starts with the bulk header (below) is a sink instead. Prints
  *                                           "ready" once listening; runs until killed.
  *   aimesh-lg rr  HOST PORT N SIZE WARMUP   one connection, WARMUP + N ping-pongs of SIZE bytes (TCP_NODELAY);
  *                                           prints one JSON line with the round-trip median/p99/mean of the N.
  *   aimesh-lg crr HOST PORT N WARMUP        WARMUP + N times: socket(), connect(), close() with SO_LINGER 0 (a RST,
  *                                           so no TIME_WAIT eats the ephemeral ports); prints one JSON line with the
  *                                           rate over the N and the per-iteration median/p99.
+ *   aimesh-lg crate HOST PORT N RATE        N times connect()+close(RST) as above, paced open loop at RATE per
+ *                                           second (connection i starts at t0 + i/RATE, at once when late; RATE 0:
+ *                                           as fast as possible); prints the achieved rate.
+ *   aimesh-lg bulk HOST PORT BYTES          one connection: a 16-byte header ("AIMESHB1" + BYTES as a native
+ *                                           uint64), then BYTES one way in 128 KiB writes; the server counts them and
+ *                                           answers 8 bytes once all arrived. Prints MB/s (10^6 B) from the first
+ *                                           write to that answer.
  *
  * Loopback only in bench/, but any HOST the kernel accepts works. Exit status 0 on success, 1 on any error (the
  * message names the failing call and errno, e.g. "connect: Operation not permitted" when a policy denies it).
@@ -20,11 +28,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #define MAX_SIZE 65536
+#define BULK_CHUNK (128 * 1024)
+static const char BULK_MAGIC[8] = { 'A', 'I', 'M', 'E', 'S', 'H', 'B', '1' };
 
 static int fail(const char *what)
 {
@@ -90,6 +101,26 @@ static int full_io(int fd, char *buf, long len, int writing)
 	return 0;
 }
 
+/* A bulk connection: buf holds `have` >= 16 bytes, the header first. Reads until the announced count arrived (or
+ * EOF), answers that count as 8 bytes, then waits for the client to close. */
+static void sink(int c, char *buf, long have)
+{
+	uint64_t want, got = (uint64_t)(have - 16);
+	memcpy(&want, buf + 8, sizeof(want));
+	while (got < want) {
+		ssize_t r = read(c, buf, MAX_SIZE);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return;
+		got += (uint64_t)r;
+	}
+	if (full_io(c, (char *)&got, sizeof(got), 1) < 0)
+		return;
+	while (read(c, buf, MAX_SIZE) > 0)
+		;
+}
+
 static int serve(struct sockaddr_in *sa)
 {
 	int one = 1;
@@ -112,12 +143,23 @@ static int serve(struct sockaddr_in *sa)
 			return fail("accept");
 		}
 		setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		long have = 0;
 		for (;;) {
-			ssize_t r = read(c, buf, sizeof(buf));
+			ssize_t r = read(c, buf + have, sizeof(buf) - have);
 			if (r < 0 && errno == EINTR)
 				continue;
-			if (r <= 0 || full_io(c, buf, r, 1) < 0)
+			if (r <= 0)
 				break;
+			have += r;
+			if (have >= 0 && have < 16 && !memcmp(buf, BULK_MAGIC, have < 8 ? have : 8))
+				continue;   /* may be a bulk header still arriving */
+			if (have >= 16 && !memcmp(buf, BULK_MAGIC, 8)) {
+				sink(c, buf, have);
+				break;
+			}
+			if (full_io(c, buf, have, 1) < 0)
+				break;
+			have = 0;
 		}
 		close(c);
 	}
@@ -198,6 +240,70 @@ static int crr(struct sockaddr_in *sa, long n, long warmup)
 	return 0;
 }
 
+static int crate(struct sockaddr_in *sa, long n, double rate)
+{
+	if (n < 1 || rate < 0)
+		return fprintf(stderr, "aimesh-lg: crate needs N >= 1 and RATE >= 0\n"), 1;
+	prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);   /* sleep to the microsecond, not the default 50 us */
+	uint64_t start = now_ns(), late = 0;
+	for (long i = 0; i < n; i++) {
+		if (rate > 0) {
+			uint64_t due = start + (uint64_t)((double)i * 1e9 / rate), now = now_ns();
+			if (now < due) {
+				struct timespec ts = { .tv_sec = (time_t)(due / 1000000000ull),
+						       .tv_nsec = (long)(due % 1000000000ull) };
+				while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+					;
+			} else if (now - due > 1000000) {
+				late++;   /* started more than 1 ms after its slot */
+			}
+		}
+		if (connect_close(sa))
+			return 1;
+	}
+	double elapsed = (double)(now_ns() - start) / 1e9;
+	printf("{\"mode\": \"crate\", \"n\": %ld, \"target_per_s\": %.1f, \"rate_per_s\": %.1f, \"late_1ms\": %llu, "
+	       "\"elapsed_s\": %.6f}\n",
+	       n, rate, (double)n / elapsed, (unsigned long long)late, elapsed);
+	return 0;
+}
+
+static int bulk(struct sockaddr_in *sa, uint64_t total)
+{
+	static char buf[BULK_CHUNK];
+	char header[16];
+	uint64_t ack = 0;
+	if (total < 1)
+		return fprintf(stderr, "aimesh-lg: bulk needs BYTES >= 1\n"), 1;
+	memset(buf, 'b', sizeof(buf));
+	memcpy(header, BULK_MAGIC, 8);
+	memcpy(header + 8, &total, 8);
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	if (fd < 0)
+		return fail("socket");
+	if (connect(fd, (struct sockaddr *)sa, sizeof(*sa)) < 0)
+		return fail("connect");
+	uint64_t start = now_ns();
+	if (full_io(fd, header, sizeof(header), 1) < 0)
+		return fail("bulk header");
+	for (uint64_t sent = 0; sent < total;) {
+		long n = total - sent < BULK_CHUNK ? (long)(total - sent) : BULK_CHUNK;
+		if (full_io(fd, buf, n, 1) < 0)
+			return fail("bulk write");
+		sent += (uint64_t)n;
+	}
+	if (full_io(fd, (char *)&ack, sizeof(ack), 0) < 0)
+		return fail("bulk answer");
+	double elapsed = (double)(now_ns() - start) / 1e9;
+	close(fd);
+	if (ack != total)
+		return fprintf(stderr, "aimesh-lg: server counted %llu of %llu bytes\n", (unsigned long long)ack,
+			       (unsigned long long)total), 1;
+	printf("{\"mode\": \"bulk\", \"bytes\": %llu, \"mb_per_s\": %.1f, \"elapsed_s\": %.6f}\n",
+	       (unsigned long long)total, (double)total / elapsed / 1e6, elapsed);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct sockaddr_in sa;
@@ -209,6 +315,11 @@ int main(int argc, char **argv)
 		return rr(&sa, atol(argv[4]), atol(argv[5]), atol(argv[6]));
 	if (argc == 6 && !strcmp(argv[1], "crr"))
 		return crr(&sa, atol(argv[4]), atol(argv[5]));
-	fprintf(stderr, "usage: %s server HOST PORT | rr HOST PORT N SIZE WARMUP | crr HOST PORT N WARMUP\n", argv[0]);
+	if (argc == 6 && !strcmp(argv[1], "crate"))
+		return crate(&sa, atol(argv[4]), atof(argv[5]));
+	if (argc == 5 && !strcmp(argv[1], "bulk"))
+		return bulk(&sa, strtoull(argv[4], NULL, 10));
+	fprintf(stderr, "usage: %s server HOST PORT | rr HOST PORT N SIZE WARMUP | crr HOST PORT N WARMUP | "
+		"crate HOST PORT N RATE | bulk HOST PORT BYTES\n", argv[0]);
 	return 2;
 }

@@ -1,6 +1,7 @@
 """The load generator: bench/loadgen.c compiled with the machine's cc, or bench/pyloadgen.py when there is no cc.
 
-Every client and server runs as one shell line that moves itself into its cgroup, pins itself to a CPU and execs the
+Every client and server runs as one shell line that moves itself into its cgroup, enters a network namespace when
+its path has one (nsenter, after the cgroup: `ip netns exec` would remount /sys), pins itself to a CPU and execs the
 generator; the same line is recorded in results.json so it can be rerun by hand.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Workload:
     rr_warmup: int
     crr_n: int
     crr_warmup: int
+    bulk_bytes: int = 256 * 2**20
 
 
 def build(tmpdir: Path, force_python: bool = False) -> LoadGen:
@@ -57,10 +59,16 @@ def build(tmpdir: Path, force_python: bool = False) -> LoadGen:
     return LoadGen(kind="c", argv=[str(out)], build=cmd)
 
 
-def shell_line(cgroup: Path, cpu: Optional[int], argv: list[str]) -> str:
-    """`echo $$ > CG/cgroup.procs && exec taskset -c CPU ARGV...`: join the cgroup, then become the generator."""
+def netns_path(netns: str) -> str:
+    return f"/run/netns/{netns}"
+
+
+def shell_line(cgroup: Path, cpu: Optional[int], argv: list[str], netns: Optional[str] = None) -> str:
+    """`echo $$ > CG/cgroup.procs && exec [nsenter --net=NS] [taskset -c CPU] ARGV...`: join the cgroup, then
+    become the program (same pid all along, so the caller's Popen.pid is the program's)."""
     pin = f"taskset -c {cpu} " if cpu is not None else ""
-    return f"echo $$ > {shlex.quote(str(cgroup / 'cgroup.procs'))} && exec {pin}{shlex.join(argv)}"
+    ns = f"nsenter --net={shlex.quote(netns_path(netns))} " if netns else ""
+    return f"echo $$ > {shlex.quote(str(cgroup / 'cgroup.procs'))} && exec {ns}{pin}{shlex.join(argv)}"
 
 
 def server_argv(lg: LoadGen, port: int) -> list[str]:
@@ -73,6 +81,14 @@ def rr_argv(lg: LoadGen, port: int, w: Workload) -> list[str]:
 
 def crr_argv(lg: LoadGen, port: int, w: Workload) -> list[str]:
     return lg.argv + ["crr", HOST, str(port), str(w.crr_n), str(w.crr_warmup)]
+
+
+def bulk_argv(lg: LoadGen, port: int, w: Workload) -> list[str]:
+    return lg.argv + ["bulk", HOST, str(port), str(w.bulk_bytes)]
+
+
+def crate_argv(lg: LoadGen, port: int, n: int, rate: float) -> list[str]:
+    return lg.argv + ["crate", HOST, str(port), str(n), f"{rate:g}"]
 
 
 def start_server(line: str) -> subprocess.Popen:

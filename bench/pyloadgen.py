@@ -1,6 +1,7 @@
 """Fallback load generator when there is no C compiler: the same command line and output as loadgen.c.
 
-    pyloadgen.py server HOST PORT | rr HOST PORT N SIZE WARMUP | crr HOST PORT N WARMUP
+    pyloadgen.py server HOST PORT | rr HOST PORT N SIZE WARMUP | crr HOST PORT N WARMUP | crate HOST PORT N RATE
+                 | bulk HOST PORT BYTES
 
 Standalone on purpose (no bench imports): it runs as a plain script inside the bench cgroups. Its own interpreter
 overhead is several microseconds per call, so it cannot resolve the ~2% differences the C generator can.
@@ -29,6 +30,24 @@ def _pct(sorted_ns: list[int], p: float) -> float:
     return sorted_ns[i] / 1000
 
 
+BULK_MAGIC = b"AIMESHB1"
+BULK_CHUNK = 128 * 1024
+
+
+def _sink(c: socket.socket, head: bytes) -> None:
+    """A bulk connection (loadgen.c's sink): count the announced bytes, answer the count, wait for the close."""
+    want = struct.unpack("=Q", head[8:16])[0]
+    got = len(head) - 16
+    while got < want:
+        data = c.recv(65536)
+        if not data:
+            return
+        got += len(data)
+    c.sendall(struct.pack("=Q", got))
+    while c.recv(65536):
+        pass
+
+
 def serve(host: str, port: int) -> int:
     ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -39,11 +58,19 @@ def serve(host: str, port: int) -> int:
         c, _ = ls.accept()
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            have = b""
             while True:
                 data = c.recv(65536)
                 if not data:
                     break
-                c.sendall(data)
+                have += data
+                if len(have) < 16 and BULK_MAGIC.startswith(have[:8]):
+                    continue
+                if have.startswith(BULK_MAGIC):
+                    _sink(c, have)
+                    break
+                c.sendall(have)
+                have = b""
         except OSError:
             pass
         c.close()
@@ -98,6 +125,44 @@ def crr(host: str, port: int, n: int, warmup: int) -> int:
     return 0
 
 
+def crate(host: str, port: int, n: int, rate: float) -> int:
+    clock = time.monotonic_ns
+    start, late = clock(), 0
+    for i in range(n):
+        if rate > 0:
+            due = start + int(i * 1e9 / rate)
+            now = clock()
+            if now < due:
+                time.sleep((due - now) / 1e9)
+            elif now - due > 1_000_000:
+                late += 1
+        _connect_close(host, port)
+    elapsed = (clock() - start) / 1e9
+    print(json.dumps({"mode": "crate", "n": n, "target_per_s": rate, "rate_per_s": n / elapsed, "late_1ms": late,
+                      "elapsed_s": elapsed}))
+    return 0
+
+
+def bulk(host: str, port: int, total: int) -> int:
+    s = socket.create_connection((host, port))
+    chunk = b"b" * BULK_CHUNK
+    start = time.perf_counter_ns()
+    s.sendall(BULK_MAGIC + struct.pack("=Q", total))
+    sent = 0
+    while sent < total:
+        n = min(BULK_CHUNK, total - sent)
+        s.sendall(chunk[:n] if n < BULK_CHUNK else chunk)
+        sent += n
+    ack = struct.unpack("=Q", _recv_exact(s, 8))[0]
+    elapsed = (time.perf_counter_ns() - start) / 1e9
+    s.close()
+    if ack != total:
+        print(f"pyloadgen: server counted {ack} of {total} bytes", file=sys.stderr)
+        return 1
+    print(json.dumps({"mode": "bulk", "bytes": total, "mb_per_s": total / elapsed / 1e6, "elapsed_s": elapsed}))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     try:
         if len(argv) == 3 and argv[0] == "server":
@@ -106,11 +171,15 @@ def main(argv: list[str]) -> int:
             return rr(argv[1], int(argv[2]), int(argv[3]), int(argv[4]), int(argv[5]))
         if len(argv) == 5 and argv[0] == "crr":
             return crr(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))
+        if len(argv) == 5 and argv[0] == "crate":
+            return crate(argv[1], int(argv[2]), int(argv[3]), float(argv[4]))
+        if len(argv) == 4 and argv[0] == "bulk":
+            return bulk(argv[1], int(argv[2]), int(argv[3]))
     except OSError as e:
         print(f"pyloadgen: {e}", file=sys.stderr)
         return 1
-    print("usage: pyloadgen.py server HOST PORT | rr HOST PORT N SIZE WARMUP | crr HOST PORT N WARMUP",
-          file=sys.stderr)
+    print("usage: pyloadgen.py server HOST PORT | rr HOST PORT N SIZE WARMUP | crr HOST PORT N WARMUP | "
+          "crate HOST PORT N RATE | bulk HOST PORT BYTES", file=sys.stderr)
     return 2
 
 

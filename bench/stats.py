@@ -1,25 +1,40 @@
-"""Per-round figures -> medians, ratios, targets and the printed table. Pure: no I/O, no clock."""
+"""Per-round figures -> medians, paired ratios, targets and the printed tables. Pure: no I/O, no clock."""
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-BASELINE = "none"
-
 
 @dataclass(frozen=True)
 class RoundResult:
-    """One configuration measured once: the generator's JSON lines plus what the host did around them."""
+    """One configuration (a path) measured once: the generator's JSON lines plus what the host did around them."""
     round: int
     position: int            # 0-based place of this configuration in the round's order
     config: str
     busy_before: float       # fraction of all CPUs busy just before the round (other tenants of the machine)
     quiet_wait_s: float      # how long the bench waited for the host to go quiet before the round
-    rr: dict
-    crr: dict
+    rr: Optional[dict]
+    crr: Optional[dict]
+    bulk: Optional[dict]
     listen_overflows: int    # host-wide ListenOverflows delta over the connect run (0 expected)
-    agent_cpu_s: Optional[float] = None   # CPU the governing agent used during this configuration's two runs
+    mesh_cpu_s: Optional[float] = None   # CPU of the path's agent or proxy during this path's runs in this round
+
+
+def _get(kind: str, key: str, scale: float = 1.0) -> Callable[[RoundResult], Optional[float]]:
+    def get(r: RoundResult) -> Optional[float]:
+        d = getattr(r, kind)
+        return None if d is None else d[key] * scale
+    return get
+
+
+def _connect_time(r: RoundResult) -> Optional[float]:
+    return None if r.crr is None else 1e6 / r.crr["rate_per_s"]
+
+
+def _mesh_cpu_ms(r: RoundResult) -> Optional[float]:
+    return None if r.mesh_cpu_s is None else r.mesh_cpu_s * 1000
 
 
 @dataclass(frozen=True)
@@ -27,15 +42,18 @@ class Metric:
     key: str
     label: str
     unit: str
-    get: Callable[[RoundResult], float]
+    get: Callable[[RoundResult], Optional[float]]
+    higher_is_better: bool = False
 
 
 METRICS = (
-    Metric("rr_median_us", "TCP RR 64 B, median", "µs", lambda r: r.rr["median_us"]),
-    Metric("rr_p99_us", "TCP RR 64 B, p99", "µs", lambda r: r.rr["p99_us"]),
-    Metric("connect_rate", "connect+close rate", "/s", lambda r: r.crr["rate_per_s"]),
-    Metric("connect_time_us", "connect+close time", "µs", lambda r: 1e6 / r.crr["rate_per_s"]),
-    Metric("connect_median_us", "connect+close, median", "µs", lambda r: r.crr["median_us"]),
+    Metric("rr_median_us", "TCP RR median", "µs", _get("rr", "median_us")),
+    Metric("rr_p99_us", "TCP RR p99", "µs", _get("rr", "p99_us")),
+    Metric("connect_rate", "connect+close", "/s", _get("crr", "rate_per_s"), higher_is_better=True),
+    Metric("connect_time_us", "connect+close time", "µs", _connect_time),
+    Metric("connect_median_us", "connect+close median", "µs", _get("crr", "median_us")),
+    Metric("bulk_mb_s", "bulk one way", "MB/s", _get("bulk", "mb_per_s"), higher_is_better=True),
+    Metric("mesh_cpu_ms", "mesh process CPU per round", "ms", _mesh_cpu_ms),
 )
 METRIC = {m.key: m for m in METRICS}
 
@@ -56,11 +74,9 @@ class Ratio:
     config: str
     reference: str
     of_medians: float                  # median(config) / median(reference)
-    of_lower_quartiles: float          # lower_quartile(config) / lower_quartile(reference): a cross-check that
-                                       # reads the fast state only (host disturbances only ever slow things down)
+    of_lower_quartiles: float          # lower_quartile(config) / lower_quartile(reference): a cross-check
     paired: list[float]                # per round: config / reference measured in the same round
-    paired_median: float               # median of `paired`: the figure the table and the targets use (it cancels
-                                       # the host's drift, which is slower than a round)
+    paired_median: float               # median of `paired`: the figure the tables and the targets use
 
 
 @dataclass(frozen=True)
@@ -70,20 +86,11 @@ class Target:
     config: str
     reference: str
     limit: float
+    kind: str = "max"                  # "max": ratio <= limit passes; "info": an expectation, printed, not judged
 
     def ratio(self, ratios: list[Ratio]) -> Optional[Ratio]:
         return next((r for r in ratios if (r.metric, r.config, r.reference) == (self.metric, self.config,
                                                                                    self.reference)), None)
-
-
-def summarize(results: list[RoundResult], config: str) -> Summary:
-    mine = [r for r in results if r.config == config]
-    values = {m.key: [m.get(r) for r in mine] for m in METRICS}
-    return Summary(config=config, rounds=len(mine),
-                   median={k: statistics.median(v) for k, v in values.items()},
-                   low={k: min(v) for k, v in values.items()},
-                   high={k: max(v) for k, v in values.items()},
-                   lower_quartile={k: lower_quartile(v) for k, v in values.items()})
 
 
 def lower_quartile(values: list[float]) -> float:
@@ -92,58 +99,107 @@ def lower_quartile(values: list[float]) -> float:
     return ordered[max(0, -(-len(ordered) // 4) - 1)]
 
 
+def summarize(results: list[RoundResult], config: str) -> Summary:
+    mine = [r for r in results if r.config == config]
+    values: dict[str, list[float]] = {}
+    for m in METRICS:
+        v = [x for x in (m.get(r) for r in mine) if x is not None]
+        if v:
+            values[m.key] = v
+    return Summary(config=config, rounds=len(mine),
+                   median={k: statistics.median(v) for k, v in values.items()},
+                   low={k: min(v) for k, v in values.items()},
+                   high={k: max(v) for k, v in values.items()},
+                   lower_quartile={k: lower_quartile(v) for k, v in values.items()})
+
+
 def ratio(results: list[RoundResult], summaries: dict[str, Summary], metric: str, config: str,
-          reference: str) -> Ratio:
+          reference: str) -> Optional[Ratio]:
     get = METRIC[metric].get
     by_round = {(r.round, r.config): get(r) for r in results}
     rounds = sorted({r.round for r in results})
     paired = [by_round[(n, config)] / by_round[(n, reference)] for n in rounds
-              if (n, config) in by_round and (n, reference) in by_round]
+              if by_round.get((n, config)) is not None and by_round.get((n, reference))]
+    s, ref = summaries[config], summaries[reference]
+    if metric not in s.median or metric not in ref.median or not paired:
+        return None
     return Ratio(metric=metric, config=config, reference=reference,
-                 of_medians=summaries[config].median[metric] / summaries[reference].median[metric],
-                 of_lower_quartiles=(summaries[config].lower_quartile[metric]
-                                     / summaries[reference].lower_quartile[metric]),
-                 paired=paired, paired_median=statistics.median(paired) if paired else float("nan"))
+                 of_medians=s.median[metric] / ref.median[metric],
+                 of_lower_quartiles=s.lower_quartile[metric] / ref.lower_quartile[metric],
+                 paired=paired, paired_median=statistics.median(paired))
 
 
-def targets(governed: list[str], labels: dict[str, str]) -> list[Target]:
-    """RR median <= 1.02x and connect time <= 1.10x of no agent; the largest rule set <= 1.05x of the smallest."""
-    out: list[Target] = []
-    for c in governed:
-        out.append(Target(f"RR median, {labels[c]} ≤ 1.02× no agent", "rr_median_us", c, BASELINE, 1.02))
-        out.append(Target(f"connect time, {labels[c]} ≤ 1.10× no agent", "connect_time_us", c, BASELINE, 1.10))
-    if len(governed) >= 2:
-        small, big = governed[0], governed[-1]
-        for metric, what in (("rr_median_us", "RR median"), ("connect_time_us", "connect time")):
-            out.append(Target(f"{what}, {labels[big]} ≤ 1.05× {labels[small]}", metric, big, small, 1.05))
+RATIO_METRICS = ("rr_median_us", "rr_p99_us", "connect_rate", "connect_time_us", "connect_median_us", "bulk_mb_s")
+
+
+def all_ratios(results: list[RoundResult], summaries: dict[str, Summary],
+               pairs: list[tuple[str, str]]) -> list[Ratio]:
+    """Every ratio metric for every (config, reference) pair that has data."""
+    out = []
+    for c, ref in pairs:
+        for m in RATIO_METRICS:
+            r = ratio(results, summaries, m, c, ref)
+            if r is not None:
+                out.append(r)
     return out
 
 
-def all_ratios(results: list[RoundResult], summaries: dict[str, Summary], governed: list[str]) -> list[Ratio]:
-    pairs = [(c, BASELINE) for c in governed] + ([(governed[-1], governed[0])] if len(governed) >= 2 else [])
-    return [ratio(results, summaries, m.key, c, ref) for c, ref in pairs for m in METRICS]
+def find(ratios: list[Ratio], metric: str, config: str, reference: str) -> Optional[Ratio]:
+    return next((x for x in ratios if (x.metric, x.config, x.reference) == (metric, config, reference)), None)
 
 
-def _fmt(value: float, unit: str) -> str:
-    if unit == "/s":
+def fmt(value: Optional[float], unit: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if unit in ("/s", "MB/s") or value >= 1000:
         return f"{value:,.0f}"
-    return f"{value:.2f}"
+    return f"{value:.2f}" if value < 100 else f"{value:.1f}"
 
 
-def render_table(summaries: dict[str, Summary], ratios: list[Ratio], order: list[str], labels: dict[str, str]) -> str:
-    """Absolute medians [min–max across rounds] per configuration, and the paired-median ratio to no agent."""
-    col = 30
-    head = f"{'':<30}" + "".join(f"{labels[c]:>{col}}" for c in order)
+@dataclass(frozen=True)
+class Column:
+    metric: str
+    head: str
+    width: int = 20
+
+
+def render_table(summaries: dict[str, Summary], ratios: list[Ratio], order: list[str], labels: dict[str, str],
+                 columns: list[Column], reference: str, extra: Optional[dict[str, dict[str, str]]] = None,
+                 extra_heads: tuple[tuple[str, int], ...] = ()) -> str:
+    """One row per configuration: the median of each metric and, in brackets, its paired-median ratio to
+    `reference`; then any extra columns (text already formatted)."""
+    label_w = max(len(labels[c]) for c in order) + 2
+    head = f"{'':<{label_w}}" + "".join(f"{c.head:>{c.width}}" for c in columns) + \
+        "".join(f"{h:>{w}}" for h, w in extra_heads)
     lines = [head]
-    for m in METRICS:
-        row = f"{m.label + ' (' + m.unit + ')':<30}"
-        for c in order:
-            s = summaries[c]
-            cell = f"{_fmt(s.median[m.key], m.unit)} [{_fmt(s.low[m.key], m.unit)}–{_fmt(s.high[m.key], m.unit)}]"
-            r = next((x for x in ratios if (x.metric, x.config, x.reference) == (m.key, c, BASELINE)), None)
+    for c in order:
+        s = summaries[c]
+        row = f"{labels[c]:<{label_w}}"
+        for col in columns:
+            m = METRIC[col.metric]
+            cell = fmt(s.median.get(col.metric), m.unit)
+            r = find(ratios, col.metric, c, reference) if c != reference else None
             if r is not None:
-                cell += f" {r.paired_median:.3f}×"
-            row += f"{cell:>{col}}"
+                cell += f" ({r.paired_median:.2f}×)"
+            row += f"{cell:>{col.width}}"
+        for h, w in extra_heads:
+            row += f"{(extra or {}).get(c, {}).get(h, '–'):>{w}}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def render_spread(ratios: list[Ratio], order: list[str], labels: dict[str, str], metrics: list[str],
+                  reference: str) -> str:
+    """Per configuration and metric: min–max over rounds of the paired ratio (how much one round can differ)."""
+    label_w = max(len(labels[c]) for c in order) + 2
+    lines = [f"{'':<{label_w}}" + "".join(f"{METRIC[m].label + ' (' + METRIC[m].unit + ')':>24}" for m in metrics)]
+    for c in order:
+        if c == reference:
+            continue
+        row = f"{labels[c]:<{label_w}}"
+        for m in metrics:
+            r = find(ratios, m, c, reference)
+            row += f"{(f'{min(r.paired):.3f}–{max(r.paired):.3f}' if r else '–'):>24}"
         lines.append(row)
     return "\n".join(lines)
 
@@ -153,11 +209,25 @@ def render_targets(tgts: list[Target], ratios: list[Ratio]) -> tuple[str, list[d
     for t in tgts:
         r = t.ratio(ratios)
         if r is None:
+            lines.append(f"  ----  {t.text:<50} (not measured)")
+            rows.append({"target": t.text, "limit": t.limit, "kind": t.kind, "paired_median": None, "pass": None})
             continue
-        ok = r.paired_median <= t.limit
-        spread = f"per round {min(r.paired):.3f}–{max(r.paired):.3f}" if r.paired else ""
-        lines.append(f"  {'PASS' if ok else 'MISS'}  {t.text:<42} {r.paired_median:.3f}×   ({spread}; ratio of "
-                     f"medians {r.of_medians:.3f}×, of lower quartiles {r.of_lower_quartiles:.3f}×)")
-        rows.append({"target": t.text, "limit": t.limit, "paired_median": r.paired_median,
-                     "ratio_of_medians": r.of_medians, "ratio_of_lower_quartiles": r.of_lower_quartiles, "pass": ok})
+        ok = r.paired_median <= t.limit if t.kind == "max" else None
+        word = "PASS" if ok else "MISS" if ok is not None else "INFO"
+        spread = f"per round {min(r.paired):.3f}–{max(r.paired):.3f}"
+        lines.append(f"  {word}  {t.text:<50} {r.paired_median:.3f}×   ({spread}; ratio of medians "
+                     f"{r.of_medians:.3f}×, of lower quartiles {r.of_lower_quartiles:.3f}×)")
+        rows.append({"target": t.text, "limit": t.limit, "kind": t.kind, "paired_median": r.paired_median,
+                     "paired_min": min(r.paired), "paired_max": max(r.paired),
+                     "ratio_of_medians": r.of_medians, "ratio_of_lower_quartiles": r.of_lower_quartiles,
+                     "pass": ok})
     return "\n".join(lines), rows
+
+
+def check(text: str, value: Optional[float], limit: float, unit: str = "") -> tuple[str, dict]:
+    """A target on an absolute value (e.g. RSS): value <= limit."""
+    if value is None:
+        return f"  ----  {text:<50} (not measured)", {"target": text, "limit": limit, "value": None, "pass": None}
+    ok = value <= limit
+    return (f"  {'PASS' if ok else 'MISS'}  {text:<50} {value:,.1f}{unit}",
+            {"target": text, "limit": limit, "value": value, "pass": ok})
