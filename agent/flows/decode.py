@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
+from functools import lru_cache
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping, Optional
@@ -42,8 +43,10 @@ class Decision:
     comm: str
 
 
+@lru_cache(maxsize=65536)
 def format_addr(raw: bytes) -> str:
-    ip = ipaddress.IPv6Address(bytes(raw))
+    """16-byte form -> text; v4-mapped addresses as plain IPv4. Cached: a node sees few distinct addresses."""
+    ip = ipaddress.IPv6Address(raw)
     return str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ip)
 
 
