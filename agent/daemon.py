@@ -9,19 +9,23 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 from agent.config import Config, ConfigError, load_config
 from agent.errors import AgentError
+from agent.flows.decode import DecodeError, decode_agent_event, decode_decision, to_json
+from agent.flows.records import UdpWindow, decision_record, decode_flow_event, flow_record, udp_aggregate
 from agent.kernel import abi
 from agent.policy.compile import compile_image
 from agent.policy.identities import IdentityMeta, IdentityNumbering
 
 log = logging.getLogger("aimesh.agent")
 
+LOOPBACK6 = b"\0" * 15 + b"\1"
+LOOPBACK4_PREFIX = b"\0" * 10 + b"\xff\xff\x7f"   # ::ffff:127.0.0.0/104
 POLL_MS = 25   # how often queued decision and flow events are drained (they do not wake the agent)
 
 
@@ -95,7 +99,6 @@ class Agent:
         self.node = os.uname().nodename
         self.agent_id = opts.agent_id or self.node
         self.exporter = None
-        from agent.flows.records import UdpWindow
         self._udp_window = UdpWindow()
         self._udp_last = time.monotonic_ns()
 
@@ -224,7 +227,6 @@ class Agent:
 
     # ---- kernel events ----
     def _on_decision(self, data: bytes) -> None:
-        from agent.flows.decode import DecodeError, decode_decision, to_json
         self.state["ring_events"]["decision_events"] += 1
         try:
             d = decode_decision(data)
@@ -236,13 +238,10 @@ class Agent:
         self.flow_log.write(to_json(d, self.identities, self._mono_to_wall))
         if d.verdict == abi.Verdict.DENIED:
             # no connection follows, so no connection record: the collector gets the decision itself
-            from agent.flows.records import decision_record
             self._emit_record(decision_record(d, self.identities, self._mono_to_wall, self.agent_id, self.node),
                               False)
 
     def _on_flow(self, data: bytes) -> None:
-        from agent.flows.decode import DecodeError
-        from agent.flows.records import decode_flow_event, flow_record
         self.state["ring_events"]["flow_events"] += 1
         try:
             ev = decode_flow_event(data)
@@ -251,21 +250,21 @@ class Agent:
             log.warning("%s", e)
             return
         rec = flow_record(ev, self.identities, self._mono_to_wall, self.agent_id, self.node)
-        counted = ev.side == abi.Side.CLIENT or bytes(ev.remote_addr) not in self._local_addrs and \
-            not rec.source_address.startswith("127.") and rec.source_address != "::1"
-        self._emit_record(rec, counted)
+        # metrics count a connection once: on its client's side, or on the server's when the client is remote
+        self._emit_record(rec, ev.side == abi.Side.CLIENT or not self._is_local(bytes(ev.remote_addr)))
+
+    def _is_local(self, addr16: bytes) -> bool:
+        return addr16 in self._local_addrs or addr16 == LOOPBACK6 or addr16[:13] == LOOPBACK4_PREFIX
 
     def _emit_record(self, rec, counted: bool) -> None:
         self.flow_tally.add(rec, counted)
-        if self.records_log._out is not None:
-            from dataclasses import asdict
+        if self.records_log.enabled:
             self.records_log.write(asdict(rec))
         if self.exporter:
             self.exporter.submit(rec)
 
     def _drain_udp(self, final: bool = False) -> None:
         """Report UDP traffic since the last drain, per identity pair; forget sockets idle for three windows."""
-        from agent.flows.records import udp_aggregate
         now = time.monotonic_ns()
         entries = list(self.datapath.maps["udp_flows"].items())
         records = udp_aggregate(entries, self._udp_window, self.identities, self._mono_to_wall, self._udp_last, now,
@@ -283,7 +282,6 @@ class Agent:
         return {"kernel_ring_full": c[abi.COUNTER_FLOW_EVENTS_LOST], "udp_table_full": c[abi.COUNTER_UDP_FLOWS_FULL]}
 
     def _on_agent_event(self, data: bytes) -> None:
-        from agent.flows.decode import DecodeError, decode_agent_event
         self.state["ring_events"]["agent_events"] += 1
         try:
             ev = decode_agent_event(data)

@@ -19,6 +19,10 @@ class FlowLog:
             self._out = open(target, "a", buffering=1)
         self.written = 0
 
+    @property
+    def enabled(self) -> bool:
+        return self._out is not None
+
     def write(self, record: dict) -> None:
         if self._out is None:
             return
