@@ -1,6 +1,7 @@
 """What the host is doing around a measurement: CPU busy fraction (to wait for a quiet machine) and TCP counters."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,3 +83,32 @@ def listen_counters() -> dict[str, int]:
         return parse_netstat(Path("/proc/net/netstat").read_text(), LISTEN_COUNTERS)
     except OSError:
         return {}
+
+
+def cpu_fields(cpu: int) -> dict[str, int]:
+    """user, system, softirq, irq and steal ticks of one CPU, now (to see what, besides a process, kept it busy)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        parts = line.split()
+        if parts and parts[0] == f"cpu{cpu}":
+            v = [int(x) for x in parts[1:9]]
+            return {"user": v[0] + v[1], "system": v[2], "irq": v[5], "softirq": v[6], "steal": v[7]}
+    return {}
+
+
+def kernel_thread_cpu_s(prefix: str = "kworker") -> float:
+    """CPU seconds used so far by the kernel threads whose name starts with prefix (kworkers run deferred work,
+    e.g. freeing sockets, on any CPU)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            text = (d / "stat").read_text()
+        except OSError:
+            continue
+        comm = text[text.find("(") + 1:text.rfind(")")]
+        if comm.startswith(prefix):
+            f = text[text.rfind(")") + 2:].split()
+            total += int(f[11]) + int(f[12])
+    return total / hz

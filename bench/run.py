@@ -104,7 +104,36 @@ def run(opts: Options, made: Made, results: dict) -> int:
             made.sections.remove(section)
         results["sections"].setdefault(name, {})["seconds"] = round(time.monotonic() - t0, 1)
         ctx.say(f"  ({name}: {time.monotonic() - t0:.0f}s)")
+    print_commands(ctx, results["sections"])
     return code
+
+
+def print_commands(ctx: Context, sections: dict) -> None:
+    """The lines that produced the figures, as run (cgroups and the binary are gone afterwards: see README)."""
+    ctx.say()
+    ctx.say("command lines (each client prints one JSON line; rerun by hand as bench/README.md shows)")
+    if ctx.lg.build:
+        ctx.say(f"  compile: {' '.join(ctx.lg.build)}")
+    for name in ("paths", "scale"):
+        cmds = sections.get(name, {}).get("commands", {}).get("clients_and_servers", {})
+        for path, lines in cmds.items():
+            for kind, line in lines.items():
+                ctx.say(f"  {name}/{path} {kind}: {line}")
+    pc = sections.get("paths", {}).get("commands", {})
+    for n, h in pc.get("haproxy", {}).items():
+        ctx.say(f"  paths/{n} haproxy: {h['line']}")
+    for line in pc.get("netns", [])[:2] + pc.get("nft", [])[:1]:
+        ctx.say(f"  paths/redirect setup: {line}")
+    if pc.get("nft_ruleset"):
+        ctx.say("  paths/redirect ruleset: " + " ".join(pc["nft_ruleset"].split()))
+    fc = sections.get("flows", {}).get("commands", {})
+    for key in ("collector", "server"):
+        if key in fc:
+            ctx.say(f"  flows {key}: {fc[key]}")
+    for line in fc.get("clients", []):
+        ctx.say(f"  flows client: {line}")
+    if "count" in fc:
+        ctx.say(f"  flows count: {fc['count']}")
 
 
 def _cpu(v: str, cpus: int) -> Optional[int]:
@@ -125,7 +154,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
     g.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the BPF run-time stats phase after the paths rounds")
     g = p.add_argument_group("scale")
-    g.add_argument("--scale-rounds", type=int, default=8)
+    g.add_argument("--scale-rounds", type=int, default=12)
     g.add_argument("--rules", type=int, nargs="+", default=[10, 1000, 100_000], help="policy entries per agent")
     g.add_argument("--watched", type=int, nargs="+", default=[10, 1000, 10_000], help="watched cgroups per agent")
     g.add_argument("--workloads", type=int, nargs="+", default=[10, 1000], help="sleeping workloads, RSS agents")

@@ -153,7 +153,7 @@ def fmt(value: Optional[float], unit: str) -> str:
         return "–"
     if unit in ("/s", "MB/s") or value >= 1000:
         return f"{value:,.0f}"
-    return f"{value:.2f}" if value < 100 else f"{value:.1f}"
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ BPF_HASH(redirect_service, struct redirect_key, struct redirect_value, MAX_REDIR
 BPF_HASH(redirect_backend, struct backend_key, struct backend, MAX_BACKENDS);          /* (index, gen) -> backend address */
 BPF_SK_STORAGE(dialed_address, struct dialed);                                         /* socket -> address it dialed */
 BPF_TABLE("lru_hash", struct socket_peer_key, struct dialed, udp_reverse_nat, MAX_REVERSE_NAT); /* (cookie, backend) -> dialed */
-BPF_TABLE("lru_hash", struct socket_peer_key, struct udp_flow, udp_flows, MAX_UDP_FLOWS);   /* (cookie, remote) -> UDP counters */
+BPF_HASH(udp_flows, struct socket_peer_key, struct udp_flow, MAX_UDP_FLOWS);              /* (cookie, remote) -> UDP counters; not LRU: full is counted, never a silent eviction; the agent removes idle entries */
 BPF_SK_STORAGE(flow_state, struct flow_origin);                                         /* TCP socket -> identities, start */
 BPF_TABLE("lru_hash", struct local_endpoint_key, struct peer_origin, local_peer, MAX_LOCAL_PEERS); /* local client addr:port -> identity */
 BPF_SOCKHASH(fastpath_sockets, struct sock_tuple, MAX_FASTPATH_SOCKETS);               /* own 4-tuple -> TCP socket */
