@@ -26,7 +26,8 @@ log = logging.getLogger("aimesh.agent")
 
 LOOPBACK6 = b"\0" * 15 + b"\1"
 LOOPBACK4_PREFIX = b"\0" * 10 + b"\xff\xff\x7f"   # ::ffff:127.0.0.0/104
-POLL_MS = 25   # how often queued decision and flow events are drained (they do not wake the agent)
+POLL_MS = 25
+HOUSEKEEPING_S = 15   # prune exited processes and ports no socket holds; refresh the clock offset   # how often queued decision and flow events are drained (they do not wake the agent)
 
 
 @dataclass
@@ -220,10 +221,14 @@ class Agent:
                 log.info("a sunset date passed: recompiling lifecycle rules")
                 self._install(self.config)
             now = time.monotonic()
-            if now - last_housekeeping > 5:
+            if now - last_housekeeping > HOUSEKEEPING_S:
                 last_housekeeping = now
                 self._mono_to_wall = time.time_ns() - time.monotonic_ns()
                 self.assigner.prune_processes(lambda pid: os.path.exists(f"/proc/{pid}"))
+                m = self.datapath.maps["local_endpoint_identity"]
+                n = self.assigner.prune_local_endpoints(list(m.keys()), m.delete)
+                if n:
+                    log.info("forgot %d bound ports no socket holds any more", n)
 
     # ---- kernel events ----
     def _on_decision(self, data: bytes) -> None:

@@ -1,6 +1,7 @@
 /* cgroup post_bind4/6: a workload with an identity that binds a port makes that address:port an endpoint of its
  * identity, so local model servers need no `endpoints:` entry.
  *   reads:  process_identity, cgroup_identity
+ *   A bind by a workload without identity removes a stale entry for that address:port.
  *   writes: local_endpoint_identity, verdict_counters (when full)
  */
 #include "programs.h"
@@ -8,12 +9,15 @@
 static __always_inline int record_bind(struct bpf_sock *sk, const __u8 *addr)
 {
 	__u32 id = current_identity();
-	if (id == ID_UNMANAGED)
-		return 1;
 	struct local_endpoint_key k = {};
 	__builtin_memcpy(k.addr, addr, 16);
 	k.port = sk->src_port;
 	k.proto = sk->protocol;
+	if (id == ID_UNMANAGED) {
+		/* whoever had this port before is gone: its identity must not stick to the new owner */
+		local_endpoint_identity.delete(&k);
+		return 1;
+	}
 	if (local_endpoint_identity.update(&k, &id))
 		counter_add(COUNTER_LOCAL_ENDPOINTS_FULL);
 	return 1;

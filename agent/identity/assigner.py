@@ -112,6 +112,14 @@ class IdentityAssigner:
             del self.processes[pid]
         return name
 
+    def prune_local_endpoints(self, entries, delete) -> int:
+        """Drop bound-port entries no socket holds any more (a server that exited); returns how many."""
+        held = {(lst.addr, lst.port, lst.proto) for lst in listeners()}
+        gone = [k for k in entries if (bytes(k.addr), k.port, k.proto) not in held]
+        for k in gone:
+            delete(k)
+        return len(gone)
+
     def prune_processes(self, alive) -> None:
         """Forget pids that exited (the kernel deletes their map entries itself)."""
         for pid in [p for p in self.processes if not alive(p)]:

@@ -186,3 +186,21 @@ def test_process_selector(cgroups, agents, tmp_path):
     recs = agent.records_where(lambda r: r["destination"]["port"] == port and r["verdict"] == "allowed")
     assert recs and recs[-1]["source"]["name"] == "chat"
     srv.popen.kill()
+
+
+def test_a_port_rebound_by_another_workload_loses_the_old_identity(cgroups, agents):
+    """post_bind: llama binds the port, exits; an unmanaged process binds it: the port is no longer llama's."""
+    port = free_port()
+    chat, rogue, llama = cgroups.child("chat"), cgroups.child("rogue"), cgroups.child("llama")
+    agent = agents(base_config(cgroups, port))
+    first = start_server(llama, port, name="llama", count=1)
+    assert run_client(chat, port)["answers"] == {"llama": 1}
+    first.popen.wait(10)
+    second = start_server(rogue, port, name="squatter", count=1)
+    assert run_client(chat, port)["answers"] == {"squatter": 1}
+    recs = agent.records_where(lambda r: r["destination"]["port"] == port and r["source"]["name"] == "chat")
+    deadline = __import__("time").monotonic() + 5
+    while len(recs) < 2 and __import__("time").monotonic() < deadline:
+        recs = agent.records_where(lambda r: r["destination"]["port"] == port and r["source"]["name"] == "chat")
+    assert [r["destination"]["name"] for r in recs] == ["llama", "unmanaged"]
+    second.popen.kill()
