@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -176,7 +177,6 @@ def test_process_selector(cgroups, agents, tmp_path):
     agent = agents(cfg)
     srv = start_server(llama, port, name="llama")
     # same cgroup (unmanaged), the command line makes it "chat"
-    import time
     deadline = time.monotonic() + 5
     while True:
         res = run_client(rogue, port, timeout=3.5)
@@ -199,8 +199,8 @@ def test_a_port_rebound_by_another_workload_loses_the_old_identity(cgroups, agen
     second = start_server(rogue, port, name="squatter", count=1)
     assert run_client(chat, port)["answers"] == {"squatter": 1}
     recs = agent.records_where(lambda r: r["destination"]["port"] == port and r["source"]["name"] == "chat")
-    deadline = __import__("time").monotonic() + 5
-    while len(recs) < 2 and __import__("time").monotonic() < deadline:
+    deadline = time.monotonic() + 5
+    while len(recs) < 2 and time.monotonic() < deadline:
         recs = agent.records_where(lambda r: r["destination"]["port"] == port and r["source"]["name"] == "chat")
     assert [r["destination"]["name"] for r in recs] == ["llama", "unmanaged"]
     second.popen.kill()
