@@ -31,14 +31,14 @@ if [ -e /sys/kernel/kheaders.tar.xz ] || [ -e "$MODDIR/build/include/linux/kconf
   :
 else
   if ! apt-get install -y -q "linux-headers-$KREL" >/dev/null 2>&1; then
-    if ! ls -d /usr/src/linux-headers-*-amd64 >/dev/null 2>&1 && ! ls -d /usr/src/linux-headers-*-arm64 >/dev/null 2>&1; then
+    if ! compgen -G "/usr/src/linux-headers-*-amd64" >/dev/null && ! compgen -G "/usr/src/linux-headers-*-arm64" >/dev/null; then
       log "installing linux-headers for the distribution kernel (the running kernel ships none)"
       export DEBIAN_FRONTEND=noninteractive
       apt-get update -q >/dev/null
       arch=$(dpkg --print-architecture)
       apt-get install -y -q "linux-headers-$arch" >/dev/null || die "apt-get install linux-headers-$arch failed"
     fi
-    build=$(ls -d /usr/src/linux-headers-*-{amd64,arm64} 2>/dev/null | sort -V | tail -n1)
+    build=$( (ls -d /usr/src/linux-headers-*-amd64 /usr/src/linux-headers-*-arm64 2>/dev/null || true) | sort -V | tail -n1)
     ver=${build#/usr/src/linux-headers-}; ver=${ver%-*}
     common=/usr/src/linux-headers-$ver-common
     [ -d "$build" ] && [ -d "$common" ] || die "kernel headers not found under /usr/src (looked for $build and $common)"
