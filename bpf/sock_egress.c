@@ -6,6 +6,8 @@
 
 int aimesh_egress(struct __sk_buff *skb)
 {
+	if (skb_surely_uninteresting(skb, 0))
+		return 1;
 	__u8 daddr[16];
 	__u16 dport;
 	__u32 hdrs;

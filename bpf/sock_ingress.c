@@ -69,6 +69,8 @@ static __always_inline int parse(struct __sk_buff *skb, struct ingress_tuple *t)
 
 int aimesh_ingress(struct __sk_buff *skb)
 {
+	if (skb_surely_uninteresting(skb, 1))
+		return 1;
 	const struct runtime_config *cfg = config_get();
 	if (!cfg)
 		return 1;

@@ -73,6 +73,40 @@ static __always_inline int addr_equal(const __u8 *x, const __u8 *y)
 	return ((a.w[0] ^ b.w[0]) | (a.w[1] ^ b.w[1]) | (a.w[2] ^ b.w[2]) | (a.w[3] ^ b.w[3])) == 0;
 }
 
+/* Per-packet prefilter for the cgroup_skb programs, by direct packet access (cheaper than bpf_skb_load_bytes):
+ * 1 when the packet surely needs no work — not UDP and not a TCP SYN without ACK. 0 means look closer (also when
+ * the headers are not in the linear data). */
+static __always_inline int skb_surely_uninteresting(struct __sk_buff *skb, int tcp_syn_matters)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u8 proto;
+	void *l4;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = data;
+		if ((void *)(ip + 1) > end)
+			return 0;
+		proto = ip->protocol;
+		l4 = data + ip->ihl * 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = data;
+		if ((void *)(ip6 + 1) > end)
+			return 0;
+		proto = ip6->nexthdr;
+		l4 = (void *)(ip6 + 1);
+	} else {
+		return 1;
+	}
+	if (proto == IPPROTO_UDP)
+		return 0;
+	if (proto != IPPROTO_TCP || !tcp_syn_matters)
+		return 1;
+	struct tcphdr *th = l4;
+	if ((void *)(th + 1) > end)
+		return 0;
+	return !(th->syn && !th->ack);
+}
+
 /* 127.0.0.0/8 (mapped) or ::1, or an address the agent listed in local_address. */
 static __always_inline int addr_is_local(const __u8 *addr)
 {
