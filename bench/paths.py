@@ -14,10 +14,11 @@ agents on the agent CPU.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import json
+import subprocess
 from typing import Optional
 
-from bench import agents, cgroups, progstats, proxy, rounds, stats
+from bench import agents, cgroups, loadgen, progstats, proxy, rounds, stats
 from bench.configs import AgentConfigSpec
 from bench.context import Context, distinct_ports
 from bench.made import Made
@@ -50,9 +51,8 @@ def targets() -> list[stats.Target]:
 
 
 def _nft_counter(netns: str, table: str) -> Optional[int]:
-    import json
-    import subprocess
-    res = subprocess.run(["nsenter", f"--net=/run/netns/{netns}", "nft", "-j", "list", "table", "ip", table],
+    """Packets the redirect rule counted: in a nat chain only a connection's first packet passes, so connections."""
+    res = subprocess.run(["nsenter", f"--net={loadgen.netns_path(netns)}", "nft", "-j", "list", "table", "ip", table],
                          capture_output=True, text=True)
     if res.returncode != 0:
         return None

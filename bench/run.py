@@ -154,7 +154,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> Options:
     g.add_argument("--no-profile", dest="profile", action="store_false",
                    help="skip the BPF run-time stats phase after the paths rounds")
     g = p.add_argument_group("scale")
-    g.add_argument("--scale-rounds", type=int, default=12)
+    g.add_argument("--scale-rounds", type=int, default=20)
     g.add_argument("--rules", type=int, nargs="+", default=[10, 1000, 100_000], help="policy entries per agent")
     g.add_argument("--watched", type=int, nargs="+", default=[10, 1000, 10_000], help="watched cgroups per agent")
     g.add_argument("--workloads", type=int, nargs="+", default=[10, 1000], help="sleeping workloads, RSS agents")
