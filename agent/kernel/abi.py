@@ -299,8 +299,8 @@ class Limits:
     max_udp_flows: int = 65536
     max_local_peers: int = 65536
     max_fastpath_sockets: int = 65536
-    ringbuf_pages: int = 1024
-    flow_ringbuf_pages: int = 4096
+    ringbuf_pages: int = 256   # mapped twice into the agent: counts 2x in its RSS
+    flow_ringbuf_pages: int = 1024
 
     def cflags(self) -> list[str]:
         return [f"-D{f.name.upper()}={getattr(self, f.name)}" for f in fields(self)]

@@ -72,6 +72,14 @@ def _map_specs(limits: abi.Limits) -> dict[str, tuple[type, type, int, bool]]:
     }
 
 
+def release_free_memory() -> None:
+    """Give freed heap back to the system (glibc keeps it otherwise: the compile and a big policy leave ~100 MB)."""
+    try:
+        ct.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 class Datapath:
     """Compiled and loaded programs plus their maps. Call attach() to put them in force, detach() to remove."""
 
@@ -90,7 +98,9 @@ class Datapath:
             self.functions[SK_MSG.name] = self.bpf.load_func(SK_MSG.name.encode(), SK_MSG.prog_type)
         except Exception as e:
             raise AgentError(f"loading the BPF programs failed: {e}") from None
-        log.info("compiled and loaded %d programs in %.1fs", len(PROGRAMS), time.monotonic() - t0)
+        log.info("compiled and loaded %d programs in %.1fs", len(PROGRAMS) + 1, time.monotonic() - t0)
+        self.bpf.free_bcc_memory()
+        release_free_memory()   # the compiler's heap: ~80 MB of RSS back
         self.maps: dict[str, MapHandle] = {}
         for name, (kt, vt, cap, batch) in _map_specs(limits).items():
             fd = lib.bpf_table_fd(self.bpf.module, name.encode())
@@ -98,7 +108,7 @@ class Datapath:
         self._attached: list[tuple[ProgramSpec, int]] = []
         self._sockhash_fd = lib.bpf_table_fd(self.bpf.module, b"fastpath_sockets")
         self._cgroup_fd: Optional[int] = None
-        self._live: Optional[MapImage] = None
+        self._live: Optional[dict[str, list[bytes]]] = None   # the live generation's keys, per map, compact
         self.active_gen = 0
         self.config_flags = 0
         self.interim_ns = 0
@@ -155,17 +165,19 @@ class Datapath:
         """Write image into its generation, flip runtime_config to it, then drop the previous generation."""
         if self._live is not None and image.gen == self.active_gen:
             raise ValueError(f"generation {image.gen} is live; compile into {self.next_gen()}")
+        written = {name: [bytes(k) for k, _ in items] for name, items in self._image_items(image)}
         try:
             for name, items in self._image_items(image):
                 self.maps[name].update_many(items)
         except Exception:
-            self._delete_image(image)  # the live generation was never touched
+            self._delete_keys(written)  # the live generation was never touched
             raise
         self.set_runtime(image.gen, image.config_flags)
-        old, self._live = self._live, image
+        old, self._live = self._live, written
         if old is not None:
             time.sleep(settle_s)  # a program that read the old generation finishes within microseconds
-            self._delete_image(old)
+            self._delete_keys(old)
+        release_free_memory()
 
     @staticmethod
     def _image_items(image: MapImage):
@@ -175,18 +187,14 @@ class Datapath:
         yield "redirect_backend", image.backends
         yield "redirect_service", image.redirects
 
-    def _delete_image(self, image: MapImage) -> None:
-        for name, items in self._image_items(image):
-            self.maps[name].delete_many(k for k, _ in items)
+    def _delete_keys(self, keys: dict[str, list[bytes]]) -> None:
+        for name, raw in keys.items():
+            kt = self.maps[name].key_type
+            self.maps[name].delete_many(kt.from_buffer_copy(b) for b in raw)
 
     def map_usage(self) -> dict[str, tuple[int, int]]:
         """(entries the live generation uses, capacity) for the agent-written maps; no kernel walk."""
-        live = self._live
-        usage = {}
-        if live is not None:
-            for name, items in self._image_items(live):
-                usage[name] = (len(items), self.maps[name].capacity)
-        return usage
+        return {name: (len(raw), self.maps[name].capacity) for name, raw in (self._live or {}).items()}
 
     def set_runtime(self, gen: int, flags: int, interim_ns: Optional[int] = None) -> None:
         if interim_ns is not None:

@@ -49,4 +49,4 @@ def test_source_assembly_inlines_our_headers_once():
 
 def test_limits_become_defines():
     flags = Limits(max_policies=10).cflags()
-    assert "-DMAX_POLICIES=10" in flags and "-DRINGBUF_PAGES=1024" in flags
+    assert "-DMAX_POLICIES=10" in flags and "-DRINGBUF_PAGES=256" in flags
