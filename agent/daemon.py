@@ -231,28 +231,31 @@ class Agent:
                     log.info("forgot %d bound ports no socket holds any more", n)
 
     # ---- kernel events ----
-    def _on_decision(self, data: bytes) -> None:
-        self.state["ring_events"]["decision_events"] += 1
+    def _decoded(self, ring: str, decode, data: bytes):
+        """decode(data), counting the event; None (counted and logged) when it does not decode."""
+        self.state["ring_events"][ring] += 1
         try:
-            d = decode_decision(data)
+            return decode(data)
         except DecodeError as e:
             self.state["decode_errors"] += 1
-            log.warning("%s", e)
+            log.warning("%s: %s", ring, e)
+            return None
+
+    def _on_decision(self, data: bytes) -> None:
+        d = self._decoded("decision_events", decode_decision, data)
+        if d is None:
             return
         self.tally.add(d.src_id, d.dst_id, d.verdict, bool(d.flags & abi.EventFlag.DEPRECATED))
-        self.flow_log.write(to_json(d, self.identities, self._mono_to_wall))
+        if self.flow_log.enabled:
+            self.flow_log.write(to_json(d, self.identities, self._mono_to_wall))
         if d.verdict == abi.Verdict.DENIED:
             # no connection follows, so no connection record: the collector gets the decision itself
             self._emit_record(decision_record(d, self.identities, self._mono_to_wall, self.agent_id, self.node),
                               False)
 
     def _on_flow(self, data: bytes) -> None:
-        self.state["ring_events"]["flow_events"] += 1
-        try:
-            ev = decode_flow_event(data)
-        except DecodeError as e:
-            self.state["decode_errors"] += 1
-            log.warning("%s", e)
+        ev = self._decoded("flow_events", decode_flow_event, data)
+        if ev is None:
             return
         rec = flow_record(ev, self.identities, self._mono_to_wall, self.agent_id, self.node)
         # metrics count a connection once: on its client's side, or on the server's when the client is remote
@@ -287,12 +290,8 @@ class Agent:
         return {"kernel_ring_full": c[abi.COUNTER_FLOW_EVENTS_LOST], "udp_table_full": c[abi.COUNTER_UDP_FLOWS_FULL]}
 
     def _on_agent_event(self, data: bytes) -> None:
-        self.state["ring_events"]["agent_events"] += 1
-        try:
-            ev = decode_agent_event(data)
-        except DecodeError as e:
-            self.state["decode_errors"] += 1
-            log.warning("%s", e)
+        ev = self._decoded("agent_events", decode_agent_event, data)
+        if ev is None:
             return
         if ev.kind == abi.AgentEventKind.CGROUP_MKDIR:
             self.assigner.on_cgroup_created(ev.path.decode(errors="replace"), ev.cgroup_id)
