@@ -6,12 +6,11 @@ they sit inside one of them. mkdir never reuses an existing directory.
 """
 from __future__ import annotations
 
-import errno
-import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from agent.identity.cgroups import remove_cgroup
 
 ROLES = ("client", "server")
 
@@ -89,37 +88,9 @@ def add_many(tree: BenchTree, parent: Path, names: list[str], chunk: int = 250, 
     return out
 
 
-def member_pids(path: Path) -> list[int]:
-    try:
-        text = (path / "cgroup.procs").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split() if x.isdigit()]
-
-
-def _rmdir(path: Path, timeout_s: float) -> str | None:
-    """rmdir one of our cgroups, SIGKILLing (by pid) what is still inside; None when gone, else why not."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            path.rmdir()
-            return None
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            if e.errno != errno.EBUSY or time.monotonic() >= deadline:
-                return f"{path}: {e.strerror} (still in it: {member_pids(path) or 'nothing'})"
-        for pid in member_pids(path):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-
-
 def remove_tree(tree: BenchTree, timeout_s: float = 5.0) -> list[str]:
     """Remove every directory we made, deepest first; returns the problems (empty when all went)."""
-    problems = [p for p in (_rmdir(path, timeout_s) for path in reversed(tree.made)) if p]
+    problems = [p for p in (remove_cgroup(path, timeout_s) for path in reversed(tree.made)) if p]
     tree.made.clear()
     return problems
 
@@ -127,7 +98,7 @@ def remove_tree(tree: BenchTree, timeout_s: float = 5.0) -> list[str]:
 def remove_below(tree: BenchTree, top: Path, timeout_s: float = 5.0) -> list[str]:
     """Remove `top` and every directory we made below it, deepest first (a section's cgroups, when it ends)."""
     mine = [p for p in tree.made if p == top or top in p.parents]
-    problems = [p for p in (_rmdir(path, timeout_s) for path in reversed(mine)) if p]
+    problems = [p for p in (remove_cgroup(path, timeout_s) for path in reversed(mine)) if p]
     gone = set(mine)
     tree.made[:] = [p for p in tree.made if p not in gone]
     return problems

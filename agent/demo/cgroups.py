@@ -4,31 +4,20 @@ Only paths this module created are ever removed, children first; processes are o
 """
 from __future__ import annotations
 
-import errno
-import os
-import re
-import signal
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from agent.identity.cgroups import cgroup2_mount_from, remove_cgroup
 
 
 class CgroupError(RuntimeError):
     pass
 
 
-def _unescape_mount_field(text: str) -> str:
-    """/proc/mounts escapes space, tab, newline and backslash as three octal digits (`\\040`)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
-
-
 def find_cgroup2_mount(mounts_text: str) -> str | None:
     """The mount point of the first cgroup2 filesystem in a /proc/mounts text, or None."""
-    for line in mounts_text.splitlines():
-        fields = line.split()
-        if len(fields) >= 3 and fields[2] == "cgroup2":
-            return _unescape_mount_field(fields[1])
-    return None
+    mount = cgroup2_mount_from(mounts_text)
+    return None if mount is None else str(mount)
 
 
 def relative_path(mount: Path, path: Path) -> str:
@@ -70,55 +59,11 @@ def create_tree(mount: Path, name: str, children: list[str]) -> CgroupTree:
     return tree
 
 
-def member_pids(path: Path) -> list[int]:
-    """The processes in one cgroup (not its descendants)."""
-    try:
-        text = (path / "cgroup.procs").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split() if x.isdigit()]
-
-
-def kill_members(path: Path) -> None:
-    """SIGKILL whatever is still in one of our cgroups: `cgroup.kill` where the kernel has it (5.14+), else each pid."""
-    kill_file = path / "cgroup.kill"
-    if kill_file.exists():
-        try:
-            kill_file.write_text("1")
-            return
-        except OSError:
-            pass
-    for pid in member_pids(path):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _rmdir(path: Path, timeout_s: float) -> str | None:
-    """rmdir a cgroup, emptying it first; None when gone, else why not."""
-    deadline = time.monotonic() + timeout_s
-    killed = False
-    while True:
-        try:
-            path.rmdir()
-            return None
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            if e.errno != errno.EBUSY or time.monotonic() >= deadline:
-                return f"{path}: {e.strerror} (still in it: {member_pids(path) or 'nothing'})"
-            if not killed and member_pids(path):
-                kill_members(path)
-                killed = True
-            time.sleep(0.05)
-
-
 def remove_tree(tree: CgroupTree, timeout_s: float = 5.0) -> list[str]:
     """Remove the children, then the root; returns the problems (empty when all went)."""
-    problems = [p for p in (_rmdir(path, timeout_s) for path in reversed(list(tree.children.values()))) if p]
+    problems = [p for p in (remove_cgroup(path, timeout_s) for path in reversed(list(tree.children.values()))) if p]
     tree.children.clear()
-    root_problem = _rmdir(tree.root, timeout_s)
+    root_problem = remove_cgroup(tree.root, timeout_s)
     if root_problem:
         problems.append(root_problem)
     return problems

@@ -1,7 +1,10 @@
 """cgroup v2: where it is mounted, and the cgroups below a root with their ids (id = the directory's inode)."""
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -44,3 +47,45 @@ def walk(mount: Path, root: Path) -> Iterator[tuple[str, int]]:
             yield relative(mount, Path(dirpath)), cgroup_id(Path(dirpath))
         except FileNotFoundError:
             dirnames[:] = []  # removed while walking
+
+
+def member_pids(path: Path) -> list[int]:
+    """The processes in one cgroup (not its descendants)."""
+    try:
+        text = (path / "cgroup.procs").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split() if x.isdigit()]
+
+
+def kill_members(path: Path) -> None:
+    """SIGKILL whatever is still in one of our cgroups: `cgroup.kill` where the kernel has it (5.14+), else each pid."""
+    kill_file = path / "cgroup.kill"
+    if kill_file.exists():
+        try:
+            kill_file.write_text("1")
+            return
+        except OSError:
+            pass
+    for pid in member_pids(path):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def remove_cgroup(path: Path, timeout_s: float) -> str | None:
+    """rmdir one of our cgroups, SIGKILLing what is still inside; None when gone, else why not."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            path.rmdir()
+            return None
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno != errno.EBUSY or time.monotonic() >= deadline:
+                return f"{path}: {e.strerror} (still in it: {member_pids(path) or 'nothing'})"
+        if member_pids(path):
+            kill_members(path)
+        time.sleep(0.05)
