@@ -15,8 +15,67 @@ def _agent(args: argparse.Namespace) -> int:
     from agent.daemon import Agent, AgentOptions
     opts = AgentOptions(config_path=Path(args.config), cgroup_root=args.cgroup_root,
                         metrics_addr=args.metrics_addr, flow_log=args.flow_log, records_log=args.records_log,
-                        collector=args.collector, agent_id=args.agent_id)
+                        collector=args.collector, agent_id=args.agent_id, ephemeral=args.ephemeral,
+                        bpf_root=args.bpf_root)
     return Agent(opts).run()
+
+
+def _root_dir(cgroup_root: Optional[Path]):
+    from agent.identity.cgroups import cgroup2_mount, cgroup_id
+    from agent.kernel.pins import DatapathDir
+    root = cgroup_root or cgroup2_mount()
+    if not root.is_dir():
+        raise AgentError(f"--cgroup-root {root} does not exist")
+    return root, DatapathDir.for_root(cgroup_id(root))
+
+
+def _uninstall(args: argparse.Namespace) -> int:
+    from agent.kernel.install import uninstall
+    from agent.kernel.pins import agent_attached
+    root, d = _root_dir(args.cgroup_root)
+    if agent_attached(d):
+        raise AgentError(f"an aimesh agent is running on {root} ({d.path}): stop it first")
+    removed = uninstall(d, root)
+    if not removed:
+        print(f"nothing of aimesh is pinned or attached for {root}")
+        return 0
+    for r in removed:
+        print(f"removed {r}")
+    print(f"aimesh datapath for {root} removed: {len(removed)} objects; nothing of aimesh is attached there now")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from agent.kernel.install import status
+    from agent.kernel.pins import all_datapaths
+    dirs = [_root_dir(args.cgroup_root)[1]] if args.cgroup_root else all_datapaths()
+    out = [status(d) for d in dirs if d.path.exists()]
+    if args.output == "json":
+        print(_json.dumps([{"path": str(st.path), "agent_attached": st.agent_attached, "manifest": st.manifest,
+                            "links": [vars(x) for x in st.links], "maps": st.maps, "builds": st.builds,
+                            "error": st.error} for st in out], indent=1))
+        return 0
+    if not out:
+        print("no aimesh datapath is pinned on this host")
+        return 0
+    for st in out:
+        m = st.manifest or {}
+        print(f"datapath {st.path}")
+        print(f"  cgroup root      {m.get('cgroup_root', '?')}")
+        print(f"  aimesh version   {m.get('aimesh_version', '?')} (manifest format {m.get('format', '?')})")
+        print(f"  build            {(m.get('build') or {}).get('build', '?')}")
+        print(f"  config gen       {m.get('config_generation', '?')} from {m.get('config_path', '?')}, "
+              f"written {m.get('updated', '?')}")
+        print(f"  agent            {'attached (pid ' + str(m.get('agent_pid')) + ')' if st.agent_attached else 'none running: the datapath enforces the last policy'}")
+        print(f"  links            {len(st.links)}")
+        for li in st.links:
+            print(f"    {li.name:<24} link {li.link_id:<6} prog {li.prog_id:<6} {li.prog_name:<16} {li.target}")
+        print(f"  maps             {len(st.maps)}; builds pinned: {', '.join(st.builds) or '-'}")
+        if st.error:
+            print(f"  error            {st.error}")
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -48,7 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write one JSON line per flow record (connection close, interim, UDP window) to PATH or -")
     a.add_argument("--collector", default=None, help="HOST:PORT of the collector (overrides collector.address)")
     a.add_argument("--agent-id", default=None, help="this agent's id in exported batches (default: host name)")
+    a.add_argument("--ephemeral", action="store_true",
+                   help="remove the datapath when the agent exits (development); by default it stays in force")
+    a.add_argument("--bpf-root", type=Path, default=None, help=argparse.SUPPRESS)   # tests: build from a copy of bpf/
     a.set_defaults(func=_agent)
+
+    u = sub.add_parser("uninstall", help="detach and unpin the aimesh datapath of a cgroup root (root)")
+    u.add_argument("--cgroup-root", type=Path, default=None, help="default: the cgroup2 mount")
+    u.set_defaults(func=_uninstall)
+
+    st = sub.add_parser("status", help="pinned datapaths: programs, links, config generation, agent (root)")
+    st.add_argument("--cgroup-root", type=Path, default=None, help="default: every pinned datapath")
+    st.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    st.set_defaults(func=_status)
 
     c = sub.add_parser("check", help="validate and compile a config without loading anything")
     c.add_argument("--config", required=True)

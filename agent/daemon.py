@@ -1,7 +1,11 @@
 """The node agent: wires config -> compile -> kernel maps, and kernel events -> decode -> flow log and metrics.
 
-Signals: SIGHUP re-reads the config (a bad one is rejected and the old policy stays); SIGTERM/SIGINT detach
-exactly what was attached and exit.
+The datapath lives in bpffs (agent/kernel/pins.py) and outlives this process: start adopts what is pinned for the
+cgroup root (building it first with the short-lived loader when the programs changed or nothing is there), stop
+leaves it in force. `aimesh uninstall` removes it; `--ephemeral` removes it at exit (development).
+
+Signals: SIGHUP re-reads the config (a bad one is rejected and the old policy stays); SIGTERM/SIGINT stop the agent
+and leave the datapath enforcing.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from agent.config import Config, ConfigError, load_config
+from agent.kernel.pins import DatapathDir, PinError, RootLock, check_format, prune_dir, read_manifest, write_manifest
 from agent.errors import AgentError
 from agent.flows.decode import DecodeError, decode_agent_event, decode_decision, to_json
 from agent.flows.records import UdpWindow, decision_record, decode_flow_event, flow_record, udp_aggregate
@@ -26,8 +31,9 @@ log = logging.getLogger("aimesh.agent")
 
 LOOPBACK6 = b"\0" * 15 + b"\1"
 LOOPBACK4_PREFIX = b"\0" * 10 + b"\xff\xff\x7f"   # ::ffff:127.0.0.0/104
-POLL_MS = 25
-HOUSEKEEPING_S = 15   # prune exited processes and ports no socket holds; refresh the clock offset   # how often queued decision and flow events are drained (they do not wake the agent)
+POLL_MS = 25          # how often queued decision and flow events are drained (they do not wake the agent)
+DRAIN_BUDGET = 20000  # records read from one ring per loop turn: signals and reloads are never starved by a flood
+HOUSEKEEPING_S = 15   # prune exited processes and ports no socket holds; refresh the clock offset
 
 
 @dataclass
@@ -40,22 +46,31 @@ class AgentOptions:
     collector: Optional[str] = None            # overrides config collector.address
     agent_id: Optional[str] = None             # overrides config collector.agent_id
     limits: abi.Limits = field(default_factory=abi.Limits)
+    ephemeral: bool = False                    # remove the datapath at exit (development); default: leave it in force
+    bpf_root: Optional[Path] = None            # bpf/ sources to build from (tests of upgrades); default: the package's
+    pin_base: Optional[Path] = None            # default /sys/fs/bpf/aimesh
 
 
 def preflight() -> None:
-    """The checks that make a clear error instead of a bcc traceback."""
+    """The checks that make a clear error instead of a traceback."""
     if os.geteuid() != 0:
         raise AgentError("aimesh agent must run as root: it loads BPF programs and attaches them to cgroups")
+    if not Path("/sys/fs/bpf").exists():
+        raise AgentError("this kernel has no BPF filesystem (/sys/fs/bpf missing): is CONFIG_BPF_SYSCALL set?")
+    if not os.path.ismount("/sys/fs/bpf"):
+        raise AgentError("bpffs is not mounted at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf): the datapath is pinned there")
+
+
+def loader_preflight() -> None:
+    """What building the programs needs (only when the pinned build is missing or different)."""
     rel = os.uname().release
     if not (Path(f"/lib/modules/{rel}/build").exists() or Path("/sys/kernel/kheaders.tar.xz").exists()):
         raise AgentError(f"kernel headers for {rel} are missing (no /lib/modules/{rel}/build and no "
                          "/sys/kernel/kheaders.tar.xz): bcc needs them; run `make setup`")
-    try:
-        import bcc  # noqa: F401
-    except ImportError as e:
+    import importlib.util
+    if importlib.util.find_spec("bcc") is None:   # found, not imported: the loader child imports it
+        e = "no module named bcc"
         raise AgentError(f"bcc is not importable ({e}): install Debian's python3-bpfcc; run `make setup`") from None
-    if not Path("/sys/fs/bpf").exists():
-        raise AgentError("this kernel has no BPF filesystem (/sys/fs/bpf missing): is CONFIG_BPF_SYSCALL set?")
 
 
 def build_exporter(config: Config, opts: AgentOptions):
@@ -111,7 +126,6 @@ class Agent:
             self._stop = True
 
     def run(self) -> int:
-        # Imports that need bcc come after preflight so their absence is a clear error.
         preflight()
         config = load_config(self.opts.config_path)
         self.agent_id = self.opts.agent_id or config.collector.agent_id or self.node
@@ -120,9 +134,8 @@ class Agent:
         from agent.export.metrics import AgentCollector, DecisionTally, build_registry
         from agent.flows.log import FlowLog
         from agent.identity.assigner import IdentityAssigner
-        from agent.identity.cgroups import cgroup2_mount
+        from agent.identity.cgroups import cgroup2_mount, cgroup_id
         from agent.identity.host import local_address_keys
-        from agent.kernel.datapath import Datapath
 
         mount = cgroup2_mount()
         root = Path(self.opts.cgroup_root) if self.opts.cgroup_root else mount
@@ -132,12 +145,68 @@ class Agent:
             raise AgentError(f"--cgroup-root {root} is not inside the cgroup2 mount {mount}") from None
         if not root.is_dir():
             raise AgentError(f"--cgroup-root {root} does not exist")
+        self.root = root
 
+        self.pins = DatapathDir.for_root(cgroup_id(root), self.opts.pin_base) if self.opts.pin_base \
+            else DatapathDir.for_root(cgroup_id(root))
+        lock = RootLock(self.pins)
+        try:
+            lock.acquire()
+            manifest = read_manifest(self.pins)
+            if manifest is not None:
+                check_format(self.pins, manifest)
+        except PinError as e:
+            lock.release()
+            raise AgentError(str(e)) from None
+        try:
+            return self._run_locked(config, manifest, mount, root, FlowTally, MetricsServer, AgentCollector,
+                                    DecisionTally, build_registry, FlowLog, IdentityAssigner, local_address_keys)
+        finally:
+            lock.release()
+
+    def _open_datapath(self, manifest: Optional[dict]):
+        """Adopt the pinned build when it is the one these sources and limits make; else build it (loader child)."""
+        from agent.kernel.datapath import Datapath
+        from agent.kernel.loader import LoadError, build_digest, build_inputs, run_child
+        text, cflags = build_inputs(self.pins, self.opts.limits, self.opts.bpf_root)
+        digest = build_digest(text, cflags)
+        build = (manifest or {}).get("build")
+        if build and build.get("build") == digest and Path(build.get("progs", "")).is_dir():
+            log.info("adopting the pinned datapath in %s (build %s)", self.pins.path, digest)
+            self.loaded = False
+        else:
+            if build:
+                log.info("pinned build %s differs from this agent's %s: loading the new programs", build.get("build"),
+                         digest)
+            loader_preflight()
+            t0 = time.monotonic()
+            try:
+                build = run_child(self.pins, self.opts.limits, self.opts.bpf_root)
+            except LoadError as e:
+                raise AgentError(str(e)) from None
+            log.info("compiled and loaded the programs in %.1fs (build %s)", time.monotonic() - t0, build["build"])
+            self.loaded = True
+        self.build = build
+        return Datapath(self.pins, self.opts.limits, build["maps"])
+
+    def manifest(self) -> dict:
+        from agent import __version__
+        return {"format": 1, "aimesh_version": __version__, "cgroup_root": str(self.root),
+                "build": self.build, "identities": self.numbering.to_state(),
+                "config_generation": self.state["reloads_ok"] + 1, "config_path": str(self.opts.config_path),
+                "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "agent_pid": os.getpid()}
+
+    def _run_locked(self, config, manifest, mount, root, FlowTally, MetricsServer, AgentCollector, DecisionTally,
+                    build_registry, FlowLog, IdentityAssigner, local_address_keys) -> int:
+        try:
+            self.numbering = IdentityNumbering.from_state((manifest or {}).get("identities"))
+        except ValueError as e:
+            raise AgentError(f"{self.pins.path}: {e}") from None
         self.tally = DecisionTally()
         self.flow_log = FlowLog(self.opts.flow_log)
         self.records_log = FlowLog(self.opts.records_log)
         self.exporter = build_exporter(config, self.opts)
-        self.datapath = dp = Datapath(self.opts.limits)
+        self.datapath = dp = self._open_datapath(manifest)
         self.flow_tally = FlowTally(lambda: self.exporter.stats() if self.exporter else None, self._flow_losses)
         collector = AgentCollector(dp.counters, self.tally, lambda: self.identities, self._metrics_state)
         try:
@@ -152,32 +221,44 @@ class Agent:
         for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._on_signal)
         self.assigner = IdentityAssigner(dp, self.numbering, mount, root)
+        # what a previous agent left in the kernel, so the resync also clears what no longer matches
+        self.assigner.cgroups = dp.identity_entries("cgroup_identity")
+        self.assigner.processes = dp.identity_entries("process_identity")
         try:
             self._install(config)
             keys = local_address_keys()
             dp.set_local_addresses(keys)
             self._local_addrs = {bytes(k.addr) for k in keys}
-            dp.open_ring_buffers(self._on_decision, self._on_agent_event, self._on_flow)
-            dp.attach(root)
+            dp.attach(root, Path(self.build["progs"]))
+            write_manifest(self.pins, self.manifest())
+            removed = prune_dir(self.pins.progs, {Path(self.build["progs"]).name}) + \
+                prune_dir(self.pins.maps, set(self.build["maps"].values()))
+            if removed:
+                log.info("unpinned %d objects of the previous build", len(removed))
             self.state["programs_attached"] = dp.attached_count
+            self._drain()   # what the kernel queued while no agent ran
             self.healthy = True
             log.info("agent ready: %d identities, %d policies, governing %s, metrics on %s",
                      len(config.identities), len(config.policies), root, self.opts.metrics_addr)
             self._loop()
         finally:
             self.healthy = False
-            dp.detach()
-            self.state["programs_attached"] = 0
             try:
-                dp.poll(0)              # what the kernel queued before detaching
+                self._drain(final=True)
                 self._drain_udp(final=True)
             except Exception:
                 log.exception("final drain failed")
-            dp.close()
             if self.exporter:
                 st = self.exporter.close()
                 log.info("exporter closed: %d records sent, %d spooled batches kept, %d dropped",
                          st.sent_records, st.spool_batches, st.dropped)
+            dp.close()
+            if self.opts.ephemeral:
+                from agent.kernel.install import uninstall
+                removed = uninstall(self.pins, root)
+                log.info("ephemeral: removed the datapath (%d pinned objects)", len(removed))
+            else:
+                log.info("the datapath stays in force in %s (aimesh uninstall removes it)", self.pins.path)
             metrics.stop()
             self.flow_log.close()
             self.records_log.close()
@@ -190,6 +271,8 @@ class Agent:
         self.datapath.interim_ns = int(config.telemetry.interim_interval * 1e9)
         for w in image.warnings:
             log.warning("%s", w)
+        if hasattr(self, "build"):
+            write_manifest(self.pins, self.manifest())   # numbers first: the maps below may hold new ones
         self.datapath.apply(image)
         self.identities = image.identities
         self.config = config
@@ -210,8 +293,10 @@ class Agent:
     def _loop(self) -> None:
         last_housekeeping = time.monotonic()
         self._udp_last = time.monotonic_ns()
+        from agent.kernel.ringbuf import wait_readable
         while not self._stop:
-            self.datapath.poll(POLL_MS)
+            wait_readable([self.datapath.rings["agent_events"]], POLL_MS)   # agent events wake us; the rest is polled
+            self._drain()
             if time.monotonic_ns() - self._udp_last >= self.config.telemetry.udp_window * 1e9:
                 self._drain_udp()
             if self._reload:
@@ -231,6 +316,31 @@ class Agent:
                     log.info("forgot %d bound ports no socket holds any more", n)
 
     # ---- kernel events ----
+    def _drain(self, final: bool = False) -> int:
+        """Read every ring up to DRAIN_BUDGET records each, handle them, then hand the space back to the kernel.
+
+        The consumer position moves only after the records are handled, so records the agent has not seen stay in
+        the pinned ring for the next agent."""
+        handlers = (("agent_events", self._on_agent_event), ("decision_events", self._on_decision),
+                    ("flow_events", self._on_flow))
+        total = 0
+        while True:
+            n = 0
+            for name, fn in handlers:
+                ring = self.datapath.rings[name]
+                recs, pos = ring.read(DRAIN_BUDGET)
+                for r in recs:
+                    try:
+                        fn(r)
+                    except Exception:  # a handler bug must not stop the drain or lose the ring position
+                        self.state["decode_errors"] += 1
+                        log.exception("%s: handling an event failed", name)
+                ring.commit(pos)
+                n += len(recs)
+            total += n
+            if not final or n == 0:
+                return total
+
     def _decoded(self, ring: str, decode, data: bytes):
         """decode(data), counting the event; None (counted and logged) when it does not decode."""
         self.state["ring_events"][ring] += 1

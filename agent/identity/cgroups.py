@@ -75,8 +75,12 @@ def kill_members(path: Path) -> None:
 
 
 def remove_cgroup(path: Path, timeout_s: float) -> str | None:
-    """rmdir one of our cgroups, SIGKILLing what is still inside; None when gone, else why not."""
+    """rmdir one of our cgroups, SIGKILLing what is still inside; None when gone, else why not.
+
+    An aimesh datapath pinned for this cgroup (an agent governed it) is uninstalled first: its links and maps would
+    otherwise stay pinned in bpffs after the cgroup is gone."""
     deadline = time.monotonic() + timeout_s
+    uninstall_datapath(path)
     while True:
         try:
             path.rmdir()
@@ -89,3 +93,14 @@ def remove_cgroup(path: Path, timeout_s: float) -> str | None:
         if member_pids(path):
             kill_members(path)
         time.sleep(0.05)
+
+
+def uninstall_datapath(path: Path) -> list[str]:
+    """Remove the aimesh datapath pinned for the cgroup at path, if any; returns what was removed."""
+    from agent.kernel.install import uninstall
+    from agent.kernel.pins import DatapathDir
+    try:
+        d = DatapathDir.for_root(cgroup_id(path))
+    except OSError:
+        return []
+    return uninstall(d, path) if d.path.exists() else []

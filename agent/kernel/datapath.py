@@ -1,7 +1,9 @@
-"""The bcc boundary: compile bpf/, load the programs, attach them to a cgroup, write maps, read ring buffers.
+"""The agent's handle on a pinned datapath: maps, rings, links. No bcc: only the bpf() syscall (bpfsys) and mmap.
 
-Nothing else in aimesh imports bcc. The datapath attaches with BPF_F_ALLOW_MULTI and remembers each attachment, so
-detach() removes exactly what it attached and nothing another tool put there.
+The datapath lives in bpffs (pins.py), built by the loader (loader.py). This class opens the pinned maps of one
+build, writes policy generations, and puts the build's programs in force: it creates one pinned bpf link per
+attachment, or swaps the program behind an existing link in one step (bpf_link_update), so at no instant does the
+cgroup have zero or two sets of aimesh programs. Closing it leaves everything in force.
 """
 from __future__ import annotations
 
@@ -9,162 +11,166 @@ import ctypes as ct
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
-
-from bcc import BPF
-from bcc.libbcc import lib
+from typing import Iterable, Optional
 
 from agent.errors import AgentError
-from agent.kernel import abi
-from agent.kernel.maps import MapHandle
-from agent.kernel.source import assemble
+from agent.kernel import abi, bpfsys, registry
+from agent.kernel.maps import MapError, MapHandle
+from agent.kernel.pins import DatapathDir
+from agent.kernel.ringbuf import RingReader
 from agent.policy.compile import MapImage
 
 log = logging.getLogger("aimesh.kernel")
 
-BPF_F_ALLOW_MULTI = 2
-
-
-@dataclass(frozen=True)
-class ProgramSpec:
-    name: str
-    prog_type: int
-    attach_type: int
-
-
-PROGRAMS = (
-    ProgramSpec("aimesh_connect4", BPF.CGROUP_SOCK_ADDR, 10),
-    ProgramSpec("aimesh_connect6", BPF.CGROUP_SOCK_ADDR, 11),
-    ProgramSpec("aimesh_sendmsg4", BPF.CGROUP_SOCK_ADDR, 14),
-    ProgramSpec("aimesh_sendmsg6", BPF.CGROUP_SOCK_ADDR, 15),
-    ProgramSpec("aimesh_recvmsg4", BPF.CGROUP_SOCK_ADDR, 19),
-    ProgramSpec("aimesh_recvmsg6", BPF.CGROUP_SOCK_ADDR, 20),
-    ProgramSpec("aimesh_getpeername4", BPF.CGROUP_SOCK_ADDR, 29),
-    ProgramSpec("aimesh_getpeername6", BPF.CGROUP_SOCK_ADDR, 30),
-    ProgramSpec("aimesh_post_bind4", BPF.CGROUP_SOCK, 12),
-    ProgramSpec("aimesh_post_bind6", BPF.CGROUP_SOCK, 13),
-    ProgramSpec("aimesh_ingress", BPF.CGROUP_SKB, 0),
-    ProgramSpec("aimesh_egress", BPF.CGROUP_SKB, 1),
-    ProgramSpec("aimesh_sock_ops", BPF.SOCK_OPS, 3),
-)
-# The fast path's verdict program attaches to the fastpath_sockets map, not to a cgroup.
-SK_MSG = ProgramSpec("aimesh_sk_msg", BPF.SK_MSG, 7)   # BPF_SK_MSG_VERDICT
-
-
-def _map_specs(limits: abi.Limits) -> dict[str, tuple[type, type, int, bool]]:
-    """map name -> (key type, value type, capacity, batch-capable)."""
-    return {
-        "runtime_config": (ct.c_uint32, abi.RuntimeConfig, 1, False),
-        "cgroup_identity": (ct.c_uint64, ct.c_uint32, limits.max_cgroups, True),
-        "process_identity": (ct.c_uint32, ct.c_uint32, limits.max_processes, True),
-        "endpoint_identity": (abi.EndpointKey, ct.c_uint32, limits.max_endpoints, False),
-        "local_endpoint_identity": (abi.LocalEndpointKey, ct.c_uint32, limits.max_local_endpoints, True),
-        "local_address": (abi.LocalEndpointKey, ct.c_uint8, 1024, True),
-        "identity_info": (abi.IdentityKey, abi.IdentityInfo, limits.max_identities, True),
-        "policy_verdict": (abi.PolicyKey, abi.PolicyValue, limits.max_policies, True),
-        "redirect_service": (abi.RedirectKey, abi.RedirectValue, limits.max_redirects, True),
-        "redirect_backend": (abi.BackendKey, abi.Backend, limits.max_backends, True),
-        "udp_reverse_nat": (abi.SocketPeerKey, abi.Dialed, limits.max_reverse_nat, False),
-        "udp_flows": (abi.SocketPeerKey, abi.UdpFlow, limits.max_udp_flows, False),
-        "local_peer": (abi.LocalEndpointKey, abi.PeerOrigin, limits.max_local_peers, False),
-    }
+_BATCH = {registry.HASH, registry.ARRAY, registry.PERCPU_ARRAY, registry.LRU_HASH}
 
 
 def release_free_memory() -> None:
-    """Give freed heap back to the system (glibc keeps it otherwise: the compile and a big policy leave ~100 MB)."""
+    """Give freed heap back to the system (glibc keeps it otherwise: a big policy leaves tens of MB)."""
     try:
         ct.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass  # not glibc
 
 
+def possible_cpus() -> int:
+    """Number of possible CPUs (per-CPU map values have one slot each)."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    n = 0
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        n += (int(b) - int(a) + 1) if b else 1
+    return n
+
+
+@dataclass
+class AttachReport:
+    created: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    orphans_detached: list[str] = field(default_factory=list)
+
+
 class Datapath:
-    """Compiled and loaded programs plus their maps. Call attach() to put them in force, detach() to remove."""
+    """Open pinned maps and rings of one build. attach() puts the build's programs in force."""
 
-    def __init__(self, limits: abi.Limits = abi.Limits(), bpf_root: Optional[Path] = None) -> None:
-        self.limits = limits
-        t0 = time.monotonic()
-        try:
-            self.bpf = BPF(text=assemble(bpf_root), cflags=limits.cflags() + ["-Wno-unused-function"])
-        except Exception as e:  # bcc raises bare Exception for compile and load errors
-            raise AgentError(f"compiling the BPF programs failed: {e}") from None
-        try:
-            self.functions = {p.name: self.bpf.load_func(p.name.encode(), p.prog_type, attach_type=p.attach_type)
-                              if p.prog_type in (BPF.CGROUP_SOCK_ADDR, BPF.CGROUP_SOCK)
-                              else self.bpf.load_func(p.name.encode(), p.prog_type)
-                              for p in PROGRAMS}
-            self.functions[SK_MSG.name] = self.bpf.load_func(SK_MSG.name.encode(), SK_MSG.prog_type)
-        except Exception as e:
-            raise AgentError(f"loading the BPF programs failed: {e}") from None
-        log.info("compiled and loaded %d programs in %.1fs", len(PROGRAMS) + 1, time.monotonic() - t0)
-        self.bpf.free_bcc_memory()
-        release_free_memory()   # the compiler's heap: ~80 MB of RSS back
+    def __init__(self, d: DatapathDir, limits: abi.Limits, map_pins: dict[str, str]) -> None:
+        self.dir, self.limits = d, limits
         self.maps: dict[str, MapHandle] = {}
-        for name, (kt, vt, cap, batch) in _map_specs(limits).items():
-            fd = lib.bpf_table_fd(self.bpf.module, name.encode())
-            self.maps[name] = MapHandle(fd, name, kt, vt, cap, batch)
-        self._attached: list[tuple[ProgramSpec, int]] = []
-        self._sockhash_fd = lib.bpf_table_fd(self.bpf.module, b"fastpath_sockets")
-        self._cgroup_fd: Optional[int] = None
-        self._live: Optional[dict[str, list[bytes]]] = None   # the live generation's keys, per map, compact
-        self.active_gen = 0
-        self.config_flags = 0
-        self.interim_ns = 0
+        self.map_fds: dict[str, int] = {}
+        for spec in registry.MAPS:
+            path = d.maps / map_pins[spec.name]
+            try:
+                fd = bpfsys.obj_get(str(path))
+            except bpfsys.BpfError as e:
+                self.close()
+                raise AgentError(f"pinned map {path}: {e.strerror}") from None
+            self.map_fds[spec.name] = fd
+            if spec.key is not None and spec.map_type not in (registry.SK_STORAGE, registry.SOCKHASH):
+                self.maps[spec.name] = MapHandle(fd, spec.name, spec.key, spec.value, spec.capacity(limits),
+                                                 spec.map_type in _BATCH)
+        self.rings: dict[str, RingReader] = {name: RingReader(self.map_fds[name], name) for name in registry.RINGS}
+        self._live: Optional[dict[str, list[bytes]]] = None   # the live generation's keys; None: not known yet
+        self._ncpu = possible_cpus()
+        cfg = self.maps["runtime_config"].lookup(ct.c_uint32(0))
+        self.active_gen = cfg.active_gen if cfg else 0
+        self.config_flags = cfg.flags if cfg else 0
+        self.interim_ns = cfg.interim_ns if cfg else 0
+        self.attached_count = 0
 
-    # ---- attach / detach ----
-    def attach(self, cgroup_dir: Path) -> None:
+    # ---- putting a build in force ----
+    def attach(self, root: Path, progs_dir: Path) -> AttachReport:
+        """Link every program of the build at progs_dir: create missing links, swap changed ones, keep the rest."""
+        rep = AttachReport()
         try:
-            fd = os.open(cgroup_dir, os.O_RDONLY | os.O_DIRECTORY)
+            cg_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
-            raise AgentError(f"cannot open cgroup {cgroup_dir}: {e.strerror}") from None
-        self._cgroup_fd = fd
-        # the sk_msg verdict goes on the sockhash before sock_ops can put a socket in it
-        res = lib.bpf_prog_attach(self.functions[SK_MSG.name].fd, self._sockhash_fd, SK_MSG.attach_type, 0)
-        if res < 0:
-            raise AgentError(f"attaching {SK_MSG.name} to fastpath_sockets failed: {os.strerror(-res)}")
-        self._attached.append((SK_MSG, self._sockhash_fd))
-        for spec in PROGRAMS:
-            res = lib.bpf_prog_attach(self.functions[spec.name].fd, fd, spec.attach_type, BPF_F_ALLOW_MULTI)
-            if res < 0:
-                err = os.strerror(-res)
-                self.detach()
-                raise AgentError(f"attaching {spec.name} to {cgroup_dir} failed: {err}"
-                                 + (" (another program is attached there without BPF_F_ALLOW_MULTI)"
-                                    if -res == 1 else ""))
-            self._attached.append((spec, fd))
-        log.info("attached %d programs to %s", len(self._attached), cgroup_dir)
+            raise AgentError(f"cannot open cgroup {root}: {e.strerror}") from None
+        try:
+            tracefs = None
+            ours: set[int] = set()
+            for p in registry.PROGRAMS:
+                try:
+                    prog_fd = bpfsys.obj_get(str(progs_dir / p.name))
+                except bpfsys.BpfError as e:
+                    raise AgentError(f"pinned program {progs_dir / p.name}: {e.strerror}") from None
+                try:
+                    new_id = bpfsys.prog_info(prog_fd).id
+                    ours.add(new_id)
+                    if p.target == "sockhash":
+                        # the map holds the verdict program; attaching again replaces it in one step
+                        bpfsys.prog_attach(prog_fd, self.map_fds["fastpath_sockets"], p.attach_type, 0)
+                        rep.kept.append(p.link)
+                        continue
+                    if p.target == "tracepoint" and tracefs is None:
+                        tracefs = bpfsys.tracefs_dir()
+                    self._link(p, prog_fd, new_id, cg_fd, tracefs, rep)
+                finally:
+                    os.close(prog_fd)
+            rep.orphans_detached = detach_orphans(root, cg_fd, ours)
+        except bpfsys.BpfError as e:
+            raise AgentError(f"attaching the datapath to {root} failed: {e.strerror}") from None
+        finally:
+            os.close(cg_fd)
+        self.attached_count = len(registry.CGROUP_PROGRAMS)
+        log.info("datapath in force on %s: %d links created, %d swapped, %d kept%s", root, len(rep.created),
+                 len(rep.replaced), len(rep.kept),
+                 f"; detached {len(rep.orphans_detached)} orphaned programs" if rep.orphans_detached else "")
+        return rep
 
-    def detach(self) -> None:
-        for spec, fd in reversed(self._attached):
-            res = lib.bpf_prog_detach2(self.functions[spec.name].fd, fd, spec.attach_type)
-            if res < 0:
-                log.warning("detaching %s failed: %s", spec.name, os.strerror(-res))
-        if self._attached:
-            log.info("detached %d programs", len(self._attached))
-        self._attached.clear()
-        if self._cgroup_fd is not None:
-            os.close(self._cgroup_fd)
-            self._cgroup_fd = None
-
-    @property
-    def attached_count(self) -> int:
-        """Programs attached to the cgroup (the sk_msg program on the sockhash is not counted)."""
-        return sum(1 for spec, _ in self._attached if spec is not SK_MSG)
-
-    def close(self) -> None:
-        self.detach()
-        self.bpf.cleanup()
+    def _link(self, p: registry.ProgramSpec, prog_fd: int, new_id: int, cg_fd: int, tracefs: Optional[str],
+              rep: AttachReport) -> None:
+        path = self.dir.links / p.link
+        try:
+            link_fd = bpfsys.obj_get(str(path))
+        except bpfsys.BpfError:
+            link_fd = -1
+        if link_fd >= 0:
+            try:
+                if bpfsys.link_info(link_fd).prog_id == new_id:
+                    rep.kept.append(p.link)
+                    return
+                if p.target == "cgroup":
+                    bpfsys.link_update(link_fd, prog_fd)
+                    rep.replaced.append(p.link)
+                    return
+            finally:
+                os.close(link_fd)
+        # new link (a tracepoint link cannot be updated: the new one is linked first, then the old pin replaced)
+        if p.target == "cgroup":
+            fd = bpfsys.link_create(prog_fd, cg_fd, p.attach_type)
+        else:
+            cat, ev = p.tracepoint.split(":")
+            pfd = bpfsys.tracepoint_perf_fd(tracefs or "", cat, ev)
+            try:
+                fd = bpfsys.link_create(prog_fd, pfd, bpfsys.PERF_EVENT)
+            finally:
+                os.close(pfd)
+        try:
+            tmp = self.dir.links / f"new-{p.link}"
+            if tmp.exists():
+                os.unlink(tmp)
+            bpfsys.obj_pin(fd, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            os.close(fd)
+        (rep.replaced if link_fd >= 0 else rep.created).append(p.link)
 
     # ---- policy generations ----
     def next_gen(self) -> int:
-        return 0 if self._live is None else 1 - self.active_gen
+        return 1 - self.active_gen
 
     def apply(self, image: MapImage, settle_s: float = 0.01) -> None:
-        """Write image into its generation, flip runtime_config to it, then drop the previous generation."""
-        if self._live is not None and image.gen == self.active_gen:
+        """Write image into the inactive generation, flip runtime_config to it, then drop the previous generation.
+
+        The inactive generation is emptied first (a crash in the middle of an earlier apply may have left part of
+        one there), so what becomes live is exactly the image.
+        """
+        if image.gen == self.active_gen and self._live is not None:
             raise ValueError(f"generation {image.gen} is live; compile into {self.next_gen()}")
+        self._delete_gen(image.gen)
         written = {name: [bytes(k) for k, _ in items] for name, items in self._image_items(image)}
         try:
             for name, items in self._image_items(image):
@@ -172,11 +178,14 @@ class Datapath:
         except Exception:
             self._delete_keys(written)  # the live generation was never touched
             raise
+        old_gen, old = self.active_gen, self._live
         self.set_runtime(image.gen, image.config_flags)
-        old, self._live = self._live, written
+        self._live = written
+        time.sleep(settle_s)  # a program that read the old generation finishes within microseconds
         if old is not None:
-            time.sleep(settle_s)  # a program that read the old generation finishes within microseconds
             self._delete_keys(old)
+        else:
+            self._delete_gen(old_gen)
         release_free_memory()
 
     @staticmethod
@@ -186,6 +195,13 @@ class Datapath:
         yield "policy_verdict", image.policies
         yield "redirect_backend", image.backends
         yield "redirect_service", image.redirects
+
+    def _delete_gen(self, gen: int) -> None:
+        """Delete every key of one generation from the generation-keyed maps (walks the maps)."""
+        for spec in registry.MAPS:
+            if spec.gen_keyed:
+                m = self.maps[spec.name]
+                m.delete_many([k for k in list(m.keys()) if k.gen == gen])
 
     def _delete_keys(self, keys: dict[str, list[bytes]]) -> None:
         for name, raw in keys.items():
@@ -220,32 +236,61 @@ class Datapath:
 
     def set_local_addresses(self, keys: list[abi.LocalEndpointKey]) -> None:
         m = self.maps["local_address"]
-        m.delete_many(list(m.keys()))
+        wanted = {bytes(k) for k in keys}
+        m.delete_many([k for k in list(m.keys()) if bytes(k) not in wanted])
         m.update_many([(k, ct.c_uint8(1)) for k in keys])
 
-    # ---- events and counters ----
-    def open_ring_buffers(self, on_decision: Callable[[bytes], None], on_agent: Callable[[bytes], None],
-                          on_flow: Callable[[bytes], None]) -> None:
-        def wrap(fn):
-            def cb(_ctx, data, size):
-                try:
-                    fn(ct.string_at(data, size))
-                except Exception:  # never let a decode bug unwind through libbpf's callback
-                    log.exception("event callback failed")
-                return 0
-            return cb
-        self._cbs = (wrap(on_decision), wrap(on_agent), wrap(on_flow))
-        self.bpf[b"decision_events"].open_ring_buffer(self._cbs[0])
-        self.bpf[b"agent_events"].open_ring_buffer(self._cbs[1])
-        self.bpf[b"flow_events"].open_ring_buffer(self._cbs[2])
+    def identity_entries(self, name: str) -> dict[int, int]:
+        """cgroup_identity or process_identity as the kernel holds it now (what a previous agent wrote)."""
+        return {int(k.value): int(v.value) for k, v in self.maps[name].items()}
 
-    def poll(self, timeout_ms: int) -> None:
-        """Wait up to timeout_ms for an agent event (they wake us), then drain every ring: decision and flow events
-        are queued without a wakeup (see maps.h)."""
-        self.bpf.ring_buffer_poll(timeout_ms)
-        self.bpf.ring_buffer_consume()
-
+    # ---- counters ----
     def counters(self) -> list[int]:
         """verdict_counters summed over CPUs, one int per slot (see abi.h)."""
-        table = self.bpf[b"verdict_counters"]
-        return [int(sum(table[ct.c_int(i)])) for i in range(abi.COUNTER_SLOTS)]
+        fd = self.map_fds["verdict_counters"]
+        vals = (ct.c_uint64 * self._ncpu)()
+        out = []
+        for i in range(abi.COUNTER_SLOTS):
+            out.append(sum(vals) if bpfsys.map_lookup(fd, ct.c_uint32(i), vals) else 0)
+        return out
+
+    def close(self) -> None:
+        """Close our descriptors; everything pinned stays in force."""
+        for r in getattr(self, "rings", {}).values():
+            r.close()
+        for fd in self.map_fds.values():
+            os.close(fd)
+        self.map_fds.clear()
+        self.maps.clear()
+
+
+def detach_orphans(root: Path, cg_fd: int, ours: Iterable[int]) -> list[str]:
+    """Detach aimesh programs attached to root outside our links (left by an agent that pinned nothing)."""
+    ours = set(ours)
+    gone: list[str] = []
+    for p in registry.CGROUP_PROGRAMS:
+        for pid in bpfsys.prog_query(cg_fd, p.attach_type):
+            if pid in ours:
+                continue
+            try:
+                fd = bpfsys.prog_fd_by_id(pid)
+            except bpfsys.BpfError:
+                continue
+            try:
+                info = bpfsys.prog_info(fd)
+                if not info.name.startswith("aimesh_"):
+                    continue
+                try:
+                    bpfsys.prog_detach(fd, cg_fd, p.attach_type)
+                    gone.append(f"{info.name} (id {pid})")
+                except bpfsys.BpfError:
+                    pass  # attached by a link of someone else's: not ours to remove
+            finally:
+                os.close(fd)
+    if gone:
+        log.warning("detached %d aimesh programs attached to %s outside any pinned link: %s", len(gone), root,
+                    ", ".join(gone))
+    return gone
+
+
+__all__ = ["Datapath", "AttachReport", "detach_orphans", "release_free_memory", "MapError"]

@@ -1,15 +1,15 @@
-"""Raw map access by fd with our own ctypes layouts (abi.py), batched where the map type allows it."""
+"""Raw map access by fd with our own ctypes layouts (abi.py), batched where the map type allows it. No bcc."""
 from __future__ import annotations
 
 import ctypes as ct
 import os
 from typing import Iterable, Iterator, Sequence, TypeVar
 
-from bcc.libbcc import lib
+from agent.kernel import bpfsys
 
 K = TypeVar("K", bound=ct.Structure)
 
-BPF_ANY = 0
+BPF_ANY = bpfsys.BPF_ANY
 
 
 class MapError(Exception):
@@ -27,16 +27,16 @@ class MapHandle:
         self.batch = batch
 
     def update(self, key, value) -> None:
-        if lib.bpf_update_elem(self.fd, ct.byref(key), ct.byref(value), BPF_ANY) < 0:
-            err = ct.get_errno()
-            raise MapError(f"map {self.name}: update failed: {os.strerror(err)}")
+        res = bpfsys.map_update(self.fd, key, value, BPF_ANY)
+        if res < 0:
+            raise MapError(f"map {self.name}: update failed: {os.strerror(-res)}")
 
     def delete(self, key) -> bool:
-        return lib.bpf_delete_elem(self.fd, ct.byref(key)) == 0
+        return bpfsys.map_delete(self.fd, key)
 
     def lookup(self, key):
         v = self.value_type()
-        if lib.bpf_lookup_elem(self.fd, ct.byref(key), ct.byref(v)) < 0:
+        if not bpfsys.map_lookup(self.fd, key, v):
             return None
         return v
 
@@ -47,8 +47,7 @@ class MapHandle:
             n = len(items)
             keys = (self.key_type * n)(*[k for k, _ in items])
             values = (self.value_type * n)(*[v for _, v in items])
-            count = ct.c_uint32(n)
-            if lib.bpf_update_batch(self.fd, keys, values, ct.byref(count)) == 0:
+            if bpfsys.map_update_batch(self.fd, keys, values, n) == 0:
                 return
             # fall back to one by one (older kernels, or a partial batch), which names the failing entry
         for k, v in items:
@@ -61,12 +60,12 @@ class MapHandle:
     def keys(self) -> Iterator:
         key = self.key_type()
         nxt = self.key_type()
-        if lib.bpf_get_next_key(self.fd, None, ct.byref(nxt)) < 0:
+        if not bpfsys.map_next_key(self.fd, None, nxt):
             return
         while True:
             yield type(nxt).from_buffer_copy(nxt)
             ct.memmove(ct.byref(key), ct.byref(nxt), ct.sizeof(key))
-            if lib.bpf_get_next_key(self.fd, ct.byref(key), ct.byref(nxt)) < 0:
+            if not bpfsys.map_next_key(self.fd, key, nxt):
                 return
 
     def items(self) -> Iterator[tuple[object, object]]:

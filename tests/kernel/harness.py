@@ -49,6 +49,8 @@ class CgroupTree:
         return "/" + str(p.relative_to(self.mount))
 
     def cleanup(self) -> None:
+        from agent.identity.cgroups import uninstall_datapath
+        uninstall_datapath(self.root)   # the agents left their datapath in force: remove it by the root's id
         for d in sorted(self.root.rglob("*"), key=lambda p: -len(p.parts)) + [self.root]:
             if not d.is_dir():
                 continue

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import re
+from pathlib import Path
 
 from bcc import BPF
 
@@ -34,14 +35,32 @@ def assemble_probe(probe: str) -> str:
     return "#include <uapi/linux/bpf.h>\n" + abi_h + probe.replace('#include "include/abi.h"\n', "")
 
 
-def test_the_loaded_program_uses_the_same_map_layouts():
-    """The maps of the real program (not a probe) have the mirrored key and value sizes."""
-    from agent.kernel.datapath import Datapath, _map_specs
-    dp = Datapath(abi.Limits(max_policies=1024, max_endpoints=1024, max_cgroups=1024, max_processes=1024))
+def test_the_loaded_program_uses_the_registry_map_layouts(tmp_path):
+    """The maps the real program pinned (not a probe) have the type, key and value sizes, capacity and flags that
+    agent/kernel/registry.py declares (and digests into their pin names)."""
+    import os
+    import uuid
+
+    from agent.kernel import bpfsys, registry
+    from agent.kernel.loader import load
+    from agent.kernel.pins import DatapathDir, remove_tree
+    limits = abi.Limits(max_policies=1024, max_endpoints=1024, max_cgroups=1024, max_processes=1024)
+    d = DatapathDir(Path("/sys/fs/bpf") / f"aimesh-test-{uuid.uuid4().hex[:8]}")
     try:
-        for name, (kt, vt, _, _) in _map_specs(dp.limits).items():
-            t = dp.bpf[name.encode()]
-            assert ct.sizeof(t.Key) == ct.sizeof(kt), name
-            assert ct.sizeof(t.Leaf) == ct.sizeof(vt), name
+        res = load(d, limits)
+        assert set(res["maps"]) == {m.name for m in registry.MAPS}
+        assert sorted(os.listdir(Path(res["progs"]))) == sorted(p.name for p in registry.PROGRAMS)
+        for spec in registry.MAPS:
+            fd = bpfsys.obj_get(str(d.maps / res["maps"][spec.name]))
+            try:
+                info = bpfsys.map_info(fd)
+            finally:
+                os.close(fd)
+            assert info.type == spec.map_type, spec.name
+            assert info.max_entries == spec.capacity(limits), spec.name
+            assert info.flags == spec.flags, spec.name
+            if spec.key is not None:
+                assert info.key_size == ct.sizeof(spec.key), spec.name
+                assert info.value_size == ct.sizeof(spec.value), spec.name
     finally:
-        dp.close()
+        remove_tree(d.path)

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from tests.kernel.harness import REPO, attached_programs, free_port, run_client, start_server
 from tests.kernel.netns import NetnsHost
@@ -95,28 +96,36 @@ def test_sighup_good_and_bad_config(cgroups, agents):
     srv.popen.kill()
 
 
-def test_sigterm_detaches_exactly_what_it_attached(cgroups, agents):
+def test_sigterm_leaves_the_datapath_in_force_and_uninstall_removes_exactly_it(cgroups, agents):
     agent = agents(base_config(cgroups, 18000))
     names = attached_programs(cgroups.root)
     assert len(names) == 13 and all(n.startswith("aimesh_") for n in names)
     assert agent.get("/healthz")[0] == 200
     assert agent.stop() == 0
+    assert sorted(attached_programs(cgroups.root)) == sorted(names)   # a rollout keeps enforcing
+    r = _aimesh("uninstall", "--cgroup-root", str(cgroups.root))
+    assert r.returncode == 0, r.stderr
+    assert "removed" in r.stdout and "links/connect4" in r.stdout
     assert attached_programs(cgroups.root) == []
+    assert not pinned_dir(cgroups.root).exists()
 
 
-def test_two_agents_stack_and_detach_independently(cgroups, agents, tmp_path):
-    """BPF_F_ALLOW_MULTI: a second attachment (here a second agent) is not disturbed by the first one leaving."""
-    first = agents(base_config(cgroups, 18000))
-    from tests.kernel.harness import start_agent
+def test_a_second_agent_on_the_same_root_refuses(cgroups, agents, tmp_path):
+    """One datapath per root: a second agent would otherwise stack a second set of programs next to the first."""
+    agents(base_config(cgroups, 18000))
     (tmp_path / "second").mkdir()
-    second = start_agent(tmp_path / "second", cgroups.root, base_config(cgroups, 18000))
-    try:
-        assert len(attached_programs(cgroups.root)) == 26
-        first.stop()
-        assert len(attached_programs(cgroups.root)) == 13
-    finally:
-        second.stop()
-    assert attached_programs(cgroups.root) == []
+    cfg = tmp_path / "second" / "c.yaml"
+    cfg.write_text(yaml.safe_dump(base_config(cgroups, 18000)))
+    r = _aimesh("agent", "--config", str(cfg), "--cgroup-root", str(cgroups.root), "--metrics-addr",
+                f"127.0.0.1:{free_port()}")
+    assert r.returncode == 2 and "another aimesh agent is running" in r.stderr and "Traceback" not in r.stderr
+    assert len(attached_programs(cgroups.root)) == 13
+
+
+def pinned_dir(root):
+    from agent.identity.cgroups import cgroup_id
+    from agent.kernel.pins import DatapathDir
+    return DatapathDir.for_root(cgroup_id(root)).path
 
 
 def _aimesh(*args, user=None):

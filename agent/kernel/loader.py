@@ -1,0 +1,129 @@
+"""The only bcc user: compile bpf/, load every program, pin the build in the datapath directory, exit.
+
+It runs as a short-lived child of the agent (`python -m agent.kernel.loader`), so the long-running agent never holds
+bcc and LLVM (~60 MB). Maps are pinned by bcc itself at the paths registry.pin_cflags gives (an existing pin is
+reused: same layout, same map). Programs are pinned under progs/<build digest>/; the loader attaches nothing — the
+agent fills the maps first and then attaches or swaps the links, so no program ever runs on empty maps.
+
+Output: one JSON line on stdout ({"build": digest, "progs": dir, "maps": {name: pin name}}); on failure one line on
+stderr naming what failed, exit status 2, and every pin this run created removed.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from agent.kernel import abi, registry
+from agent.kernel.pins import DatapathDir, remove_tree
+from agent.kernel.source import assemble
+
+
+class LoadError(Exception):
+    pass
+
+
+def build_inputs(d: DatapathDir, limits: abi.Limits, bpf_root: Optional[Path] = None) -> tuple[bytes, list[str]]:
+    """The program text and compiler flags of a build: the same inputs give the same digest."""
+    cflags = limits.cflags() + registry.pin_cflags(str(d.maps), limits) + ["-Wno-unused-function"]
+    return assemble(bpf_root).encode(), cflags
+
+
+def build_digest(text: bytes, cflags: list[str]) -> str:
+    h = hashlib.sha256(text)
+    for f in cflags:
+        h.update(b"\0" + f.encode())
+    for p in registry.PROGRAMS:
+        h.update(f"\0{p.name}:{p.prog_type}:{p.attach_type}".encode())
+    return h.hexdigest()[:16]
+
+
+def load(d: DatapathDir, limits: abi.Limits, bpf_root: Optional[Path] = None) -> dict:
+    from bcc import BPF
+    from bcc.libbcc import lib
+
+    d.make()
+    text, cflags = build_inputs(d, limits, bpf_root)
+    digest = build_digest(text, cflags)
+    maps_before = set(os.listdir(d.maps))
+    final = d.progs / digest
+    tmp = d.progs / f"tmp-{digest}-{os.getpid()}"   # bpffs refuses names with a dot
+    b = None
+    try:
+        try:
+            b = BPF(text=text, cflags=cflags)
+        except Exception as e:  # bcc raises bare Exception for compile and load errors
+            raise LoadError(f"compiling the BPF programs failed: {e}") from None
+        # bcc auto-attaches tracepoint__* functions to perf events of this process; the agent links them itself.
+        for p in registry.PROGRAMS:
+            if p.target == "tracepoint":
+                try:
+                    b.detach_tracepoint(p.tracepoint.encode())
+                except Exception:
+                    pass
+        tmp.mkdir(parents=True)
+        for p in registry.PROGRAMS:
+            try:
+                if p.prog_type in (registry.CGROUP_SOCK_ADDR, registry.CGROUP_SOCK):
+                    fn = b.load_func(p.name.encode(), p.prog_type, attach_type=p.attach_type)
+                else:
+                    fn = b.load_func(p.name.encode(), p.prog_type)
+            except Exception as e:
+                raise LoadError(f"loading {p.name} failed: {e}") from None
+            if lib.bpf_obj_pin(fn.fd, str(tmp / p.name).encode()) < 0:
+                raise LoadError(f"pinning {p.name} in {tmp} failed")
+        if final.exists():
+            remove_tree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        remove_tree(tmp)
+        for name in set(os.listdir(d.maps)) - maps_before:
+            os.unlink(d.maps / name)
+        raise
+    finally:
+        if b is not None:
+            b.cleanup()
+    return {"build": digest, "progs": str(final), "maps": {m.name: m.pin_name(limits) for m in registry.MAPS}}
+
+
+def run_child(d: DatapathDir, limits: abi.Limits, bpf_root: Optional[Path] = None, timeout: float = 300) -> dict:
+    """Run the loader in a child process and return its result; raises LoadError with its one-line error."""
+    import subprocess
+    cmd = [sys.executable, "-m", "agent.kernel.loader", "--dir", str(d.path), "--limits",
+           json.dumps(asdict(limits))] + (["--bpf-root", str(bpf_root)] if bpf_root else [])
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LoadError(f"the BPF loader did not finish in {timeout:.0f}s") from None
+    if out.returncode != 0:
+        lines = [x for x in out.stderr.splitlines() if x.strip() and "Warning" not in x]
+        raise LoadError(lines[-1] if lines else f"the BPF loader exited with {out.returncode}")
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise LoadError(f"the BPF loader printed no result: {out.stdout[-200:]!r}") from None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="aimesh-loader")
+    ap.add_argument("--dir", required=True, type=Path)
+    ap.add_argument("--limits", default="{}")
+    ap.add_argument("--bpf-root", type=Path, default=None)
+    args = ap.parse_args(argv)
+    try:
+        limits = abi.Limits(**json.loads(args.limits))
+        res = load(DatapathDir(args.dir), limits, args.bpf_root)
+    except (LoadError, OSError, TypeError, ValueError) as e:
+        print(f"aimesh loader: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

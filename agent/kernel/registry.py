@@ -1,0 +1,136 @@
+"""What the datapath is made of: every map and every program, declared once. The loader and the agent walk these tables.
+
+Maps mirror bpf/include/maps.h (name, type, key and value layouts from abi.py, capacity); tests/kernel/test_pinning.py
+compares them with what the compiled program created. Each map is pinned under a name that carries a digest of its
+layout, so a program upgrade keeps every map whose layout did not change (same pin) and starts a fresh one for a map
+whose layout did (new pin): bcc reuses a pinned map when the path exists.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from agent.kernel import abi
+from agent.kernel import bpfsys as sys_
+
+# enum bpf_map_type
+HASH, ARRAY, PERCPU_ARRAY, LRU_HASH, LPM_TRIE, SOCKHASH, SK_STORAGE, RINGBUF = 1, 2, 6, 9, 11, 18, 24, 27
+BPF_F_NO_PREALLOC = 1
+
+# enum bpf_prog_type (bcc's BPF.* constants)
+TRACEPOINT, CGROUP_SKB, CGROUP_SOCK, SOCK_OPS, SK_MSG, CGROUP_SOCK_ADDR = 5, 8, 9, 13, 16, 18
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    name: str
+    map_type: int
+    key: Optional[type]            # ctypes type; None for ring buffers
+    value: Optional[type]
+    capacity: Callable[[abi.Limits], int]   # max_entries (bytes for ring buffers)
+    flags: int = 0
+    owner: str = "agent"           # agent: refilled by the agent from config and /proc; kernel: written by programs
+    gen_keyed: bool = False        # the key holds a policy generation (double-buffered)
+
+    def layout(self, limits: abi.Limits) -> str:
+        return f"{self.name}|{self.map_type}|{_layout(self.key)}|{_layout(self.value)}|{self.capacity(limits)}|{self.flags}"
+
+    def digest(self, limits: abi.Limits) -> str:
+        return hashlib.sha256(self.layout(limits).encode()).hexdigest()[:12]
+
+    def pin_name(self, limits: abi.Limits) -> str:
+        return f"{self.name}-{self.digest(limits)}"
+
+
+def _layout(t: Optional[type]) -> str:
+    if t is None:
+        return "-"
+    if isinstance(t, type) and issubclass(t, ct.Structure):
+        parts = []
+        for f in t._fields_:
+            d = getattr(t, f[0])
+            parts.append(f"{f[0]}@{d.offset}:{d.size}:{_layout(f[1])}")
+        return f"{t.__name__}{{{','.join(parts)}}}"
+    if isinstance(t, type) and issubclass(t, ct.Array):
+        return f"{_layout(t._type_)}[{t._length_}]"
+    return f"{getattr(t, '__name__', str(t))}:{ct.sizeof(t)}"
+
+
+MAPS: tuple[MapSpec, ...] = (
+    MapSpec("runtime_config", ARRAY, ct.c_uint32, abi.RuntimeConfig, lambda lim: 1),
+    MapSpec("cgroup_identity", HASH, ct.c_uint64, ct.c_uint32, lambda lim: lim.max_cgroups),
+    MapSpec("process_identity", HASH, ct.c_uint32, ct.c_uint32, lambda lim: lim.max_processes),
+    MapSpec("endpoint_identity", LPM_TRIE, abi.EndpointKey, ct.c_uint32, lambda lim: lim.max_endpoints,
+            BPF_F_NO_PREALLOC, gen_keyed=True),
+    MapSpec("local_endpoint_identity", HASH, abi.LocalEndpointKey, ct.c_uint32, lambda lim: lim.max_local_endpoints),
+    MapSpec("local_address", HASH, abi.LocalEndpointKey, ct.c_uint8, lambda lim: 1024),
+    MapSpec("identity_info", HASH, abi.IdentityKey, abi.IdentityInfo, lambda lim: lim.max_identities, gen_keyed=True),
+    MapSpec("policy_verdict", HASH, abi.PolicyKey, abi.PolicyValue, lambda lim: lim.max_policies, gen_keyed=True),
+    MapSpec("redirect_service", HASH, abi.RedirectKey, abi.RedirectValue, lambda lim: lim.max_redirects,
+            gen_keyed=True),
+    MapSpec("redirect_backend", HASH, abi.BackendKey, abi.Backend, lambda lim: lim.max_backends, gen_keyed=True),
+    MapSpec("dialed_address", SK_STORAGE, ct.c_int, abi.Dialed, lambda lim: 0, BPF_F_NO_PREALLOC, owner="kernel"),
+    MapSpec("udp_reverse_nat", LRU_HASH, abi.SocketPeerKey, abi.Dialed, lambda lim: lim.max_reverse_nat,
+            owner="kernel"),
+    MapSpec("udp_flows", HASH, abi.SocketPeerKey, abi.UdpFlow, lambda lim: lim.max_udp_flows, owner="kernel"),
+    MapSpec("flow_state", SK_STORAGE, ct.c_int, abi.FlowOrigin, lambda lim: 0, BPF_F_NO_PREALLOC, owner="kernel"),
+    MapSpec("local_peer", LRU_HASH, abi.LocalEndpointKey, abi.PeerOrigin, lambda lim: lim.max_local_peers,
+            owner="kernel"),
+    MapSpec("fastpath_sockets", SOCKHASH, abi.SockTuple, ct.c_int, lambda lim: lim.max_fastpath_sockets,
+            owner="kernel"),
+    MapSpec("fastpath_state", HASH, abi.SockTuple, abi.FastpathState, lambda lim: lim.max_fastpath_sockets,
+            owner="kernel"),
+    MapSpec("verdict_counters", PERCPU_ARRAY, ct.c_uint32, ct.c_uint64, lambda lim: abi.COUNTER_SLOTS,
+            owner="kernel"),
+    MapSpec("decision_events", RINGBUF, None, None, lambda lim: lim.ringbuf_pages * 4096, owner="kernel"),
+    MapSpec("agent_events", RINGBUF, None, None, lambda lim: 16 * 4096, owner="kernel"),
+    MapSpec("flow_events", RINGBUF, None, None, lambda lim: lim.flow_ringbuf_pages * 4096, owner="kernel"),
+)
+MAP_BY_NAME = {m.name: m for m in MAPS}
+RINGS = ("decision_events", "flow_events", "agent_events")
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    """One program: the C function, its type, and where it attaches (one pinned link each, named `link`)."""
+    name: str
+    prog_type: int
+    attach_type: int
+    target: str        # "cgroup" | "sockhash" | "tracepoint"
+    link: str          # pin name under links/
+    tracepoint: str = ""   # category:event for tracepoints
+
+
+PROGRAMS: tuple[ProgramSpec, ...] = (
+    ProgramSpec("aimesh_connect4", CGROUP_SOCK_ADDR, sys_.CGROUP_INET4_CONNECT, "cgroup", "connect4"),
+    ProgramSpec("aimesh_connect6", CGROUP_SOCK_ADDR, sys_.CGROUP_INET6_CONNECT, "cgroup", "connect6"),
+    ProgramSpec("aimesh_sendmsg4", CGROUP_SOCK_ADDR, sys_.CGROUP_UDP4_SENDMSG, "cgroup", "sendmsg4"),
+    ProgramSpec("aimesh_sendmsg6", CGROUP_SOCK_ADDR, sys_.CGROUP_UDP6_SENDMSG, "cgroup", "sendmsg6"),
+    ProgramSpec("aimesh_recvmsg4", CGROUP_SOCK_ADDR, sys_.CGROUP_UDP4_RECVMSG, "cgroup", "recvmsg4"),
+    ProgramSpec("aimesh_recvmsg6", CGROUP_SOCK_ADDR, sys_.CGROUP_UDP6_RECVMSG, "cgroup", "recvmsg6"),
+    ProgramSpec("aimesh_getpeername4", CGROUP_SOCK_ADDR, sys_.CGROUP_INET4_GETPEERNAME, "cgroup", "getpeername4"),
+    ProgramSpec("aimesh_getpeername6", CGROUP_SOCK_ADDR, sys_.CGROUP_INET6_GETPEERNAME, "cgroup", "getpeername6"),
+    ProgramSpec("aimesh_post_bind4", CGROUP_SOCK, sys_.CGROUP_INET4_POST_BIND, "cgroup", "post_bind4"),
+    ProgramSpec("aimesh_post_bind6", CGROUP_SOCK, sys_.CGROUP_INET6_POST_BIND, "cgroup", "post_bind6"),
+    ProgramSpec("aimesh_ingress", CGROUP_SKB, sys_.CGROUP_INET_INGRESS, "cgroup", "ingress"),
+    ProgramSpec("aimesh_egress", CGROUP_SKB, sys_.CGROUP_INET_EGRESS, "cgroup", "egress"),
+    ProgramSpec("aimesh_sock_ops", SOCK_OPS, sys_.CGROUP_SOCK_OPS, "cgroup", "sock_ops"),
+    # The fast path's verdict attaches to the fastpath_sockets map (the map holds it), before sock_ops fills the map.
+    ProgramSpec("aimesh_sk_msg", SK_MSG, sys_.SK_MSG_VERDICT, "sockhash", "sk_msg"),
+    ProgramSpec("tracepoint__cgroup__cgroup_mkdir", TRACEPOINT, sys_.PERF_EVENT, "tracepoint", "tp_cgroup_mkdir",
+                "cgroup:cgroup_mkdir"),
+    ProgramSpec("tracepoint__cgroup__cgroup_rmdir", TRACEPOINT, sys_.PERF_EVENT, "tracepoint", "tp_cgroup_rmdir",
+                "cgroup:cgroup_rmdir"),
+    ProgramSpec("tracepoint__sched__sched_process_exec", TRACEPOINT, sys_.PERF_EVENT, "tracepoint",
+                "tp_sched_process_exec", "sched:sched_process_exec"),
+    ProgramSpec("tracepoint__sched__sched_process_exit", TRACEPOINT, sys_.PERF_EVENT, "tracepoint",
+                "tp_sched_process_exit", "sched:sched_process_exit"),
+)
+CGROUP_PROGRAMS = tuple(p for p in PROGRAMS if p.target == "cgroup")
+
+
+def pin_cflags(map_dir: str, limits: abi.Limits) -> list[str]:
+    """-DPIN_<map>="<path>" for every map: maps.h pins each map there (bcc reuses it when it exists)."""
+    return [f'-DPIN_{m.name}="{map_dir}/{m.pin_name(limits)}"' for m in MAPS]
