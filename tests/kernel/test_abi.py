@@ -13,7 +13,7 @@ import enum
 import os
 import re
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -92,7 +92,7 @@ _ASSERT_FAILED = re.compile(r'error: static.assert(?:ion)? failed.*"([^"\n]*)"$'
 
 def compile_failures(asserts: str) -> list[str]:
     """Compile abi.h plus the asserts with bcc; the messages of the asserts that failed, in source order."""
-    text = "#include <uapi/linux/bpf.h>\n" + (bpf_dir() / "include" / "abi.h").read_text() + asserts
+    text = assemble_probe(asserts)
     # bcc's clang writes its diagnostics to fd 2: catch them there.
     with tempfile.TemporaryFile(mode="w+b") as diag:
         saved = os.dup(2)
@@ -227,8 +227,7 @@ def test_mirrors_match_compiled_sizes_and_field_order():
 
 
 def assemble_probe(probe: str) -> str:
-    abi_h = (bpf_dir() / "include" / "abi.h").read_text()
-    return "#include <uapi/linux/bpf.h>\n" + abi_h + probe.replace('#include "include/abi.h"\n', "")
+    return "#include <uapi/linux/bpf.h>\n" + (bpf_dir() / "include" / "abi.h").read_text() + probe
 
 
 def test_the_loaded_program_uses_the_same_map_layouts():
@@ -274,7 +273,7 @@ class _WrongEventFlag(enum.IntFlag):
 
 
 def _with(m: Mirror, **kw) -> Mirror:
-    return Mirror(**{**m.__dict__, **kw})
+    return replace(m, **kw)
 
 
 @pytest.mark.parametrize("change,first", [
