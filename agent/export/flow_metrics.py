@@ -54,7 +54,9 @@ class FlowTally(Collector):
     """Aggregates flow records as they arrive; Prometheus reads the aggregates at scrape time.
 
     Connection and byte totals count final records only (interim records are partial: their bytes are counted when
-    the connection closes), and client-side records only, so a same-host connection is not counted twice.
+    the connection closes), and each connection once (observed_by_client: the caller passes True for the client's
+    side, or for the server's when the client is remote). Records are client-relative, so direction "sent" is
+    client -> server whichever side was counted.
     """
 
     def __init__(self, exporter_stats: Optional[Callable[[], object]] = None,
@@ -94,7 +96,8 @@ class FlowTally(Collector):
         for k, n in sorted(flows.items()):
             f.add_metric(list(k), n)
         yield f
-        b = CounterMetricFamily("aimesh_flow_bytes", "Payload bytes of completed flows, from the client's side",
+        b = CounterMetricFamily("aimesh_flow_bytes",
+                                "Payload bytes of completed flows; direction sent: client to server, received: back",
                                 labels=PAIR_LABELS + ["direction", "protocol"])
         for k, n in sorted(byts.items()):
             b.add_metric(list(k), n)

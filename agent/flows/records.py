@@ -48,6 +48,9 @@ def flow_record(ev: abi.FlowEvent, meta: Mapping[int, IdentityMeta], mono_to_wal
                 agent_id: str = "", node: str = "") -> FlowRecordData:
     """One TCP connection side. Source is always the client, destination the server, whichever side observed it.
 
+    The kernel counts from its own socket's point of view; the record is client-relative on both sides: bytes_sent and
+    packets_sent are what the client sent to the server, bytes_received and packets_received what it got back. So the
+    server side's event is turned around (its received bytes are the client's sent bytes).
     On the hot path (one call per connection side): plain ints instead of enum arithmetic, cached address text.
     """
     local, remote = format_addr(bytes(ev.local_addr)), format_addr(bytes(ev.remote_addr))
@@ -55,8 +58,10 @@ def flow_record(ev: abi.FlowEvent, meta: Mapping[int, IdentityMeta], mono_to_wal
     client_side = ev.side == _CLIENT
     if client_side:
         src_addr, src_port, dst_addr, dst_port = local, lport, remote, rport
+        c_sent, c_received, c_segs_out, c_segs_in = ev.bytes_sent, ev.bytes_received, ev.segs_out, ev.segs_in
     else:
         src_addr, src_port, dst_addr, dst_port = remote, rport, local, lport
+        c_sent, c_received, c_segs_out, c_segs_in = ev.bytes_received, ev.bytes_sent, ev.segs_in, ev.segs_out
     flags, start, end = ev.flags, ev.start_ns, ev.end_ns
     return FlowRecordData(
         agent_id=agent_id, node=node, cookie=ev.cookie,
@@ -69,8 +74,7 @@ def flow_record(ev: abi.FlowEvent, meta: Mapping[int, IdentityMeta], mono_to_wal
         protocol=ev.proto, hook=_HOOK_CONNECT if client_side else _HOOK_INGRESS,
         verdict=ev.verdict, reason=ev.reason,
         deprecated=bool(flags & _DEPRECATED), redirected=bool(flags & _REDIRECTED), lifecycle=bool(flags & _LIFECYCLE),
-        bytes_sent=ev.bytes_sent, bytes_received=ev.bytes_received,
-        packets_sent=ev.segs_out, packets_received=ev.segs_in,
+        bytes_sent=c_sent, bytes_received=c_received, packets_sent=c_segs_out, packets_received=c_segs_in,
         duration_ns=end - start if end > start else 0, srtt_us=ev.srtt_us, retransmits=ev.retransmits,
         pid=ev.pid, comm=ev.comm.decode(errors="replace"),
     )
@@ -114,6 +118,8 @@ def udp_aggregate(entries: Iterable[tuple[abi.SocketPeerKey, abi.UdpFlow]], wind
     """Sum the traffic since the last drain per (source, destination, actual destination, port, verdict).
 
     Returns one FlowRecordData (kind UDP_AGGREGATE) per group that moved bytes in the window. Updates window.seen.
+    Client-relative like flow_record: udp_flows entries exist only for the sending (client) socket, created at its
+    sendmsg/connect, so its sent/received counters are already the client's.
     """
     groups: dict[tuple, tuple[FlowRecordData, UdpCounters]] = {}
     alive: set[bytes] = set()

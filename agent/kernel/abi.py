@@ -1,7 +1,9 @@
 """Python mirror of bpf/include/abi.h: one ctypes struct per C struct, one IntEnum per C enum.
 
 Change this file together with abi.h and proto/aimesh/v1/flow.proto; values are never renumbered.
-tests/kernel/test_abi.py compares every size here with what the compiled program reports.
+tests/kernel/test_abi.py compiles a _Static_assert for every offset, size, enum member, flag, limit and counter slot
+here against abi.h (Cilium's alignchecker, with bcc as the compiler), and checks that every enum member and #define of
+abi.h has a mirror here (ENUMS, FLAGS, CONSTANTS, Limits) and back, and that flow.proto numbers its enums the same.
 """
 from __future__ import annotations
 
@@ -88,23 +90,32 @@ class AgentEventKind(enum.IntEnum):
     EXEC = 2
 
 
+# verdict_counters slots: fixed numbers, as in abi.h; never derived from HOOK_MAX or VERDICT_MAX.
+COUNTER_DECISION_BASE = 0
+COUNTER_DECISION_HOOKS = 4
+COUNTER_DECISION_VERDICTS = 8
+
+
 def counter_decision(hook: int, verdict: int) -> int:
-    return hook * VERDICT_MAX + verdict
+    """The slot of COUNTER_DECISION(hook, verdict): 0..31."""
+    if not (0 <= hook < COUNTER_DECISION_HOOKS and 0 <= verdict < COUNTER_DECISION_VERDICTS):
+        raise ValueError(f"counter_decision: hook {hook} or verdict {verdict} has no decision counter slot")
+    return COUNTER_DECISION_BASE + hook * COUNTER_DECISION_VERDICTS + verdict
 
 
-COUNTER_DECISION_EVENTS_LOST = HOOK_MAX * VERDICT_MAX + 0
-COUNTER_AGENT_EVENTS_LOST = HOOK_MAX * VERDICT_MAX + 1
-COUNTER_LOCAL_ENDPOINTS_FULL = HOOK_MAX * VERDICT_MAX + 2
-COUNTER_REVERSE_NAT_FULL = HOOK_MAX * VERDICT_MAX + 3
-COUNTER_FLOW_EVENTS_LOST = HOOK_MAX * VERDICT_MAX + 4
-COUNTER_UDP_FLOWS_FULL = HOOK_MAX * VERDICT_MAX + 5
-COUNTER_FLOWS_UNTRACKED = HOOK_MAX * VERDICT_MAX + 6
-COUNTER_FASTPATH_SOCKETS = HOOK_MAX * VERDICT_MAX + 7
-COUNTER_FASTPATH_FULL = HOOK_MAX * VERDICT_MAX + 8
-COUNTER_FASTPATH_REMOTE = HOOK_MAX * VERDICT_MAX + 9
-COUNTER_FASTPATH_UNWATCHED = HOOK_MAX * VERDICT_MAX + 10
-COUNTER_FASTPATH_MESSAGES = HOOK_MAX * VERDICT_MAX + 11
-COUNTER_FASTPATH_BYTES = HOOK_MAX * VERDICT_MAX + 12
+COUNTER_DECISION_EVENTS_LOST = 32
+COUNTER_AGENT_EVENTS_LOST = 33
+COUNTER_LOCAL_ENDPOINTS_FULL = 34
+COUNTER_REVERSE_NAT_FULL = 35
+COUNTER_FLOW_EVENTS_LOST = 36
+COUNTER_UDP_FLOWS_FULL = 37
+COUNTER_FLOWS_UNTRACKED = 38
+COUNTER_FASTPATH_SOCKETS = 39
+COUNTER_FASTPATH_FULL = 40
+COUNTER_FASTPATH_REMOTE = 41
+COUNTER_FASTPATH_UNWATCHED = 42
+COUNTER_FASTPATH_MESSAGES = 43
+COUNTER_FASTPATH_BYTES = 44
 COUNTER_SLOTS = 64
 
 Addr16 = ct.c_uint8 * 16
@@ -284,9 +295,45 @@ MIRRORS: dict[str, type[ct.Structure]] = {
 }
 
 
+# C enum -> (prefix of its members in abi.h, Python mirror). A member NAME here is PREFIX + NAME there.
+ENUMS: dict[str, tuple[str, type[enum.IntEnum]]] = {
+    "aimesh_verdict": ("VERDICT_", Verdict),
+    "aimesh_hook": ("HOOK_", Hook),
+    "aimesh_reason": ("REASON_", Reason),
+    "flow_kind": ("FLOW_KIND_", FlowKind),
+    "flow_side": ("SIDE_", Side),
+    "agent_event_kind": ("AGENT_EV_", AgentEventKind),
+}
+
+# Python-only members: values the C side uses without naming them (flow_origin.side is 0 until established).
+UNNAMED_IN_C: frozenset[str] = frozenset({"Side.UNKNOWN"})
+
+# Prefix of a #define family in abi.h -> Python mirror (EV_F_DEPRECATED is EventFlag.DEPRECATED).
+FLAGS: dict[str, type[enum.IntFlag]] = {"EV_F_": EventFlag, "ID_F_": IdentityFlag, "CFG_F_": ConfigFlag}
+
+# Every other value abi.h defines (the limits are Limits' defaults), by its C name.
+CONSTANTS: dict[str, int] = {
+    "ID_NONE": ID_NONE, "ID_UNMANAGED": ID_UNMANAGED, "ID_WORLD": ID_WORLD, "ID_FIRST_USER": ID_FIRST_USER,
+    "BACKENDS_PER_SERVICE": BACKENDS_PER_SERVICE, "AGENT_EV_PATH_LEN": AGENT_EV_PATH_LEN,
+    "VERDICT__MAX": VERDICT_MAX, "HOOK__MAX": HOOK_MAX,
+    "COUNTER_DECISION_BASE": COUNTER_DECISION_BASE, "COUNTER_DECISION_HOOKS": COUNTER_DECISION_HOOKS,
+    "COUNTER_DECISION_VERDICTS": COUNTER_DECISION_VERDICTS,
+    "COUNTER_DECISION_EVENTS_LOST": COUNTER_DECISION_EVENTS_LOST, "COUNTER_AGENT_EVENTS_LOST": COUNTER_AGENT_EVENTS_LOST,
+    "COUNTER_LOCAL_ENDPOINTS_FULL": COUNTER_LOCAL_ENDPOINTS_FULL, "COUNTER_REVERSE_NAT_FULL": COUNTER_REVERSE_NAT_FULL,
+    "COUNTER_FLOW_EVENTS_LOST": COUNTER_FLOW_EVENTS_LOST, "COUNTER_UDP_FLOWS_FULL": COUNTER_UDP_FLOWS_FULL,
+    "COUNTER_FLOWS_UNTRACKED": COUNTER_FLOWS_UNTRACKED, "COUNTER_FASTPATH_SOCKETS": COUNTER_FASTPATH_SOCKETS,
+    "COUNTER_FASTPATH_FULL": COUNTER_FASTPATH_FULL, "COUNTER_FASTPATH_REMOTE": COUNTER_FASTPATH_REMOTE,
+    "COUNTER_FASTPATH_UNWATCHED": COUNTER_FASTPATH_UNWATCHED, "COUNTER_FASTPATH_MESSAGES": COUNTER_FASTPATH_MESSAGES,
+    "COUNTER_FASTPATH_BYTES": COUNTER_FASTPATH_BYTES, "COUNTER_SLOTS": COUNTER_SLOTS,
+}
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Map capacities, passed to the compiler as -D (no text patching). Policy maps hold two generations."""
+    """Map capacities, passed to the compiler as -D (no text patching). Policy maps hold two generations.
+
+    Each field is the -D name in lower case; the defaults are abi.h's (checked by tests/kernel/test_abi.py).
+    """
     max_cgroups: int = 65536
     max_processes: int = 65536
     max_endpoints: int = 65536

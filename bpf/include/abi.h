@@ -2,8 +2,10 @@
  * aimesh kernel/user contract: every struct, enum and limit that crosses the boundary. Types only, no code.
  *
  * Mirrors (change them together, never renumber):
- *   - agent/kernel/abi.py       ctypes structs and IntEnums (sizes checked by tests/kernel/test_abi.py)
+ *   - agent/kernel/abi.py        ctypes structs, IntEnums, IntFlags, limits and counter slots
  *   - proto/aimesh/v1/flow.proto Verdict, Hook, Reason enums
+ * tests/kernel/test_abi.py compiles a _Static_assert for every offset, size, enum member, flag, limit and counter slot
+ * of abi.py against this header, and checks that every enum member and #define here has a mirror there and back.
  *
  * Addresses are always 16 bytes in network order; IPv4 is stored v4-mapped (::ffff:a.b.c.d) so one key layout
  * serves both families and v4-mapped IPv6 sockets need no special case. Ports in keys are host order.
@@ -11,7 +13,8 @@
 #ifndef AIMESH_ABI_H
 #define AIMESH_ABI_H
 
-/* Limits; the loader passes overrides with -D (agent/kernel/abi.py: build_cflags). */
+/* Limits (mirror: abi.py Limits, whose defaults equal these); the loader passes overrides with -D
+ * (agent/kernel/abi.py: Limits.cflags). */
 #ifndef MAX_CGROUPS
 #define MAX_CGROUPS 65536
 #endif
@@ -54,15 +57,17 @@
 #ifndef FLOW_RINGBUF_PAGES
 #define FLOW_RINGBUF_PAGES 1024        /* 4 MiB: ~26k flow records between two 25 ms drains (1M/s) */
 #endif
-#define BACKENDS_PER_SERVICE 16    /* weighted split: at most this many backends per redirect */
+#define BACKENDS_PER_SERVICE 16    /* mirror: abi.py BACKENDS_PER_SERVICE. weighted split: at most this many backends per redirect */
 
-/* Reserved identities. User identities start at ID_FIRST_USER. */
+/* Reserved identities (mirror: abi.py ID_*). User identities start at ID_FIRST_USER. */
 #define ID_NONE       0
 #define ID_UNMANAGED  1   /* a local workload no selector matched */
 #define ID_WORLD      2   /* a remote address no endpoint matched */
 #define ID_FIRST_USER 16
 
-/* Decision verdicts (mirror: abi.py Verdict, flow.proto Verdict). */
+/* Decision verdicts. Mirrors: abi.py Verdict and VERDICT_MAX; flow.proto Verdict (0 is VERDICT_UNSPECIFIED there);
+ * labels derived from the names: agent/export/metrics.py (aimesh_kernel_decisions, aimesh_connections),
+ * agent/export/flow_metrics.py (aimesh_flows), agent/flows/decode.py (flow log). */
 enum aimesh_verdict {
 	VERDICT_NONE       = 0,
 	VERDICT_ALLOWED    = 1,
@@ -72,7 +77,9 @@ enum aimesh_verdict {
 	VERDICT__MAX       = 8,
 };
 
-/* Where the decision was taken (mirror: abi.py Hook, flow.proto Hook). */
+/* Where the decision was taken. Mirrors: abi.py Hook and HOOK_MAX; flow.proto Hook (0 is HOOK_UNSPECIFIED there);
+ * labels derived from the names: agent/export/metrics.py (aimesh_kernel_decisions), agent/flows/decode.py.
+ * A new hook also needs its own block of decision counters (see COUNTER_DECISION_HOOKS). */
 enum aimesh_hook {
 	HOOK_NONE    = 0,
 	HOOK_CONNECT = 1,   /* cgroup connect4/6 */
@@ -81,7 +88,8 @@ enum aimesh_hook {
 	HOOK__MAX    = 4,
 };
 
-/* Why (mirror: abi.py Reason, flow.proto Reason). */
+/* Why. Mirrors: abi.py Reason; flow.proto Reason (0 is REASON_UNSPECIFIED there);
+ * labels derived from the names: agent/flows/decode.py (flow log). */
 enum aimesh_reason {
 	REASON_NONE           = 0,
 	REASON_POLICY         = 1,  /* a policy allowed it; rule_id says which */
@@ -95,38 +103,50 @@ enum aimesh_reason {
 	REASON_REPLY          = 9,  /* UDP sent from a port the sender's identity serves: a reply, not a new flow */
 };
 
-/* decision_event.flags */
+/* decision_event.flags (mirror: abi.py EventFlag; flow.proto FlowRecord deprecated/lifecycle/redirected) */
 #define EV_F_DEPRECATED        0x01   /* destination is deprecated (before or after sunset) */
 #define EV_F_LIFECYCLE         0x02   /* redirected to the successor because of the sunset */
 #define EV_F_REDIRECTED        0x04   /* the connection was rewritten (also set with VERDICT_AUDIT) */
 
-/* identity_info.flags */
+/* identity_info.flags (mirror: abi.py IdentityFlag) */
 #define ID_F_GOVERNED   0x01
 #define ID_F_ENFORCE    0x02   /* effective mode of this identity is enforce (else audit) */
 #define ID_F_DEPRECATED 0x04
 #define ID_F_SUNSET     0x08   /* past its sunset date (the agent flips this at the sunset instant) */
 
-/* runtime_config.flags */
+/* runtime_config.flags (mirror: abi.py ConfigFlag) */
 #define CFG_F_DNS_ALLOW  0x01
 #define CFG_F_WATCH_EXEC 0x02   /* emit exec events (only when process selectors exist) */
 #define CFG_F_FAST_PATH  0x04   /* same-node fast path: sockhash + sk_msg */
 
-/* verdict_counters slots: hook * VERDICT__MAX + verdict, then the drop counters. */
-#define COUNTER_DECISION(hook, verdict) ((hook) * VERDICT__MAX + (verdict))
-#define COUNTER_DECISION_EVENTS_LOST   (HOOK__MAX * VERDICT__MAX + 0)
-#define COUNTER_AGENT_EVENTS_LOST      (HOOK__MAX * VERDICT__MAX + 1)
-#define COUNTER_LOCAL_ENDPOINTS_FULL   (HOOK__MAX * VERDICT__MAX + 2)
-#define COUNTER_REVERSE_NAT_FULL       (HOOK__MAX * VERDICT__MAX + 3)
-#define COUNTER_FLOW_EVENTS_LOST       (HOOK__MAX * VERDICT__MAX + 4)
-#define COUNTER_UDP_FLOWS_FULL         (HOOK__MAX * VERDICT__MAX + 5)
-#define COUNTER_FLOWS_UNTRACKED        (HOOK__MAX * VERDICT__MAX + 6)   /* established with no connect-time origin */
-#define COUNTER_FASTPATH_SOCKETS       (HOOK__MAX * VERDICT__MAX + 7)   /* sockets put in fastpath_sockets */
-#define COUNTER_FASTPATH_FULL          (HOOK__MAX * VERDICT__MAX + 8)   /* fallback: fastpath_sockets full */
-#define COUNTER_FASTPATH_REMOTE        (HOOK__MAX * VERDICT__MAX + 9)   /* fallback: the peer is not on this host */
-#define COUNTER_FASTPATH_UNWATCHED     (HOOK__MAX * VERDICT__MAX + 10)  /* fallback: the local peer is not governed */
-#define COUNTER_FASTPATH_MESSAGES      (HOOK__MAX * VERDICT__MAX + 11)  /* sendmsg calls handed straight to the peer */
-#define COUNTER_FASTPATH_BYTES         (HOOK__MAX * VERDICT__MAX + 12)
-#define COUNTER_SLOTS                  64
+/* verdict_counters slots (mirror: abi.py COUNTER_* and counter_decision; metric labels: agent/export/metrics.py,
+ * agent/daemon.py flow losses). Every slot is a fixed number: adding a hook, a verdict or a counter moves no slot.
+ * New counters take the next free number below COUNTER_SLOTS; a slot is never reused for another meaning.
+ * Decisions: COUNTER_DECISION_BASE + hook * COUNTER_DECISION_VERDICTS + verdict for hook < COUNTER_DECISION_HOOKS,
+ * i.e. slots 0..31. The stride is a literal, not VERDICT__MAX; a fifth hook needs a block of its own past the drop
+ * counters (the asserts below stop the build until it has one). */
+#define COUNTER_DECISION_BASE          0
+#define COUNTER_DECISION_HOOKS         4
+#define COUNTER_DECISION_VERDICTS      8
+#define COUNTER_DECISION(hook, verdict) (COUNTER_DECISION_BASE + (hook) * COUNTER_DECISION_VERDICTS + (verdict))
+#define COUNTER_DECISION_EVENTS_LOST   32
+#define COUNTER_AGENT_EVENTS_LOST      33
+#define COUNTER_LOCAL_ENDPOINTS_FULL   34
+#define COUNTER_REVERSE_NAT_FULL       35
+#define COUNTER_FLOW_EVENTS_LOST       36
+#define COUNTER_UDP_FLOWS_FULL         37
+#define COUNTER_FLOWS_UNTRACKED        38   /* established with no connect-time origin */
+#define COUNTER_FASTPATH_SOCKETS       39   /* sockets put in fastpath_sockets */
+#define COUNTER_FASTPATH_FULL          40   /* fallback: fastpath_sockets full */
+#define COUNTER_FASTPATH_REMOTE        41   /* fallback: the peer is not on this host */
+#define COUNTER_FASTPATH_UNWATCHED     42   /* fallback: the local peer is not governed */
+#define COUNTER_FASTPATH_MESSAGES      43   /* sendmsg calls handed straight to the peer */
+#define COUNTER_FASTPATH_BYTES         44
+#define COUNTER_SLOTS                  64   /* 45..63 free */
+_Static_assert(HOOK__MAX <= COUNTER_DECISION_HOOKS, "a new hook needs its own block of decision counter slots");
+_Static_assert(VERDICT__MAX <= COUNTER_DECISION_VERDICTS, "a new verdict does not fit the decision counter stride");
+_Static_assert(COUNTER_DECISION_BASE + COUNTER_DECISION_HOOKS * COUNTER_DECISION_VERDICTS <= COUNTER_DECISION_EVENTS_LOST,
+	       "decision counters overlap the drop counters");
 
 struct runtime_config {
 	__u32 active_gen;   /* 0 or 1: which generation of the policy maps is live */
@@ -245,13 +265,19 @@ struct decision_event {
 	char  comm[16];
 };
 
-/* Flow records (mirror: abi.py FlowKind/Side, flow.proto RecordKind). */
+/* Flow event kinds (mirror: abi.py FlowKind). Not the numbers of flow.proto RecordKind: agent/flows/records.py maps
+ * FLOW_KIND_CONNECTION to RECORD_KIND_CONNECTION (1) with interim=false and FLOW_KIND_INTERIM to RECORD_KIND_CONNECTION
+ * with interim=true. FLOW_KIND_UDP is reserved and never emitted: the agent builds UDP records from udp_flows itself, as
+ * RECORD_KIND_UDP_AGGREGATE (2). RECORD_KIND_DECISION (3) comes from decision_events, not from here. */
 enum flow_kind {
 	FLOW_KIND_CONNECTION = 1,   /* a TCP connection side, at close */
 	FLOW_KIND_INTERIM    = 2,   /* a TCP connection side still open: totals so far */
 	FLOW_KIND_UDP        = 3,   /* UDP between two identities over a window (built by the agent) */
 };
 
+/* Which end of the connection the socket is (mirror: abi.py Side, whose UNKNOWN = 0 is flow_origin.side before
+ * established). A flow_event counts bytes and segments from its own socket's point of view; the agent turns
+ * server-side events around so that every record is client-relative (agent/flows/records.py flow_record). */
 enum flow_side {
 	SIDE_CLIENT = 1,
 	SIDE_SERVER = 2,
@@ -282,8 +308,8 @@ struct flow_event {
 	__u64 cookie;
 	__u64 start_ns;
 	__u64 end_ns;
-	__u64 bytes_sent;       /* payload bytes the peer acknowledged */
-	__u64 bytes_received;
+	__u64 bytes_sent;       /* payload bytes this socket sent and the peer acknowledged (this side's view) */
+	__u64 bytes_received;   /* payload bytes this socket received */
 	__u64 cgroup_id;
 	__u8  local_addr[16];
 	__u8  remote_addr[16];
@@ -356,12 +382,13 @@ struct peer_origin {
 	__u32 pid;
 };
 
+/* agent_event.kind (mirror: abi.py AgentEventKind). */
 enum agent_event_kind {
 	AGENT_EV_CGROUP_MKDIR = 1,
 	AGENT_EV_EXEC         = 2,
 };
 
-#define AGENT_EV_PATH_LEN 256
+#define AGENT_EV_PATH_LEN 256   /* mirror: abi.py AGENT_EV_PATH_LEN */
 
 /* One control event, emitted to agent_events: a new cgroup or an exec to classify. */
 struct agent_event {

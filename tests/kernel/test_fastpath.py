@@ -86,9 +86,10 @@ def test_large_transfer_both_ways_is_byte_exact(cgroups, agents, tmp_path, fast_
         time.sleep(0.1)
     sides = {r["hook"]: r for r in recs}
     assert (sides[1]["bytes_sent"], sides[1]["bytes_received"]) == (nbytes, reply)
-    assert (sides[3]["bytes_sent"], sides[3]["bytes_received"]) == (reply, nbytes)
+    assert (sides[3]["bytes_sent"], sides[3]["bytes_received"]) == (nbytes, reply)   # client-relative on both sides
     assert sides[1]["source"]["name"] == "chat" and sides[1]["destination"]["name"] == "llama"
-    # segments the socket put on the wire: the handshake and the close on the fast path; the data otherwise
+    # segments on the wire (client-relative, like the bytes): the handshake and the close on the fast path; the data
+    # otherwise
     # (per socket, so other traffic on the machine does not blur it)
     if fast_path:
         assert sides[1]["packets_sent"] < 10 and sides[3]["packets_sent"] < 10, sides

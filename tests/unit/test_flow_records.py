@@ -40,6 +40,7 @@ def test_client_side_record():
     assert (r.source_address, r.source_port, r.destination_address, r.destination_port) == ("10.1.0.1", 40000,
                                                                                              "10.1.0.2", 8000)
     assert (r.bytes_sent, r.bytes_received, r.duration_ns, r.srtt_us, r.retransmits) == (100, 2000, 5_000_000, 40, 1)
+    assert (r.packets_sent, r.packets_received) == (3, 4)
     assert r.start_time_unix_nano == 10**18 + 1_000 and r.hook == abi.Hook.CONNECT and r.kind == RecordKind.CONNECTION
     assert r.deprecated and not r.redirected and not r.interim and r.comm == "python3" and r.agent_id == "node-a"
 
@@ -50,6 +51,18 @@ def test_server_side_record_keeps_client_as_source():
     assert (r.source_address, r.source_port) == ("10.1.0.2", 40000)
     assert (r.destination_address, r.destination_port) == ("10.1.0.1", 8000)
     assert r.hook == abi.Hook.INGRESS
+
+
+def test_server_side_record_counts_bytes_and_packets_from_the_client():
+    """The server's socket sent 100 and received 2000: the client sent 2000 and got 100 back."""
+    ev = _flow(side=abi.Side.SERVER, local_port=8000, remote_port=40000, bytes_sent=100, bytes_received=2000,
+               segs_out=3, segs_in=4)
+    r = flow_record(decode_flow_event(bytes(ev)), META, 0)
+    assert (r.bytes_sent, r.bytes_received, r.packets_sent, r.packets_received) == (2000, 100, 4, 3)
+    client = flow_record(decode_flow_event(bytes(_flow(bytes_sent=2000, bytes_received=100, segs_out=4, segs_in=3))),
+                         META, 0)
+    assert (client.bytes_sent, client.bytes_received, client.packets_sent, client.packets_received) == \
+        (r.bytes_sent, r.bytes_received, r.packets_sent, r.packets_received)
 
 
 def test_interim_and_bad_events():
