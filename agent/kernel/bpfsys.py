@@ -170,8 +170,14 @@ def _info(fd: int) -> bytes:
 class ProgInfo:
     type: int
     id: int
-    tag: str
+    tag: str               # the kernel's hash of the instructions (map references zeroed)
     name: str
+    map_ids: tuple[int, ...] = ()
+
+    @property
+    def code(self) -> tuple[str, tuple[int, ...]]:
+        """Same code on the same maps: two programs that behave identically."""
+        return self.tag, tuple(sorted(self.map_ids))
 
 
 @dataclass(frozen=True)
@@ -195,9 +201,16 @@ class LinkInfo:
 
 
 def prog_info(fd: int) -> ProgInfo:
-    raw = _info(fd)
+    ids = (ct.c_uint32 * 64)()
+    buf = ct.create_string_buffer(256)
+    struct.pack_into("<IQ", buf, 52, 64, ct.addressof(ids))   # nr_map_ids, map_ids (struct bpf_prog_info)
+    n = ct.c_uint32(256)
+    _check(lib.bpf_obj_get_info_by_fd(fd, buf, ct.byref(n)), "program info")
+    raw = buf.raw
     typ, pid = struct.unpack_from("<II", raw, 0)
-    return ProgInfo(typ, pid, raw[8:16].hex(), raw[64:80].split(b"\0", 1)[0].decode(errors="replace"))
+    nr = min(struct.unpack_from("<I", raw, 52)[0], 64)
+    return ProgInfo(typ, pid, raw[8:16].hex(), raw[64:80].split(b"\0", 1)[0].decode(errors="replace"),
+                    tuple(ids[:nr]))
 
 
 def map_info(fd: int) -> MapInfo:

@@ -97,8 +97,8 @@ class Datapath:
                 except bpfsys.BpfError as e:
                     raise AgentError(f"pinned program {progs_dir / p.name}: {e.strerror}") from None
                 try:
-                    new_id = bpfsys.prog_info(prog_fd).id
-                    ours.add(new_id)
+                    new = bpfsys.prog_info(prog_fd)
+                    ours.add(new.id)
                     if p.target == "sockhash":
                         # the map holds the verdict program; attaching again replaces it in one step
                         bpfsys.prog_attach(prog_fd, self.map_fds["fastpath_sockets"], p.attach_type, 0)
@@ -106,7 +106,9 @@ class Datapath:
                         continue
                     if p.target == "tracepoint" and tracefs is None:
                         tracefs = bpfsys.tracefs_dir()
-                    self._link(p, prog_fd, new_id, cg_fd, tracefs, rep)
+                    kept_id = self._link(p, prog_fd, new, cg_fd, tracefs, rep)
+                    if kept_id:
+                        ours.add(kept_id)
                 finally:
                     os.close(prog_fd)
             rep.orphans_detached = detach_orphans(root, cg_fd, ours)
@@ -120,8 +122,9 @@ class Datapath:
                  f"; detached {len(rep.orphans_detached)} orphaned programs" if rep.orphans_detached else "")
         return rep
 
-    def _link(self, p: registry.ProgramSpec, prog_fd: int, new_id: int, cg_fd: int, tracefs: Optional[str],
-              rep: AttachReport) -> None:
+    def _link(self, p: registry.ProgramSpec, prog_fd: int, new: bpfsys.ProgInfo, cg_fd: int,
+              tracefs: Optional[str], rep: AttachReport) -> int:
+        """Put the program in force for one attachment; returns the id of an older program kept in its place."""
         path = self.dir.links / p.link
         try:
             link_fd = bpfsys.obj_get(str(path))
@@ -129,13 +132,14 @@ class Datapath:
             link_fd = -1
         if link_fd >= 0:
             try:
-                if bpfsys.link_info(link_fd).prog_id == new_id:
-                    rep.kept.append(p.link)
-                    return
+                cur_id = bpfsys.link_info(link_fd).prog_id
+                if cur_id == new.id or _same_code(cur_id, new):
+                    rep.kept.append(p.link)   # an upgrade swaps only the programs that changed
+                    return cur_id
                 if p.target == "cgroup":
                     bpfsys.link_update(link_fd, prog_fd)
                     rep.replaced.append(p.link)
-                    return
+                    return 0
             finally:
                 os.close(link_fd)
         # new link (a tracepoint link cannot be updated: the new one is linked first, then the old pin replaced)
@@ -157,6 +161,7 @@ class Datapath:
         finally:
             os.close(fd)
         (rep.replaced if link_fd >= 0 else rep.created).append(p.link)
+        return 0
 
     # ---- policy generations ----
     def next_gen(self) -> int:
@@ -262,6 +267,17 @@ class Datapath:
             os.close(fd)
         self.map_fds.clear()
         self.maps.clear()
+
+
+def _same_code(prog_id: int, new: bpfsys.ProgInfo) -> bool:
+    try:
+        fd = bpfsys.prog_fd_by_id(prog_id)
+    except bpfsys.BpfError:
+        return False
+    try:
+        return bpfsys.prog_info(fd).code == new.code
+    finally:
+        os.close(fd)
 
 
 def detach_orphans(root: Path, cg_fd: int, ours: Iterable[int]) -> list[str]:
