@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from datetime import timezone
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.unit.collector_testlib import (  # tmp_dir: a fixture
@@ -280,17 +281,30 @@ def test_flows_follow_until_interrupted(server: CollectorServer, tmp_dir: Path) 
 # --- collector ----------------------------------------------------------------------------------------------------
 
 
+def rpc_error(call: object) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()  # type: ignore[operator]
+    return info.value  # type: ignore[return-value]
+
+
 def test_collector_command_serves_until_sigterm(tmp_dir: Path) -> None:
     db = tmp_dir / "f.db"
     proc = start_collector_process(db, tmp_dir / "c.log", "127.0.0.1:0", "--retention-age", "1d",
-                                   "--retention-bytes", "10MiB", "--max-batch-records", "100")  # fmt: skip
+                                   "--retention-bytes", "10MiB", "--max-batch-records", "100", auth=())  # fmt: skip
     try:
+        token_file = tmp_dir / "f.db.token"  # the default: a token file beside the database, created 0600
+        assert token_file.stat().st_mode & 0o777 == 0o600
         ch, stub = stub_for(proc.address)
+        with ch:
+            err = rpc_error(lambda: stub.Push(batch("a", 1, [record(1)]), timeout=5))
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        ch, stub = stub_for(proc.address, token=token_file.read_text().strip())
         with ch:
             assert stub.Push(batch("a", 1, [record(1)]), timeout=5).accepted == 1
         assert proc.terminate() == 0
         log = proc.log.read_text()
         assert "listening on 127.0.0.1:" in log and "plaintext" in log and "Traceback" not in log
+        assert f"created token file {token_file}" in log
         assert "collector stopped" in log
     finally:
         proc.kill()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -188,11 +191,21 @@ def test_closed_store_refuses(store: FlowStore) -> None:
 def test_retention_by_age(store: FlowStore) -> None:
     hour = 3600 * 10**9
     now = T0 + 10 * hour
-    store.insert_batch("n1", 1, [row(i, time_ns=T0 + i * hour) for i in range(10)], received_ns=now)
+    for i in range(10):  # batch i received at T0 + i hours; its record says it happened 8 days before that
+        store.insert_batch("n1", i, [row(i, time_ns=T0 + i * hour - 8 * 24 * hour)], received_ns=T0 + i * hour)
     result = store.enforce_retention(RetentionPolicy(max_age_ns=3 * hour), now_ns=now)
     assert result.deleted_by_age == 7 and result.deleted_by_size == 0
-    assert [f.time_ns for f in store.iter_flows(FlowFilter())] == [T0 + i * hour for i in (7, 8, 9)]
+    assert payloads(store.iter_flows(FlowFilter())) == [b"rec7", b"rec8", b"rec9"]
     assert store.enforce_retention(RetentionPolicy(max_age_ns=3 * hour), now_ns=now).deleted_by_age == 0
+
+
+def test_retention_goes_by_receive_time_not_the_agents_clock(store: FlowStore) -> None:
+    day = 86400 * 10**9
+    now = T0 + 30 * day
+    store.insert_batch("behind", 1, [row(1, time_ns=now - 8 * day)], received_ns=now)  # an agent 8 days behind
+    assert store.enforce_retention(RetentionPolicy(max_age_ns=7 * day), now_ns=now + 60 * 10**9).deleted_by_age == 0
+    assert store.count() == 1
+    assert store.enforce_retention(RetentionPolicy(max_age_ns=7 * day), now_ns=now + 7 * day + 1).deleted_by_age == 1
 
 
 def test_retention_forgets_old_batch_keys(store: FlowStore) -> None:
@@ -228,7 +241,7 @@ def test_retention_by_size_deletes_oldest_and_shrinks_the_file(store: FlowStore)
 def test_follower_ids_never_go_back_after_everything_is_deleted(store: FlowStore) -> None:
     store.insert_batch("n1", 1, [row(1), row(2)])
     last = store.last_id()
-    store.enforce_retention(RetentionPolicy(max_age_ns=1), now_ns=T0 + 10**12)
+    store.enforce_retention(RetentionPolicy(max_age_ns=1), now_ns=time.time_ns() + 10**12)  # received now
     assert store.count() == 0
     store.insert_batch("n1", 2, [row(3)])
     flows, _ = store.flows_after(FlowFilter(), last)
