@@ -188,9 +188,6 @@ def _text_problem(name: str, value: str, limit: int, *, printable: bool = True) 
 
 def record_problem(rec: flow_pb2.FlowRecord, now_ns: int) -> str | None:
     """What is wrong with one record ("field: why"), or None. Pure."""
-    size = rec.ByteSize()
-    if size > MAX_RECORD_BYTES:
-        return f"(record) is {size} bytes, at most {MAX_RECORD_BYTES}"
     checks = [_text_problem("node", rec.node, MAX_NAME), _text_problem("comm", rec.comm, MAX_COMM, printable=False)]
     for ident in _IDENTITIES:
         sub = getattr(rec, ident)
@@ -198,6 +195,9 @@ def record_problem(rec: flow_pb2.FlowRecord, now_ns: int) -> str | None:
     for problem in checks:
         if problem is not None:
             return problem
+    size = rec.ByteSize()  # after the named fields, so that an oversized one is named; this catches unknown fields
+    if size > MAX_RECORD_BYTES:
+        return f"(record) is {size} bytes, at most {MAX_RECORD_BYTES} (unknown fields included)"
     for name, values in _ENUMS.items():
         if getattr(rec, name) not in values:
             return f"{name} {getattr(rec, name)} is not a known value"

@@ -246,3 +246,70 @@ def test_follower_ids_never_go_back_after_everything_is_deleted(store: FlowStore
     store.insert_batch("n1", 2, [row(3)])
     flows, _ = store.flows_after(FlowFilter(), last)
     assert payloads(flows) == [b"rec3"]
+
+
+def test_same_key_same_records_is_a_duplicate_different_records_a_conflict(store: FlowStore) -> None:
+    assert store.insert_batch("n1", 5, [row(1), row(2)]).inserted == 2
+    retry = store.insert_batch("n1", 5, [row(1), row(2)])
+    assert retry.duplicate and not retry.conflict and retry.inserted == 0
+    other = store.insert_batch("n1", 5, [row(1), row(3)])
+    assert other.conflict and not other.duplicate and other.inserted == 0
+    assert store.insert_batch("n1", 5, [row(2), row(1)]).conflict  # order is content too
+    assert payloads(store.iter_flows(FlowFilter())) == [b"rec1", b"rec2"]  # nothing of the conflicting batches
+
+
+def test_database_files_are_private(tmp_dir: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        s = FlowStore(tmp_dir / "p.db")
+        s.insert_batch("n1", 1, [row(1)])
+        for suffix in ("", "-wal", "-shm"):
+            f = tmp_dir / f"p.db{suffix}"
+            assert f.exists() and stat.S_IMODE(f.stat().st_mode) == 0o600, suffix
+        s.close()
+        (tmp_dir / "p.db").chmod(0o644)  # an existing database made by an older collector
+        FlowStore(tmp_dir / "p.db").close()
+        assert stat.S_IMODE((tmp_dir / "p.db").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+_SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE batches (agent_id TEXT NOT NULL, sequence INTEGER NOT NULL, received_ns INTEGER NOT NULL,
+    records INTEGER NOT NULL, PRIMARY KEY (agent_id, sequence)) WITHOUT ROWID;
+CREATE TABLE flows (id INTEGER PRIMARY KEY AUTOINCREMENT, time_ns INTEGER NOT NULL, agent_id TEXT NOT NULL,
+    verdict INTEGER NOT NULL, src_name TEXT NOT NULL, src_kind TEXT NOT NULL, src_version TEXT NOT NULL,
+    dst_name TEXT NOT NULL, dst_kind TEXT NOT NULL, dst_version TEXT NOT NULL, act_name TEXT NOT NULL,
+    act_kind TEXT NOT NULL, act_version TEXT NOT NULL, record BLOB NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO batches VALUES ('n1', 1, 5, 1);
+INSERT INTO flows (time_ns, agent_id, verdict, src_name, src_kind, src_version, dst_name, dst_kind, dst_version,
+    act_name, act_kind, act_version, record) VALUES (1000, 'n1', 1, 'a', '', '', 'b', '', '', 'b', '', '', x'01');
+"""
+
+
+def test_schema_1_database_is_migrated_once(tmp_dir: Path) -> None:
+    path = tmp_dir / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(_SCHEMA_1)
+    conn.close()
+    before = time.time_ns()
+    for i in range(2):  # opening again migrates nothing more
+        s = FlowStore(path)
+        try:
+            assert s.count() == 1 + i
+            assert s.insert_batch("n1", 1, [row(9)]).duplicate  # a schema-1 key without digest: trusted
+            assert s.insert_batch("n1", 2, [row(2)]).inserted == 1 - i
+            assert s.insert_batch("n1", 2, [row(2)]).duplicate
+        finally:
+            s.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+        (received,) = conn.execute("SELECT received_ns FROM flows WHERE time_ns = 1000").fetchone()
+        assert received >= before  # an old row counts as received at the migration: not deleted by an old clock
+        assert conn.execute("SELECT count(*) FROM pragma_index_list('flows') WHERE name = 'flows_received'"
+                            ).fetchone()[0] == 1  # fmt: skip
+    finally:
+        conn.close()
