@@ -494,6 +494,8 @@ def _rpc_message(e: Any, target: str) -> str:
         return f"cannot reach the collector at {target}: {details}"
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return f"the collector at {target} refused the credentials: {details} (see --token/--token-file)"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return f"the collector at {target} does not allow this: {details}"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"the collector at {target} did not answer in time (see --timeout)"
     name = code.name if code is not None else "ERROR"
