@@ -202,7 +202,8 @@ def run(ctx: Context, made: Made) -> dict:
             if fails_in_a_row >= 2:
                 break
     sample = subprocess.run([str(ctx.python()), "-m", "agent", "flows", "--collector", f"127.0.0.1:{coll_port}",
-                             "--token-file", str(token_file(ctx)), "-o", "json", "--limit", "2"], cwd=opts.agent_tree, capture_output=True, text=True,
+                             "--token-file", str(token_file(ctx)), "-o", "json", "--limit", "2"],
+                            cwd=opts.agent_tree, capture_output=True, text=True,
                             timeout=30)     # the agent's last two records, before the ingest runs add others
     ingest = collector_ingest(ctx, coll_port, db, coll_ps)
     return report(ctx, steps, best, first_fail, ingest, {

@@ -27,15 +27,14 @@ from prometheus_client.registry import Collector
 
 from agent._gen.aimesh.v1 import collector_pb2, flow_pb2
 from agent._gen.grpc.health.v1 import health_pb2
-from agent.collector.auth import Authenticator, Denial, Principal, bearer_token
+from agent.collector.auth import Authenticator, Denial, Principal
+from agent.collector.auth import bearer_token as bearer_token  # re-exported: it used to live here
 from agent.collector.store import FlowFilter, FlowRow, FlowStore, Ident, StoreError
 
 log = logging.getLogger(__name__)
 
 FLOW_SERVICE = collector_pb2.DESCRIPTOR.services_by_name["FlowCollector"]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
-__all__ = ["bearer_token"]  # re-exported from auth for older imports
-
 # Per-field limits of a stored record; a batch with one record over a limit is refused, naming record and field.
 MAX_AGENT_ID = 253
 MAX_NAME = 253  # node, identity name/kind/version
@@ -600,7 +599,9 @@ def _guarded_unary(guard: CallGuard, method: str, impl: Callable[..., Message]) 
     return call
 
 
-def _guarded_stream(guard: CallGuard, method: str, impl: Callable[..., Iterator[object]]) -> Callable[..., Iterator[object]]:
+def _guarded_stream(
+    guard: CallGuard, method: str, impl: Callable[..., Iterator[object]]
+) -> Callable[..., Iterator[object]]:
     def call(request: object, context: grpc.ServicerContext) -> Iterator[object]:
         guard.admit(method, request, context)
         guard.take_stream(context)

@@ -299,7 +299,8 @@ class Session:
             return []
         try:
             r = subprocess.run([self.python, "-m", "agent", "flows", "--collector", self.collector_addr,
-                                "--token-file", str(self.token_file), "--limit", "8"], capture_output=True, text=True, timeout=20,
+                                "--token-file", str(self.token_file), "--limit", "8"],
+                               capture_output=True, text=True, timeout=20,
                                cwd=Path(__file__).resolve().parents[2])
         except (OSError, subprocess.SubprocessError) as e:
             return [f"aimesh flows failed: {e}"]

@@ -26,7 +26,8 @@ class Collector:
 
     def start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "agent", "collector", "--listen", f"127.0.0.1:{self.port}",
-                                      "--db", str(self.db), "--token-file", str(self.token_file)], cwd=REPO, stdout=open(self.log, "a"),
+                                      "--db", str(self.db), "--token-file", str(self.token_file)],
+                                     cwd=REPO, stdout=open(self.log, "a"),
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -95,7 +96,8 @@ def _json_flows(collector, *args):
 def test_flows_reach_the_collector(cgroups, agents, collector, tmp_path):
     port = free_port()
     chat, rogue, llama = cgroups.child("chat"), cgroups.child("rogue"), cgroups.child("llama")
-    agents(_agent_config(cgroups, port, tmp_path, collector), ["--collector", f"127.0.0.1:{collector.port}", "--agent-id", "node-a"])
+    agents(_agent_config(cgroups, port, tmp_path, collector),
+           ["--collector", f"127.0.0.1:{collector.port}", "--agent-id", "node-a"])
     srv = subprocess.Popen([sys.executable, str(FLOWLOAD), "serve", "--port", str(port), "--reply", "4096",
                             "--connections", "3"], stdout=subprocess.PIPE, text=True, preexec_fn=_enter_cgroup(llama))
     assert srv.stdout.readline()

@@ -357,7 +357,8 @@ def test_collector_no_auth_is_loud(tmp_dir: Path) -> None:
     finally:
         proc.kill()
     both = subprocess.run([sys.executable, "-m", "agent.collector", "collector", "--db", str(tmp_dir / "g.db"),
-                           "--no-auth", "--token", "x"], cwd=REPO, capture_output=True, text=True, timeout=30)  # fmt: skip
+                           "--no-auth", "--token", "x"],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)  # fmt: skip
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 

@@ -203,8 +203,9 @@ def test_mutated_batches_store_nothing_bad(srv: CollectorServer, seed: int) -> N
                 push(bytes(data), timeout=5)
                 codes.add(grpc.StatusCode.OK)
             except grpc.RpcError as e:
-                assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,  # type: ignore[attr-defined]
-                                    grpc.StatusCode.RESOURCE_EXHAUSTED), e.details()  # type: ignore[attr-defined]
+                code = e.code()  # type: ignore[attr-defined]
+                assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
+                                grpc.StatusCode.RESOURCE_EXHAUSTED), e.details()  # type: ignore[attr-defined]
                 assert e.details()  # type: ignore[attr-defined]
                 codes.add(e.code())  # type: ignore[attr-defined]
         assert push(VALID, timeout=5).accepted == 1
@@ -215,8 +216,9 @@ def test_mutated_batches_store_nothing_bad(srv: CollectorServer, seed: int) -> N
 
 
 def test_a_flood_of_streams_cannot_starve_push(tmp_dir: Path) -> None:
+    limits = ServiceLimits(max_streams=8, max_followers=8)
     srv = CollectorServer(CollectorConfig(listen="127.0.0.1:0", db=tmp_dir / "f.db", token=TOKEN, grace_s=0.2,
-                                          max_workers=16, limits=ServiceLimits(max_streams=8, max_followers=8)))  # fmt: skip
+                                          max_workers=16, limits=limits))  # fmt: skip
     srv.start()
     addr = str(srv.address)
     held: list[object] = []
