@@ -106,9 +106,16 @@ def where_it_broke(d: dict, missing_from_agent: int, overflows: int) -> str:
     return "records missing without a loss counter"
 
 
+def token_file(ctx: Context) -> Path:
+    """The collector's bearer token, shared with the agent, `aimesh flows` and the ingest clients."""
+    return ctx.tmpdir / "collector.token"
+
+
 def start_collector(ctx: Context, made: Made, cgroup: Path, port: int, metrics_port: int, db: Path) -> tuple:
+    from agent.collector.auth import load_or_create_token
+    load_or_create_token(token_file(ctx))      # before the agent starts: it reads the file at once
     argv = [str(ctx.python()), "-m", "agent", "collector", "--listen", f"127.0.0.1:{port}", "--db", str(db),
-            "--metrics", f"127.0.0.1:{metrics_port}"]
+            "--metrics", f"127.0.0.1:{metrics_port}", "--token-file", str(token_file(ctx))]
     line = loadgen.shell_line(cgroup, ctx.opts.workload_cpu, argv)
     log = open(ctx.tmpdir / "collector.log", "wb")
     try:
@@ -144,7 +151,8 @@ def run(ctx: Context, made: Made) -> dict:
     collector, coll_line = start_collector(ctx, made, coll_cg, coll_port, coll_metrics, db)
     coll_ps = psutil.Process(collector.pid)
     spec = AgentConfigSpec("flows", ctx.rel(ctx.tree.group("flows/gov")), server_port, 10,
-                           collector={"address": f"127.0.0.1:{coll_port}", "spool_dir": str(ctx.tmpdir / "spool")})
+                           collector={"address": f"127.0.0.1:{coll_port}", "spool_dir": str(ctx.tmpdir / "spool"),
+                                      "token_file": str(token_file(ctx))})
     ctx.say(f"  collector on 127.0.0.1:{coll_port} (CPU {opts.workload_cpu}); starting the agent (CPU "
             f"{opts.agent_cpu}) …")
     ready = ctx.start_agents([(spec, ctx.tree.group("flows/gov"))], made, {"flows": ("--agent-id", agent_id)})
@@ -194,7 +202,8 @@ def run(ctx: Context, made: Made) -> dict:
             if fails_in_a_row >= 2:
                 break
     sample = subprocess.run([str(ctx.python()), "-m", "agent", "flows", "--collector", f"127.0.0.1:{coll_port}",
-                             "-o", "json", "--limit", "2"], cwd=opts.agent_tree, capture_output=True, text=True,
+                             "--token-file", str(token_file(ctx)), "-o", "json", "--limit", "2"],
+                            cwd=opts.agent_tree, capture_output=True, text=True,
                             timeout=30)     # the agent's last two records, before the ingest runs add others
     ingest = collector_ingest(ctx, coll_port, db, coll_ps)
     return report(ctx, steps, best, first_fail, ingest, {
@@ -273,7 +282,7 @@ def sample_record():
         srtt_us=42, retransmits=0, pid=4242, comm="python3"))
 
 
-def push_batches(address: str, batches: list[bytes], clients: int) -> tuple[float, int]:
+def push_batches(address: str, batches: list[bytes], clients: int, token: str) -> tuple[float, int]:
     """Push pre-encoded FlowBatch messages over `clients` channels in parallel: (seconds, records accepted)."""
     import grpc
     from agent._gen.aimesh.v1 import collector_pb2
@@ -289,7 +298,7 @@ def push_batches(address: str, batches: list[bytes], clients: int) -> tuple[floa
         def worker(k: int) -> None:
             try:
                 for b in batches[k::clients]:
-                    accepted[k] += calls[k](b, timeout=60).accepted
+                    accepted[k] += calls[k](b, timeout=60, metadata=(("authorization", f"Bearer {token}"),)).accepted
             except grpc.RpcError as e:
                 errors.append(f"{e.code()}: {e.details()}")
 
@@ -341,7 +350,8 @@ def _ingest(ctx: Context, port: int, db: Path, coll_ps) -> list[dict]:
                 batches.append(b.SerializeToString())
             host.wait_quiet(ctx.opts.quiet_threshold, ctx.opts.quiet_max_wait_s)
             k0 = agents.usage_of(coll_ps)
-            elapsed, accepted = push_batches(f"127.0.0.1:{port}", batches, clients)
+            elapsed, accepted = push_batches(f"127.0.0.1:{port}", batches, clients,
+                                             token_file(ctx).read_text().strip())
             k1 = agents.usage_of(coll_ps)
             time.sleep(0.2)
             rows = stored(db, agent_id)

@@ -69,10 +69,13 @@ def _verdicts_arg(text: str) -> list[str]:
     return names
 
 
-def _add_token_options(p: argparse.ArgumentParser) -> None:
+def _add_token_options(p: argparse.ArgumentParser, *, server: bool = False) -> argparse._MutuallyExclusiveGroup:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--token", help="bearer token (visible in the process list: prefer --token-file)")
-    g.add_argument("--token-file", type=Path, metavar="PATH", help="file whose first line is the bearer token")
+    g.add_argument("--token-file", type=Path, metavar="PATH",
+                   help="file whose first line is the bearer token"
+                   + (" (created 0600 with a random token if missing; default: <db>.token)" if server else ""))
+    return g
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -91,10 +94,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     c.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate (enables TLS)")
     c.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
     c.add_argument("--tls-ca", type=Path, metavar="PEM", help="require client certificates signed by this CA (mTLS)")
-    _add_token_options(c)
+    auth = _add_token_options(c, server=True)
+    auth.add_argument("--no-auth", action="store_true",
+                      help="accept any caller (not recommended: anyone who can connect lists flows and pushes records)")
+    c.add_argument("--agent-tokens", type=Path, metavar="PATH",
+                   help="per-agent tokens, `AGENT_ID TOKEN` per line: each may push only for its agent_id")
     c.add_argument("--max-batch-records", type=int, default=10_000, metavar="N", help="default 10000")
     c.add_argument("--max-batch-bytes", type=_size_arg, default="8MiB", metavar="N", help="default 8MiB")
     c.add_argument("--max-followers", type=int, default=8, metavar="N", help="concurrent `flows --follow` streams")
+    c.add_argument("--max-streams", type=int, default=8, metavar="N",
+                   help="concurrent streams of any kind (follow, list, health watch); more are refused (default 8)")
     c.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics over HTTP here")
     c.set_defaults(func=run_collector)
 
@@ -139,9 +148,12 @@ class CollectorOptions(BaseModel):
     tls_ca: Path | None = None
     token: str | None = None
     token_file: Path | None = None
+    no_auth: bool = False
+    agent_tokens: Path | None = None
     max_batch_records: int = Field(ge=1)
     max_batch_bytes: int = Field(ge=1024)
     max_followers: int = Field(ge=0, le=64)
+    max_streams: int = Field(default=8, ge=0, le=64)
     metrics: str | None = None
 
     @field_validator("listen", "metrics")
@@ -160,6 +172,10 @@ class CollectorOptions(BaseModel):
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.no_auth and self.agent_tokens is not None:
+            raise ValueError("--no-auth cannot be combined with --agent-tokens")
+        if self.max_followers > self.max_streams:
+            raise ValueError(f"--max-followers ({self.max_followers}) cannot exceed --max-streams ({self.max_streams})")
         return self
 
 
@@ -253,6 +269,13 @@ def identity_text(ident: flow_pb2.Identity, address: str = "", port: int = 0) ->
     return ident.kind or "-"
 
 
+def printable(text: str) -> str:
+    """Control characters (a comm set with prctl can hold terminal escapes) shown escaped, e.g. \\x1b."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def flow_cells(rec: flow_pb2.FlowRecord, tz: tzinfo | None = None) -> list[str]:
     """One table row: TIME, SOURCE, ->, DESTINATION, VERDICT, BYTES, DURATION, RTT, INFO."""
     from agent._gen.aimesh.v1 import flow_pb2 as pb
@@ -283,7 +306,7 @@ def flow_cells(rec: flow_pb2.FlowRecord, tz: tzinfo | None = None) -> list[str]:
             info.append(label)
     if rec.retransmits:
         info.append(f"retrans={rec.retransmits}")
-    return [
+    cells = [
         format_time_ns(when, tz) if when else "-",
         src,
         "->",
@@ -294,6 +317,7 @@ def flow_cells(rec: flow_pb2.FlowRecord, tz: tzinfo | None = None) -> list[str]:
         rtt,
         " ".join(info),
     ]
+    return [printable(c) for c in cells]
 
 
 HEADER = ["TIME", "SOURCE", "", "DESTINATION", "VERDICT", "BYTES(TX/RX)", "DURATION", "RTT", "INFO"]
@@ -470,6 +494,8 @@ def _rpc_message(e: Any, target: str) -> str:
         return f"cannot reach the collector at {target}: {details}"
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return f"the collector at {target} refused the credentials: {details} (see --token/--token-file)"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return f"the collector at {target} does not allow this: {details}"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"the collector at {target} did not answer in time (see --timeout)"
     name = code.name if code is not None else "ERROR"
@@ -493,7 +519,6 @@ def _setup_logging() -> None:
 def run_collector(args: argparse.Namespace) -> int:
     """`aimesh collector`: serve until SIGTERM/SIGINT."""
     try:
-        from agent.collector.channel import read_token
         from agent.collector.server import ServerError, ServerTls, serve
         from agent.collector.service import ServiceLimits
         from agent.collector.store import RetentionPolicy
@@ -501,30 +526,34 @@ def run_collector(args: argparse.Namespace) -> int:
         return _generated_missing("collector", e)
     try:
         opts = parse_options(CollectorOptions, args)
-        token = read_token(opts.token, opts.token_file)
         tls = ServerTls(opts.tls_cert, opts.tls_key, opts.tls_ca) if opts.tls_cert and opts.tls_key else None
         mode = "plaintext" if tls is None else ("mutual TLS" if opts.tls_ca else "TLS")
-        auth = ", bearer token required" if token else ""
+        auth: list[str] = []
         _setup_logging()
 
         def ready(address: object) -> None:
-            print(f"aimesh collector: listening on {address} ({mode}{auth}), database {opts.db}", file=sys.stderr,
-                  flush=True)  # fmt: skip
+            print(f"aimesh collector: listening on {address} ({mode}; {auth[0] if auth else '?'}), database {opts.db}",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
         serve(
             opts.listen,
             opts.db,
             retention=RetentionPolicy(max_age_ns=opts.retention_age, max_bytes=opts.retention_bytes),
             tls=tls,
-            token=token,
+            token=opts.token,
+            token_file=opts.token_file,
+            agent_tokens_file=opts.agent_tokens,
+            no_auth=opts.no_auth,
             limits=ServiceLimits(
                 max_batch_records=opts.max_batch_records,
                 max_batch_bytes=opts.max_batch_bytes,
                 max_followers=opts.max_followers,
+                max_streams=opts.max_streams,
             ),
-            max_workers=max(16, opts.max_followers + 4),
+            max_workers=max(16, 2 * opts.max_streams),
             metrics_listen=opts.metrics,
             on_ready=ready,
+            on_auth=auth.append,
         )
         return EXIT_OK
     except ConfigError as e:

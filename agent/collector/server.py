@@ -2,7 +2,9 @@
 
     serve("127.0.0.1:4790", Path("/var/lib/aimesh/flows.db"))   # blocks until SIGTERM/SIGINT
 
-CollectorServer is the same thing as an object (start/stop), for tests and for embedding.
+CollectorServer is the same thing as an object (start/stop), for tests and for embedding. It authenticates with
+what its config names (token, agent_tokens, client_ca) and nothing else; the secure default (a token file created
+beside the database when no authentication is chosen) is resolve_auth's, which serve() and `aimesh collector` use.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import HTTPServer
 from pathlib import Path
@@ -22,17 +25,18 @@ from types import FrameType
 import grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
-from agent.collector.channel import ConfigError, HostPort, parse_hostport, read_file
+from agent.collector.auth import Authenticator, load_or_create_token, read_agent_tokens
+from agent.collector.channel import ConfigError, HostPort, parse_hostport, read_file, read_token
 from agent.collector.service import (
     FLOW_SERVICE,
     HEALTH_SERVICE,
+    CallGuard,
     CollectorMetrics,
     FlowCollectorService,
     HealthService,
     Serving,
     ServiceLimits,
     StoreSizeCollector,
-    TokenAuthInterceptor,
     service_handler,
 )
 from agent.collector.store import FlowStore, RetentionPolicy, StoreError
@@ -66,7 +70,8 @@ class CollectorConfig:
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     retention_interval_s: float = 60.0
     tls: ServerTls | None = None
-    token: str | None = None
+    token: str | None = None  # shared bearer token: push (any agent_id), list, follow
+    agent_tokens: Mapping[str, str] = field(default_factory=dict)  # token -> the one agent_id it may push for
     limits: ServiceLimits = field(default_factory=ServiceLimits)
     max_workers: int = 16
     grace_s: float = 5.0  # in-flight calls get this long at shutdown
@@ -79,6 +84,11 @@ class CollectorConfig:
             raise ConfigError(
                 f"max_followers ({self.limits.max_followers}) must leave at least 2 of the {self.max_workers} workers"
                 " for pushes"
+            )
+        if not 0 <= self.limits.max_streams <= self.max_workers // 2:
+            raise ConfigError(
+                f"max_streams ({self.limits.max_streams}) must be from 0 to half the {self.max_workers} workers,"
+                " so that streams never hold the threads pushes need"
             )
         if self.limits.max_batch_records < 1 or self.limits.max_batch_bytes < 1024:
             raise ConfigError("max_batch_records must be >= 1 and max_batch_bytes >= 1024")
@@ -158,16 +168,20 @@ class CollectorServer:
         except StoreError as e:
             raise ServerError(str(e)) from e
         try:
+            auth = Authenticator(token=cfg.token, agent_tokens=cfg.agent_tokens,
+                                 mtls=cfg.tls is not None and cfg.tls.client_ca is not None)  # fmt: skip
+            if not auth.enabled:
+                log.warning("authentication is disabled: anyone who can reach %s can list flows and push records",
+                            cfg.listen)  # fmt: skip
+            guard = CallGuard(auth, self.metrics, cfg.limits.max_streams)
             service = FlowCollectorService(store, self.metrics, cfg.limits)
             health = HealthService()
-            interceptors = [TokenAuthInterceptor(cfg.token, self.metrics)] if cfg.token else []
             server = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=cfg.max_workers, thread_name_prefix="collector"),
                 handlers=[
-                    service_handler(FLOW_SERVICE, service, self._count_malformed),
-                    service_handler(HEALTH_SERVICE, health, self._count_malformed),
+                    service_handler(FLOW_SERVICE, service, guard),
+                    service_handler(HEALTH_SERVICE, health, guard),
                 ],
-                interceptors=interceptors,
                 options=server_options(cfg.limits),
                 maximum_concurrent_rpcs=cfg.max_workers * 4,
             )
@@ -198,9 +212,6 @@ class CollectorServer:
         if port == 0:
             raise ServerError(f"cannot listen on {address} (in use, or not a local address)")
         return port
-
-    def _count_malformed(self) -> None:
-        self.metrics.rejected.labels("malformed").inc()
 
     def run_retention(self) -> None:
         """One retention pass (the background thread runs one every retention_interval_s)."""
@@ -267,6 +278,60 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(s, h)
 
 
+@dataclass(frozen=True, slots=True)
+class ServerAuth:
+    token: str | None
+    agent_tokens: Mapping[str, str]
+    summary: str  # for the log line: how callers authenticate
+    created: Path | None = None  # a token file created by resolve_auth (serve logs it once started)
+
+
+def default_token_file(db: Path) -> Path:
+    return Path(str(db) + ".token")
+
+
+def resolve_auth(
+    *,
+    db: Path,
+    token: str | None = None,
+    token_file: Path | None = None,
+    agent_tokens_file: Path | None = None,
+    mtls: bool = False,
+    no_auth: bool = False,
+) -> ServerAuth:
+    """The collector's authentication from its options. Secure by default: with neither a token nor client
+    certificates (mtls), the token file <db>.token is read, or created (0600, a random token) and logged; agent
+    tokens alone do not disable it (operators need the shared token to list). token_file is created the same way
+    when missing. no_auth turns authentication off (logged as a warning); it cannot be combined with the others."""
+    chosen = [name for name, v in (("--token", token), ("--token-file", token_file),
+                                   ("--agent-tokens", agent_tokens_file), ("--tls-ca", mtls)) if v]  # fmt: skip
+    if no_auth:
+        if chosen:
+            raise ConfigError(f"--no-auth cannot be combined with {', '.join(chosen)}")
+        log.warning("--no-auth: the collector accepts any caller: anyone who can reach it lists flows and pushes"
+                    " records for any agent_id")  # fmt: skip
+        return ServerAuth(None, {}, "no authentication")
+    if token is not None and token_file is not None:
+        raise ConfigError("give --token or --token-file, not both")
+    agents = read_agent_tokens(agent_tokens_file) if agent_tokens_file is not None else {}
+    parts: list[str] = []
+    created: Path | None = None
+    if token is not None:
+        token = read_token(token, None)
+        parts.append("bearer token")
+    if token is None and token_file is None and not mtls:
+        token_file = default_token_file(db)
+    if token_file is not None:
+        token, made = load_or_create_token(token_file)
+        created = token_file if made else None
+        parts.append(f"bearer token from {token_file}")
+    if agents:
+        parts.append(f"{len(agents)} agent tokens")
+    if mtls:
+        parts.append("client certificates")
+    return ServerAuth(token, agents, ", ".join(parts), created)
+
+
 def serve(
     listen: str,
     db: Path,
@@ -274,33 +339,46 @@ def serve(
     retention: RetentionPolicy | None = None,
     tls: ServerTls | None = None,
     token: str | None = None,
+    token_file: Path | None = None,
+    agent_tokens_file: Path | None = None,
+    no_auth: bool = False,
     limits: ServiceLimits | None = None,
     max_workers: int = 16,
     metrics_listen: str | None = None,
     registry: CollectorRegistry | None = None,
     stop: threading.Event | None = None,
     on_ready: Callable[[HostPort], None] | None = None,
+    on_auth: Callable[[str], None] | None = None,
 ) -> None:
     """Run the collector until SIGTERM/SIGINT (or until `stop` is set, if given), then shut down cleanly.
 
+    Authentication as resolve_auth decides (by default a token file beside the database).
     metrics_listen: also serve Prometheus metrics over HTTP on this HOST:PORT.
     Raises ServerError / ConfigError when it cannot start.
     """
+    auth = resolve_auth(db=db, token=token, token_file=token_file, agent_tokens_file=agent_tokens_file,
+                        mtls=tls is not None and tls.client_ca is not None, no_auth=no_auth)  # fmt: skip
     config = CollectorConfig(
         listen=listen,
         db=db,
         retention=retention or RetentionPolicy(),
         tls=tls,
-        token=token,
+        token=auth.token,
+        agent_tokens=auth.agent_tokens,
         limits=limits or ServiceLimits(),
         max_workers=max_workers,
     )
+    if on_auth is not None:
+        on_auth(auth.summary)
     metrics_addr = parse_hostport(metrics_listen, what="metrics address") if metrics_listen else None
     collector = CollectorServer(config, registry)
     done = stop if stop is not None else threading.Event()
     signals = _stop_on_signals(done) if stop is None else _no_signals()
     with signals:
         address = collector.start()
+        if auth.created is not None:
+            log.info("created token file %s (mode 0600): give it to agents (collector.token_file) and to"
+                     " `aimesh flows --token-file`", auth.created)  # fmt: skip
         http = None
         try:
             if metrics_addr is not None:

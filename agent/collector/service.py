@@ -1,13 +1,15 @@
 """The gRPC side of the collector: aimesh.v1.FlowCollector and grpc.health.v1.Health over a FlowStore.
 
 Handlers are built from the service descriptors (service_handler) rather than the generated add_*_to_server, so
-that a request that does not parse reaches the servicer as Malformed: it is counted and answered INVALID_ARGUMENT
-instead of gRPC's logged INTERNAL error. Stored records are streamed back as the bytes they were stored as.
+that every call goes through one CallGuard first: authentication and authorization (agent/collector/auth.py), a
+request that does not parse answered INVALID_ARGUMENT (instead of gRPC's logged INTERNAL error), and a cap on
+concurrent server streams (Follow, ListFlows, Health/Watch) so that streams can never take every worker thread
+from Push. Stored records are streamed back as the bytes they were stored as.
 """
 
 from __future__ import annotations
 
-import hmac
+import ipaddress
 import logging
 import threading
 import time
@@ -25,16 +27,36 @@ from prometheus_client.registry import Collector
 
 from agent._gen.aimesh.v1 import collector_pb2, flow_pb2
 from agent._gen.grpc.health.v1 import health_pb2
+from agent.collector.auth import Authenticator, Denial, Principal
+from agent.collector.auth import bearer_token as bearer_token  # re-exported: it used to live here
 from agent.collector.store import FlowFilter, FlowRow, FlowStore, Ident, StoreError
 
 log = logging.getLogger(__name__)
 
 FLOW_SERVICE = collector_pb2.DESCRIPTOR.services_by_name["FlowCollector"]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
-HEALTH_METHODS = frozenset(f"/{HEALTH_SERVICE.full_name}/{m.name}" for m in HEALTH_SERVICE.methods)
-
+# Per-field limits of a stored record; a batch with one record over a limit is refused, naming record and field.
 MAX_AGENT_ID = 253
+MAX_NAME = 253  # node, identity name/kind/version
+MAX_COMM = 16  # the kernel's comm is 16 bytes with its NUL
+MAX_ADDRESS = 45  # the longest textual IPv6 address
+MAX_PORT = 65535
+MAX_PID = 1 << 22  # PID_MAX_LIMIT
+MAX_PROTOCOL = 255  # IANA protocol numbers
+MAX_RECORD_BYTES = 4096  # serialized, unknown fields included
+MIN_TIME_NS = 946_684_800 * 10**9  # 2000-01-01: a non-zero time before that is a broken clock or a made-up value
+MAX_FUTURE_NS = 7 * 86400 * 10**9  # how far past the collector's clock a record time may be
 _MAX_I64 = (1 << 63) - 1
+_ENUMS = {
+    "kind": frozenset(flow_pb2.RecordKind.values()),
+    "hook": frozenset(flow_pb2.Hook.values()),
+    "verdict": frozenset(flow_pb2.Verdict.values()),
+    "reason": frozenset(flow_pb2.Reason.values()),
+}
+_COUNTS = ("bytes_sent", "bytes_received", "packets_sent", "packets_received", "duration_ns")
+_PORTS = ("source_port", "destination_port", "dialed_port")
+_ADDRESSES = ("source_address", "destination_address", "dialed_address")
+_IDENTITIES = ("source", "destination", "actual_destination")
 # Trailing metadata of a RESOURCE_EXHAUSTED answer to an oversized batch: the limits, so an agent can split.
 MD_MAX_RECORDS = "aimesh-max-records"
 MD_MAX_BYTES = "aimesh-max-bytes"
@@ -46,7 +68,8 @@ Serving = health_pb2.HealthCheckResponse.ServingStatus
 class ServiceLimits:
     max_batch_records: int = 10_000
     max_batch_bytes: int = 8 << 20
-    max_followers: int = 8  # concurrent Follow streams; each holds a server thread
+    max_followers: int = 8  # concurrent Follow streams (counted in max_streams too)
+    max_streams: int = 8  # concurrent server streams of any method; each holds a server thread
     follow_wait_s: float = 1.0  # a follower re-checks for cancellation at least this often
 
 
@@ -74,7 +97,8 @@ def _ident(i: flow_pb2.Identity) -> Ident:
 
 
 def record_time_ns(rec: flow_pb2.FlowRecord, received_ns: int) -> int:
-    """When a record happened: its end, else its start, else when the collector got it."""
+    """When a record happened: its end, else its start, else when the collector got it. Used for queries only;
+    retention goes by the receive time."""
     return rec.end_time_unix_nano or rec.start_time_unix_nano or received_ns
 
 
@@ -92,7 +116,7 @@ def flow_row(rec: flow_pb2.FlowRecord, batch_agent_id: str, received_ns: int) ->
         source=_ident(rec.source),
         destination=_ident(rec.destination),
         actual_destination=_ident(rec.actual_destination),
-        payload=rec.SerializeToString(),
+        payload=rec.SerializeToString(deterministic=True),
     )
 
 
@@ -107,8 +131,10 @@ def query_filter(q: collector_pb2.FlowQuery) -> FlowFilter:
     )
 
 
-def validate_batch(batch: collector_pb2.FlowBatch, limits: ServiceLimits) -> Rejection | None:
-    """Why a batch cannot be stored, or None. Pure."""
+def validate_batch(
+    batch: collector_pb2.FlowBatch, limits: ServiceLimits, received_ns: int | None = None
+) -> Rejection | None:
+    """Why a batch cannot be stored, or None. Pure given received_ns (the collector's clock)."""
     agent_id = batch.agent_id
     if not agent_id.strip():
         return Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid", "agent_id is required")
@@ -118,6 +144,8 @@ def validate_batch(batch: collector_pb2.FlowBatch, limits: ServiceLimits) -> Rej
             "invalid",
             f"agent_id is {len(agent_id)} characters, at most {MAX_AGENT_ID}",
         )
+    if not agent_id.isprintable():
+        return Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid", "agent_id contains control characters")
     limits_md = ((MD_MAX_RECORDS, str(limits.max_batch_records)), (MD_MAX_BYTES, str(limits.max_batch_bytes)))
     n = len(batch.records)
     if n > limits.max_batch_records:
@@ -135,20 +163,84 @@ def validate_batch(batch: collector_pb2.FlowBatch, limits: ServiceLimits) -> Rej
             f"batch is {size} bytes, the limit is {limits.max_batch_bytes} bytes per batch",
             limits_md,
         )
+    now = received_ns if received_ns is not None else time.time_ns()
     for i, rec in enumerate(batch.records):
-        for name in ("start_time_unix_nano", "end_time_unix_nano"):
-            if getattr(rec, name) > _MAX_I64:
-                return Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid", f"records[{i}].{name} is out of range")
-        if rec.end_time_unix_nano and rec.end_time_unix_nano < rec.start_time_unix_nano:
+        if rec.agent_id and rec.agent_id != agent_id:
             return Rejection(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                "invalid",
-                f"records[{i}]: end_time_unix_nano is before start_time_unix_nano",
+                "agent_mismatch",
+                f"records[{i}].agent_id {rec.agent_id[:64]!r} is not the batch's agent_id {agent_id!r}",
             )
+        problem = record_problem(rec, now)
+        if problem is not None:
+            return Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid", f"records[{i}].{problem}")
+    return None
+
+
+def _text_problem(name: str, value: str, limit: int, *, printable: bool = True) -> str | None:
+    if len(value) > limit:
+        return f"{name} is {len(value)} characters, at most {limit}"
+    if printable and not value.isprintable():
+        return f"{name} contains control characters"
+    return None
+
+
+def record_problem(rec: flow_pb2.FlowRecord, now_ns: int) -> str | None:
+    """What is wrong with one record ("field: why"), or None. Pure."""
+    checks = [_text_problem("node", rec.node, MAX_NAME), _text_problem("comm", rec.comm, MAX_COMM, printable=False)]
+    for ident in _IDENTITIES:
+        sub = getattr(rec, ident)
+        checks += [_text_problem(f"{ident}.{f}", getattr(sub, f), MAX_NAME) for f in ("name", "kind", "version")]
+    for problem in checks:
+        if problem is not None:
+            return problem
+    size = rec.ByteSize()  # after the named fields, so that an oversized one is named; this catches unknown fields
+    if size > MAX_RECORD_BYTES:
+        return f"(record) is {size} bytes, at most {MAX_RECORD_BYTES} (unknown fields included)"
+    for name, values in _ENUMS.items():
+        if getattr(rec, name) not in values:
+            return f"{name} {getattr(rec, name)} is not a known value"
+    if rec.protocol > MAX_PROTOCOL:
+        return f"protocol {rec.protocol} is not an IP protocol number (0-{MAX_PROTOCOL})"
+    for name in _PORTS:
+        if getattr(rec, name) > MAX_PORT:
+            return f"{name} {getattr(rec, name)} is not a port (0-{MAX_PORT})"
+    for name in _ADDRESSES:
+        text = getattr(rec, name)
+        if not text:
+            continue
+        if len(text) > MAX_ADDRESS:
+            return f"{name} is {len(text)} characters, at most {MAX_ADDRESS}"
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            return f"{name} {text!r} is not an IPv4 or IPv6 address"
+        if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id:
+            return f"{name} {text!r} has a zone"
+    for name in _COUNTS:
+        if getattr(rec, name) > _MAX_I64:
+            return f"{name} is out of range (at most 2^63-1)"
+    if rec.pid > MAX_PID:
+        return f"pid {rec.pid} is above {MAX_PID}"
+    for name in ("start_time_unix_nano", "end_time_unix_nano"):
+        t = getattr(rec, name)
+        if t > _MAX_I64:
+            return f"{name} is out of range"
+        if t and t < MIN_TIME_NS:
+            return f"{name} {t} is before 2000-01-01"
+        if t > now_ns + MAX_FUTURE_NS:
+            return f"{name} is more than 7 days after the collector's clock"
+    if rec.end_time_unix_nano and rec.end_time_unix_nano < rec.start_time_unix_nano:
+        return "end_time_unix_nano is before start_time_unix_nano"
     return None
 
 
 # --- metrics ------------------------------------------------------------------------------------------------------
+
+
+REJECT_REASONS = (
+    "unauthenticated", "forbidden", "malformed", "invalid", "agent_mismatch", "conflict", "too_large", "busy", "store",
+)
 
 
 class CollectorMetrics:
@@ -161,7 +253,8 @@ class CollectorMetrics:
         self.records = Counter("aimesh_collector_records", "Flow records stored", registry=registry)
         self.rejected = Counter(
             "aimesh_collector_rejected_requests",
-            "Requests refused, by reason (unauthenticated, malformed, invalid, too_large, busy, store)",
+            "Requests refused, by reason (unauthenticated, forbidden, malformed, invalid, agent_mismatch, conflict,"
+            " too_large, busy, store)",
             ["reason"],
             registry=registry,
         )
@@ -170,7 +263,7 @@ class CollectorMetrics:
         )
         for result in ("stored", "duplicate"):
             self.batches.labels(result)
-        for reason in ("unauthenticated", "malformed", "invalid", "too_large", "busy", "store"):
+        for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         for by in ("age", "size"):
             self.retention_deleted.labels(by)
@@ -241,7 +334,7 @@ def _abort(context: grpc.ServicerContext, metrics: CollectorMetrics, rejection: 
 
 
 def _reject_malformed(context: grpc.ServicerContext, request: Malformed) -> NoReturn:
-    """Answer a request that did not parse (already counted by the deserializer)."""
+    """Answer a request that did not parse (CallGuard counts it)."""
     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {request.message_type}: {request.error}")
     raise AssertionError("context.abort returned")  # it raises
 
@@ -273,10 +366,10 @@ class FlowCollectorService:
     ) -> collector_pb2.PushReply:
         if isinstance(request, Malformed):
             _reject_malformed(context, request)
-        rejection = validate_batch(request, self._limits)
+        received = self._clock_ns()
+        rejection = validate_batch(request, self._limits, received)
         if rejection is not None:
             _abort(context, self._metrics, rejection)
-        received = self._clock_ns()
         rows = [flow_row(r, request.agent_id, received) for r in request.records]
         try:
             result = self._store.insert_batch(request.agent_id, request.sequence, rows, received)
@@ -286,6 +379,17 @@ class FlowCollectorService:
                 context,
                 self._metrics,
                 Rejection(grpc.StatusCode.UNAVAILABLE, "store", f"flow store unavailable: {e}"),
+            )
+        if result.conflict:
+            _abort(
+                context,
+                self._metrics,
+                Rejection(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    "conflict",
+                    f"batch {request.agent_id}/{request.sequence} was stored before with different records;"
+                    " nothing stored (a retry must resend the same records; new records need a new sequence)",
+                ),
             )
         if result.duplicate:
             self._metrics.batches.labels("duplicate").inc()
@@ -427,17 +531,57 @@ class HealthService:
                 return
 
 
-# --- handlers and authentication ----------------------------------------------------------------------------------
+# --- handlers, authentication and the stream cap ------------------------------------------------------------------
 
 
-def _deserializer(cls: type[Message], on_malformed: Callable[[], None]) -> Callable[[bytes], Message | Malformed]:
+class CallGuard:
+    """Runs before every handler: who is calling (auth.Authenticator), a request that did not parse, whether the
+    caller may do this (a push for its own agent_id), and a free stream slot for server-streaming methods.
+
+    Streams past max_streams are answered RESOURCE_EXHAUSTED at once, so at most max_streams worker threads are
+    ever held by streams and the rest stay free for Push."""
+
+    def __init__(self, auth: Authenticator, metrics: CollectorMetrics, max_streams: int) -> None:
+        self._auth = auth
+        self._metrics = metrics
+        self._max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max(max_streams, 1))
+
+    def _deny(self, context: grpc.ServicerContext, denial: Denial) -> NoReturn:
+        _abort(context, self._metrics, Rejection(denial.code, denial.reason, denial.message))
+
+    def admit(self, method: str, request: object, context: grpc.ServicerContext) -> Principal:
+        who = self._auth.authenticate(method, context.invocation_metadata() or (), context.peer() or "",
+                                      context.auth_context() or {})  # fmt: skip
+        if isinstance(who, Denial):
+            self._deny(context, who)
+        if isinstance(request, Malformed):
+            self._metrics.rejected.labels("malformed").inc()
+            _reject_malformed(context, request)
+        agent_id = request.agent_id if isinstance(request, collector_pb2.FlowBatch) else None
+        denial = self._auth.authorize(who, method, agent_id)
+        if denial is not None:
+            self._deny(context, denial)
+        return who
+
+    def take_stream(self, context: grpc.ServicerContext) -> None:
+        if self._max_streams <= 0 or not self._streams.acquire(blocking=False):
+            _abort(context, self._metrics, Rejection(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "busy",
+                f"the collector already serves {self._max_streams} streams (follow, list, health watch);"
+                " try again later"))  # fmt: skip
+
+    def release_stream(self) -> None:
+        self._streams.release()
+
+
+def _deserializer(cls: type[Message]) -> Callable[[bytes], Message | Malformed]:
     name = cls.DESCRIPTOR.full_name
 
     def parse(data: bytes) -> Message | Malformed:
         try:
             return cls.FromString(data)
-        except DecodeError as e:
-            on_malformed()
+        except (DecodeError, RuntimeError, ValueError) as e:  # upb raises DecodeError; be safe with the others
             return Malformed(message_type=name, error=str(e) or "cannot parse")
 
     return parse
@@ -447,70 +591,47 @@ def _serialize(message: Message | bytes) -> bytes:
     return message if isinstance(message, bytes) else message.SerializeToString()
 
 
+def _guarded_unary(guard: CallGuard, method: str, impl: Callable[..., Message]) -> Callable[..., Message]:
+    def call(request: object, context: grpc.ServicerContext) -> Message:
+        guard.admit(method, request, context)
+        return impl(request, context)
+
+    return call
+
+
+def _guarded_stream(
+    guard: CallGuard, method: str, impl: Callable[..., Iterator[object]]
+) -> Callable[..., Iterator[object]]:
+    def call(request: object, context: grpc.ServicerContext) -> Iterator[object]:
+        guard.admit(method, request, context)
+        guard.take_stream(context)
+        try:
+            yield from impl(request, context)
+        finally:
+            guard.release_stream()
+
+    return call
+
+
 def service_handler(
-    service: ServiceDescriptor, servicer: object, on_malformed: Callable[[], None]
+    service: ServiceDescriptor, servicer: object, guard: CallGuard | Callable[[], None]
 ) -> grpc.GenericRpcHandler:
-    """Method handlers for every method of `service`, implemented by servicer's methods of the same names."""
+    """Method handlers for every method of `service`, implemented by servicer's methods of the same names, each
+    behind `guard`. A plain callable instead of a guard (the former on_malformed argument) gives an open guard:
+    no authentication, no stream cap, for tests that serve a wrapped servicer."""
+    if not isinstance(guard, CallGuard):
+        guard = CallGuard(Authenticator(), CollectorMetrics(CollectorRegistry()), max_streams=1 << 16)
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
         impl = getattr(servicer, method.name)
-        parse = _deserializer(message_factory.GetMessageClass(method.input_type), on_malformed)
+        full = f"/{service.full_name}/{method.name}"
+        parse = _deserializer(message_factory.GetMessageClass(method.input_type))
         if method.client_streaming:
             raise ValueError(f"{method.full_name}: client streaming is not supported")
-        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(impl, request_deserializer=parse, response_serializer=_serialize)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _guarded_stream(guard, full, impl), request_deserializer=parse, response_serializer=_serialize)
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _guarded_unary(guard, full, impl), request_deserializer=parse, response_serializer=_serialize)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
-
-
-def bearer_token(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
-    """The token of an `authorization: Bearer <token>` metadata entry, or None."""
-    for key, value in metadata:
-        if key.lower() != "authorization":
-            continue
-        text = value.decode(errors="replace") if isinstance(value, bytes) else value
-        scheme, _, token = text.strip().partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-    return None
-
-
-def _abort_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    def unary(request: object, context: grpc.ServicerContext) -> None:
-        context.abort(code, message)
-
-    def stream(request: object, context: grpc.ServicerContext) -> Iterator[None]:
-        context.abort(code, message)
-        yield None  # pragma: no cover - abort raises
-
-    if handler.request_streaming:
-        raise ValueError("client streaming is not supported")
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(stream)
-    return grpc.unary_unary_rpc_method_handler(unary)
-
-
-class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` on every method but the exempt ones (health checks)."""
-
-    def __init__(self, token: str, metrics: CollectorMetrics, exempt: frozenset[str] = HEALTH_METHODS) -> None:
-        if not token:
-            raise ValueError("empty token")
-        self._token = token.encode()
-        self._metrics = metrics
-        self._exempt = exempt
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method in self._exempt:
-            return handler
-        given = bearer_token(handler_call_details.invocation_metadata or ())
-        if given is not None and hmac.compare_digest(given.encode(), self._token):
-            return handler
-        self._metrics.rejected.labels("unauthenticated").inc()
-        why = "missing bearer token" if given is None else "invalid bearer token"
-        message = f"{why} (metadata authorization: Bearer <token>)"
-        return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, message)

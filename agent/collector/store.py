@@ -1,5 +1,12 @@
 """SQLite storage for flow records: idempotent batch inserts, filtered queries, retention by age and by size.
 
+Retention by age uses the collector's receive time (flows.received_ns), never the agent's clock: an agent whose
+clock is days behind keeps its records for the whole retention period. Each batch key keeps a digest of the batch's
+records, so a retry (same content) is a duplicate and a different batch under a used key is a conflict.
+
+The database and its -wal/-shm files are created 0600 (SQLite gives the side files the database's mode); an
+existing database found readable by others is narrowed to 0600 when opened.
+
 A record is stored as its serialized aimesh.v1.FlowRecord (so fields added to the proto later survive a collector
 that does not know them) next to the few columns queries filter on. The store knows nothing of protobuf: the
 service turns records into FlowRow and back.
@@ -11,8 +18,12 @@ necessarily a power loss of the host, which the agents' retries cover for recent
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import queue
+import stat
+import struct
 import sqlite3
 import threading
 import time
@@ -21,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1 -> 2: batches.digest, flows.received_ns (migrated in place by _migrate)
 _I64 = 1 << 63
 PAGE_ROWS = 1000  # rows read per query page
 _DELETE_CHUNK = 5000  # rows deleted per write transaction during retention
@@ -37,6 +48,7 @@ CREATE TABLE IF NOT EXISTS batches (
     sequence    INTEGER NOT NULL,  -- uint64 stored as its two's-complement int64
     received_ns INTEGER NOT NULL,
     records     INTEGER NOT NULL,
+    digest      BLOB,              -- batch_digest() of the records; NULL for batches stored before schema 2
     PRIMARY KEY (agent_id, sequence)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS batches_received ON batches (received_ns);
@@ -44,6 +56,7 @@ CREATE INDEX IF NOT EXISTS batches_received ON batches (received_ns);
 CREATE TABLE IF NOT EXISTS flows (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     time_ns     INTEGER NOT NULL,  -- record time: end time, else start time, else receive time
+    received_ns INTEGER NOT NULL DEFAULT 0,  -- when the collector stored it (retention by age uses this)
     agent_id    TEXT    NOT NULL,
     verdict     INTEGER NOT NULL,
     src_name    TEXT    NOT NULL,
@@ -62,6 +75,8 @@ CREATE INDEX IF NOT EXISTS flows_src ON flows (src_name, time_ns);
 CREATE INDEX IF NOT EXISTS flows_dst ON flows (dst_name, time_ns);
 CREATE INDEX IF NOT EXISTS flows_act ON flows (act_name, time_ns);
 """
+# After _migrate: the index on a column that schema 1 databases only have once migrated.
+_SCHEMA_V2_INDEXES = "CREATE INDEX IF NOT EXISTS flows_received ON flows (received_ns);"
 
 
 class StoreError(Exception):
@@ -112,9 +127,10 @@ class StoredFlow:
 
 @dataclass(frozen=True, slots=True)
 class InsertResult:
-    duplicate: bool
+    duplicate: bool  # the key was stored before with the same records (or before digests existed): nothing stored
     inserted: int
     last_id: int  # id of the last row inserted (0 if none)
+    conflict: bool = False  # the key was stored before with different records: nothing stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +164,16 @@ def to_i64(value: int) -> int:
 
 def from_i64(value: int) -> int:
     return value + (1 << 64) if value < 0 else value
+
+
+def batch_digest(rows: Sequence[FlowRow]) -> bytes:
+    """SHA-256 over the stored bytes of a batch's records, each length-prefixed. Pure."""
+    h = hashlib.sha256()
+    for r in rows:
+        payload = r.payload or b""  # None fails the NOT NULL constraint at the insert, inside the transaction
+        h.update(struct.pack("<Q", len(payload)))
+        h.update(payload)
+    return h.digest()
 
 
 def _ident_clause(prefix: str, ident: Ident) -> tuple[str, list[object]]:
@@ -189,19 +215,31 @@ def build_where(flt: FlowFilter) -> tuple[str, list[object]]:
     return (" AND ".join(parts) if parts else "1"), params
 
 
-def _row_values(row: FlowRow) -> tuple[object, ...]:
+def _row_values(row: FlowRow, received_ns: int) -> tuple[object, ...]:
     s, d, a = row.source, row.destination, row.actual_destination
     return (
-        row.time_ns, row.agent_id, row.verdict,
+        row.time_ns, received_ns, row.agent_id, row.verdict,
         s.name, s.kind, s.version, d.name, d.kind, d.version, a.name, a.kind, a.version,
         row.payload,
     )  # fmt: skip
 
 
 _INSERT_FLOW = (
-    "INSERT INTO flows (time_ns, agent_id, verdict, src_name, src_kind, src_version, dst_name, dst_kind,"
-    " dst_version, act_name, act_kind, act_version, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO flows (time_ns, received_ns, agent_id, verdict, src_name, src_kind, src_version, dst_name,"
+    " dst_kind, dst_version, act_name, act_kind, act_version, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+
+
+def private_file(path: Path) -> None:
+    """Create `path` empty with mode 0600 if missing; narrow an existing file readable by others to 0600."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            os.chmod(path, mode & 0o700)
+        return
+    os.close(fd)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -217,7 +255,14 @@ class FlowStore:
     def __init__(self, path: Path, *, readers: int = 8) -> None:
         self._path = Path(path)
         try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for suffix in ("", "-wal", "-shm"):
+                side = Path(str(self._path) + suffix)
+                if suffix == "" or side.exists():
+                    private_file(side)
+        except OSError as e:
+            raise StoreError(f"cannot open flow database {self._path}: {e.strerror or e}") from None
+        try:
             self._write = _connect(self._path)
             self._init_schema(self._write)
         except sqlite3.Error as e:
@@ -245,8 +290,32 @@ class FlowStore:
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
             conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif row[0] == "1":
+            FlowStore._migrate(conn, time.time_ns())
         elif row[0] != str(SCHEMA_VERSION):
             raise StoreError(f"database schema version {row[0]}, this collector knows {SCHEMA_VERSION}")
+        conn.executescript(_SCHEMA_V2_INDEXES)
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection, now_ns: int) -> None:
+        """Schema 1 -> 2 in one transaction; safe to run again on a half-migrated or migrated database.
+
+        Rows stored before have no receive time: they get the migration time, so retention keeps them for one more
+        full period rather than deleting by a clock that may have been wrong."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            flows = {r[1] for r in conn.execute("PRAGMA table_info(flows)")}
+            if "received_ns" not in flows:
+                conn.execute("ALTER TABLE flows ADD COLUMN received_ns INTEGER NOT NULL DEFAULT 0")
+            conn.execute("UPDATE flows SET received_ns = ? WHERE received_ns = 0", (now_ns,))
+            batches = {r[1] for r in conn.execute("PRAGMA table_info(batches)")}
+            if "digest" not in batches:
+                conn.execute("ALTER TABLE batches ADD COLUMN digest BLOB")
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     @contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
@@ -286,19 +355,26 @@ class FlowStore:
     def insert_batch(
         self, agent_id: str, sequence: int, rows: Sequence[FlowRow], received_ns: int | None = None
     ) -> InsertResult:
-        """Store a batch once: a second call with the same (agent_id, sequence) stores nothing."""
+        """Store a batch once: a second call with the same (agent_id, sequence) stores nothing, and says whether it
+        carried the same records (duplicate: a retry) or different ones (conflict)."""
         now = time.time_ns() if received_ns is None else received_ns
         seq = to_i64(sequence)
+        digest = batch_digest(rows)
         with self._transaction() as conn:
             cur = conn.execute(
-                "INSERT OR IGNORE INTO batches (agent_id, sequence, received_ns, records) VALUES (?, ?, ?, ?)",
-                (agent_id, seq, now, len(rows)),
+                "INSERT OR IGNORE INTO batches (agent_id, sequence, received_ns, records, digest)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (agent_id, seq, now, len(rows), digest),
             )
             if cur.rowcount == 0:
-                return InsertResult(duplicate=True, inserted=0, last_id=0)
+                (stored,) = conn.execute(
+                    "SELECT digest FROM batches WHERE agent_id = ? AND sequence = ?", (agent_id, seq)
+                ).fetchone()
+                same = stored is None or bytes(stored) == digest  # no digest: stored by schema 1, trust the key
+                return InsertResult(duplicate=same, inserted=0, last_id=0, conflict=not same)
             last_id = 0
             if rows:
-                conn.executemany(_INSERT_FLOW, (_row_values(r) for r in rows))
+                conn.executemany(_INSERT_FLOW, (_row_values(r, now) for r in rows))
                 last_id = int(conn.execute("SELECT max(id) FROM flows").fetchone()[0])
             return InsertResult(duplicate=False, inserted=len(rows), last_id=last_id)
 
@@ -388,13 +464,14 @@ class FlowStore:
         return StoreStats(data_bytes=(pages - free) * page_size, file_bytes=files, last_id=last)
 
     def _delete_oldest(self, where: str, params: Sequence[object], max_rows: int | None = None) -> int:
-        """Delete the oldest rows matching `where` (at most max_rows), chunk by chunk so pushes go on in between."""
+        """Delete the first-received rows matching `where` (at most max_rows), chunk by chunk so pushes go on in
+        between. id order is arrival order."""
         deleted = 0
         while max_rows is None or deleted < max_rows:
             n = _DELETE_CHUNK if max_rows is None else min(_DELETE_CHUNK, max_rows - deleted)
             with self._transaction() as conn:
                 cur = conn.execute(
-                    f"DELETE FROM flows WHERE id IN (SELECT id FROM flows WHERE {where} ORDER BY time_ns, id LIMIT ?)",
+                    f"DELETE FROM flows WHERE id IN (SELECT id FROM flows WHERE {where} ORDER BY id LIMIT ?)",
                     [*params, n],
                 )
                 got = max(cur.rowcount, 0)
@@ -404,11 +481,12 @@ class FlowStore:
         return deleted
 
     def enforce_retention(self, policy: RetentionPolicy, now_ns: int | None = None) -> RetentionResult:
-        """Delete flows older than max_age, then the oldest flows until the data fits in max_bytes."""
+        """Delete flows received more than max_age ago, then the first-received flows until the data fits in
+        max_bytes. Ages are by the collector's clock (received_ns), never by the record's own times."""
         now = time.time_ns() if now_ns is None else now_ns
         by_age = 0
         if policy.max_age_ns > 0:
-            by_age = self._delete_oldest("time_ns < ?", [now - policy.max_age_ns])
+            by_age = self._delete_oldest("received_ns < ?", [now - policy.max_age_ns])
         forgotten = 0
         if policy.dedup_window_ns > 0:
             with self._transaction() as conn:

@@ -90,8 +90,8 @@ def agent_argv(python: str, module: str, config: Path, cgroup_root: Path, flow_l
         ["--collector", collector_addr, "--agent-id", "demo"] if collector_addr else [])
 
 
-def collector_argv(python: str, listen: str, db: Path) -> list[str]:
-    return [python, "-m", "agent", "collector", "--listen", listen, "--db", str(db)]
+def collector_argv(python: str, listen: str, db: Path, token_file: Path) -> list[str]:
+    return [python, "-m", "agent", "collector", "--listen", listen, "--db", str(db), "--token-file", str(token_file)]
 
 
 def server_argv(python: str, spec: ServerSpec) -> list[str]:
@@ -263,9 +263,17 @@ class Session:
     def start_collector(self, spawner: Spawner) -> None:
         """The local flow collector the agent exports to (SQLite in the work directory)."""
         if self.collector_addr:
+            from agent.collector.auth import load_or_create_token
+            load_or_create_token(self.token_file)   # before either side starts: the agent reads it at once
             self.collector = spawner.start("aimesh collector", "collector",
-                                           collector_argv(self.python, self.collector_addr, self.workdir / "flows.db"),
+                                           collector_argv(self.python, self.collector_addr, self.workdir / "flows.db",
+                                                          self.token_file),
                                            self.workdir / "collector.log")
+
+    @property
+    def token_file(self) -> Path:
+        """The bearer token the demo's collector, agent and `aimesh flows` share (0600 in the work directory)."""
+        return self.workdir / "collector.token"
 
     def start_agent(self, spawner: Spawner) -> None:
         assert self.tree is not None
@@ -273,7 +281,8 @@ class Session:
         agent_config = dict(self.demo.agent_config)
         if self.collector_addr:
             agent_config["collector"] = {**agent_config.get("collector", {}),
-                                         "spool_dir": str(self.workdir / "spool"), "flush_interval": 0.5}
+                                         "spool_dir": str(self.workdir / "spool"), "flush_interval": 0.5,
+                                         "token_file": str(self.token_file)}
         config.write_text(
             f"# rendered by `aimesh demo` from {self.config_path} (its `demo:` section removed)\n"
             + yaml.safe_dump(agent_config, sort_keys=False)
@@ -290,7 +299,8 @@ class Session:
             return []
         try:
             r = subprocess.run([self.python, "-m", "agent", "flows", "--collector", self.collector_addr,
-                                "--limit", "8"], capture_output=True, text=True, timeout=20,
+                                "--token-file", str(self.token_file), "--limit", "8"],
+                               capture_output=True, text=True, timeout=20,
                                cwd=Path(__file__).resolve().parents[2])
         except (OSError, subprocess.SubprocessError) as e:
             return [f"aimesh flows failed: {e}"]

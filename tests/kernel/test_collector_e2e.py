@@ -21,15 +21,17 @@ FLOWLOAD = Path(__file__).resolve().parent / "flowload.py"
 class Collector:
     def __init__(self, tmp: Path, port: int) -> None:
         self.port, self.db, self.log = port, tmp / "flows.db", tmp / "collector.log"
+        self.token_file = tmp / "collector.token"     # created by the collector (0600), read by the agent and flows
         self.proc = None
 
     def start(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "agent", "collector", "--listen", f"127.0.0.1:{self.port}",
-                                      "--db", str(self.db)], cwd=REPO, stdout=open(self.log, "a"),
+                                      "--db", str(self.db), "--token-file", str(self.token_file)],
+                                     cwd=REPO, stdout=open(self.log, "a"),
                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            r = flows_cli(self.port, "--limit", "1", "-o", "json")
+            r = flows_cli(self.port, "--limit", "1", "-o", "json", token_file=self.token_file)
             if r.returncode == 0:
                 return
             time.sleep(0.2)
@@ -58,8 +60,9 @@ class Collector:
             con.close()
 
 
-def flows_cli(port: int, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agent", "flows", "--collector", f"127.0.0.1:{port}", *args],
+def flows_cli(port: int, *args: str, token_file: Path | None) -> subprocess.CompletedProcess:
+    auth = ["--token-file", str(token_file)] if token_file else []
+    return subprocess.run([sys.executable, "-m", "agent", "flows", "--collector", f"127.0.0.1:{port}", *auth, *args],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
@@ -71,9 +74,9 @@ def collector(tmp_path):
     c.stop()
 
 
-def _agent_config(cgroups, port, tmp_path):
+def _agent_config(cgroups, port, tmp_path, collector):
     return base_config(cgroups, port, collector={"spool_dir": str(tmp_path / "spool"), "flush_interval": 0.2,
-                                                 "batch_size": 50},
+                                                 "batch_size": 50, "token_file": str(collector.token_file)},
                        telemetry={"interim_interval": 0, "udp_window": 1})
 
 
@@ -84,8 +87,8 @@ def _send(cg, port, nbytes):
     return json.loads(p.stdout)
 
 
-def _json_flows(port, *args):
-    r = flows_cli(port, "-o", "json", *args)
+def _json_flows(collector, *args):
+    r = flows_cli(collector.port, "-o", "json", *args, token_file=collector.token_file)
     assert r.returncode == 0, r.stderr
     return [json.loads(x) for x in r.stdout.splitlines() if x.strip()]
 
@@ -93,7 +96,8 @@ def _json_flows(port, *args):
 def test_flows_reach_the_collector(cgroups, agents, collector, tmp_path):
     port = free_port()
     chat, rogue, llama = cgroups.child("chat"), cgroups.child("rogue"), cgroups.child("llama")
-    agents(_agent_config(cgroups, port, tmp_path), ["--collector", f"127.0.0.1:{collector.port}", "--agent-id", "node-a"])
+    agents(_agent_config(cgroups, port, tmp_path, collector),
+           ["--collector", f"127.0.0.1:{collector.port}", "--agent-id", "node-a"])
     srv = subprocess.Popen([sys.executable, str(FLOWLOAD), "serve", "--port", str(port), "--reply", "4096",
                             "--connections", "3"], stdout=subprocess.PIPE, text=True, preexec_fn=_enter_cgroup(llama))
     assert srv.stdout.readline()
@@ -104,7 +108,7 @@ def test_flows_reach_the_collector(cgroups, agents, collector, tmp_path):
 
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        recs = _json_flows(collector.port, "--to", "llama", "--limit", "100")
+        recs = _json_flows(collector, "--to", "llama", "--limit", "100")
         if len(recs) >= 7:
             break
         time.sleep(0.3)
@@ -119,16 +123,19 @@ def test_flows_reach_the_collector(cgroups, agents, collector, tmp_path):
     assert all(r.get("agentId", r.get("agent_id")) == "node-a" for r in recs)
     assert len(denied) == 1 and denied[0]["source"]["name"] == "unmanaged"
 
-    only_denied = _json_flows(collector.port, "--verdict", "denied", "--limit", "100")
+    only_denied = _json_flows(collector, "--verdict", "denied", "--limit", "100")
     assert [r["source"]["name"] for r in only_denied] == ["unmanaged"]
-    table = flows_cli(collector.port, "--from", "chat", "--limit", "10")
+    table = flows_cli(collector.port, "--from", "chat", "--limit", "10", token_file=collector.token_file)
     assert table.returncode == 0 and "chat" in table.stdout and "llama" in table.stdout, table.stdout + table.stderr
+    anonymous = flows_cli(collector.port, "--limit", "1", token_file=None)    # authentication is on by default
+    assert anonymous.returncode == 1 and "missing bearer token" in anonymous.stderr, anonymous.stderr
+    assert collector.token_file.stat().st_mode & 0o777 == 0o600
 
 
 def test_collector_restart_loses_nothing(cgroups, agents, collector, tmp_path):
     port = free_port()
     chat, llama = cgroups.child("chat"), cgroups.child("llama")
-    agent = agents(_agent_config(cgroups, port, tmp_path), ["--collector", f"127.0.0.1:{collector.port}"])
+    agent = agents(_agent_config(cgroups, port, tmp_path, collector), ["--collector", f"127.0.0.1:{collector.port}"])
     n = 120
     srv = subprocess.Popen([sys.executable, str(FLOWLOAD), "serve", "--port", str(port), "--reply", "10",
                             "--connections", str(n)], stdout=subprocess.PIPE, text=True,

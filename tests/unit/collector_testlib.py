@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,14 +64,79 @@ def batch(agent_id: str, sequence: int, records: list[flow_pb2.FlowRecord]) -> c
     return collector_pb2.FlowBatch(agent_id=agent_id, sequence=sequence, records=records)
 
 
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):  # type: ignore[misc]
+    method: str
+    timeout: float | None
+    metadata: tuple[tuple[str, str], ...] | None
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+class BearerInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds `authorization: Bearer <token>` to every call of a channel (call credentials need TLS)."""
+
+    def __init__(self, token: str) -> None:
+        self._md = (("authorization", f"Bearer {token}"),)
+
+    def _details(self, d: grpc.ClientCallDetails) -> _CallDetails:
+        md = tuple(d.metadata or ()) + self._md
+        return _CallDetails(d.method, d.timeout, md, d.credentials, d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(client_call_details), request)
+
+
 def stub_for(address: str, credentials: grpc.ChannelCredentials | None = None,
-             server_name: str | None = None) -> tuple[grpc.Channel, collector_pb2_grpc.FlowCollectorStub]:  # fmt: skip
+             server_name: str | None = None, token: str | None = None,
+             ) -> tuple[grpc.Channel, collector_pb2_grpc.FlowCollectorStub]:  # fmt: skip
+    """A channel and stub; with a token, every call on the channel carries it."""
     if credentials is None:
         ch = grpc.insecure_channel(address)
     else:
         opts = [("grpc.ssl_target_name_override", server_name)] if server_name else []
         ch = grpc.secure_channel(address, credentials, options=opts)
+    if token is not None:
+        ch = _ClosingChannel(grpc.intercept_channel(ch, BearerInterceptor(token)), ch)
     return ch, collector_pb2_grpc.FlowCollectorStub(ch)
+
+
+class _ClosingChannel(grpc.Channel):  # type: ignore[misc]
+    """An intercepted channel that closes the channel under it (and works as a context manager)."""
+
+    def __init__(self, outer: grpc.Channel, inner: grpc.Channel) -> None:
+        self._outer, self._inner = outer, inner
+
+    def subscribe(self, callback, try_to_connect=False):  # type: ignore[no-untyped-def]
+        self._outer.subscribe(callback, try_to_connect)
+
+    def unsubscribe(self, callback):  # type: ignore[no-untyped-def]
+        self._outer.unsubscribe(callback)
+
+    def unary_unary(self, *a, **kw):  # type: ignore[no-untyped-def]
+        return self._outer.unary_unary(*a, **kw)
+
+    def unary_stream(self, *a, **kw):  # type: ignore[no-untyped-def]
+        return self._outer.unary_stream(*a, **kw)
+
+    def stream_unary(self, *a, **kw):  # type: ignore[no-untyped-def]
+        return self._outer.stream_unary(*a, **kw)
+
+    def stream_stream(self, *a, **kw):  # type: ignore[no-untyped-def]
+        return self._outer.stream_stream(*a, **kw)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __enter__(self) -> _ClosingChannel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def list_cookies(address: str, metadata: tuple[tuple[str, str], ...] = ()) -> list[int]:
@@ -111,11 +176,15 @@ class CollectorProcess:
         return self.proc.wait(15)
 
 
-def start_collector_process(db: Path, log: Path, listen: str = "127.0.0.1:0", *extra: str) -> CollectorProcess:
+def start_collector_process(db: Path, log: Path, listen: str = "127.0.0.1:0", *extra: str,
+                            auth: Sequence[str] = ("--no-auth",)) -> CollectorProcess:  # fmt: skip
+    """auth: the authentication flags. --no-auth by default for the exporter tests, whose clients send no token;
+    pass () for the collector's default (a token file <db>.token) or your own flags."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log, "wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent.collector", "collector", "--listen", listen, "--db", str(db), *extra],
+            [sys.executable, "-m", "agent.collector", "collector", "--listen", listen, "--db", str(db), *auth,
+             *extra],
             cwd=REPO,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -188,7 +257,8 @@ def make_pki(d: Path) -> Pki:
     ca = _make_ca(d, "test-ca")
     server_ext = "subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
     server = _make_leaf(d, "server", ca, server_ext)
-    client = _make_leaf(d, "client", ca, "extendedKeyUsage=clientAuth\n")
+    # The agents this certificate may push for (mutual TLS: a push's agent_id must be its CN or a SAN).
+    client = _make_leaf(d, "client", ca, "subjectAltName=DNS:a,DNS:node-tls\nextendedKeyUsage=clientAuth\n")
     other = _make_ca(d, "other-ca")
     other_client = _make_leaf(d, "other-client", other, "extendedKeyUsage=clientAuth\n")
     return Pki(

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from datetime import timezone
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.unit.collector_testlib import (  # tmp_dir: a fixture
@@ -280,17 +281,30 @@ def test_flows_follow_until_interrupted(server: CollectorServer, tmp_dir: Path) 
 # --- collector ----------------------------------------------------------------------------------------------------
 
 
+def rpc_error(call: object) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()  # type: ignore[operator]
+    return info.value  # type: ignore[return-value]
+
+
 def test_collector_command_serves_until_sigterm(tmp_dir: Path) -> None:
     db = tmp_dir / "f.db"
     proc = start_collector_process(db, tmp_dir / "c.log", "127.0.0.1:0", "--retention-age", "1d",
-                                   "--retention-bytes", "10MiB", "--max-batch-records", "100")  # fmt: skip
+                                   "--retention-bytes", "10MiB", "--max-batch-records", "100", auth=())  # fmt: skip
     try:
+        token_file = tmp_dir / "f.db.token"  # the default: a token file beside the database, created 0600
+        assert token_file.stat().st_mode & 0o777 == 0o600
         ch, stub = stub_for(proc.address)
+        with ch:
+            err = rpc_error(lambda: stub.Push(batch("a", 1, [record(1)]), timeout=5))
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        ch, stub = stub_for(proc.address, token=token_file.read_text().strip())
         with ch:
             assert stub.Push(batch("a", 1, [record(1)]), timeout=5).accepted == 1
         assert proc.terminate() == 0
         log = proc.log.read_text()
         assert "listening on 127.0.0.1:" in log and "plaintext" in log and "Traceback" not in log
+        assert f"created token file {token_file}" in log
         assert "collector stopped" in log
     finally:
         proc.kill()
@@ -314,3 +328,42 @@ def test_collector_command_errors(tmp_dir: Path) -> None:
     assert len(garbage.stderr.strip().splitlines()) == 1
     mtls_no_cert = run("--db", str(tmp_dir / "f.db"), "--tls-ca", "ca.pem")
     assert mtls_no_cert.returncode == 2 and "--tls-ca" in mtls_no_cert.stderr
+
+
+def test_collector_token_file_is_created_and_read_by_flows(tmp_dir: Path) -> None:
+    token_file = tmp_dir / "secrets" / "collector.token"
+    proc = start_collector_process(tmp_dir / "f.db", tmp_dir / "c.log", auth=("--token-file", str(token_file)))
+    try:
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        assert not (tmp_dir / "f.db.token").exists()  # the named file, not the default
+        ch, stub = stub_for(proc.address, token=token_file.read_text().strip())
+        with ch:
+            stub.Push(batch("a", 1, [record(1)]), timeout=5)
+        rc, out = flows(["--collector", proc.address, "--token-file", str(token_file), "-o", "json"])
+        assert rc == 0 and [json.loads(x)["cookie"] for x in out.splitlines()] == ["1"]
+        assert "bearer token from" in proc.log.read_text()
+    finally:
+        proc.kill()
+
+
+def test_collector_no_auth_is_loud(tmp_dir: Path) -> None:
+    proc = start_collector_process(tmp_dir / "f.db", tmp_dir / "c.log", auth=("--no-auth",))
+    try:
+        rc, _ = flows(["--collector", proc.address])
+        assert rc == 0
+        log = proc.log.read_text()
+        assert "WARNING" in log and "--no-auth" in log and "no authentication" in log
+        assert not (tmp_dir / "f.db.token").exists()
+    finally:
+        proc.kill()
+    both = subprocess.run([sys.executable, "-m", "agent.collector", "collector", "--db", str(tmp_dir / "g.db"),
+                           "--no-auth", "--token", "x"],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+def test_flow_cells_escape_control_characters() -> None:
+    rec = flow_pb2.FlowRecord(comm="\x1b[2J", source=flow_pb2.Identity(name="ui\x07"), verdict=1)
+    cells = flow_cells(rec, timezone.utc)
+    assert all(c.isprintable() for c in cells)
+    assert "ui\\x07" in cells[1]

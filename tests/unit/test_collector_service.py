@@ -29,7 +29,8 @@ def start(tmp_dir: Path) -> Iterator[StartFn]:
     servers: list[CollectorServer] = []
 
     def _start(**overrides: object) -> CollectorServer:
-        fields: dict[str, object] = {"listen": "127.0.0.1:0", "db": tmp_dir / "flows.db", "grace_s": 0.5}
+        fields: dict[str, object] = {"listen": "127.0.0.1:0", "db": tmp_dir / "flows.db", "grace_s": 0.5,
+                                     "token": TOKEN}
         fields.update(overrides)
         srv = CollectorServer(CollectorConfig(**fields))  # type: ignore[arg-type]
         srv.start()
@@ -53,7 +54,7 @@ def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
 
 def test_push_and_list_round_trip(start: StartFn) -> None:
     srv = start()
-    ch, stub = stub_for(str(srv.address))
+    ch, stub = stub_for(str(srv.address), token=TOKEN)
     with ch:
         rec = record(1, source=flow_pb2.Identity(name="ui", kind="agent", version="v1"), bytes_sent=10, comm="curl")
         reply = stub.Push(batch("node-a", 1, [rec, record(2)]), timeout=5)
@@ -69,7 +70,7 @@ def test_push_and_list_round_trip(start: StartFn) -> None:
 
 def test_retried_batch_is_stored_once(start: StartFn) -> None:
     srv = start()
-    ch, stub = stub_for(str(srv.address))
+    ch, stub = stub_for(str(srv.address), token=TOKEN)
     with ch:
         b = batch("node-a", 2**64 - 1, [record(i) for i in range(5)])
         assert not stub.Push(b, timeout=5).duplicate
@@ -83,7 +84,7 @@ def test_retried_batch_is_stored_once(start: StartFn) -> None:
 
 def test_missing_agent_id(start: StartFn) -> None:
     srv = start()
-    ch, stub = stub_for(str(srv.address))
+    ch, stub = stub_for(str(srv.address), token=TOKEN)
     with ch:
         err = rpc_error(lambda: stub.Push(batch("", 1, [record(1)]), timeout=5))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "agent_id is required" in err.details()
@@ -96,7 +97,7 @@ def test_missing_agent_id(start: StartFn) -> None:
 
 def test_bad_record_times(start: StartFn) -> None:
     srv = start()
-    ch, stub = stub_for(str(srv.address))
+    ch, stub = stub_for(str(srv.address), token=TOKEN)
     with ch:
         bad = record(1, start_time_unix_nano=10, end_time_unix_nano=5)
         err = rpc_error(lambda: stub.Push(batch("a", 1, [record(0), bad]), timeout=5))
@@ -110,7 +111,7 @@ def test_bad_record_times(start: StartFn) -> None:
 
 def test_too_many_records_and_bytes(start: StartFn) -> None:
     srv = start(limits=ServiceLimits(max_batch_records=10, max_batch_bytes=4096))
-    ch, stub = stub_for(str(srv.address))
+    ch, stub = stub_for(str(srv.address), token=TOKEN)
     with ch:
         err = rpc_error(lambda: stub.Push(batch("a", 1, [record(i) for i in range(11)]), timeout=5))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -164,7 +165,7 @@ def test_bearer_token_parsing() -> None:
 
 def test_malformed_request_bytes(start: StartFn) -> None:
     srv = start()
-    ch, _ = stub_for(str(srv.address))
+    ch, _ = stub_for(str(srv.address), token=TOKEN)
     with ch:
         raw = ch.unary_unary("/aimesh.v1.FlowCollector/Push", request_serializer=None,
                              response_deserializer=collector_pb2.PushReply.FromString)  # fmt: skip
@@ -213,7 +214,7 @@ def test_keeps_serving_after_tcp_garbage(start: StartFn) -> None:
 
 def test_list_filters_and_limit(start: StartFn) -> None:
     srv = start()
-    ch, stub = stub_for(str(srv.address))
+    ch, stub = stub_for(str(srv.address), token=TOKEN)
     ui = flow_pb2.Identity(name="ui", kind="agent", version="v1")
     llm1 = flow_pb2.Identity(name="llm", kind="model", version="v1")
     llm2 = flow_pb2.Identity(name="llm", kind="model", version="v2")
@@ -245,7 +246,7 @@ def test_list_filters_and_limit(start: StartFn) -> None:
 
 def test_follow_streams_new_flows(start: StartFn) -> None:
     srv = start()
-    ch, stub = stub_for(str(srv.address))
+    ch, stub = stub_for(str(srv.address), token=TOKEN)
     with ch:
         stub.Push(batch("a", 1, [record(1), record(2, source=flow_pb2.Identity(name="ui"))]), timeout=5)
         query = collector_pb2.FlowQuery(source=collector_pb2.IdentityMatch(name="ui"), limit=5)
@@ -255,9 +256,10 @@ def test_follow_streams_new_flows(start: StartFn) -> None:
         reader.start()
         try:
             assert wait_until(lambda: got == [2], 5)  # the backlog
-            stub.Push(batch("a", 2, [record(3), record(4, source=flow_pb2.Identity(name="ui"))]), timeout=5)
+            second = batch("a", 2, [record(3), record(4, source=flow_pb2.Identity(name="ui"))])
+            stub.Push(second, timeout=5)
             assert wait_until(lambda: got == [2, 4], 5)
-            stub.Push(batch("a", 2, [record(4, source=flow_pb2.Identity(name="ui"))]), timeout=5)  # duplicate
+            assert stub.Push(second, timeout=5).duplicate  # a retry: nothing new to follow
             stub.Push(batch("a", 3, [record(5, source=flow_pb2.Identity(name="ui"))]), timeout=5)
             assert wait_until(lambda: got == [2, 4, 5], 5)
         finally:
@@ -276,7 +278,7 @@ def _until_cancelled(stream: Iterator[flow_pb2.FlowRecord]) -> Iterator[flow_pb2
 
 def test_follow_since_sends_the_backlog_first(start: StartFn) -> None:
     srv = start()
-    ch, stub = stub_for(str(srv.address))
+    ch, stub = stub_for(str(srv.address), token=TOKEN)
     with ch:
         stub.Push(batch("a", 1, [record(1), record(2), record(3)]), timeout=5)
         stream = stub.Follow(collector_pb2.FlowQuery(since_unix_nano=record(2).end_time_unix_nano))
@@ -290,7 +292,7 @@ def test_follow_since_sends_the_backlog_first(start: StartFn) -> None:
 
 def test_follower_limit_and_shutdown_ends_streams(start: StartFn) -> None:
     srv = start(limits=ServiceLimits(max_followers=1))
-    ch, stub = stub_for(str(srv.address))
+    ch, stub = stub_for(str(srv.address), token=TOKEN)
     with ch:
         stub.Push(batch("a", 1, [record(1)]), timeout=5)
         first = stub.Follow(collector_pb2.FlowQuery(limit=1))
@@ -307,7 +309,7 @@ def test_follower_limit_and_shutdown_ends_streams(start: StartFn) -> None:
 
 def test_health_check_and_watch(start: StartFn) -> None:
     srv = start()
-    ch, _ = stub_for(str(srv.address))
+    ch, _ = stub_for(str(srv.address), token=TOKEN)
     with ch:
         health = health_pb2_grpc.HealthStub(ch)
         serving = health_pb2.HealthCheckResponse.SERVING
@@ -342,26 +344,30 @@ def test_bad_config(tmp_dir: Path) -> None:
 def test_store_survives_restart(start: StartFn, tmp_dir: Path) -> None:
     srv = start()
     addr = str(srv.address)
-    ch, stub = stub_for(addr)
+    ch, stub = stub_for(addr, token=TOKEN)
     with ch:
         stub.Push(batch("a", 1, [record(1)]), timeout=5)
     srv.stop(0)
     srv2 = start(listen=addr)
-    ch, stub = stub_for(str(srv2.address))
+    ch, stub = stub_for(str(srv2.address), token=TOKEN)
     with ch:
         assert stub.Push(batch("a", 1, [record(1)]), timeout=5).duplicate
         assert [r.cookie for r in stub.ListFlows(collector_pb2.FlowQuery(), timeout=5)] == [1]
 
 
 def test_retention_runs_in_the_background(start: StartFn) -> None:
+    from agent.collector.service import flow_row
     from agent.collector.store import RetentionPolicy
 
-    srv = start(retention=RetentionPolicy(max_age_ns=3600 * 10**9), retention_interval_s=0.1)
-    ch, stub = stub_for(str(srv.address))
+    hour = 3600 * 10**9
+    srv = start(retention=RetentionPolicy(max_age_ns=hour), retention_interval_s=0.1)
+    ch, stub = stub_for(str(srv.address), token=TOKEN)
     now = time.time_ns()
     with ch:
-        stub.Push(batch("a", 1, [record(1, start_time_unix_nano=1, end_time_unix_nano=2),
-                                 record(2, start_time_unix_nano=now, end_time_unix_nano=now)]), timeout=5)  # fmt: skip
+        # Received two hours ago (by the collector's clock): retention takes it whatever the record's own times.
+        srv.store.insert_batch("a", 1, [flow_row(record(1, start_time_unix_nano=now, end_time_unix_nano=now), "a",
+                                                 now - 2 * hour)], received_ns=now - 2 * hour)  # fmt: skip
+        stub.Push(batch("a", 2, [record(2, start_time_unix_nano=now, end_time_unix_nano=now)]), timeout=5)
         assert wait_until(lambda: [r.cookie for r in stub.ListFlows(collector_pb2.FlowQuery(), timeout=5)] == [2], 5)
     assert srv.registry.get_sample_value("aimesh_collector_retention_deleted_records_total", {"by": "age"}) == 1
     assert (srv.registry.get_sample_value("aimesh_collector_store_data_bytes") or 0) > 0
@@ -397,7 +403,9 @@ def test_serve_until_stopped_with_metrics(tmp_dir: Path) -> None:
     thread.start()
     try:
         assert wait_until(lambda: bool(ready) or bool(errors), 10) and not errors
-        ch, stub = stub_for(ready[0])
+        token_file = tmp_dir / "f.db.token"  # no authentication chosen: serve() made one beside the database
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        ch, stub = stub_for(ready[0], token=token_file.read_text().strip())
         with ch:
             stub.Push(batch("a", 1, [record(1)]), timeout=5)
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:

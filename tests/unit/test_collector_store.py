@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -188,11 +191,21 @@ def test_closed_store_refuses(store: FlowStore) -> None:
 def test_retention_by_age(store: FlowStore) -> None:
     hour = 3600 * 10**9
     now = T0 + 10 * hour
-    store.insert_batch("n1", 1, [row(i, time_ns=T0 + i * hour) for i in range(10)], received_ns=now)
+    for i in range(10):  # batch i received at T0 + i hours; its record says it happened 8 days before that
+        store.insert_batch("n1", i, [row(i, time_ns=T0 + i * hour - 8 * 24 * hour)], received_ns=T0 + i * hour)
     result = store.enforce_retention(RetentionPolicy(max_age_ns=3 * hour), now_ns=now)
     assert result.deleted_by_age == 7 and result.deleted_by_size == 0
-    assert [f.time_ns for f in store.iter_flows(FlowFilter())] == [T0 + i * hour for i in (7, 8, 9)]
+    assert payloads(store.iter_flows(FlowFilter())) == [b"rec7", b"rec8", b"rec9"]
     assert store.enforce_retention(RetentionPolicy(max_age_ns=3 * hour), now_ns=now).deleted_by_age == 0
+
+
+def test_retention_goes_by_receive_time_not_the_agents_clock(store: FlowStore) -> None:
+    day = 86400 * 10**9
+    now = T0 + 30 * day
+    store.insert_batch("behind", 1, [row(1, time_ns=now - 8 * day)], received_ns=now)  # an agent 8 days behind
+    assert store.enforce_retention(RetentionPolicy(max_age_ns=7 * day), now_ns=now + 60 * 10**9).deleted_by_age == 0
+    assert store.count() == 1
+    assert store.enforce_retention(RetentionPolicy(max_age_ns=7 * day), now_ns=now + 7 * day + 1).deleted_by_age == 1
 
 
 def test_retention_forgets_old_batch_keys(store: FlowStore) -> None:
@@ -228,8 +241,75 @@ def test_retention_by_size_deletes_oldest_and_shrinks_the_file(store: FlowStore)
 def test_follower_ids_never_go_back_after_everything_is_deleted(store: FlowStore) -> None:
     store.insert_batch("n1", 1, [row(1), row(2)])
     last = store.last_id()
-    store.enforce_retention(RetentionPolicy(max_age_ns=1), now_ns=T0 + 10**12)
+    store.enforce_retention(RetentionPolicy(max_age_ns=1), now_ns=time.time_ns() + 10**12)  # received now
     assert store.count() == 0
     store.insert_batch("n1", 2, [row(3)])
     flows, _ = store.flows_after(FlowFilter(), last)
     assert payloads(flows) == [b"rec3"]
+
+
+def test_same_key_same_records_is_a_duplicate_different_records_a_conflict(store: FlowStore) -> None:
+    assert store.insert_batch("n1", 5, [row(1), row(2)]).inserted == 2
+    retry = store.insert_batch("n1", 5, [row(1), row(2)])
+    assert retry.duplicate and not retry.conflict and retry.inserted == 0
+    other = store.insert_batch("n1", 5, [row(1), row(3)])
+    assert other.conflict and not other.duplicate and other.inserted == 0
+    assert store.insert_batch("n1", 5, [row(2), row(1)]).conflict  # order is content too
+    assert payloads(store.iter_flows(FlowFilter())) == [b"rec1", b"rec2"]  # nothing of the conflicting batches
+
+
+def test_database_files_are_private(tmp_dir: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        s = FlowStore(tmp_dir / "p.db")
+        s.insert_batch("n1", 1, [row(1)])
+        for suffix in ("", "-wal", "-shm"):
+            f = tmp_dir / f"p.db{suffix}"
+            assert f.exists() and stat.S_IMODE(f.stat().st_mode) == 0o600, suffix
+        s.close()
+        (tmp_dir / "p.db").chmod(0o644)  # an existing database made by an older collector
+        FlowStore(tmp_dir / "p.db").close()
+        assert stat.S_IMODE((tmp_dir / "p.db").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+_SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE batches (agent_id TEXT NOT NULL, sequence INTEGER NOT NULL, received_ns INTEGER NOT NULL,
+    records INTEGER NOT NULL, PRIMARY KEY (agent_id, sequence)) WITHOUT ROWID;
+CREATE TABLE flows (id INTEGER PRIMARY KEY AUTOINCREMENT, time_ns INTEGER NOT NULL, agent_id TEXT NOT NULL,
+    verdict INTEGER NOT NULL, src_name TEXT NOT NULL, src_kind TEXT NOT NULL, src_version TEXT NOT NULL,
+    dst_name TEXT NOT NULL, dst_kind TEXT NOT NULL, dst_version TEXT NOT NULL, act_name TEXT NOT NULL,
+    act_kind TEXT NOT NULL, act_version TEXT NOT NULL, record BLOB NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO batches VALUES ('n1', 1, 5, 1);
+INSERT INTO flows (time_ns, agent_id, verdict, src_name, src_kind, src_version, dst_name, dst_kind, dst_version,
+    act_name, act_kind, act_version, record) VALUES (1000, 'n1', 1, 'a', '', '', 'b', '', '', 'b', '', '', x'01');
+"""
+
+
+def test_schema_1_database_is_migrated_once(tmp_dir: Path) -> None:
+    path = tmp_dir / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(_SCHEMA_1)
+    conn.close()
+    before = time.time_ns()
+    for i in range(2):  # opening again migrates nothing more
+        s = FlowStore(path)
+        try:
+            assert s.count() == 1 + i
+            assert s.insert_batch("n1", 1, [row(9)]).duplicate  # a schema-1 key without digest: trusted
+            assert s.insert_batch("n1", 2, [row(2)]).inserted == 1 - i
+            assert s.insert_batch("n1", 2, [row(2)]).duplicate
+        finally:
+            s.close()
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+        (received,) = conn.execute("SELECT received_ns FROM flows WHERE time_ns = 1000").fetchone()
+        assert received >= before  # an old row counts as received at the migration: not deleted by an old clock
+        assert conn.execute("SELECT count(*) FROM pragma_index_list('flows') WHERE name = 'flows_received'"
+                            ).fetchone()[0] == 1  # fmt: skip
+    finally:
+        conn.close()
