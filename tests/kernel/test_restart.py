@@ -156,24 +156,24 @@ def test_an_upgrade_swaps_only_the_changed_program_and_keeps_the_maps(cgroups, a
 
 
 def test_workloads_born_while_no_agent_runs_are_classified_after_the_start(cgroups, agents):
-    port = free_port()
+    port, gport = free_port(), free_port()
     cfg = base_config(cgroups, port)
     cfg["identities"].append({"name": "gpu", "kind": "model", "select": {"cgroups": [cgroups.rel(cgroups.root)
                                                                                      + "/late*"]}})
-    cfg["policies"].append({"from": "chat", "to": "gpu", "ports": [port + 1]})
+    cfg["policies"].append({"from": "chat", "to": "gpu", "ports": [gport]})
     chat, batch = cgroups.child("chat"), cgroups.child("batch")
     agent = agents(cfg)
     agent.popen.send_signal(signal.SIGKILL)
     agent.popen.wait()
     late = cgroups.child("late1")
-    srv = start_server(late, port + 1, name="gpu", count=0, timeout=60)
+    srv = start_server(late, gport, name="gpu", count=0, timeout=60)
     # unknown to the kernel until an agent classifies it: served as unmanaged meanwhile
-    assert run_client(batch, port + 1)["ok"] == 1
+    assert run_client(batch, gport)["ok"] == 1
     agents(cfg)
     deadline = time.monotonic() + 1.0
-    while run_client(batch, port + 1)["errors"] != {"EPERM": 1}:
+    while run_client(batch, gport)["errors"] != {"EPERM": 1}:
         assert time.monotonic() < deadline, "the cgroup made while no agent ran was not classified within 1 s"
-    assert run_client(chat, port + 1)["ok"] == 1
+    assert run_client(chat, gport)["ok"] == 1
     srv.popen.kill()
 
 
