@@ -89,7 +89,7 @@ def build_exporter(config: Config, opts: AgentOptions):
         cfg = ExporterConfig(target=target, agent_id=opts.agent_id or c.agent_id or os.uname().nodename, tls=tls,
                              token=token, spool_dir=c.spool_dir, spool_max_bytes=c.spool_max_bytes,
                              max_queue_records=c.queue_records, batch_max_records=c.batch_size,
-                             flush_interval_s=c.flush_interval)
+                             flush_interval_s=c.flush_interval, durable=c.spool_dir is not None)
         cfg.validate()
         if tls:
             tls.credentials()   # read the files now: a missing key is a start-up error, not a silent export failure
@@ -216,6 +216,8 @@ class Agent:
             dp.close()
             raise AgentError(str(e)) from None
         metrics.start()
+        if self.exporter and self.exporter.config.durable:
+            self._recover_checkpoint()
         if self.exporter:
             self.exporter.start()
         for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
@@ -316,27 +318,52 @@ class Agent:
                     log.info("forgot %d bound ports no socket holds any more", n)
 
     # ---- kernel events ----
-    def _drain(self, final: bool = False) -> int:
-        """Read every ring up to DRAIN_BUDGET records each, handle them, then hand the space back to the kernel.
+    def _recover_checkpoint(self) -> None:
+        """A crash between saving a batch and releasing its ring records: release them now, never read them twice."""
+        from agent.kernel.pins import Checkpoint
+        self.checkpoint = Checkpoint(self.pins)
+        seq, ring, pos = self.checkpoint.read()
+        if not seq or not ring:
+            return
+        r = self.datapath.rings[ring]
+        if r.consumer_pos < pos <= r.producer_pos and self.exporter.has_spooled(seq):
+            log.info("%s: records up to %d were saved in batch %d before the last agent stopped; moving on",
+                     ring, pos, seq)
+            r.commit(pos)
 
-        The consumer position moves only after the records are handled, so records the agent has not seen stay in
-        the pinned ring for the next agent."""
+    def _drain(self, final: bool = False) -> int:
+        """Read the rings in bounded batches (DRAIN_BUDGET records per ring per turn), handle them, then hand the
+        space back to the kernel.
+
+        The consumer position moves only after the records are handled and, with a durable exporter, saved in the
+        spool (fsync'd): records the agent has not saved stay in the pinned ring for the next agent."""
         handlers = (("agent_events", self._on_agent_event), ("decision_events", self._on_decision),
                     ("flow_events", self._on_flow))
+        durable = self.exporter is not None and self.exporter.config.durable
+        step = self.exporter.config.batch_max_records if durable else DRAIN_BUDGET
         total = 0
         while True:
             n = 0
             for name, fn in handlers:
                 ring = self.datapath.rings[name]
-                recs, pos = ring.read(DRAIN_BUDGET)
-                for r in recs:
-                    try:
-                        fn(r)
-                    except Exception:  # a handler bug must not stop the drain or lose the ring position
-                        self.state["decode_errors"] += 1
-                        log.exception("%s: handling an event failed", name)
-                ring.commit(pos)
-                n += len(recs)
+                left = DRAIN_BUDGET
+                while left > 0:
+                    recs, pos = ring.read(min(step, left))
+                    if not recs and pos == ring.consumer_pos:
+                        break
+                    for r in recs:
+                        try:
+                            fn(r)
+                        except Exception:  # a handler bug must not stop the drain or lose the ring position
+                            self.state["decode_errors"] += 1
+                            log.exception("%s: handling an event failed", name)
+                    if durable and name != "agent_events":
+                        self.exporter.persist(lambda seq, name=name, pos=pos: self.checkpoint.write(seq, name, pos),
+                                              lambda ring=ring, pos=pos: ring.commit(pos))
+                    else:
+                        ring.commit(pos)
+                    n += len(recs)
+                    left -= max(len(recs), 1)
             total += n
             if not final or n == 0:
                 return total
@@ -394,6 +421,8 @@ class Agent:
             if now - uf.last_ns > idle:
                 self.datapath.maps["udp_flows"].delete(key)
         self._udp_last = now
+        if records and self.exporter is not None and self.exporter.config.durable:
+            self.exporter.persist()
 
     def _flow_losses(self) -> dict:
         c = self.datapath.counters() if self.healthy else [0] * abi.COUNTER_SLOTS

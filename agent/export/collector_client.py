@@ -64,6 +64,9 @@ class ExporterConfig:
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 30.0
     close_timeout_s: float = 5.0
+    # Durable: records are sealed into the spool on the caller's thread by persist() (fsync'd before it returns),
+    # and the sender only sends what the spool holds, so a crash loses nothing persist() returned for.
+    durable: bool = False
 
     def validate(self) -> None:
         parse_hostport(self.target, what="collector address")
@@ -78,6 +81,8 @@ class ExporterConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.close_timeout_s < 0:
             raise ConfigError("close_timeout_s must be >= 0")
+        if self.durable and self.spool_dir is None:
+            raise ConfigError("durable export needs a spool_dir")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +135,7 @@ class Outcome(Enum):
     RETRY = "retry"  # maybe stored, maybe not: send the same batch again later
     SPLIT = "split"  # refused for its size or content, not stored: send its halves under new sequences
     DROP = "drop"  # a single record refused: give up on it
+    RESEND = "resend"  # the sequence holds other records at the collector: the same records under a new sequence
 
 
 def classify_error(code: grpc.StatusCode, details: str, trailing_keys: Iterable[str], records: int) -> Outcome:
@@ -140,6 +146,8 @@ def classify_error(code: grpc.StatusCode, details: str, trailing_keys: Iterable[
     )
     if too_large or code == grpc.StatusCode.INVALID_ARGUMENT:
         return Outcome.SPLIT if records > 1 else Outcome.DROP
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return Outcome.RESEND   # the sequence was used for other records (a clock stepped back): a new sequence
     return Outcome.RETRY  # unavailable, deadline, unauthenticated (fix the token: keep the data), overload, ...
 
 
@@ -278,6 +286,10 @@ class FlowExporter:
         if config.tls is not None:
             config.tls.credentials()  # fail now, not in the sender thread, on missing or unreadable files
         self._cond = threading.Condition()
+        # The spool, the memory outbox and the sequence counter: the sender thread and persist() (durable mode) share
+        # them. persist() holds it from writing a batch until its caller's after() ran, so the sender cannot send and
+        # delete a batch whose source (a ring position) has not been released yet.
+        self._lock = threading.RLock()
         # Shared with submit()/flush()/close(), under _cond:
         self._incoming: deque[FlowRecordData] = deque()
         self._counters = _Counters()
@@ -341,6 +353,49 @@ class FlowExporter:
     def submit_many(self, records: Iterable[FlowRecordData]) -> int:
         """Queue records; returns how many were accepted."""
         return sum(1 for r in records if self.submit(r))
+
+    def persist(self, before: Callable[[int], None] | None = None, after: Callable[[], None] | None = None) -> int:
+        """Durable mode: seal every record submitted so far into spool batches now, on the caller's thread.
+
+        before(sequence) runs before the last batch is written, after() once every batch is on disk (fsync'd), both
+        under the spool lock. Returns how many records were written; after() runs even when there were none."""
+        if not self.config.durable:
+            raise RuntimeError("persist() is for durable exporters")
+        with self._cond:
+            incoming, self._incoming = self._incoming, deque()
+        msgs: list[flow_pb2.FlowRecord] = []
+        invalid = 0
+        for rec in incoming:
+            try:
+                msgs.append(to_proto(rec))
+            except ValueError as e:
+                invalid += 1
+                log.debug("dropping a flow record: %s", e)
+        if invalid:
+            self._count(invalid_records=invalid)
+        step = self.config.batch_max_records
+        with self._lock:
+            assert self._spool is not None
+            chunks = [msgs[i:i + step] for i in range(0, len(msgs), step)]
+            for i, part in enumerate(chunks):
+                seq = self._take_sequence()
+                if before is not None and i == len(chunks) - 1:
+                    before(seq)
+                if not self._spool.put(SealedBatch(seq, encode_batch(self.config.agent_id, seq, part), len(part))):
+                    self._count(dropped_spool_full=len(part))
+                    log.warning("spool full: dropped a batch of %d records", len(part))
+            if after is not None:
+                after()
+        if msgs:
+            with self._cond:
+                self._idle = False
+                self._cond.notify_all()
+        return len(msgs)
+
+    def has_spooled(self, sequence: int) -> bool:
+        """Whether the spool holds this batch (a restarted agent checks its last checkpoint with it)."""
+        with self._lock:
+            return self._spool is not None and sequence in self._spool._sizes
 
     def flush(self, timeout: float) -> bool:
         """Send everything queued, the partial batch and the spool included (and what is submitted meanwhile).
@@ -425,7 +480,10 @@ class FlowExporter:
                     timeout = self._wait_time()
                     if timeout > 0:
                         self._cond.wait(timeout)
-                    incoming, self._incoming = self._incoming, deque()
+                    if self.config.durable:
+                        incoming = deque()   # persist() seals them on the caller's thread
+                    else:
+                        incoming, self._incoming = self._incoming, deque()
                     stopping, deadline = self._stopping, self._close_deadline
                     force = stopping or self._flush_waiters > 0
                 self._absorb(incoming)
@@ -447,16 +505,17 @@ class FlowExporter:
         """How long the sender may sleep before its next round (called under _cond)."""
         cfg = self.config
         now = self._clock()
-        pending = bool(self._incoming) or bool(self._builder.records)
+        incoming = 0 if cfg.durable else len(self._incoming)
+        pending = bool(incoming) or bool(self._builder.records)
         urgent = self._stopping or self._flush_waiters > 0
-        if len(self._incoming) >= cfg.batch_max_records or (urgent and pending):
+        if incoming >= cfg.batch_max_records or (urgent and pending):
             return 0.0
         if self._stopping and not self._has_outbox():
             return 0.0  # nothing left: finish now
         waits = [1.0]
         if self._builder.records:
             waits.append(self._builder.started + cfg.flush_interval_s - now)
-        elif self._incoming:
+        elif incoming:
             return 0.0  # absorb them: that starts the batch's flush clock
         if self._has_outbox():
             waits.append(self._next_try - now)
@@ -503,9 +562,10 @@ class FlowExporter:
             self._count(invalid_records=invalid)
 
     def _take_sequence(self) -> int:
-        seq = self._next_sequence
-        self._next_sequence += 1
-        return seq
+        with self._lock:
+            seq = self._next_sequence
+            self._next_sequence += 1
+            return seq
 
     def _seal(self) -> None:
         records = self._builder.records
@@ -515,6 +575,10 @@ class FlowExporter:
             self._enqueue(SealedBatch(seq, encode_batch(self.config.agent_id, seq, records), len(records)))
 
     def _enqueue(self, batch: SealedBatch) -> None:
+        with self._lock:
+            self._enqueue_locked(batch)
+
+    def _enqueue_locked(self, batch: SealedBatch) -> None:
         spool = self._spool
         fits_memory = not self._memory or self._memory_bytes + len(batch.payload) <= self.config.memory_max_bytes
         if fits_memory and (spool is None or not len(spool)):  # memory only while the spool is empty: keeps order
@@ -527,6 +591,10 @@ class FlowExporter:
         log.debug("outbox full: dropped a batch of %d records", batch.records)
 
     def _next_batch(self) -> tuple[SealedBatch, bool] | None:
+        with self._lock:
+            return self._next_batch_locked()
+
+    def _next_batch_locked(self) -> tuple[SealedBatch, bool] | None:
         """The oldest unsent batch and whether it is in the spool. Memory batches are always the older ones."""
         if self._memory:
             return self._memory[0], False
@@ -542,6 +610,10 @@ class FlowExporter:
         return None
 
     def _remove(self, batch: SealedBatch, from_spool: bool) -> None:
+        with self._lock:
+            self._remove_locked(batch, from_spool)
+
+    def _remove_locked(self, batch: SealedBatch, from_spool: bool) -> None:
         if from_spool:
             assert self._spool is not None
             self._spool.remove(batch.sequence)
@@ -607,17 +679,24 @@ class FlowExporter:
             self._count(rejected_records=batch.records)
             log.warning("collector refused a flow record (%s); dropped", message)
             return
-        # SPLIT: not stored, so the halves take new sequences; they go first, in order.
+        # SPLIT: not stored, so the halves take new sequences; they go first, in order. RESEND: one part.
         records = list(collector_pb2.FlowBatch.FromString(batch.payload).records)
         half = len(records) // 2
-        for part in (records[half:], records[:half]):
-            seq = self._take_sequence()
-            sealed = SealedBatch(seq, encode_batch(self.config.agent_id, seq, part), len(part))
-            self._memory.appendleft(sealed)
-            self._memory_bytes += len(sealed.payload)
+        parts = (records,) if outcome is Outcome.RESEND else (records[half:], records[:half])
+        if outcome is Outcome.RESEND:
+            log.warning("collector holds other records under sequence %d (%s); resending under a new one",
+                        batch.sequence, message)
+        with self._lock:
+            for part in parts:
+                seq = self._take_sequence()
+                sealed = SealedBatch(seq, encode_batch(self.config.agent_id, seq, part), len(part))
+                self._memory.appendleft(sealed)
+                self._memory_bytes += len(sealed.payload)
 
     def _finish(self) -> None:
         """Seal what is left and put unsent memory batches in the spool (or count them dropped)."""
+        if self.config.durable:
+            self.persist()
         with self._cond:
             incoming, self._incoming = self._incoming, deque()
         self._absorb(incoming)

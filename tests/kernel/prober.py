@@ -22,6 +22,7 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--duration", type=float, required=True)
     p.add_argument("--timeout", type=float, default=1.0)
+    p.add_argument("--rate", type=float, default=0, help="connections per second at most (0: as fast as it can)")
     a = p.parse_args(argv)
     fam = socket.AF_INET6 if ":" in a.host else socket.AF_INET
     counts: Counter[str] = Counter()
@@ -30,7 +31,14 @@ def main(argv=None) -> int:
     first_ns = time.monotonic_ns()
     end = time.monotonic() + a.duration
     print(json.dumps({"started": first_ns}), flush=True)
+    gap = 1.0 / a.rate if a.rate else 0.0
+    nxt = time.monotonic()
     while time.monotonic() < end:
+        if gap:
+            nxt += gap
+            pause = nxt - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
         s = socket.socket(fam, socket.SOCK_STREAM)
         s.settimeout(a.timeout)
         t = time.monotonic_ns()

@@ -16,10 +16,11 @@ from tests.kernel.test_enforce import base_config
 PROBER = Path(__file__).resolve().parent / "prober.py"
 
 
-def start_prober(cgroup: Path, port: int, duration: float) -> subprocess.Popen:
+def start_prober(cgroup: Path, port: int, duration: float, rate: float = 0) -> subprocess.Popen:
     def enter():
         (cgroup / "cgroup.procs").write_text("0")
-    p = subprocess.Popen([sys.executable, str(PROBER), "--port", str(port), "--duration", str(duration)],
+    p = subprocess.Popen([sys.executable, str(PROBER), "--port", str(port), "--duration", str(duration),
+                          "--rate", str(rate)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=enter)
     assert p.stdout.readline().startswith('{"started"')
     return p
@@ -202,3 +203,38 @@ def _metric(text: str, series: str) -> float:
         if line.startswith(series + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{series} not in metrics")
+
+
+def test_every_flow_record_around_a_kill9_reaches_the_collector_exactly_once(cgroups, agents, tmp_path):
+    """Records queued in the dead agent, made while no agent ran and made after: each stored once."""
+    from tests.kernel.test_collector_e2e import Collector
+    coll = Collector(tmp_path, free_port())
+    coll.start()
+    try:
+        port = free_port()
+        chat, batch, llama, srv = _setup(cgroups, port)
+        cfg = base_config(cgroups, port, collector={"spool_dir": str(tmp_path / "spool"), "flush_interval": 0.2,
+                                                    "batch_size": 50, "token_file": str(coll.token_file)},
+                          telemetry={"interim_interval": 0, "udp_window": 1})
+        extra = ["--collector", f"127.0.0.1:{coll.port}", "--agent-id", "node-k"]
+        agent = agents(cfg, extra)
+        probe = start_prober(chat, port, 5, rate=1000)   # 2,000 records/s: 1.5 s without agent fit in the ring
+        time.sleep(1.5)
+        agent.popen.send_signal(signal.SIGKILL)
+        agent.popen.wait()
+        time.sleep(1.5)
+        agents(cfg, extra)
+        made = prober_result(probe)["counts"]["ok"]
+        deadline = time.monotonic() + 20
+        while True:
+            client_side = [r for r in coll.records() if r.source.name == "chat" and r.destination.name == "llama"
+                           and r.hook == 1 and not r.interim]
+            if len(client_side) >= made or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        cookies = [r.cookie for r in client_side]
+        assert len(cookies) == len(set(cookies)), "a record was stored twice"
+        assert len(client_side) == made, f"{made} connections, {len(client_side)} client-side records"
+        srv.popen.kill()
+    finally:
+        coll.stop()
