@@ -127,6 +127,8 @@ class Agent:
 
     def run(self) -> int:
         preflight()
+        from agent.kernel.datapath import limit_malloc_arenas
+        limit_malloc_arenas()   # before any thread starts
         config = load_config(self.opts.config_path)
         self.agent_id = self.opts.agent_id or config.collector.agent_id or self.node
         from agent.export.flow_metrics import FlowTally

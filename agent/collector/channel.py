@@ -9,6 +9,10 @@ from pathlib import Path
 
 import grpc
 
+# Trailing metadata keys on a RESOURCE_EXHAUSTED Push: the collector's limits (the exporter splits batches by them).
+MD_MAX_RECORDS = "aimesh-max-records"
+MD_MAX_BYTES = "aimesh-max-bytes"
+
 
 class ConfigError(Exception):
     """A setting is wrong or a file it names cannot be read; the message says which."""

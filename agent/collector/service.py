@@ -58,8 +58,7 @@ _PORTS = ("source_port", "destination_port", "dialed_port")
 _ADDRESSES = ("source_address", "destination_address", "dialed_address")
 _IDENTITIES = ("source", "destination", "actual_destination")
 # Trailing metadata of a RESOURCE_EXHAUSTED answer to an oversized batch: the limits, so an agent can split.
-MD_MAX_RECORDS = "aimesh-max-records"
-MD_MAX_BYTES = "aimesh-max-bytes"
+from agent.collector.channel import MD_MAX_BYTES, MD_MAX_RECORDS  # noqa: E402  (shared with the exporter)
 
 Serving = health_pb2.HealthCheckResponse.ServingStatus
 

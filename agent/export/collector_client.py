@@ -36,8 +36,8 @@ from pathlib import Path
 import grpc
 
 from agent._gen.aimesh.v1 import collector_pb2, flow_pb2
-from agent.collector.channel import ClientTls, ConfigError, call_metadata, open_channel, parse_hostport
-from agent.collector.service import MD_MAX_BYTES, MD_MAX_RECORDS
+from agent.collector.channel import (MD_MAX_BYTES, MD_MAX_RECORDS, ClientTls, ConfigError, call_metadata, open_channel,
+                                     parse_hostport)
 from agent.export.records import FlowRecordData, to_proto
 
 log = logging.getLogger(__name__)

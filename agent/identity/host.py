@@ -6,21 +6,25 @@ import socket
 from dataclasses import dataclass
 
 import psutil
-from pyroute2 import IPRoute
 
 from agent.kernel import abi
 from agent.policy.compile import addr16
 
 
 def local_address_keys() -> list[abi.LocalEndpointKey]:
+    """Every address of every interface (psutil reads them over netlink; pyroute2 would cost the agent ~20 MB)."""
     keys = []
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            a = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            if not a:
+    seen: set[bytes] = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family not in (socket.AF_INET, socket.AF_INET6):
                 continue
+            raw = addr16(ipaddress.ip_address(a.address.split("%")[0]))
+            if raw in seen:
+                continue
+            seen.add(raw)
             k = abi.LocalEndpointKey()
-            k.addr[:] = addr16(ipaddress.ip_address(a.split("%")[0]))
+            k.addr[:] = raw
             keys.append(k)
     return keys
 

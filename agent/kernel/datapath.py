@@ -35,6 +35,15 @@ def release_free_memory() -> None:
         pass  # not glibc
 
 
+def limit_malloc_arenas(n: int = 2) -> None:
+    """glibc gives each thread (gRPC's, the metrics server's) its own malloc arena; two are plenty for the agent and
+    keep its RSS from growing with thread count (M_ARENA_MAX, as MALLOC_ARENA_MAX=2 would)."""
+    try:
+        ct.CDLL("libc.so.6").mallopt(-8, n)
+    except (OSError, AttributeError):
+        pass
+
+
 def possible_cpus() -> int:
     """Number of possible CPUs (per-CPU map values have one slot each)."""
     text = Path("/sys/devices/system/cpu/possible").read_text().strip()
