@@ -7,9 +7,10 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 
-from agent.config import (MAX_CONFIG_BYTES, ConfigError, LimitSettings, limits_of, load_config, parse_backend,
-                          parse_config, parse_endpoint, parse_hostport)
+from agent.config import (LOADERS, MAX_CONFIG_BYTES, ConfigError, LimitSettings, _parse_yaml, limits_of, load_config,
+                          parse_backend, parse_config, parse_endpoint, parse_hostport)
 from agent.kernel import abi
 
 GOOD = """
@@ -179,7 +180,7 @@ ONE = "identities: [{name: a, kind: model}, {name: b, kind: model}]\n"
     ("1: x", "keys must be strings, not '1'"),
     ("? [a]\n: x", "keys must be strings, not a collection"),
     ("mode: " + "[" * 65 + "]" * 65, "nested deeper than 64 levels"),
-    ("[" * 200_000, "nested deeper than 64 levels"),
+    ("[" * 200_000, "nest"),   # libyaml's scanner stops at 1000 levels, before our composer sees 65
     ("identities: [{name: a, kind: model, deprecated: {sunset: 2026-13-45}}]", "'2026-13-45' is not a valid timestamp"),
     ("identities: [{name: a, kind: model, deprecated: {sunset: '2026-02-30T00:00:00Z'}}]", "identities.0.deprecated.sunset"),
     ("telemetry: {udp_window: " + "9" * 5000 + "}", "is not a valid int"),
@@ -200,6 +201,21 @@ ONE = "identities: [{name: a, kind: model}, {name: b, kind: model}]\n"
 ])
 def test_hostile_and_sloppy_configs_are_one_line_errors(text, needle):
     assert needle in _error(text)
+
+
+@pytest.mark.parametrize("text", ["x: &a [1]\nmode: *a", "mode: *a", "mode: !!str x", "a: 1\na: 2", "1: x",
+                                  "mode: " + "[" * 65 + "]" * 65, "a: 2026-13-45", "a: x\n---\nb: y", "mode: \x07",
+                                  "{a: [1, {b: c}]}", ""])
+def test_both_yaml_loaders_refuse_alike(text):
+    """libyaml's parser (used when present) and PyYAML's own go through the same composer checks."""
+    outcomes = []
+    for loader in LOADERS:
+        try:
+            outcomes.append(("ok", _parse_yaml(text, loader)))
+        except (ConfigError, yaml.YAMLError) as e:
+            outcomes.append(("error", type(e).__name__ if isinstance(e, yaml.YAMLError) else str(e)))
+    assert all(o == outcomes[0] for o in outcomes), outcomes
+    assert (outcomes[0][0] == "ok") == (text == "{a: [1, {b: c}]}")
 
 
 def test_long_values_are_cut_in_errors():
