@@ -452,14 +452,21 @@ class Config(_Strict):
                 if d.successor == ident.name:
                     raise ValueError(f"identities.{i}.deprecated.successor: {ident.name!r} cannot succeed itself")
                 successor[ident.name] = d.successor
-        for i, ident in enumerate(self.identities):
-            chain, n = [ident.name], successor.get(ident.name)
-            while n is not None and n not in chain:
+        index = {ident.name: i for i, ident in enumerate(self.identities)}
+        done: set[str] = set()   # names whose chain is known to end: each name is walked once
+        for ident in self.identities:
+            chain: list[str] = []
+            on_chain: set[str] = set()
+            n: Optional[str] = ident.name
+            while n is not None and n not in done:
+                if n in on_chain:
+                    cycle = chain[chain.index(n):] + [n]
+                    raise ValueError(f"identities.{index[n]}.deprecated.successor: successors form a cycle "
+                                     f"({' -> '.join(cycle)})")
                 chain.append(n)
+                on_chain.add(n)
                 n = successor.get(n)
-            if n == ident.name:
-                raise ValueError(f"identities.{i}.deprecated.successor: successors form a cycle "
-                                 f"({' -> '.join(chain + [n])})")
+            done.update(chain)
 
     def _check_endpoints(self) -> None:
         owner: dict[tuple[bytes, int, int], tuple[str, str]] = {}
@@ -489,10 +496,9 @@ class Config(_Strict):
         if policies > self.limits.max_policies:
             raise ValueError(f"policies: map policy_verdict: the config needs {policies} entries, "
                              f"capacity {self.limits.max_policies} (limits.max_policies)")
-        backends = sum(max(1, len(r.from_)) * len(r.backends) for r in self.redirects)
-        backends += MAX_BACKENDS_PER_REDIRECT * sum(1 for i in self.identities if i.deprecated and i.deprecated.successor)
+        backends = sum(max(1, len(r.from_)) * len(r.backends) for r in self.redirects)   # lifecycle ones: linear
         if backends > self.limits.max_backends:
-            raise ValueError(f"redirects: map redirect_backend: the config needs up to {backends} entries, "
+            raise ValueError(f"redirects: map redirect_backend: the config needs {backends} entries, "
                              f"capacity {self.limits.max_backends} (limits.max_backends)")
 
     def identity(self, name: str) -> Optional[Identity]:

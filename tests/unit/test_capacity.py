@@ -96,7 +96,7 @@ def test_small_limits_section_is_checked_by_the_loader():
     for limits, needle in [
         ("{max_endpoints: 3}", "map endpoint_identity: the config needs 2 entries; a reload holds two generations at "
                                "once, so 2 x 2 = 4 must fit in capacity 3 (limits.max_endpoints)"),
-        ("{max_backends: 1}", "redirects: map redirect_backend: the config needs up to 2 entries, capacity 1"),
+        ("{max_backends: 1}", "redirects: map redirect_backend: the config needs 2 entries, capacity 1"),
         ("{max_backends: 3}", "map redirect_backend: the config needs 2 entries; a reload holds two generations"),
         ("{max_redirects: 1}", "map redirect_service: the config needs 1 entries"),
         ("{max_identities: 7}", "identities: the config defines 4 identities"),

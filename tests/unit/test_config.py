@@ -337,3 +337,12 @@ def test_examples_in_the_repo_load():
     k8s = list(yaml.safe_load_all((repo / "deploy/k8s/aimesh.yaml").read_text()))
     cm = next(d for d in k8s if d and d.get("kind") == "ConfigMap")
     assert parse_config(cm["data"]["aimesh.yaml"]).mode == "audit"
+
+
+def test_long_successor_chain_and_cycle():
+    n = 5000
+    lines = ["identities:"] + [f"  - {{name: a{i}, kind: model, deprecated: {{sunset: 2030-01-01, successor: a{i + 1}}}}}"
+                               for i in range(n)]
+    assert len(parse_config("\n".join(lines + [f"  - {{name: a{n}, kind: model}}"])).identities) == n + 1
+    msg = _error("\n".join(lines + [f"  - {{name: a{n}, kind: model, deprecated: {{sunset: 2030-01-01, successor: a7}}}}"]))
+    assert "identities.7.deprecated.successor: successors form a cycle (a7 -> a8 -> " in msg and msg.endswith("...")
