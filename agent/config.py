@@ -486,7 +486,8 @@ class Config(_Strict):
                 key = (s, r.to)
                 if key in first:
                     src = "any source" if s is None else repr(s)
-                    raise ValueError(f"redirects.{i}: the redirect from {src} to {r.to!r} is also redirects.{first[key]}")
+                    raise ValueError(f"redirects.{i}: the redirect from {src} to {r.to!r} is also "
+                                     f"redirects.{first[key]}")
                 first[key] = i
 
     def _check_expansion(self) -> None:

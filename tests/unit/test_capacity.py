@@ -51,7 +51,8 @@ redirects:
 def test_twenty_thousand_identities():
     img = _image({"identities": _models(20_000)})
     assert _fails(img) == ("identities: the config defines 20002 identities (with the 2 reserved); identity_info "
-                           "(capacity 16384, limits.max_identities) holds two generations during a reload, so at most 8192")
+                           "(capacity 16384, limits.max_identities) holds two generations during a reload, "
+                           "so at most 8192")
     assert _fails(img, live={}) == ("map identity_info: the config needs 20002 entries, the live policy holds 0, "
                                     "capacity 16384 (limits.max_identities)")
 

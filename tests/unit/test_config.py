@@ -182,7 +182,8 @@ ONE = "identities: [{name: a, kind: model}, {name: b, kind: model}]\n"
     ("mode: " + "[" * 65 + "]" * 65, "nested deeper than 64 levels"),
     ("[" * 200_000, "nest"),   # libyaml's scanner stops at 1000 levels, before our composer sees 65
     ("identities: [{name: a, kind: model, deprecated: {sunset: 2026-13-45}}]", "'2026-13-45' is not a valid timestamp"),
-    ("identities: [{name: a, kind: model, deprecated: {sunset: '2026-02-30T00:00:00Z'}}]", "identities.0.deprecated.sunset"),
+    ("identities: [{name: a, kind: model, deprecated: {sunset: '2026-02-30T00:00:00Z'}}]",
+     "identities.0.deprecated.sunset"),
     ("telemetry: {udp_window: " + "9" * 5000 + "}", "is not a valid int"),
     ("telemetry: {udp_window: .nan}", "telemetry.udp_window: Input should be a finite number"),
     ("mode: \x07", "character U+0007 at offset 6 is not allowed"),
@@ -302,7 +303,8 @@ def test_devices_and_directories_are_refused(path, alarm):
 
 
 def test_missing_and_unreadable(tmp_path: Path):
-    assert _load_error(tmp_path / "missing.yaml") == f"{tmp_path / 'missing.yaml'}: cannot read: No such file or directory"
+    missing = tmp_path / "missing.yaml"
+    assert _load_error(missing) == f"{missing}: cannot read: No such file or directory"
     assert "cannot read" in _load_error(str(tmp_path / "a\x00b"))
 
 
@@ -341,8 +343,8 @@ def test_examples_in_the_repo_load():
 
 def test_long_successor_chain_and_cycle():
     n = 5000
-    lines = ["identities:"] + [f"  - {{name: a{i}, kind: model, deprecated: {{sunset: 2030-01-01, successor: a{i + 1}}}}}"
-                               for i in range(n)]
+    dep = "deprecated: {{sunset: 2030-01-01, successor: a{}}}"
+    lines = ["identities:"] + [f"  - {{name: a{i}, kind: model, {dep.format(i + 1)}}}" for i in range(n)]
     assert len(parse_config("\n".join(lines + [f"  - {{name: a{n}, kind: model}}"])).identities) == n + 1
-    msg = _error("\n".join(lines + [f"  - {{name: a{n}, kind: model, deprecated: {{sunset: 2030-01-01, successor: a7}}}}"]))
+    msg = _error("\n".join(lines + [f"  - {{name: a{n}, kind: model, {dep.format(7)}}}"]))
     assert "identities.7.deprecated.successor: successors form a cycle (a7 -> a8 -> " in msg and msg.endswith("...")
