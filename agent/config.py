@@ -1,36 +1,93 @@
-"""The agent's config file: pydantic models and validation only. Errors name the field and the value.
+"""The agent's config file: reading, YAML, pydantic models and validation. Errors name the field and the value.
 
 Loading never changes anything: the caller swaps in a new Config only after load_config() returned it.
+load_config() raises ConfigError only, always with a one-line message
+`<path>: <field path>: <problem> (<value, truncated>)`; YAML-level problems name the line and column instead of a field.
+
+What the file may hold is narrower than YAML: one document, a mapping at the top, no anchors or aliases, no explicit
+tags, no duplicate keys, string keys only, at most MAX_DEPTH levels of nesting, at most MAX_CONFIG_BYTES of UTF-8.
 """
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
-from datetime import datetime, timezone
+import stat
+from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agent.kernel import abi
+
+try:
+    from yaml._yaml import CParser   # libyaml; PyYAML's wheels and Debian's package have it
+except ImportError:  # pragma: no cover - a PyYAML built without libyaml
+    CParser = None
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.resolver import Resolver
+
 RESERVED_IDENTITIES = ("unmanaged", "world")
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-MAX_BACKENDS_PER_REDIRECT = 16  # abi.h BACKENDS_PER_SERVICE
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")    # used with fullmatch: `$` would accept a trailing newline
+HOST_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+MAX_BACKENDS_PER_REDIRECT = abi.BACKENDS_PER_SERVICE
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024   # read at most this much; a bigger file is refused before parsing
+MAX_DEPTH = 64                       # nesting of YAML collections
+MAX_VERSION_LEN = 64
+MAX_ENDPOINT_LEN = 128               # an endpoint or backend string
+MAX_HOST_LEN = 253                   # a DNS name
+MAX_TEXT_LEN = 4096                  # globs, paths, agent id
+MAX_MAP_ENTRIES = 1 << 20            # upper bound of every map size in `limits:`
+MAX_RINGBUF_PAGES = 1 << 14          # 64 MiB per ring buffer
+MAX_SHOWN = 60                       # characters of a value quoted in an error
+MAX_MESSAGE = 480                    # an error message is cut here
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 class ConfigError(Exception):
-    """A config that cannot be used; the message names the field and the value."""
+    """A config that cannot be used; the message is one line naming the file, the field and the value."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+def show(value: object) -> str:
+    """A value as it appears in an error: repr, cut at MAX_SHOWN characters."""
+    r = repr(value)
+    return r if len(r) <= MAX_SHOWN else r[: MAX_SHOWN - 3] + "..."
+
+
+def one_line(msg: str) -> str:
+    """Escape every non-printable character (newlines, line separators, controls) and cut at MAX_MESSAGE."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+    return out if len(out) <= MAX_MESSAGE else out[: MAX_MESSAGE - 3] + "..."
+
+
+def _text(v: str, what: str, max_len: int) -> str:
+    """Non-empty, at most max_len characters, printable (no newline, tab or control character)."""
+    if not v:
+        raise ValueError(f"{what} is empty")
+    if len(v) > max_len:
+        raise ValueError(f"{what} has {len(v)} characters, at most {max_len} allowed")
+    if not v.isprintable():
+        raise ValueError(f"{what} has a non-printable character (newline, tab or control)")
+    return v
+
+
+def _port(p: str, text: str) -> int:
+    if not (p.isascii() and p.isdigit()) or len(p) > 5 or not 1 <= int(p) <= 65535:
+        raise ValueError(f"port {p!r} in {text!r} must be 1-65535 in ASCII digits")
+    return int(p)
 
 
 def parse_endpoint(text: str) -> tuple[Network, int]:
     """'10.0.0.0/24:8000', '[fd00::/64]:8000', '10.0.0.5', '[::1]:80' -> (network, port); port 0 = any port."""
-    s = text.strip()
+    s = text
+    if not 0 < len(s) <= MAX_ENDPOINT_LEN or not s.isascii() or not s.isprintable() or " " in s or "%" in s:
+        raise ValueError(f"{show(text)} is not an address or CIDR (ASCII, at most {MAX_ENDPOINT_LEN} characters, "
+                         "no spaces or zone ids)")
     port = 0
     if s.startswith("["):
         end = s.find("]")
@@ -63,15 +120,63 @@ def parse_backend(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addr
     return net.network_address, port
 
 
-def _port(p: str, text: str) -> int:
-    if not p.isdigit() or not 1 <= int(p) <= 65535:
-        raise ValueError(f"port {p!r} in {text!r} must be 1-65535")
-    return int(p)
+def _hostname(host: str, text: str) -> str:
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if not 0 < len(host) <= MAX_HOST_LEN or not all(HOST_LABEL_RE.fullmatch(lb) for lb in labels):
+        raise ValueError(f"{text!r}: {host!r} is not a host name or IPv4 address")
+    if all(lb.isdigit() for lb in labels):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv4 address") from None
+    return host
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """'collector.example:4317', '10.0.0.1:4317', '[fd00::1]:4317' -> (host, port); port 1-65535, IPv6 in brackets."""
+    if not 0 < len(text) <= MAX_HOST_LEN + 8 or not text.isascii() or not text.isprintable():
+        raise ValueError(f"{show(text)} must be HOST:PORT in ASCII, at most {MAX_HOST_LEN + 8} characters")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1:].startswith(":"):
+            raise ValueError(f"{text!r} must be [IPv6]:PORT")
+        host = text[1:end]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} is not an IPv6 address") from None
+        if "%" in host:
+            raise ValueError(f"{text!r}: zone ids are not supported")
+        return host, _port(text[end + 2:], text)
+    if text.count(":") > 1:
+        raise ValueError(f"{text!r}: write IPv6 addresses in brackets, e.g. [::1]:4317")
+    if text.count(":") == 0:
+        raise ValueError(f"{text!r} must be HOST:PORT")
+    host, p = text.split(":")
+    return _hostname(host, text), _port(p, text)
+
+
+def _path(v: Optional[Path], what: str) -> Optional[Path]:
+    if v is not None:
+        _text(str(v), what, MAX_TEXT_LEN)
+    return v
+
+
+# ---------------------------------------------------------------- models
+
+class _Strict(BaseModel):
+    # strict: no "80" for 80, no 1 for True, no 3.0 for 3; fields that parse text (paths, dates) opt out one by one.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True, allow_inf_nan=False)
 
 
 class ProcessSelector(_Strict):
     exe: Optional[str] = None       # glob over /proc/PID/exe
     cmdline: Optional[str] = None   # glob over the space-joined command line
+
+    @field_validator("exe", "cmdline")
+    @classmethod
+    def _glob(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _text(v, "the glob", MAX_TEXT_LEN)
 
     @model_validator(mode="after")
     def _one_of(self) -> "ProcessSelector":
@@ -88,14 +193,27 @@ class Select(_Strict):
     @classmethod
     def _absolute(cls, v: list[str]) -> list[str]:
         for g in v:
+            _text(g, f"cgroup glob {show(g)}", MAX_TEXT_LEN)
             if not g.startswith("/"):
-                raise ValueError(f"cgroup glob {g!r} must start with '/' (relative to the cgroup2 mount)")
+                raise ValueError(f"cgroup glob {show(g)} must start with '/' (relative to the cgroup2 mount)")
         return v
 
 
 class Deprecation(_Strict):
-    sunset: datetime
+    sunset: datetime = Field(strict=False)
     successor: Optional[str] = None
+
+    @field_validator("sunset", mode="before")
+    @classmethod
+    def _date(cls, v: Any) -> Any:
+        if isinstance(v, (bool, int, float)):
+            raise ValueError("sunset must be a date (2026-12-31) or an RFC 3339 time (2026-12-31T00:00:00Z), "
+                             "not a number")
+        if isinstance(v, date) and not isinstance(v, datetime):
+            return datetime(v.year, v.month, v.day, tzinfo=timezone.utc)
+        if isinstance(v, str):
+            _text(v, "sunset", MAX_ENDPOINT_LEN)
+        return v
 
     @field_validator("sunset")
     @classmethod
@@ -116,16 +234,21 @@ class Identity(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"name {v!r} must match [a-z0-9][a-z0-9._-]*")
+        if not NAME_RE.fullmatch(v):
+            raise ValueError(f"name {show(v)} must match [a-z0-9][a-z0-9._-]* and have at most 63 characters")
         if v in RESERVED_IDENTITIES:
             raise ValueError(f"name {v!r} is reserved")
         return v
 
     @field_validator("version", mode="before")
     @classmethod
-    def _version(cls, v):
-        return None if v is None else str(v)
+    def _version(cls, v: Any) -> Any:
+        if isinstance(v, (bool, int, float, date)):
+            raise ValueError("version must be a string: quote it (version: \"3.10\"), YAML reads 3.10 as the number "
+                             "3.1")
+        if isinstance(v, str):
+            _text(v, "version", MAX_VERSION_LEN)
+        return v
 
     @field_validator("endpoints")
     @classmethod
@@ -141,23 +264,24 @@ class Identity(_Strict):
         return self.kind != "service"
 
 
+def _names(v: Any) -> Any:
+    return [v] if isinstance(v, str) else v
+
+
 class Policy(_Strict):
     from_: list[str] = Field(alias="from")
     to: list[str]
     ports: list[int] = Field(default_factory=list)   # empty = any port
     protocol: Literal["tcp", "udp", "any"] = "any"
 
-    @field_validator("from_", "to", mode="before")
-    @classmethod
-    def _listify(cls, v):
-        return [v] if isinstance(v, str) else v
+    _listify = field_validator("from_", "to", mode="before")(_names)
 
     @field_validator("ports")
     @classmethod
     def _ports(cls, v: list[int]) -> list[int]:
         for p in v:
             if not 1 <= p <= 65535:
-                raise ValueError(f"port {p} must be 1-65535")
+                raise ValueError(f"port {show(p)} must be 1-65535")
         return v
 
 
@@ -177,10 +301,7 @@ class Redirect(_Strict):
     to: str
     backends: list[Backend]
 
-    @field_validator("from_", mode="before")
-    @classmethod
-    def _listify(cls, v):
-        return [v] if isinstance(v, str) else v
+    _listify = field_validator("from_", mode="before")(_names)
 
     @field_validator("backends")
     @classmethod
@@ -198,16 +319,42 @@ class CollectorSettings(_Strict):
     address: Optional[str] = None          # host:port of the collector; unset = no export
     agent_id: Optional[str] = None         # default: the host name
     tls: bool = False                      # TLS with the system roots (implied by tls_ca / tls_cert)
-    tls_ca: Optional[Path] = None
-    tls_cert: Optional[Path] = None        # client certificate for mutual TLS (with tls_key)
-    tls_key: Optional[Path] = None
+    tls_ca: Optional[Path] = Field(default=None, strict=False)
+    tls_cert: Optional[Path] = Field(default=None, strict=False)   # client certificate for mutual TLS (with tls_key)
+    tls_key: Optional[Path] = Field(default=None, strict=False)
     tls_server_name: Optional[str] = None
-    token_file: Optional[Path] = None      # bearer token, first line
+    token_file: Optional[Path] = Field(default=None, strict=False)  # bearer token, first line
     batch_size: int = Field(default=500, ge=1, le=100_000)
     flush_interval: float = Field(default=1.0, gt=0, le=60)
-    queue_records: int = Field(default=100_000, ge=1)
-    spool_dir: Optional[Path] = Path("/var/lib/aimesh/spool")   # null: memory only
-    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    queue_records: int = Field(default=100_000, ge=1, le=10_000_000)
+    spool_dir: Optional[Path] = Field(default=Path("/var/lib/aimesh/spool"), strict=False)   # null: memory only
+    spool_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1, le=1 << 40)
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            parse_hostport(v)
+        return v
+
+    @field_validator("agent_id")
+    @classmethod
+    def _agent_id(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _text(v, "agent_id", MAX_HOST_LEN)
+
+    @field_validator("tls_server_name")
+    @classmethod
+    def _server_name(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            if not v.isascii():
+                raise ValueError(f"tls_server_name {show(v)} must be ASCII (write IDNs as xn--)")
+            _hostname(v, v)
+        return v
+
+    @field_validator("tls_ca", "tls_cert", "tls_key", "token_file", "spool_dir")
+    @classmethod
+    def _paths(cls, v: Optional[Path]) -> Optional[Path]:
+        return _path(v, "the path")
 
     @model_validator(mode="after")
     def _pair(self) -> "CollectorSettings":
@@ -221,6 +368,44 @@ class Telemetry(_Strict):
     udp_window: float = Field(default=10.0, gt=0, le=3600)          # seconds per UDP aggregate
 
 
+_D = abi.Limits()
+_MAP = {"ge": 1, "le": MAX_MAP_ENTRIES}
+_RING = {"ge": 1, "le": MAX_RINGBUF_PAGES}
+
+
+class LimitSettings(_Strict):
+    """Map capacities (abi.Limits, same names): map sizes 1 to 1048576 entries, ring buffers 1 to 16384 pages (a power
+    of two). The five policy maps hold two generations at once during a reload; see agent/policy/capacity.py."""
+    max_cgroups: int = Field(default=_D.max_cgroups, **_MAP)
+    max_processes: int = Field(default=_D.max_processes, **_MAP)
+    max_endpoints: int = Field(default=_D.max_endpoints, **_MAP)
+    max_local_endpoints: int = Field(default=_D.max_local_endpoints, **_MAP)
+    max_identities: int = Field(default=_D.max_identities, **_MAP)
+    max_policies: int = Field(default=_D.max_policies, **_MAP)
+    max_redirects: int = Field(default=_D.max_redirects, **_MAP)
+    max_backends: int = Field(default=_D.max_backends, **_MAP)
+    max_reverse_nat: int = Field(default=_D.max_reverse_nat, **_MAP)
+    max_udp_flows: int = Field(default=_D.max_udp_flows, **_MAP)
+    max_local_peers: int = Field(default=_D.max_local_peers, **_MAP)
+    max_fastpath_sockets: int = Field(default=_D.max_fastpath_sockets, **_MAP)
+    ringbuf_pages: int = Field(default=_D.ringbuf_pages, **_RING)
+    flow_ringbuf_pages: int = Field(default=_D.flow_ringbuf_pages, **_RING)
+
+    @field_validator("ringbuf_pages", "flow_ringbuf_pages")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError("ring buffer pages must be a power of two")
+        return v
+
+
+def _endpoint_slot(net: Network, port: int) -> tuple[bytes, int, int]:
+    """What an endpoint occupies in endpoint_identity: IPv4 as v4-mapped IPv6, like the compiler's keys."""
+    if net.version == 4:
+        return b"\x00" * 10 + b"\xff\xff" + net.network_address.packed, net.prefixlen + 96, port
+    return net.network_address.packed, net.prefixlen, port
+
+
 class Config(_Strict):
     mode: Literal["enforce", "audit"] = "enforce"
     dns: Literal["allow", "deny"] = "allow"
@@ -230,69 +415,312 @@ class Config(_Strict):
     redirects: list[Redirect] = Field(default_factory=list)
     collector: CollectorSettings = Field(default_factory=CollectorSettings)
     telemetry: Telemetry = Field(default_factory=Telemetry)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
 
     @model_validator(mode="after")
     def _references(self) -> "Config":
-        names = [i.name for i in self.identities]
         seen: set[str] = set()
-        for i, n in enumerate(names):
-            if n in seen:
-                raise ValueError(f"identities.{i}.name: {n!r} is defined twice")
-            seen.add(n)
-        known = seen | set(RESERVED_IDENTITIES)
         for i, ident in enumerate(self.identities):
-            d = ident.deprecated
-            if d and d.successor is not None:
-                if d.successor not in seen:
-                    raise ValueError(f"identities.{i}.deprecated.successor: unknown identity {d.successor!r}")
-                if d.successor == ident.name:
-                    raise ValueError(f"identities.{i}.deprecated.successor: {ident.name!r} cannot succeed itself")
+            if ident.name in seen:
+                raise ValueError(f"identities.{i}.name: {ident.name!r} is defined twice")
+            seen.add(ident.name)
+        known = seen | set(RESERVED_IDENTITIES)
+        self._check_successors(seen)
         for i, p in enumerate(self.policies):
             for field, refs in (("from", p.from_), ("to", p.to)):
                 for r in refs:
                     if r not in known:
-                        raise ValueError(f"policies.{i}.{field}: unknown identity {r!r}")
+                        raise ValueError(f"policies.{i}.{field}: unknown identity {show(r)}")
         for i, r in enumerate(self.redirects):
             for s in r.from_:
                 if s not in known:
-                    raise ValueError(f"redirects.{i}.from: unknown identity {s!r}")
+                    raise ValueError(f"redirects.{i}.from: unknown identity {show(s)}")
             if r.to not in seen:
-                raise ValueError(f"redirects.{i}.to: unknown identity {r.to!r}")
+                raise ValueError(f"redirects.{i}.to: unknown identity {show(r.to)}")
+        self._check_endpoints()
+        self._check_redirect_keys()
+        self._check_expansion()
         return self
+
+    def _check_successors(self, seen: set[str]) -> None:
+        successor: dict[str, str] = {}
+        for i, ident in enumerate(self.identities):
+            d = ident.deprecated
+            if d and d.successor is not None:
+                if d.successor not in seen:
+                    raise ValueError(f"identities.{i}.deprecated.successor: unknown identity {show(d.successor)}")
+                if d.successor == ident.name:
+                    raise ValueError(f"identities.{i}.deprecated.successor: {ident.name!r} cannot succeed itself")
+                successor[ident.name] = d.successor
+        index = {ident.name: i for i, ident in enumerate(self.identities)}
+        done: set[str] = set()   # names whose chain is known to end: each name is walked once
+        for ident in self.identities:
+            chain: list[str] = []
+            on_chain: set[str] = set()
+            n: Optional[str] = ident.name
+            while n is not None and n not in done:
+                if n in on_chain:
+                    cycle = chain[chain.index(n):] + [n]
+                    raise ValueError(f"identities.{index[n]}.deprecated.successor: successors form a cycle "
+                                     f"({' -> '.join(cycle)})")
+                chain.append(n)
+                on_chain.add(n)
+                n = successor.get(n)
+            done.update(chain)
+
+    def _check_endpoints(self) -> None:
+        owner: dict[tuple[bytes, int, int], tuple[str, str]] = {}
+        for i, ident in enumerate(self.identities):
+            for j, e in enumerate(ident.endpoints):
+                slot = _endpoint_slot(*parse_endpoint(e))
+                if slot in owner:
+                    where, first = owner[slot]
+                    raise ValueError(f"identities.{i}.endpoints.{j}: {e!r} is the same endpoint as {first!r} "
+                                     f"of {where}")
+                owner[slot] = (f"identities.{i} ({ident.name})", e)
+
+    def _check_redirect_keys(self) -> None:
+        first: dict[tuple[Optional[str], str], int] = {}
+        for i, r in enumerate(self.redirects):
+            for s in r.from_ or [None]:
+                key = (s, r.to)
+                if key in first:
+                    src = "any source" if s is None else repr(s)
+                    raise ValueError(f"redirects.{i}: the redirect from {src} to {r.to!r} is also "
+                                     f"redirects.{first[key]}")
+                first[key] = i
+
+    def _check_expansion(self) -> None:
+        """Refuse before compiling what cannot fit: policies and redirect backends multiply (from x to x ports)."""
+        policies = sum(len(p.from_) * len(p.to) * max(1, len(p.ports)) * (2 if p.protocol == "any" else 1)
+                       for p in self.policies)
+        if policies > self.limits.max_policies:
+            raise ValueError(f"policies: map policy_verdict: the config needs {policies} entries, "
+                             f"capacity {self.limits.max_policies} (limits.max_policies)")
+        backends = sum(max(1, len(r.from_)) * len(r.backends) for r in self.redirects)   # lifecycle ones: linear
+        if backends > self.limits.max_backends:
+            raise ValueError(f"redirects: map redirect_backend: the config needs {backends} entries, "
+                             f"capacity {self.limits.max_backends} (limits.max_backends)")
 
     def identity(self, name: str) -> Optional[Identity]:
         return next((i for i in self.identities if i.name == name), None)
 
 
+def limits_of(config: Config) -> abi.Limits:
+    """The map capacities the config asks for (its `limits:` section, abi.Limits defaults for what it leaves out)."""
+    return abi.Limits(**config.limits.model_dump())
+
+
+# ---------------------------------------------------------------- YAML
+
+class _Checks:
+    """What the loaders add to PyYAML's safe loading: anchors, aliases, explicit tags, merge keys, non-string and
+    duplicate keys and nesting deeper than MAX_DEPTH are refused while composing, so nothing is ever expanded and a
+    hostile document costs no more than its size."""
+
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, f"YAML aliases are not allowed (*{event.anchor})",
+                                              event.start_mark)
+        if event.anchor is not None:
+            raise yaml.composer.ComposerError(None, None, f"YAML anchors are not allowed (&{event.anchor})",
+                                              event.start_mark)
+        if getattr(event, "tag", None) is not None:
+            raise yaml.composer.ComposerError(None, None, f"YAML tags are not allowed ({event.tag})", event.start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  event.start_mark)
+            return Composer.compose_node(self, parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_scalar_node(self, anchor):
+        """Composer's, without the end mark nobody reads: a file of tiny scalars takes a quarter less memory."""
+        event = self.get_event()
+        return yaml.ScalarNode(self.resolve(yaml.ScalarNode, event.value, event.implicit), event.value,
+                               event.start_mark, None, style=event.style)
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+                    what = show(key_node.value) if isinstance(key_node, yaml.ScalarNode) else "a collection"
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        what = "a merge key (<<)"
+                    raise yaml.constructor.ConstructorError(None, None, f"keys must be strings, not {what}",
+                                                            key_node.start_mark)
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {show(key_node.value)}",
+                                                            key_node.start_mark)
+                seen.add(key_node.value)
+        return SafeConstructor.construct_mapping(self, node, deep=deep)
+
+
+class _PyLoader(_Checks, yaml.SafeLoader):
+    """Pure-Python scanner and parser."""
+
+
+if CParser is not None:
+    class _CLoader(_Checks, CParser, Composer, SafeConstructor, Resolver):
+        """libyaml's scanner and parser (about 2.5x faster) under the same Python composer and checks."""
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            Composer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+
+        # CParser composes in C (without our checks): take every composing step from the Python Composer.
+        get_single_node = Composer.get_single_node
+        compose_document = Composer.compose_document
+        compose_scalar_node = _Checks.compose_scalar_node
+        compose_sequence_node = Composer.compose_sequence_node
+        compose_mapping_node = Composer.compose_mapping_node
+
+    LOADERS: tuple[type, ...] = (_CLoader, _PyLoader)
+else:
+    LOADERS = (_PyLoader,)
+
+
+def _checked(construct):
+    def run(loader, node):
+        try:
+            return construct(loader, node)
+        except (ValueError, OverflowError) as e:
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise yaml.constructor.ConstructorError(None, None, f"{show(node.value)} is not a valid {kind}: {e}",
+                                                    node.start_mark) from None
+    return run
+
+
+for _loader in LOADERS:
+    for _tag, _construct in (("timestamp", SafeConstructor.construct_yaml_timestamp),
+                             ("int", SafeConstructor.construct_yaml_int),
+                             ("float", SafeConstructor.construct_yaml_float)):
+        _loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _checked(_construct))
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    if isinstance(e, yaml.reader.ReaderError):
+        code = e.character if isinstance(e.character, int) else ord(e.character[:1] or "\0")
+        return f"not valid YAML: character U+{code:04X} at offset {e.position} is not allowed ({e.reason})"
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+        what = " ".join(s for s in (e.context, e.problem) if s)
+        return f"{where}not valid YAML: {what}"
+    return f"not valid YAML: {e}"
+
+
+def _parse_yaml(text: str, loader_type: Optional[type] = None) -> Any:
+    loader = (loader_type or LOADERS[0])(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise ConfigError("the file holds no YAML document (empty, blank or only comments)")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _format(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        value = e.get("input")
-        shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
-        lines.append(f"{loc}: {msg}{shown}")
-    return "; ".join(lines)
+    errors = err.errors()
+    e = errors[0]
+    loc = ".".join(str(p) if str(p).isprintable() and len(str(p)) <= MAX_SHOWN else show(p) for p in e["loc"])
+    msg = e["msg"].removeprefix("Value error, ")
+    value = e.get("input")
+    if isinstance(value, (dict, list)) and e["type"] in ("value_error", "missing"):
+        shown = ""   # a model's own check or a missing field: the message says what is wrong
+    elif isinstance(value, dict):
+        shown = " (got a mapping)"
+    elif isinstance(value, list):
+        shown = f" (got a list of {len(value)})"
+    else:
+        shown = "" if value is None else f" (got {show(value)})"
+    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return f"{loc}: {msg}{shown}{more}" if loc else f"{msg}{more}"
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+def _validate(data: Any, now: Optional[datetime]) -> Config:
     if data is None:
-        data = {}
+        raise ConfigError("the document is empty (null): the top level must be a mapping")
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"the top level must be a mapping, got {type(data).__name__}")
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_format(e)}") from None
-
-
-def load_config(path: Path) -> Config:
+        raise ConfigError(_format(e)) from None
+    # A config that loads must also compile and fit its maps, two generations at once (what a reload needs).
+    from agent.policy.capacity import check_capacity
+    from agent.policy.compile import compile_image
+    from agent.policy.identities import IdentityNumbering
     try:
-        text = Path(path).read_text()
+        image = compile_image(cfg, IdentityNumbering(), 0, now or datetime.now(timezone.utc))
+    except ValueError as e:
+        raise ConfigError(f"does not compile: {e}") from None
+    check_capacity(image, limits_of(cfg))
+    return cfg
+
+
+def parse_config(text: str, source: str = "<config>", now: Optional[datetime] = None) -> Config:
+    """YAML text -> a Config that compiles and fits its limits; ConfigError with one line '<source>: ...' otherwise."""
+    try:
+        return _validate(_parse_yaml(text.removeprefix("\ufeff")), now)
+    except ConfigError as e:
+        msg = f"{source}: {e}"
+    except yaml.YAMLError as e:
+        msg = f"{source}: {_yaml_problem(e)}"
+    except RecursionError:
+        msg = f"{source}: nested too deeply"
+    except (ValueError, OverflowError) as e:   # the parser's own, should any slip through
+        msg = f"{source}: cannot parse: {type(e).__name__}: {e}"
+    raise ConfigError(one_line(msg))
+
+
+def read_config_bytes(path: Path, cap: int = MAX_CONFIG_BYTES) -> bytes:
+    """At most cap bytes of a regular file; never blocks (FIFOs, devices and sockets are refused by fstat)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    return parse_config(text, str(path))
+        raise ConfigError(one_line(f"{path}: cannot read: {e.strerror or e}")) from None
+    except ValueError as e:  # a NUL in the path
+        raise ConfigError(one_line(f"{path}: cannot read: {e}")) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(one_line(f"{path}: not a regular file"))
+        chunks, size = [], 0
+        while size <= cap:
+            try:
+                chunk = os.read(fd, cap + 1 - size)
+            except BlockingIOError:  # a regular file never does this; refuse rather than wait
+                raise ConfigError(one_line(f"{path}: cannot read: it would block")) from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > cap:
+            raise ConfigError(one_line(f"{path}: the file is larger than {cap} bytes"))
+        return b"".join(chunks)
+    except OSError as e:
+        raise ConfigError(one_line(f"{path}: cannot read: {e.strerror or e}")) from None
+    finally:
+        os.close(fd)
+
+
+def decode_config(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(one_line(f"{source}: not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}")) from None
+
+
+def load_config(path: Path, now: Optional[datetime] = None) -> Config:
+    """Read, parse and validate the config file at path; raises ConfigError (one line) and nothing else."""
+    return parse_config(decode_config(read_config_bytes(Path(path)), str(path)), str(path), now)
