@@ -14,16 +14,17 @@ import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
 
-from agent.config import Config, ConfigError, load_config
+from agent.config import Config, ConfigError, limits_of, load_config
 from agent.kernel.pins import DatapathDir, PinError, RootLock, check_format, prune_dir, read_manifest, write_manifest
 from agent.errors import AgentError
 from agent.flows.decode import DecodeError, decode_agent_event, decode_decision, to_json
 from agent.flows.records import UdpWindow, decision_record, decode_flow_event, flow_record, udp_aggregate
 from agent.kernel import abi
+from agent.policy.capacity import check_capacity
 from agent.policy.compile import compile_image
 from agent.policy.identities import IdentityMeta, IdentityNumbering
 
@@ -45,7 +46,7 @@ class AgentOptions:
     records_log: Optional[str] = None          # flow records as JSON lines (local debugging, tests)
     collector: Optional[str] = None            # overrides config collector.address
     agent_id: Optional[str] = None             # overrides config collector.agent_id
-    limits: abi.Limits = field(default_factory=abi.Limits)
+    limits: Optional[abi.Limits] = None          # map capacities; default: the config's `limits:` section
     ephemeral: bool = False                    # remove the datapath at exit (development); default: leave it in force
     bpf_root: Optional[Path] = None            # bpf/ sources to build from (tests of upgrades); default: the package's
     pin_base: Optional[Path] = None            # default /sys/fs/bpf/aimesh
@@ -130,6 +131,7 @@ class Agent:
         from agent.kernel.datapath import limit_malloc_arenas
         limit_malloc_arenas()   # before any thread starts
         config = load_config(self.opts.config_path)
+        self.limits = self.opts.limits or limits_of(config)
         self.agent_id = self.opts.agent_id or config.collector.agent_id or self.node
         from agent.export.flow_metrics import FlowTally
         from agent.export.http import MetricsServer
@@ -170,7 +172,7 @@ class Agent:
         """Adopt the pinned build when it is the one these sources and limits make; else build it (loader child)."""
         from agent.kernel.datapath import Datapath
         from agent.kernel.loader import LoadError, build_digest, build_inputs, run_child
-        text, cflags = build_inputs(self.pins, self.opts.limits, self.opts.bpf_root)
+        text, cflags = build_inputs(self.pins, self.limits, self.opts.bpf_root)
         digest = build_digest(text, cflags)
         build = (manifest or {}).get("build")
         if build and build.get("build") == digest and Path(build.get("progs", "")).is_dir():
@@ -183,13 +185,13 @@ class Agent:
             loader_preflight()
             t0 = time.monotonic()
             try:
-                build = run_child(self.pins, self.opts.limits, self.opts.bpf_root)
+                build = run_child(self.pins, self.limits, self.opts.bpf_root)
             except LoadError as e:
                 raise AgentError(str(e)) from None
             log.info("compiled and loaded the programs in %.1fs (build %s)", time.monotonic() - t0, build["build"])
             self.loaded = True
         self.build = build
-        return Datapath(self.pins, self.opts.limits, build["maps"])
+        return Datapath(self.pins, self.limits, build["maps"])
 
     def manifest(self) -> dict:
         from agent import __version__
@@ -275,6 +277,10 @@ class Agent:
         self.datapath.interim_ns = int(config.telemetry.interim_interval * 1e9)
         for w in image.warnings:
             log.warning("%s", w)
+        # Both generations live in the maps during the flip: what is live plus the new image must fit. Checked before
+        # anything is written, so a config that does not fit changes nothing.
+        check_capacity(image, self.datapath.limits,
+                       {name: used for name, (used, _cap) in self.datapath.map_usage().items()})
         if hasattr(self, "build"):
             write_manifest(self.pins, self.manifest())   # numbers first: the maps below may hold new ones
         self.datapath.apply(image)
@@ -286,10 +292,18 @@ class Agent:
     def _reload_config(self) -> None:
         try:
             config = load_config(self.opts.config_path)
+            if self.opts.limits is None and limits_of(config) != self.limits:
+                raise ConfigError(f"{self.opts.config_path}: limits: the map capacities changed; they apply at the "
+                                  "next agent start (the running maps cannot be resized), so this reload changes "
+                                  "nothing: restart the agent")
             self._install(config)
         except (ConfigError, AgentError, ValueError, OSError) as e:
             self.state["reloads_failed"] += 1
             log.error("config reload rejected, the previous policy stays in force: %s", e)
+            return
+        except Exception as e:  # noqa: BLE001 - a bug in a reload must not end enforcement or the agent
+            self.state["reloads_failed"] += 1
+            log.error("config reload failed (%s: %s), the previous policy stays in force", type(e).__name__, e)
             return
         self.state["reloads_ok"] += 1
         log.info("config reloaded: %d identities, %d policies", len(config.identities), len(config.policies))
@@ -308,7 +322,12 @@ class Agent:
                 self._reload_config()
             if self._next_transition and datetime.now(timezone.utc) >= self._next_transition:
                 log.info("a sunset date passed: recompiling lifecycle rules")
-                self._install(self.config)
+                try:
+                    self._install(self.config)
+                except Exception as e:  # noqa: BLE001 - keep the live policy and try again at the next turn
+                    log.error("recompiling at the sunset failed (%s: %s); retrying in %ds", type(e).__name__, e,
+                              HOUSEKEEPING_S)
+                    self._next_transition = datetime.now(timezone.utc) + timedelta(seconds=HOUSEKEEPING_S)
             now = time.monotonic()
             if now - last_housekeeping > HOUSEKEEPING_S:
                 last_housekeeping = now
@@ -442,10 +461,10 @@ class Agent:
     def _metrics_state(self) -> dict:
         st = dict(self.state)
         st["maps"] = self.datapath.map_usage()
-        st["maps"]["cgroup_identity"] = (len(self.assigner.cgroups), self.opts.limits.max_cgroups)
-        st["maps"]["process_identity"] = (len(self.assigner.processes), self.opts.limits.max_processes)
+        st["maps"]["cgroup_identity"] = (len(self.assigner.cgroups), self.limits.max_cgroups)
+        st["maps"]["process_identity"] = (len(self.assigner.processes), self.limits.max_processes)
         st["flow_log_records"] = self.flow_log.written
-        lim = self.opts.limits
+        lim = self.limits
         st["ring_capacity"] = {"decision_events": lim.ringbuf_pages * 4096, "flow_events": lim.flow_ringbuf_pages * 4096,
                                "agent_events": 16 * 4096}
         return st
