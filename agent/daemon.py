@@ -34,6 +34,8 @@ LOOPBACK6 = b"\0" * 15 + b"\1"
 LOOPBACK4_PREFIX = b"\0" * 10 + b"\xff\xff\x7f"   # ::ffff:127.0.0.0/104
 POLL_MS = 25          # how often queued decision and flow events are drained (they do not wake the agent)
 DRAIN_BUDGET = 20000  # records read from one ring per loop turn: signals and reloads are never starved by a flood
+DRAIN_TIME_S = 0.05   # ... and at most this long per turn, so signals, reloads and sunsets act within ~100 ms
+FULL_LOG_EVERY_S = 60  # a full map is logged at once, then at most this often
 HOUSEKEEPING_S = 15   # prune exited processes and ports no socket holds; refresh the clock offset
 
 
@@ -106,6 +108,9 @@ class Agent:
         self.identities: dict[int, IdentityMeta] = {}
         self.config: Optional[Config] = None
         self.healthy = False
+        self.degraded: dict[str, str] = {}          # reason -> what an operator should know (see /healthz)
+        self._full_logged: dict[str, float] = {}
+        self.last_tick = time.monotonic()           # the main loop's heartbeat (liveness)
         self.state = {"programs_attached": 0, "reloads_ok": 0, "reloads_failed": 0, "decode_errors": 0,
                       "ring_events": {"decision_events": 0, "flow_events": 0, "agent_events": 0}}
         self._reload = False
@@ -215,7 +220,7 @@ class Agent:
         collector = AgentCollector(dp.counters, self.tally, lambda: self.identities, self._metrics_state)
         try:
             metrics = MetricsServer(self.opts.metrics_addr, build_registry(collector, [self.flow_tally]),
-                                    lambda: self.healthy)
+                                    lambda: self.healthy and not self.degraded)
         except (OSError, ValueError) as e:
             dp.close()
             raise AgentError(str(e)) from None
@@ -226,7 +231,7 @@ class Agent:
             self.exporter.start()
         for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._on_signal)
-        self.assigner = IdentityAssigner(dp, self.numbering, mount, root)
+        self.assigner = IdentityAssigner(dp, self.numbering, mount, root, self._on_map_full)
         # what a previous agent left in the kernel, so the resync also clears what no longer matches
         self.assigner.cgroups = dp.identity_entries("cgroup_identity")
         self.assigner.processes = dp.identity_entries("process_identity")
@@ -284,6 +289,7 @@ class Agent:
         if hasattr(self, "build"):
             write_manifest(self.pins, self.manifest())   # numbers first: the maps below may hold new ones
         self.datapath.apply(image)
+        self._installed_wall = datetime.now(timezone.utc)
         self.identities = image.identities
         self.config = config
         self._next_transition = image.next_transition
@@ -296,6 +302,9 @@ class Agent:
                 raise ConfigError(f"{self.opts.config_path}: limits: the map capacities changed; they apply at the "
                                   "next agent start (the running maps cannot be resized), so this reload changes "
                                   "nothing: restart the agent")
+            if self.config is not None and config.collector != self.config.collector:
+                raise ConfigError(f"{self.opts.config_path}: collector: changed; the exporter is set up at start, so "
+                                  "this reload changes nothing: restart the agent to apply it")
             self._install(config)
         except (ConfigError, AgentError, ValueError, OSError) as e:
             self.state["reloads_failed"] += 1
@@ -308,13 +317,45 @@ class Agent:
         self.state["reloads_ok"] += 1
         log.info("config reloaded: %d identities, %d policies", len(config.identities), len(config.policies))
 
+    def _on_map_full(self, name: str, err: Exception) -> None:
+        """The kernel refused an entry the agent had to write: count it, log it (rate-limited), degrade health, and
+        for workload identities fail closed (a workload we could not label must not pass for an ungoverned one)."""
+        full = self.state.setdefault("map_full", {})
+        full[name] = full.get(name, 0) + 1
+        now = time.monotonic()
+        if now - self._full_logged.get(name, -FULL_LOG_EVERY_S) >= FULL_LOG_EVERY_S:
+            self._full_logged[name] = now
+            log.error("map %s is full (%s; %d refused so far): %s", name, err, full[name],
+                      "unmanaged workloads are now treated as governed and enforced until it has room"
+                      if name in ("cgroup_identity", "process_identity") else "raise limits: and restart the agent")
+        self.degraded[f"map {name} full"] = str(err)
+        if name in ("cgroup_identity", "process_identity"):
+            self.datapath.set_fail_closed(True)
+
+    def _check_root(self) -> None:
+        if self.root.is_dir():
+            self.degraded.pop("cgroup root gone", None)
+            return
+        if "cgroup root gone" not in self.degraded:
+            log.error("the governed cgroup root %s is gone: nothing is enforced there any more", self.root)
+        self.degraded["cgroup root gone"] = str(self.root)
+
     def _loop(self) -> None:
         last_housekeeping = time.monotonic()
+        last_root_check = 0.0
         self._udp_last = time.monotonic_ns()
+        self._installed_wall = datetime.now(timezone.utc)
         from agent.kernel.ringbuf import wait_readable
         while not self._stop:
+            self.last_tick = time.monotonic()
             wait_readable([self.datapath.rings["agent_events"]], POLL_MS)   # agent events wake us; the rest is polled
             self._drain()
+            if time.monotonic() - last_root_check >= 1.0:
+                last_root_check = time.monotonic()
+                self._check_root()
+                if datetime.now(timezone.utc) < self._installed_wall - timedelta(seconds=1):
+                    log.warning("the clock stepped back: recompiling lifecycle rules for the time it says now")
+                    self._next_transition = datetime.now(timezone.utc)
             if time.monotonic_ns() - self._udp_last >= self.config.telemetry.udp_window * 1e9:
                 self._drain_udp()
             if self._reload:
@@ -361,14 +402,15 @@ class Agent:
         handlers = (("agent_events", self._on_agent_event), ("decision_events", self._on_decision),
                     ("flow_events", self._on_flow))
         durable = self.exporter is not None and self.exporter.config.durable
-        step = self.exporter.config.batch_max_records if durable else DRAIN_BUDGET
+        step = self.exporter.config.batch_max_records if durable else 1000
+        deadline = time.monotonic() + DRAIN_TIME_S
         total = 0
         while True:
             n = 0
             for name, fn in handlers:
                 ring = self.datapath.rings[name]
                 left = DRAIN_BUDGET
-                while left > 0:
+                while left > 0 and (final or time.monotonic() < deadline):
                     recs, pos = ring.read(min(step, left))
                     if not recs and pos == ring.consumer_pos:
                         break

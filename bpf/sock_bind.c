@@ -2,6 +2,8 @@
  * identity, so local model servers need no `endpoints:` entry.
  *   reads:  process_identity, cgroup_identity
  *   A bind by a workload without identity removes a stale entry for that address:port.
+ *   When local_endpoint_identity is full, a workload with an identity cannot bind (EPERM, counted): its port would
+ *   otherwise look unmanaged and be open to whoever may reach unmanaged servers.
  *   writes: local_endpoint_identity, verdict_counters (when full)
  */
 #include "programs.h"
@@ -18,8 +20,10 @@ static __always_inline int record_bind(struct bpf_sock *sk, const __u8 *addr)
 		local_endpoint_identity.delete(&k);
 		return 1;
 	}
-	if (local_endpoint_identity.update(&k, &id))
+	if (local_endpoint_identity.update(&k, &id)) {
 		counter_add(COUNTER_LOCAL_ENDPOINTS_FULL);
+		return 0;   /* fail closed: the bind fails with EPERM */
+	}
 	return 1;
 }
 

@@ -51,6 +51,7 @@ class AgentCollector(Collector):
 
     def collect(self) -> Iterable:
         c = self._counters()
+        st = self._state()
         dec = CounterMetricFamily("aimesh_kernel_decisions", "Decisions taken in the kernel, by hook and verdict",
                                   labels=["hook", "verdict"])
         for hook in (abi.Hook.CONNECT, abi.Hook.SENDMSG, abi.Hook.INGRESS):
@@ -64,10 +65,18 @@ class AgentCollector(Collector):
         yield lost
         full = CounterMetricFamily("aimesh_map_full", "Kernel map updates refused because the map was full",
                                    labels=["map"])
-        full.add_metric(["local_endpoint_identity"], c[abi.COUNTER_LOCAL_ENDPOINTS_FULL])
-        full.add_metric(["udp_reverse_nat"], c[abi.COUNTER_REVERSE_NAT_FULL])
-        full.add_metric(["udp_flows"], c[abi.COUNTER_UDP_FLOWS_FULL])
+        refused = {"local_endpoint_identity": c[abi.COUNTER_LOCAL_ENDPOINTS_FULL],   # by the programs ...
+                   "udp_reverse_nat": c[abi.COUNTER_REVERSE_NAT_FULL], "udp_flows": c[abi.COUNTER_UDP_FLOWS_FULL]}
+        for name, n in st.get("map_full", {}).items():                                 # ... and by the agent
+            refused[name] = refused.get(name, 0) + n
+        for name, n in sorted(refused.items()):
+            full.add_metric([name], n)
         yield full
+        deg = GaugeMetricFamily("aimesh_degraded", "1 while the agent is degraded, by reason (see /healthz)",
+                                labels=["reason"])
+        for reason in sorted(st.get("degraded", ())):
+            deg.add_metric([reason], 1)
+        yield deg
         yield CounterMetricFamily("aimesh_fastpath_sockets", "TCP sockets put on the same-node fast path",
                                   value=c[abi.COUNTER_FASTPATH_SOCKETS])
         fb = CounterMetricFamily("aimesh_fastpath_fallbacks", "TCP sockets that stayed on the normal path, by why",
@@ -97,7 +106,6 @@ class AgentCollector(Collector):
             dep.add_metric(_labels(meta, src) + _labels(meta, dst), n)
         yield dep
 
-        st = self._state()
         yield GaugeMetricFamily("aimesh_programs_attached", "BPF programs attached by this agent",
                                 value=st.get("programs_attached", 0))
         reloads = CounterMetricFamily("aimesh_config_reloads", "Config reloads", labels=["result"])

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 from agent.config import Config
 from agent.identity import cgroups, processes
 from agent.identity.host import listeners
 from agent.identity.selectors import cgroup_match, process_match
 from agent.kernel import abi
+from agent.kernel.maps import MapError
 from agent.policy.identities import IdentityNumbering
 
 log = logging.getLogger("aimesh.identity")
@@ -27,9 +28,17 @@ class IdentityMaps(Protocol):
     def set_local_endpoint(self, key: abi.LocalEndpointKey, identity: int) -> None: ...
 
 
+def _raise(name: str, err: Exception) -> None:
+    raise err
+
+
 class IdentityAssigner:
-    def __init__(self, maps: IdentityMaps, numbering: IdentityNumbering, mount: Path, root: Path) -> None:
+    """on_full(map name, error) is told when the kernel refuses an entry (a full map); the default re-raises."""
+
+    def __init__(self, maps: IdentityMaps, numbering: IdentityNumbering, mount: Path, root: Path,
+                 on_full: Callable[[str, Exception], None] = _raise) -> None:
         self.maps, self.numbering, self.mount, self.root = maps, numbering, mount, root
+        self.on_full = on_full
         self.cgroups: dict[int, int] = {}     # cgroup id -> identity id, as written
         self.processes: dict[int, int] = {}   # pid -> identity id, as written
         self.config: Optional[Config] = None
@@ -42,7 +51,8 @@ class IdentityAssigner:
             name = cgroup_match(rel, config.identities)
             if name:
                 seen[cid] = self.numbering.id_of(name)
-        self._diff(self.cgroups, seen, self.maps.set_cgroup_identity, self.maps.clear_cgroup_identity)
+        self._diff(self.cgroups, seen, self._guard("cgroup_identity", self.maps.set_cgroup_identity),
+                   self.maps.clear_cgroup_identity)
         procs: dict[int, int] = {}
         if any(i.select.processes for i in config.identities):
             for pid in processes.all_pids():
@@ -50,7 +60,8 @@ class IdentityAssigner:
                 name = process_match(*info, config.identities) if info else None
                 if name:
                     procs[pid] = self.numbering.id_of(name)
-        self._diff(self.processes, procs, self.maps.set_process_identity, self.maps.clear_process_identity)
+        self._diff(self.processes, procs, self._guard("process_identity", self.maps.set_process_identity),
+                   self.maps.clear_process_identity)
         self._seed_listeners()
         log.info("identities assigned: %d cgroups, %d processes", len(self.cgroups), len(self.processes))
 
@@ -66,7 +77,18 @@ class IdentityAssigner:
             k = abi.LocalEndpointKey()
             k.addr[:] = lst.addr
             k.port, k.proto = lst.port, lst.proto
-            self.maps.set_local_endpoint(k, ident)
+            self._guard("local_endpoint_identity", self.maps.set_local_endpoint)(k, ident)
+
+    def _guard(self, name: str, fn):
+        """fn, with a refused entry (MapError) reported to on_full instead of raised; returns whether it was written."""
+        def call(*args) -> bool:
+            try:
+                fn(*args)
+                return True
+            except MapError as e:
+                self.on_full(name, e)
+                return False
+        return call
 
     @staticmethod
     def _diff(current: dict[int, int], wanted: dict[int, int], set_fn, clear_fn) -> None:
@@ -76,7 +98,9 @@ class IdentityAssigner:
                 del current[key]
         for key, ident in wanted.items():
             if current.get(key) != ident:
-                set_fn(key, ident)
+                if set_fn(key, ident) is False:
+                    current.pop(key, None)
+                    continue
                 current[key] = ident
 
     # ---- events ----
@@ -91,9 +115,9 @@ class IdentityAssigner:
         name = cgroup_match(rel_path, self.config.identities)
         if name:
             ident = self.numbering.id_of(name)
-            self.maps.set_cgroup_identity(cgroup_id, ident)
-            self.cgroups[cgroup_id] = ident
-            log.info("cgroup %s -> %s", rel_path, name)
+            if self._guard("cgroup_identity", self.maps.set_cgroup_identity)(cgroup_id, ident):
+                self.cgroups[cgroup_id] = ident
+                log.info("cgroup %s -> %s", rel_path, name)
         return name
 
     def on_exec(self, pid: int) -> Optional[str]:
@@ -103,9 +127,9 @@ class IdentityAssigner:
         name = process_match(*info, self.config.identities) if info else None
         if name:
             ident = self.numbering.id_of(name)
-            self.maps.set_process_identity(pid, ident)
-            self.processes[pid] = ident
-            log.info("process %d (%s) -> %s", pid, info[0], name)
+            if self._guard("process_identity", self.maps.set_process_identity)(pid, ident):
+                self.processes[pid] = ident
+                log.info("process %d (%s) -> %s", pid, info[0], name)
         elif pid in self.processes:
             # exec'd into something that no longer matches
             self.maps.clear_process_identity(pid)

@@ -71,6 +71,7 @@ class ConfigFlag(enum.IntFlag):
     DNS_ALLOW = 0x01
     WATCH_EXEC = 0x02
     FAST_PATH = 0x04
+    UNMANAGED_CLOSED = 0x08
 
 
 class FlowKind(enum.IntEnum):

@@ -88,6 +88,7 @@ class Datapath:
         self.config_flags = cfg.flags if cfg else 0
         self.interim_ns = cfg.interim_ns if cfg else 0
         self.attached_count = 0
+        self.fail_closed = bool(self.config_flags & abi.ConfigFlag.UNMANAGED_CLOSED)
 
     # ---- putting a build in force ----
     def attach(self, root: Path, progs_dir: Path) -> AttachReport:
@@ -229,8 +230,16 @@ class Datapath:
     def set_runtime(self, gen: int, flags: int, interim_ns: Optional[int] = None) -> None:
         if interim_ns is not None:
             self.interim_ns = interim_ns
-        self.maps["runtime_config"].update(ct.c_uint32(0), abi.RuntimeConfig(gen, flags, self.interim_ns))
-        self.active_gen, self.config_flags = gen, flags
+        flags &= ~abi.ConfigFlag.UNMANAGED_CLOSED
+        live = flags | (abi.ConfigFlag.UNMANAGED_CLOSED if self.fail_closed else 0)
+        self.maps["runtime_config"].update(ct.c_uint32(0), abi.RuntimeConfig(gen, int(live), self.interim_ns))
+        self.active_gen, self.config_flags = gen, int(flags)
+
+    def set_fail_closed(self, on: bool) -> None:
+        """Unmanaged counts as governed and enforced (CFG_F_UNMANAGED_CLOSED) while a workload-identity map is full."""
+        if on != self.fail_closed:
+            self.fail_closed = on
+            self.set_runtime(self.active_gen, self.config_flags)
 
     # ---- identities of local workloads ----
     def set_cgroup_identity(self, cgroup_id: int, identity: int) -> None:

@@ -118,6 +118,7 @@ enum aimesh_reason {
 #define CFG_F_DNS_ALLOW  0x01
 #define CFG_F_WATCH_EXEC 0x02   /* emit exec events (only when process selectors exist) */
 #define CFG_F_FAST_PATH  0x04   /* same-node fast path: sockhash + sk_msg */
+#define CFG_F_UNMANAGED_CLOSED 0x08   /* a workload-identity map is full: unmanaged counts as governed and enforced */
 
 /* verdict_counters slots (mirror: abi.py COUNTER_* and counter_decision; metric labels: agent/export/metrics.py,
  * agent/daemon.py flow losses). Every slot is a fixed number: adding a hook, a verdict or a counter moves no slot.

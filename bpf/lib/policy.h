@@ -10,11 +10,23 @@ struct decision {
 	__u8  pad;
 };
 
-static __always_inline __u32 identity_flags(__u32 id, __u8 gen)
+/* What an identity is in one generation. A user identity the generation does not know (a cgroup or port entry older
+ * than the last reload, or one the agent could not write) counts as governed and enforced: a missing entry can deny,
+ * never allow. With CFG_F_UNMANAGED_CLOSED (set by the agent while a workload-identity map is full, so some governed
+ * workloads may look unmanaged), unmanaged is governed and enforced too. */
+static __always_inline __u32 identity_flags_cfg(__u32 id, __u8 gen, __u32 cfg_flags)
 {
 	struct identity_key k = { .id = id, .gen = gen };
 	struct identity_info *info = identity_info.lookup(&k);
-	return info ? info->flags : 0;
+	__u32 f = info ? info->flags : (id >= ID_FIRST_USER ? (ID_F_GOVERNED | ID_F_ENFORCE) : 0);
+	if (id == ID_UNMANAGED && (cfg_flags & CFG_F_UNMANAGED_CLOSED))
+		f |= ID_F_GOVERNED | ID_F_ENFORCE;
+	return f;
+}
+
+static __always_inline __u32 identity_flags(__u32 id, __u8 gen)
+{
+	return identity_flags_cfg(id, gen, 0);
 }
 
 static __always_inline struct policy_value *policy_lookup(__u8 gen, __u32 src, __u32 dst, __u16 port, __u8 proto)
@@ -37,8 +49,8 @@ static __always_inline void decide(struct decision *d, const struct runtime_conf
 				   __u16 port, __u8 proto)
 {
 	__u8 gen = cfg->active_gen;
-	__u32 sf = identity_flags(src, gen);
-	__u32 df = identity_flags(dst, gen);
+	__u32 sf = identity_flags_cfg(src, gen, cfg->flags);
+	__u32 df = identity_flags_cfg(dst, gen, cfg->flags);
 
 	d->rule_id = 0;
 	d->flags = (df & ID_F_DEPRECATED) ? EV_F_DEPRECATED : 0;
