@@ -101,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", required=True, help="YAML config file")
     a.add_argument("--cgroup-root", type=Path, default=None,
                    help="cgroup v2 directory to attach at (default: the cgroup2 mount)")
-    a.add_argument("--metrics-addr", default="0.0.0.0:9464", help="HOST:PORT for /metrics and /healthz")
+    a.add_argument("--metrics-addr", default="127.0.0.1:9464",
+                   help="HOST:PORT for /metrics, /readyz, /livez and /healthz (default: loopback only; give "
+                   "0.0.0.0:9464 or the node's address to expose them)")
     a.add_argument("--flow-log", default=None, help="write one JSON line per decision to PATH, or - for stdout")
     a.add_argument("--records-log", default=None,
                    help="write one JSON line per flow record (connection close, interim, UDP window) to PATH or -")

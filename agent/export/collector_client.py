@@ -25,6 +25,7 @@ import bisect
 import logging
 import os
 import random
+import stat
 import threading
 import time
 from collections import deque
@@ -164,15 +165,22 @@ def encode_batch(agent_id: str, sequence: int, records: Iterable[flow_pb2.FlowRe
 
 
 class Spool:
-    """Sealed batches on disk: <dir>/<sequence, 20 digits>.batch, each a serialized FlowBatch. Not thread-safe."""
+    """Sealed batches on disk: <dir>/<sequence, 20 digits>.batch, each a serialized FlowBatch. Not thread-safe.
+
+    The batches hold flow records (who talked to whom, how much), so the directory is 0700 and each file 0600,
+    whatever the umask. An existing directory open to group or others is narrowed to 0700, unless it is shared
+    (world-writable or sticky, like /tmp): that is refused, the spool needs a directory of its own."""
 
     SUFFIX = ".batch"
+    DIR_MODE = 0o700
+    FILE_MODE = 0o600
 
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         try:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.directory.mkdir(parents=True, exist_ok=True, mode=self.DIR_MODE)
+            self._make_private()
         except OSError as e:
             raise ConfigError(f"cannot create spool directory {self.directory}: {e.strerror or e}") from None
         self._sizes: dict[int, int] = {}
@@ -182,11 +190,26 @@ class Spool:
             if path.name.endswith(".tmp"):
                 path.unlink(missing_ok=True)  # a write cut short by a crash
             elif path.name.endswith(self.SUFFIX) and path.name[: -len(self.SUFFIX)].isdigit():
-                size = path.stat().st_size
+                st = path.lstat()
+                if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
+                    path.chmod(self.FILE_MODE)  # spooled by a version that wrote them 0644
+                size = st.st_size
                 seq = int(path.name[: -len(self.SUFFIX)])
                 self._sizes[seq] = size
                 self.bytes += size
         self._order = sorted(self._sizes)
+
+    def _make_private(self) -> None:
+        mode = stat.S_IMODE(self.directory.stat().st_mode)
+        if mode == self.DIR_MODE:
+            return
+        if mode & (stat.S_ISVTX | 0o002):
+            raise ConfigError(f"spool directory {self.directory} is shared (mode {mode:04o}): give the spool a "
+                              "directory of its own")
+        if mode & 0o077:
+            log.warning("spool directory %s had mode %04o: narrowed to %04o (the batches hold flow records)",
+                        self.directory, mode, self.DIR_MODE)
+        self.directory.chmod(self.DIR_MODE)
 
     def __len__(self) -> int:
         return len(self._order)
@@ -206,7 +229,9 @@ class Spool:
         final = self._path(batch.sequence)
         tmp = final.with_name(final.name + ".tmp")
         try:
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, self.FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(fd, self.FILE_MODE)  # umask-independent
                 f.write(batch.payload)
                 f.flush()
                 os.fsync(f.fileno())
