@@ -43,7 +43,7 @@ HOUSEKEEPING_S = 15   # prune exited processes and ports no socket holds; refres
 class AgentOptions:
     config_path: Path
     cgroup_root: Optional[Path] = None
-    metrics_addr: str = "0.0.0.0:9464"
+    metrics_addr: str = "127.0.0.1:9464"
     flow_log: Optional[str] = None
     records_log: Optional[str] = None          # flow records as JSON lines (local debugging, tests)
     collector: Optional[str] = None            # overrides config collector.address
@@ -110,6 +110,7 @@ class Agent:
         self.healthy = False
         self.degraded: dict[str, str] = {}          # reason -> what an operator should know (see /healthz)
         self._full_logged: dict[str, float] = {}
+        self._kernel_full: dict[str, tuple[int, float]] = {}
         self.last_tick = time.monotonic()           # the main loop's heartbeat (liveness)
         self.state = {"programs_attached": 0, "reloads_ok": 0, "reloads_failed": 0, "decode_errors": 0,
                       "ring_events": {"decision_events": 0, "flow_events": 0, "agent_events": 0}}
@@ -212,15 +213,17 @@ class Agent:
         except ValueError as e:
             raise AgentError(f"{self.pins.path}: {e}") from None
         self.tally = DecisionTally()
-        self.flow_log = FlowLog(self.opts.flow_log)
-        self.records_log = FlowLog(self.opts.records_log)
+        self.flow_log = FlowLog(self.opts.flow_log, what="--flow-log")
+        self.records_log = FlowLog(self.opts.records_log, what="--records-log")
         self.exporter = build_exporter(config, self.opts)
         self.datapath = dp = self._open_datapath(manifest)
         self.flow_tally = FlowTally(lambda: self.exporter.stats() if self.exporter else None, self._flow_losses)
         collector = AgentCollector(dp.counters, self.tally, lambda: self.identities, self._metrics_state)
         try:
             metrics = MetricsServer(self.opts.metrics_addr, build_registry(collector, [self.flow_tally]),
-                                    lambda: self.healthy and not self.degraded)
+                                    lambda: self.healthy,
+                                    health=lambda: (not self.degraded, sorted(self.degraded)),
+                                    loop_age_s=lambda: time.monotonic() - self.last_tick if self.healthy else 0.0)
         except (OSError, ValueError) as e:
             dp.close()
             raise AgentError(str(e)) from None
@@ -332,6 +335,26 @@ class Agent:
         if name in ("cgroup_identity", "process_identity"):
             self.datapath.set_fail_closed(True)
 
+    def _check_kernel_full(self) -> None:
+        """Entries the programs could not write (counted in the kernel): degraded while it keeps happening."""
+        c = self.datapath.counters()
+        now = time.monotonic()
+        for name, slot in (("local_endpoint_identity", abi.COUNTER_LOCAL_ENDPOINTS_FULL),
+                           ("udp_flows", abi.COUNTER_UDP_FLOWS_FULL)):
+            last = self._kernel_full.get(name, (c[slot], 0.0))
+            if c[slot] > last[0]:
+                if now - self._full_logged.get(name, -FULL_LOG_EVERY_S) >= FULL_LOG_EVERY_S:
+                    self._full_logged[name] = now
+                    log.error("map %s is full: the kernel refused %d entries so far%s", name, c[slot],
+                              " (binds by workloads with an identity fail with EPERM)"
+                              if name == "local_endpoint_identity" else " (UDP counted as lost)")
+                self.degraded[f"map {name} full"] = f"{c[slot]} entries refused"
+                self._kernel_full[name] = (c[slot], now)
+            else:
+                self._kernel_full[name] = (c[slot], last[1])
+                if now - last[1] > FULL_LOG_EVERY_S:
+                    self.degraded.pop(f"map {name} full", None)
+
     def _check_root(self) -> None:
         if self.root.is_dir():
             self.degraded.pop("cgroup root gone", None)
@@ -353,6 +376,7 @@ class Agent:
             if time.monotonic() - last_root_check >= 1.0:
                 last_root_check = time.monotonic()
                 self._check_root()
+                self._check_kernel_full()
                 if datetime.now(timezone.utc) < self._installed_wall - timedelta(seconds=1):
                     log.warning("the clock stepped back: recompiling lifecycle rules for the time it says now")
                     self._next_transition = datetime.now(timezone.utc)
@@ -403,14 +427,15 @@ class Agent:
                     ("flow_events", self._on_flow))
         durable = self.exporter is not None and self.exporter.config.durable
         step = self.exporter.config.batch_max_records if durable else 1000
-        deadline = time.monotonic() + DRAIN_TIME_S
+        # the final drain (at stop) reads what is there, for at most 2 s: a flood must not keep the agent from stopping
+        deadline = time.monotonic() + (2.0 if final else DRAIN_TIME_S)
         total = 0
         while True:
             n = 0
             for name, fn in handlers:
                 ring = self.datapath.rings[name]
                 left = DRAIN_BUDGET
-                while left > 0 and (final or time.monotonic() < deadline):
+                while left > 0 and time.monotonic() < deadline:
                     recs, pos = ring.read(min(step, left))
                     if not recs and pos == ring.consumer_pos:
                         break
@@ -428,7 +453,7 @@ class Agent:
                     n += len(recs)
                     left -= max(len(recs), 1)
             total += n
-            if not final or n == 0:
+            if not final or n == 0 or time.monotonic() >= deadline:
                 return total
 
     def _decoded(self, ring: str, decode, data: bytes):
@@ -502,6 +527,7 @@ class Agent:
 
     def _metrics_state(self) -> dict:
         st = dict(self.state)
+        st["degraded"] = sorted(self.degraded)
         st["maps"] = self.datapath.map_usage()
         st["maps"]["cgroup_identity"] = (len(self.assigner.cgroups), self.limits.max_cgroups)
         st["maps"]["process_identity"] = (len(self.assigner.processes), self.limits.max_processes)

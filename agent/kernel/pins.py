@@ -64,7 +64,7 @@ class DatapathDir:
 
     def make(self) -> None:
         for d in (self.path, self.maps, self.progs, self.links):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
 class _Chunk(ct.Structure):
@@ -142,7 +142,7 @@ class RootLock:
         self.fd: Optional[int] = None
 
     def acquire(self) -> None:
-        self.d.path.mkdir(parents=True, exist_ok=True)
+        self.d.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.d.path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
