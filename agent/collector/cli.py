@@ -306,6 +306,8 @@ def flow_cells(rec: flow_pb2.FlowRecord, tz: tzinfo | None = None) -> list[str]:
             info.append(label)
     if rec.retransmits:
         info.append(f"retrans={rec.retransmits}")
+    if rec.count > 1:  # an aggregate: this many decisions (0 means 1)
+        info.append(f"x{rec.count}")
     cells = [
         format_time_ns(when, tz) if when else "-",
         src,
@@ -379,7 +381,10 @@ class TablePrinter:
 
 
 class JsonPrinter:
-    """One JSON object per line: the proto3 JSON mapping of FlowRecord with its field names (defaults omitted)."""
+    """One JSON object per line: the proto3 JSON mapping of FlowRecord with its field names (defaults omitted).
+
+    One exception: `count` (decisions an aggregated record stands for) is a JSON number, not the mapping's string
+    for 64-bit integers: it is the field people sum and compare, and it never comes near 2^53."""
 
     def __init__(self, out: TextIO) -> None:
         self._out = out
@@ -388,6 +393,8 @@ class JsonPrinter:
         from google.protobuf import json_format
 
         obj = json_format.MessageToDict(rec, preserving_proto_field_name=True)
+        if "count" in obj:
+            obj["count"] = int(obj["count"])
         self._out.write(json.dumps(obj, separators=(",", ":")) + "\n")
         self._out.flush()
 

@@ -53,7 +53,7 @@ _ENUMS = {
     "verdict": frozenset(flow_pb2.Verdict.values()),
     "reason": frozenset(flow_pb2.Reason.values()),
 }
-_COUNTS = ("bytes_sent", "bytes_received", "packets_sent", "packets_received", "duration_ns")
+_COUNTS = ("bytes_sent", "bytes_received", "packets_sent", "packets_received", "duration_ns", "count")
 _PORTS = ("source_port", "destination_port", "dialed_port")
 _ADDRESSES = ("source_address", "destination_address", "dialed_address")
 _IDENTITIES = ("source", "destination", "actual_destination")

@@ -75,6 +75,7 @@ class FlowRecordData:
     retransmits: int = 0
     pid: int = 0
     comm: str = ""
+    count: int = 0  # decisions this record stands for (aggregated DECISION records); 0 means 1
 
 
 _IDENTITY_FIELDS = ("source", "destination", "actual_destination")

@@ -81,12 +81,16 @@ def flow_record(ev: abi.FlowEvent, meta: Mapping[int, IdentityMeta], mono_to_wal
 
 
 def decision_record(d, meta: Mapping[int, IdentityMeta], mono_to_wall_ns: int, agent_id: str = "",
-                    node: str = "") -> FlowRecordData:
-    """A connect/sendmsg/ingress decision that made no connection (denied): kind DECISION, no bytes."""
+                    node: str = "", count: int = 0, last_ns: int = 0) -> FlowRecordData:
+    """A connect/sendmsg/ingress decision that made no connection (denied): kind DECISION, no bytes.
+
+    count > 1: the record stands for that many decisions (agent/flows/denials.py), d is the first one (the sample)
+    and last_ns the monotonic time of the last one (the record's end time)."""
     ingress = d.hook == abi.Hook.INGRESS
+    end_ns = max(last_ns, d.ts_ns)
     return FlowRecordData(
         agent_id=agent_id, node=node, cookie=d.cookie, kind=RecordKind.DECISION,
-        start_time_unix_nano=d.ts_ns + mono_to_wall_ns, end_time_unix_nano=d.ts_ns + mono_to_wall_ns,
+        start_time_unix_nano=d.ts_ns + mono_to_wall_ns, end_time_unix_nano=end_ns + mono_to_wall_ns,
         source=identity_data(meta, d.src_id), destination=identity_data(meta, d.dst_id),
         actual_destination=identity_data(meta, d.actual_dst_id),
         source_address=(d.peer_addr or "") if ingress else "", source_port=d.peer_port if ingress else 0,
@@ -95,7 +99,7 @@ def decision_record(d, meta: Mapping[int, IdentityMeta], mono_to_wall_ns: int, a
         protocol=6 if d.protocol == "tcp" else 17, hook=int(d.hook), verdict=int(d.verdict), reason=int(d.reason),
         rule_id=d.rule_id, deprecated=bool(d.flags & abi.EventFlag.DEPRECATED),
         redirected=bool(d.flags & abi.EventFlag.REDIRECTED), lifecycle=bool(d.flags & abi.EventFlag.LIFECYCLE),
-        pid=d.pid, comm=d.comm)
+        pid=d.pid, comm=d.comm, count=count if count > 1 else 0)
 
 
 @dataclass

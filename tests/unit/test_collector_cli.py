@@ -207,6 +207,28 @@ def test_flows_json(server: CollectorServer) -> None:
     assert obj["lifecycle"] is True
 
 
+def test_aggregated_denials_show_their_count(server: CollectorServer) -> None:
+    """An aggregate of 4123 denied connects: stored with its count, INFO `x4123`, JSON a number; 0 or 1 shows nothing."""
+    agg = record(4, start_time_unix_nano=T + 5_000_000, end_time_unix_nano=T + 905_000_000,
+                 kind=flow_pb2.RECORD_KIND_DECISION, source=identity("hostile"), destination=identity("vector-db"),
+                 verdict=flow_pb2.VERDICT_DENIED, reason=flow_pb2.REASON_NO_POLICY_SRC, dialed_port=6333,
+                 pid=4242, comm="flood", count=4123)  # fmt: skip
+    ch, stub = stub_for(str(server.address))
+    with ch:
+        stub.Push(batch("node-a", 2, [agg]), metadata=(("authorization", "Bearer tk"),), timeout=5)
+    rc, out = flows(["--collector", str(server.address), "--token", "tk", "--from", "hostile"])
+    assert rc == 0
+    (row,) = out.splitlines()[1:]
+    assert row.split()[-2:] == ["no-policy-src", "x4123"]
+    rc, out = flows(["--collector", str(server.address), "--token", "tk", "-o", "json", "--from", "hostile"])
+    obj = json.loads(out)
+    assert obj["count"] == 4123 and (obj["pid"], obj["comm"]) == (4242, "flood")
+    rc, out = flows(["--collector", str(server.address), "--token", "tk", "-o", "json", "--verdict", "denied",
+                     "--from", "chat-ui"])  # fmt: skip
+    assert "count" not in json.loads(out)
+    assert "x1" not in flow_cells(record(5, count=1), timezone.utc)[-1]
+
+
 def test_flows_through_the_aimesh_parser(server: CollectorServer, capsys: pytest.CaptureFixture[str]) -> None:
     from agent.cli import build_parser
 

@@ -76,6 +76,7 @@ BAD_FIELDS: list[tuple[str, dict[str, object], str]] = [
     ("bytes", {"bytes_sent": 2**64 - 1}, "records[1].bytes_sent is out of range"),
     ("packets", {"packets_received": 2**63}, "records[1].packets_received"),
     ("duration", {"duration_ns": 2**63}, "records[1].duration_ns"),
+    ("count", {"count": 2**63}, "records[1].count is out of range"),
     ("pid", {"pid": 2**32 - 1}, "records[1].pid"),
     ("time-huge", {"start_time_unix_nano": 2**64 - 1, "end_time_unix_nano": 2**64 - 1}, "out of range"),
     ("time-1970", {"start_time_unix_nano": 5, "end_time_unix_nano": 6}, "before 2000-01-01"),
