@@ -21,6 +21,7 @@ from typing import Optional
 from agent.config import Config, ConfigError, limits_of, load_config
 from agent.kernel.pins import DatapathDir, PinError, RootLock, check_format, prune_dir, read_manifest, write_manifest
 from agent.errors import AgentError
+from agent.flows.denials import DenialAggregator, denial_record
 from agent.flows.decode import DecodeError, decode_agent_event, decode_decision, to_json
 from agent.flows.records import UdpWindow, decision_record, decode_flow_event, flow_record, udp_aggregate
 from agent.kernel import abi
@@ -123,6 +124,7 @@ class Agent:
         self.agent_id = opts.agent_id or self.node
         self.exporter = None
         self._udp_window = UdpWindow()
+        self.denials = DenialAggregator(time.monotonic_ns())
         self._udp_last = time.monotonic_ns()
 
     # ---- signals only set flags; the loop acts ----
@@ -259,6 +261,7 @@ class Agent:
             self.healthy = False
             try:
                 self._drain(final=True)
+                self._flush_denials(time.monotonic_ns())
                 self._drain_udp(final=True)
             except Exception:
                 log.exception("final drain failed")
@@ -373,6 +376,9 @@ class Agent:
             self.last_tick = time.monotonic()
             wait_readable([self.datapath.rings["agent_events"]], POLL_MS)   # agent events wake us; the rest is polled
             self._drain()
+            now_ns = time.monotonic_ns()
+            if self.denials.due(now_ns):
+                self._flush_denials(now_ns)
             if time.monotonic() - last_root_check >= 1.0:
                 last_root_check = time.monotonic()
                 self._check_root()
@@ -446,8 +452,17 @@ class Agent:
                             self.state["decode_errors"] += 1
                             log.exception("%s: handling an event failed", name)
                     if durable and name != "agent_events":
-                        self.exporter.persist(lambda seq, name=name, pos=pos: self.checkpoint.write(seq, name, pos),
-                                              lambda ring=ring, pos=pos: ring.commit(pos))
+                        try:
+                            self.exporter.persist(
+                                lambda seq, name=name, pos=pos: self.checkpoint.write(seq, name, pos),
+                                lambda ring=ring, pos=pos: ring.commit(pos))
+                            self.degraded.pop("export spool failing", None)
+                        except Exception as e:  # noqa: BLE001 - the loop must go on; the ring keeps the records
+                            if "export spool failing" not in self.degraded:
+                                log.error("saving records in the spool failed (%s: %s); they stay in the ring",
+                                          type(e).__name__, e)
+                            self.degraded["export spool failing"] = str(e)
+                            break
                     else:
                         ring.commit(pos)
                     n += len(recs)
@@ -473,10 +488,18 @@ class Agent:
         self.tally.add(d.src_id, d.dst_id, d.verdict, bool(d.flags & abi.EventFlag.DEPRECATED))
         if self.flow_log.enabled:
             self.flow_log.write(to_json(d, self.identities, self._mono_to_wall))
-        if d.verdict == abi.Verdict.DENIED:
-            # no connection follows, so no connection record: the collector gets the decision itself
+        if d.verdict == abi.Verdict.DENIED and self.denials.add(d):
+            # no connection follows, so no connection record: the collector gets the decision itself — the first of
+            # a quiet key at once, the rest aggregated per key and interval (one hostile loop cannot flood it)
             self._emit_record(decision_record(d, self.identities, self._mono_to_wall, self.agent_id, self.node),
                               False)
+
+    def _flush_denials(self, now_ns: int) -> None:
+        aggs = self.denials.flush(now_ns)
+        for agg in aggs:
+            self._emit_record(denial_record(agg, self.identities, self._mono_to_wall, self.agent_id, self.node), False)
+        if aggs and self.exporter is not None and self.exporter.config.durable:
+            self.exporter.persist()
 
     def _on_flow(self, data: bytes) -> None:
         ev = self._decoded("flow_events", decode_flow_event, data)
@@ -528,6 +551,7 @@ class Agent:
     def _metrics_state(self) -> dict:
         st = dict(self.state)
         st["degraded"] = sorted(self.degraded)
+        st["denials"] = self.denials.stats()
         st["maps"] = self.datapath.map_usage()
         st["maps"]["cgroup_identity"] = (len(self.assigner.cgroups), self.limits.max_cgroups)
         st["maps"]["process_identity"] = (len(self.assigner.processes), self.limits.max_processes)

@@ -131,6 +131,16 @@ class AgentCollector(Collector):
                                   value=st.get("flow_log_records", 0))
         yield CounterMetricFamily("aimesh_decode_errors", "Kernel events that could not be decoded",
                                   value=st.get("decode_errors", 0))
+        den = st.get("denials")
+        if den is not None:
+            agg = CounterMetricFamily("aimesh_denied_decisions",
+                                      "Denied decisions the agent read, by how they reached the collector: the first of "
+                                      "a quiet key at once, the rest in per-key aggregates (count), or in the `other` "
+                                      "bucket past the key cap", labels=["as"])
+            agg.add_metric(["immediate"], den.immediate)
+            agg.add_metric(["aggregated"], den.events - den.immediate)
+            agg.add_metric(["overflow_bucket"], den.overflowed)
+            yield agg
 
 
 def build_registry(collector: Collector, extra: Optional[Iterable[Collector]] = None) -> CollectorRegistry:
