@@ -388,6 +388,7 @@ class LimitSettings(_Strict):
     max_udp_flows: int = Field(default=_D.max_udp_flows, **_MAP)
     max_local_peers: int = Field(default=_D.max_local_peers, **_MAP)
     max_fastpath_sockets: int = Field(default=_D.max_fastpath_sockets, **_MAP)
+    max_decision_keys: int = Field(default=_D.max_decision_keys, **_MAP)
     ringbuf_pages: int = Field(default=_D.ringbuf_pages, **_RING)
     flow_ringbuf_pages: int = Field(default=_D.flow_ringbuf_pages, **_RING)
 

@@ -143,7 +143,7 @@ class Agent:
         self.agent_id = self.opts.agent_id or config.collector.agent_id or self.node
         from agent.export.flow_metrics import FlowTally
         from agent.export.http import MetricsServer
-        from agent.export.metrics import AgentCollector, DecisionTally, build_registry
+        from agent.export.metrics import AgentCollector, build_registry
         from agent.flows.log import FlowLog
         from agent.identity.assigner import IdentityAssigner
         from agent.identity.cgroups import cgroup2_mount, cgroup_id
@@ -172,7 +172,7 @@ class Agent:
             raise AgentError(str(e)) from None
         try:
             return self._run_locked(config, manifest, mount, root, FlowTally, MetricsServer, AgentCollector,
-                                    DecisionTally, build_registry, FlowLog, IdentityAssigner, local_address_keys)
+                                    build_registry, FlowLog, IdentityAssigner, local_address_keys)
         finally:
             lock.release()
 
@@ -208,19 +208,20 @@ class Agent:
                 "config_generation": self.state["reloads_ok"] + 1, "config_path": str(self.opts.config_path),
                 "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "agent_pid": os.getpid()}
 
-    def _run_locked(self, config, manifest, mount, root, FlowTally, MetricsServer, AgentCollector, DecisionTally,
+    def _run_locked(self, config, manifest, mount, root, FlowTally, MetricsServer, AgentCollector,
                     build_registry, FlowLog, IdentityAssigner, local_address_keys) -> int:
         try:
             self.numbering = IdentityNumbering.from_state((manifest or {}).get("identities"))
         except ValueError as e:
             raise AgentError(f"{self.pins.path}: {e}") from None
-        self.tally = DecisionTally()
         self.flow_log = FlowLog(self.opts.flow_log, what="--flow-log")
         self.records_log = FlowLog(self.opts.records_log, what="--records-log")
         self.exporter = build_exporter(config, self.opts)
         self.datapath = dp = self._open_datapath(manifest)
         self.flow_tally = FlowTally(lambda: self.exporter.stats() if self.exporter else None, self._flow_losses)
-        collector = AgentCollector(dp.counters, self.tally, lambda: self.identities, self._metrics_state)
+        dp.all_decisions = self.flow_log.enabled   # the flow log wants every decision; metrics read the kernel's counts
+        collector = AgentCollector(dp.counters, lambda: dp.decision_counts() if self.healthy else {},
+                                   lambda: self.identities, self._metrics_state)
         try:
             metrics = MetricsServer(self.opts.metrics_addr, build_registry(collector, [self.flow_tally]),
                                     lambda: self.healthy,
@@ -485,7 +486,6 @@ class Agent:
         d = self._decoded("decision_events", decode_decision, data)
         if d is None:
             return
-        self.tally.add(d.src_id, d.dst_id, d.verdict, bool(d.flags & abi.EventFlag.DEPRECATED))
         if self.flow_log.enabled:
             self.flow_log.write(to_json(d, self.identities, self._mono_to_wall))
         if d.verdict == abi.Verdict.DENIED and self.denials.add(d):

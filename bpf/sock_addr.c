@@ -4,7 +4,8 @@
  *   (the caller gets EPERM); an allowed or audited connection may be rewritten to a redirect backend.
  *   reads:  runtime_config, process_identity, cgroup_identity, local_endpoint_identity, local_address,
  *           endpoint_identity, identity_info, policy_verdict, redirect_service, redirect_backend
- *   writes: dialed_address and flow_state (sk storage), udp_reverse_nat, udp_flows, verdict_counters, decision_events
+ *   writes: dialed_address and flow_state (sk storage), udp_reverse_nat, udp_flows, verdict_counters, decision_counts,
+ *           decision_events (not for plain allows unless CFG_F_ALL_DECISIONS)
  * getpeername / recvmsg: put back the address the client dialed (reads dialed_address, udp_reverse_nat).
  */
 #include "programs.h"
@@ -146,6 +147,9 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 		}
 	}
 
+	decision_count(src, dst, hook, d.verdict, d.flags);
+	if (!decision_event_wanted(cfg, d.verdict))
+		return 1;
 	struct decision_event *ev = decision_reserve();
 	if (ev) {
 		ev->ts_ns = bpf_ktime_get_ns();

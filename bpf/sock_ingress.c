@@ -4,7 +4,7 @@
  *   reads:  runtime_config, local_address, local_endpoint_identity, endpoint_identity, cgroup_identity,
  *           identity_info, policy_verdict
  *   Also counts received UDP bytes into udp_flows (the client socket's entry for this remote address).
- *   writes: verdict_counters, decision_events, udp_flows
+ *   writes: verdict_counters, decision_counts, decision_events, udp_flows
  */
 #include "programs.h"
 
@@ -100,7 +100,9 @@ int aimesh_ingress(struct __sk_buff *skb)
 	counter_add(COUNTER_DECISION(HOOK_INGRESS, d.verdict));
 
 	/* TCP: one event per connection attempt; UDP: only what was not plainly allowed. */
-	if (t.proto == IPPROTO_TCP || d.verdict != VERDICT_ALLOWED) {
+	if (t.proto == IPPROTO_TCP || d.verdict != VERDICT_ALLOWED)
+		decision_count(src, dst, HOOK_INGRESS, d.verdict, d.flags);
+	if ((t.proto == IPPROTO_TCP || d.verdict != VERDICT_ALLOWED) && decision_event_wanted(cfg, d.verdict)) {
 		struct decision_event *ev = decision_reserve();
 		if (ev) {
 			__builtin_memset(ev, 0, sizeof(*ev));

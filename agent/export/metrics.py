@@ -5,7 +5,6 @@ the config. The registry is built explicitly (no import-time global registry).
 """
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from typing import Callable, Iterable, Mapping, Optional
 
@@ -20,23 +19,16 @@ IDENTITY_LABELS = ["source", "source_kind", "source_version", "destination", "de
                    "destination_version", "verdict"]
 
 
-class DecisionTally:
-    """Decisions per (source identity, destination identity, verdict), plus deprecated-model use."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.decisions: Counter = Counter()
-        self.deprecated: Counter = Counter()
-
-    def add(self, src: int, dst: int, verdict: abi.Verdict, deprecated: bool) -> None:
-        with self._lock:
-            self.decisions[(src, dst, int(verdict))] += 1
-            if deprecated:
-                self.deprecated[(src, dst)] += 1
-
-    def snapshot(self) -> tuple[dict, dict]:
-        with self._lock:
-            return dict(self.decisions), dict(self.deprecated)
+def decision_tally(counts: Mapping[tuple[int, int, int, int, bool], int]) -> tuple[dict, dict]:
+    """The kernel's decision_counts ((src, dst, hook, verdict, deprecated) -> n) as the two series the metrics show:
+    decisions per (src, dst, verdict), and decisions to a deprecated identity per (src, dst). Pure."""
+    decisions: Counter = Counter()
+    deprecated: Counter = Counter()
+    for (src, dst, _hook, verdict, dep), n in counts.items():
+        decisions[(src, dst, verdict)] += n
+        if dep:
+            deprecated[(src, dst)] += n
+    return dict(decisions), dict(deprecated)
 
 
 def _labels(meta: Mapping[int, IdentityMeta], iid: int) -> list[str]:
@@ -45,9 +37,10 @@ def _labels(meta: Mapping[int, IdentityMeta], iid: int) -> list[str]:
 
 
 class AgentCollector(Collector):
-    def __init__(self, counters: Callable[[], list[int]], tally: DecisionTally,
+    def __init__(self, counters: Callable[[], list[int]],
+                 decisions: Callable[[], Mapping[tuple[int, int, int, int, bool], int]],
                  identities: Callable[[], Mapping[int, IdentityMeta]], state: Callable[[], dict]) -> None:
-        self._counters, self._tally, self._identities, self._state = counters, tally, identities, state
+        self._counters, self._decisions, self._identities, self._state = counters, decisions, identities, state
 
     def collect(self) -> Iterable:
         c = self._counters()
@@ -93,7 +86,7 @@ class AgentCollector(Collector):
                                   value=c[abi.COUNTER_FLOWS_UNTRACKED])
 
         meta = self._identities()
-        decisions, deprecated = self._tally.snapshot()
+        decisions, deprecated = decision_tally(self._decisions())   # counted in the kernel, read now
         conn = CounterMetricFamily("aimesh_connections",
                                    "Connection decisions (connect, first sendmsg, ingress) by identities and verdict",
                                    labels=IDENTITY_LABELS)

@@ -72,6 +72,7 @@ class ConfigFlag(enum.IntFlag):
     WATCH_EXEC = 0x02
     FAST_PATH = 0x04
     UNMANAGED_CLOSED = 0x08
+    ALL_DECISIONS = 0x10
 
 
 class FlowKind(enum.IntEnum):
@@ -117,6 +118,7 @@ COUNTER_FASTPATH_REMOTE = 41
 COUNTER_FASTPATH_UNWATCHED = 42
 COUNTER_FASTPATH_MESSAGES = 43
 COUNTER_FASTPATH_BYTES = 44
+COUNTER_DECISION_KEYS_FULL = 45
 COUNTER_SLOTS = 64
 
 Addr16 = ct.c_uint8 * 16
@@ -247,6 +249,12 @@ class UdpFlow(ct.Structure):
     ]
 
 
+class DecisionCountKey(ct.Structure):
+    """struct decision_count_key { __u32 src; __u32 dst; __u8 hook; __u8 verdict; __u8 deprecated; __u8 pad; };"""
+    _fields_ = [("src", ct.c_uint32), ("dst", ct.c_uint32), ("hook", ct.c_uint8), ("verdict", ct.c_uint8),
+                ("deprecated", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
 class PeerOrigin(ct.Structure):
     """struct peer_origin { __u32 src_id; __u32 pid; };"""
     _fields_ = [("src_id", ct.c_uint32), ("pid", ct.c_uint32)]
@@ -293,6 +301,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "fastpath_state": FastpathState,
     "decision_event": DecisionEvent,
     "agent_event": AgentEvent,
+    "decision_count_key": DecisionCountKey,
 }
 
 
@@ -325,7 +334,8 @@ CONSTANTS: dict[str, int] = {
     "COUNTER_FLOWS_UNTRACKED": COUNTER_FLOWS_UNTRACKED, "COUNTER_FASTPATH_SOCKETS": COUNTER_FASTPATH_SOCKETS,
     "COUNTER_FASTPATH_FULL": COUNTER_FASTPATH_FULL, "COUNTER_FASTPATH_REMOTE": COUNTER_FASTPATH_REMOTE,
     "COUNTER_FASTPATH_UNWATCHED": COUNTER_FASTPATH_UNWATCHED, "COUNTER_FASTPATH_MESSAGES": COUNTER_FASTPATH_MESSAGES,
-    "COUNTER_FASTPATH_BYTES": COUNTER_FASTPATH_BYTES, "COUNTER_SLOTS": COUNTER_SLOTS,
+    "COUNTER_FASTPATH_BYTES": COUNTER_FASTPATH_BYTES, "COUNTER_DECISION_KEYS_FULL": COUNTER_DECISION_KEYS_FULL,
+    "COUNTER_SLOTS": COUNTER_SLOTS,
 }
 
 
@@ -347,6 +357,7 @@ class Limits:
     max_udp_flows: int = 65536
     max_local_peers: int = 65536
     max_fastpath_sockets: int = 65536
+    max_decision_keys: int = 65536
     ringbuf_pages: int = 256   # mapped twice into the agent: counts 2x in its RSS
     flow_ringbuf_pages: int = 1024
 

@@ -77,7 +77,8 @@ class Datapath:
                 self.close()
                 raise AgentError(f"pinned map {path}: {e.strerror}") from None
             self.map_fds[spec.name] = fd
-            if spec.key is not None and spec.map_type not in (registry.SK_STORAGE, registry.SOCKHASH):
+            if spec.key is not None and spec.map_type not in (registry.SK_STORAGE, registry.SOCKHASH,
+                                                               registry.PERCPU_ARRAY, registry.PERCPU_HASH):
                 self.maps[spec.name] = MapHandle(fd, spec.name, spec.key, spec.value, spec.capacity(limits),
                                                  spec.map_type in _BATCH)
         self.rings: dict[str, RingReader] = {name: RingReader(self.map_fds[name], name) for name in registry.RINGS}
@@ -89,6 +90,7 @@ class Datapath:
         self.interim_ns = cfg.interim_ns if cfg else 0
         self.attached_count = 0
         self.fail_closed = bool(self.config_flags & abi.ConfigFlag.UNMANAGED_CLOSED)
+        self.all_decisions = False   # a ring event for plain allows too: set by the agent when a flow log is on
 
     # ---- putting a build in force ----
     def attach(self, root: Path, progs_dir: Path) -> AttachReport:
@@ -230,8 +232,9 @@ class Datapath:
     def set_runtime(self, gen: int, flags: int, interim_ns: Optional[int] = None) -> None:
         if interim_ns is not None:
             self.interim_ns = interim_ns
-        flags &= ~abi.ConfigFlag.UNMANAGED_CLOSED
-        live = flags | (abi.ConfigFlag.UNMANAGED_CLOSED if self.fail_closed else 0)
+        flags &= ~(abi.ConfigFlag.UNMANAGED_CLOSED | abi.ConfigFlag.ALL_DECISIONS)
+        live = flags | (abi.ConfigFlag.UNMANAGED_CLOSED if self.fail_closed else 0) | \
+            (abi.ConfigFlag.ALL_DECISIONS if self.all_decisions else 0)
         self.maps["runtime_config"].update(ct.c_uint32(0), abi.RuntimeConfig(gen, int(live), self.interim_ns))
         self.active_gen, self.config_flags = gen, int(flags)
 
@@ -275,6 +278,20 @@ class Datapath:
         out = []
         for i in range(abi.COUNTER_SLOTS):
             out.append(sum(vals) if bpfsys.map_lookup(fd, ct.c_uint32(i), vals) else 0)
+        return out
+
+    def decision_counts(self) -> dict[tuple[int, int, int, int, bool], int]:
+        """decision_counts summed over CPUs: (src, dst, hook, verdict, deprecated) -> decisions (read at scrape)."""
+        fd = self.map_fds["decision_counts"]
+        key, nxt = abi.DecisionCountKey(), abi.DecisionCountKey()
+        vals = (ct.c_uint64 * self._ncpu)()
+        out: dict[tuple[int, int, int, int, bool], int] = {}
+        ok = bpfsys.map_next_key(fd, None, nxt)
+        while ok:
+            if bpfsys.map_lookup(fd, nxt, vals):
+                out[(nxt.src, nxt.dst, nxt.hook, nxt.verdict, bool(nxt.deprecated))] = sum(vals)
+            ct.memmove(ct.byref(key), ct.byref(nxt), ct.sizeof(key))
+            ok = bpfsys.map_next_key(fd, key, nxt)
         return out
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ from agent.kernel import abi
 from agent.kernel import bpfsys as sys_
 
 # enum bpf_map_type
-HASH, ARRAY, PERCPU_ARRAY, LRU_HASH, LPM_TRIE, SOCKHASH, SK_STORAGE, RINGBUF = 1, 2, 6, 9, 11, 18, 24, 27
+HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LPM_TRIE, SOCKHASH, SK_STORAGE, RINGBUF = 1, 2, 5, 6, 9, 11, 18, 24, 27
 BPF_F_NO_PREALLOC = 1
 
 # enum bpf_prog_type (bcc's BPF.* constants)
@@ -83,6 +83,8 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec("fastpath_state", HASH, abi.SockTuple, abi.FastpathState, lambda lim: lim.max_fastpath_sockets,
             owner="kernel"),
     MapSpec("verdict_counters", PERCPU_ARRAY, ct.c_uint32, ct.c_uint64, lambda lim: abi.COUNTER_SLOTS,
+            owner="kernel"),
+    MapSpec("decision_counts", PERCPU_HASH, abi.DecisionCountKey, ct.c_uint64, lambda lim: lim.max_decision_keys,
             owner="kernel"),
     MapSpec("decision_events", RINGBUF, None, None, lambda lim: lim.ringbuf_pages * 4096, owner="kernel"),
     MapSpec("agent_events", RINGBUF, None, None, lambda lim: 16 * 4096, owner="kernel"),

@@ -51,6 +51,9 @@
 #ifndef MAX_FASTPATH_SOCKETS
 #define MAX_FASTPATH_SOCKETS 65536
 #endif
+#ifndef MAX_DECISION_KEYS
+#define MAX_DECISION_KEYS 65536    /* (source, destination, hook, verdict, deprecated) pairs counted per CPU */
+#endif
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 256           /* 1 MiB: ~8.7k decisions between two 25 ms drains (350k/s) */
 #endif
@@ -119,6 +122,7 @@ enum aimesh_reason {
 #define CFG_F_WATCH_EXEC 0x02   /* emit exec events (only when process selectors exist) */
 #define CFG_F_FAST_PATH  0x04   /* same-node fast path: sockhash + sk_msg */
 #define CFG_F_UNMANAGED_CLOSED 0x08   /* a workload-identity map is full: unmanaged counts as governed and enforced */
+#define CFG_F_ALL_DECISIONS 0x10      /* emit a decision event for plain allows too (a flow log wants every one) */
 
 /* verdict_counters slots (mirror: abi.py COUNTER_* and counter_decision; metric labels: agent/export/metrics.py,
  * agent/daemon.py flow losses). Every slot is a fixed number: adding a hook, a verdict or a counter moves no slot.
@@ -143,7 +147,8 @@ enum aimesh_reason {
 #define COUNTER_FASTPATH_UNWATCHED     42   /* fallback: the local peer is not governed */
 #define COUNTER_FASTPATH_MESSAGES      43   /* sendmsg calls handed straight to the peer */
 #define COUNTER_FASTPATH_BYTES         44
-#define COUNTER_SLOTS                  64   /* 45..63 free */
+#define COUNTER_DECISION_KEYS_FULL     45   /* decision_counts full: the decision is in its hook/verdict slot only */
+#define COUNTER_SLOTS                  64   /* 46..63 free */
 _Static_assert(HOOK__MAX <= COUNTER_DECISION_HOOKS, "a new hook needs its own block of decision counter slots");
 _Static_assert(VERDICT__MAX <= COUNTER_DECISION_VERDICTS, "a new verdict does not fit the decision counter stride");
 _Static_assert(COUNTER_DECISION_BASE + COUNTER_DECISION_HOOKS * COUNTER_DECISION_VERDICTS <= COUNTER_DECISION_EVENTS_LOST,
@@ -239,6 +244,18 @@ struct socket_peer_key {
 	__u16 port;            /* backend port, host order */
 	__u16 pad1;
 	__u32 pad2;
+};
+
+/* decision_counts key: every connect, first sendmsg per destination and ingress decision is counted here, per CPU,
+ * and read at scrape time (aimesh_connections_total): exact even when the decision ring is full, and a plain allow
+ * needs no ring event at all. */
+struct decision_count_key {
+	__u32 src;
+	__u32 dst;
+	__u8  hook;
+	__u8  verdict;
+	__u8  deprecated;
+	__u8  pad;
 };
 
 /* One decision, emitted to decision_events. */

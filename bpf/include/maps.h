@@ -50,6 +50,7 @@ AIMESH_MAP("lru_hash", struct local_endpoint_key, struct peer_origin, local_peer
 AIMESH_SOCKHASH(fastpath_sockets, struct sock_tuple, MAX_FASTPATH_SOCKETS);                    /* own 4-tuple -> TCP socket */
 AIMESH_MAP("hash", struct sock_tuple, struct fastpath_state, fastpath_state, MAX_FASTPATH_SOCKETS); /* own 4-tuple -> mode, bytes */
 AIMESH_MAP("percpu_array", __u32, __u64, verdict_counters, COUNTER_SLOTS);                     /* slot -> count (see abi.h) */
+AIMESH_MAP("percpu_hash", struct decision_count_key, __u64, decision_counts, MAX_DECISION_KEYS); /* (src, dst, hook, verdict) -> count */
 AIMESH_RINGBUF(decision_events, RINGBUF_PAGES);                                                /* struct decision_event */
 AIMESH_RINGBUF(agent_events, 16);                                                              /* struct agent_event */
 AIMESH_RINGBUF(flow_events, FLOW_RINGBUF_PAGES);                                               /* struct flow_event */

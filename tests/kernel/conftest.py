@@ -28,8 +28,8 @@ def agents(tmp_path, cgroups):
     from tests.kernel.harness import start_agent
     started = []
 
-    def start(cfg, extra=(), degraded_ok=False):
-        a = start_agent(tmp_path, cgroups.root, cfg, list(extra), degraded_ok=degraded_ok)
+    def start(cfg, extra=(), degraded_ok=False, flow_log=True):
+        a = start_agent(tmp_path, cgroups.root, cfg, list(extra), degraded_ok=degraded_ok, flow_log=flow_log)
         started.append(a)
         return a
 

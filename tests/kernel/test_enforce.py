@@ -204,3 +204,33 @@ def test_a_port_rebound_by_another_workload_loses_the_old_identity(cgroups, agen
         recs = agent.records_where(lambda r: r["destination"]["port"] == port and r["source"]["name"] == "chat")
     assert [r["destination"]["name"] for r in recs] == ["llama", "unmanaged"]
     second.popen.kill()
+
+
+def _value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include all of `labels` (Prometheus text, any label order)."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(w in line.split("}")[0] for w in want):
+                total += float(line.split()[-1])
+    return total
+
+
+def test_connections_are_counted_in_the_kernel_and_plain_allows_make_no_ring_event(cgroups, agents):
+    """Without a flow log, an allowed connect costs no decision event: aimesh_connections_total reads the kernel's
+    per-identity counts at scrape time, exact for allowed and denied alike."""
+    port = free_port()
+    chat, batch, llama = (cgroups.child(n) for n in ("chat", "batch", "llama"))
+    agent = agents(base_config(cgroups, port), flow_log=False)
+    srv = start_server(llama, port, name="llama", count=0)
+    try:
+        assert run_client(chat, port, count=25)["ok"] == 25
+        assert run_client(batch, port, count=7)["errors"] == {"EPERM": 7}
+        time.sleep(0.2)
+        _, m = agent.get("/metrics")
+        assert _value(m, "aimesh_connections_total", source="chat", destination="llama", verdict="allowed") == 25
+        assert _value(m, "aimesh_connections_total", source="batch", destination="llama", verdict="denied") == 7
+        assert _value(m, "aimesh_ring_events_total", ring="decision_events") == 7   # the denials only
+    finally:
+        srv.popen.kill()
