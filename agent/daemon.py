@@ -13,12 +13,20 @@ import logging
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
 
 from agent.config import Config, ConfigError, limits_of, load_config
+from agent.export.flow_metrics import FlowTally
+from agent.export.http import MetricsServer
+from agent.export.metrics import AgentCollector, build_registry
+from agent.flows.log import FlowLog
+from agent.flows.sink import RecordSink, RecordsLogSink
+from agent.identity.assigner import IdentityAssigner
+from agent.identity.cgroups import cgroup2_mount, cgroup_id
+from agent.identity.host import local_address_keys
 from agent.kernel.pins import DatapathDir, PinError, RootLock, check_format, prune_dir, read_manifest, write_manifest
 from agent.errors import AgentError
 from agent.flows.denials import DenialAggregator, denial_record
@@ -141,13 +149,6 @@ class Agent:
         config = load_config(self.opts.config_path)
         self.limits = self.opts.limits or limits_of(config)
         self.agent_id = self.opts.agent_id or config.collector.agent_id or self.node
-        from agent.export.flow_metrics import FlowTally
-        from agent.export.http import MetricsServer
-        from agent.export.metrics import AgentCollector, build_registry
-        from agent.flows.log import FlowLog
-        from agent.identity.assigner import IdentityAssigner
-        from agent.identity.cgroups import cgroup2_mount, cgroup_id
-        from agent.identity.host import local_address_keys
 
         mount = cgroup2_mount()
         root = Path(self.opts.cgroup_root) if self.opts.cgroup_root else mount
@@ -171,8 +172,7 @@ class Agent:
             lock.release()
             raise AgentError(str(e)) from None
         try:
-            return self._run_locked(config, manifest, mount, root, FlowTally, MetricsServer, AgentCollector,
-                                    build_registry, FlowLog, IdentityAssigner, local_address_keys)
+            return self._run_locked(config, manifest, mount, root)
         finally:
             lock.release()
 
@@ -208,8 +208,7 @@ class Agent:
                 "config_generation": self.state["reloads_ok"] + 1, "config_path": str(self.opts.config_path),
                 "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "agent_pid": os.getpid()}
 
-    def _run_locked(self, config, manifest, mount, root, FlowTally, MetricsServer, AgentCollector,
-                    build_registry, FlowLog, IdentityAssigner, local_address_keys) -> int:
+    def _run_locked(self, config: Config, manifest: Optional[dict], mount: Path, root: Path) -> int:
         try:
             self.numbering = IdentityNumbering.from_state((manifest or {}).get("identities"))
         except ValueError as e:
@@ -219,6 +218,9 @@ class Agent:
         self.exporter = build_exporter(config, self.opts)
         self.datapath = dp = self._open_datapath(manifest)
         self.flow_tally = FlowTally(lambda: self.exporter.stats() if self.exporter else None, self._flow_losses)
+        self.sinks: list[RecordSink] = [self.flow_tally] + \
+            ([RecordsLogSink(self.records_log)] if self.records_log.enabled else []) + \
+            ([self.exporter] if self.exporter else [])
         dp.all_decisions = self.flow_log.enabled   # the flow log wants every decision; metrics read the kernel's counts
         collector = AgentCollector(dp.counters, lambda: dp.decision_counts() if self.healthy else {},
                                    lambda: self.identities, self._metrics_state)
@@ -513,11 +515,8 @@ class Agent:
         return addr16 in self._local_addrs or addr16 == LOOPBACK6 or addr16[:13] == LOOPBACK4_PREFIX
 
     def _emit_record(self, rec, counted: bool) -> None:
-        self.flow_tally.add(rec, counted)
-        if self.records_log.enabled:
-            self.records_log.write(asdict(rec))
-        if self.exporter:
-            self.exporter.submit(rec)
+        for sink in self.sinks:
+            sink.emit(rec, counted)
 
     def _drain_udp(self, final: bool = False) -> None:
         """Report UDP traffic since the last drain, per identity pair; forget sockets idle for three windows."""

@@ -361,6 +361,10 @@ class FlowExporter:
         self._thread = threading.Thread(target=self._run, name="flow-exporter", daemon=True)
         self._thread.start()
 
+    def emit(self, record: FlowRecordData, counted: bool) -> None:
+        """RecordSink: queue every record for the collector (a full queue is counted)."""
+        self.submit(record)
+
     def submit(self, record: FlowRecordData) -> bool:
         """Queue a record. False when the queue is full: the record is dropped and counted."""
         with self._cond:

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from agent.export.records import FlowRecordData, IdentityData, RecordKind
+from agent.flows.model import FlowRecordData, IdentityData, RecordKind
 from agent.kernel.abi import Verdict
 
 PAIR_LABELS = ["source", "source_kind", "source_version", "destination", "destination_kind", "destination_version"]
@@ -68,6 +68,10 @@ class FlowTally(Collector):
         self._rtt: dict[tuple, _Hist] = {}
         self._exporter_stats = exporter_stats
         self._flow_counters = flow_counters
+
+    def emit(self, record: FlowRecordData, counted: bool) -> None:
+        """RecordSink: count the record in the metrics."""
+        self.add(record, counted)
 
     def add(self, r: FlowRecordData, observed_by_client: bool) -> None:
         if r.interim or not observed_by_client:

@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Mapping, NamedTuple, Optional
 
-from agent.export.records import FlowRecordData, IdentityData
+from agent.flows.model import FlowRecordData, IdentityData
 from agent.flows.decode import Decision
 from agent.flows.records import decision_record
 from agent.policy.identities import IdentityMeta

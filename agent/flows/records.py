@@ -6,7 +6,7 @@ from functools import lru_cache
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
-from agent.export.records import FlowRecordData, IdentityData, RecordKind
+from agent.flows.model import FlowRecordData, IdentityData, RecordKind
 from agent.flows.decode import DecodeError, format_addr
 from agent.kernel import abi
 from agent.policy.identities import IdentityMeta

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes as ct
 import json
 import os
-import socket
 import time
 
 from tests.kernel.harness import free_port, run_client, start_server

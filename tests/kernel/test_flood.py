@@ -2,7 +2,6 @@
 reload, a sunset and a stop must still act, and the allowed traffic's records all arrive."""
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
