@@ -37,7 +37,7 @@ class SentCall:
     response_model: str
     status: int
     stream: bool
-    input_tokens: int | None
+    input_tokens: int | None    # as sent; None when the response carried no usage
     output_tokens: int | None
     finish_reason: str | None
     error_type: str | None
@@ -175,6 +175,8 @@ class _Handler(BaseHTTPRequestHandler):
         finish = {"openai": "stop", "anthropic": "end_turn", "ollama": "stop"}[proto]
         if len(words) < len(WORDS):
             finish = {"openai": "length", "anthropic": "max_tokens", "ollama": "length"}[proto]
+        if path == "/v1/responses":
+            finish = "completed"      # the Responses API reports a status, not a finish reason
         cut = model == "cut-stream"
         inp = count_words(body)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -188,6 +190,8 @@ class _Handler(BaseHTTPRequestHandler):
         out_tokens = handler(body, served, words, finish, inp, stream, cut, include_usage, path)
         if path.endswith("embeddings") or path.endswith("embed"):
             finish = None
+        if stream and path in ("/v1/chat/completions", "/v1/completions") and not include_usage:
+            inp, out_tokens = None, None       # the server sent no usage: the decoder must not invent one
         self.server.owner._sent(SentCall(self.conn_id, path, model, served, 200, stream, inp, out_tokens,
                                          finish, None, cut))
 
@@ -374,6 +378,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 256     # 50 concurrent connects must not overflow the listen backlog
     owner: "LLMServer"
 
 
