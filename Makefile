@@ -18,6 +18,8 @@ unit: setup
 
 bench: setup
 	$(PY) -m bench.run
+	$(PY) -m bench.restart
+	$(PY) -m bench.flood
 
 clean:
 	rm -rf $(VENV) agent/_gen build *.egg-info
