@@ -45,6 +45,7 @@ POLL_MS = 25          # how often queued decision and flow events are drained (t
 DRAIN_BUDGET = 20000  # records read from one ring per loop turn: signals and reloads are never starved by a flood
 DRAIN_TIME_S = 0.05   # ... and at most this long per turn, so signals, reloads and sunsets act within ~100 ms
 FULL_LOG_EVERY_S = 60  # a full map is logged at once, then at most this often
+MAX_WRITE_BACKLOG = 64  # spool batches queued for the disk before the loop stops reading the rings
 HOUSEKEEPING_S = 15   # prune exited processes and ports no socket holds; refresh the clock offset
 
 
@@ -133,6 +134,8 @@ class Agent:
         self.exporter = None
         self._udp_window = UdpWindow()
         self.denials = DenialAggregator(time.monotonic_ns())
+        self._read_pos: dict[str, int] = {}      # per ring: read up to here, saved and released up to consumer_pos
+        self._write_failures_seen = 0
         self._udp_last = time.monotonic_ns()
 
     # ---- signals only set flags; the loop acts ----
@@ -417,25 +420,32 @@ class Agent:
         """A crash between saving a batch and releasing its ring records: release them now, never read them twice."""
         from agent.kernel.pins import Checkpoint
         self.checkpoint = Checkpoint(self.pins)
-        seq, ring, pos = self.checkpoint.read()
-        if not seq or not ring:
-            return
-        r = self.datapath.rings[ring]
-        if r.consumer_pos < pos <= r.producer_pos and self.exporter.has_spooled(seq):
-            log.info("%s: records up to %d were saved in batch %d before the last agent stopped; moving on",
-                     ring, pos, seq)
-            r.commit(pos)
+        for ring in ("decision_events", "flow_events"):
+            seq, pos = self.checkpoint.read(ring)
+            r = self.datapath.rings[ring]
+            if seq and r.consumer_pos < pos <= r.producer_pos and self.exporter.has_spooled(seq):
+                log.info("%s: records up to %d were saved in batch %d before the last agent stopped; moving on",
+                         ring, pos, seq)
+                r.commit(pos)
 
     def _drain(self, final: bool = False) -> int:
-        """Read the rings in bounded batches (DRAIN_BUDGET records per ring per turn), handle them, then hand the
-        space back to the kernel.
+        """Read the rings in bounded batches (DRAIN_BUDGET records per ring, DRAIN_TIME_S per turn), handle them,
+        and hand the space back to the kernel once they are safe.
 
-        The consumer position moves only after the records are handled and, with a durable exporter, saved in the
-        spool (fsync'd): records the agent has not saved stay in the pinned ring for the next agent."""
+        With a durable exporter, records are released only after the spool writer has them on disk (fsync'd): the
+        loop reads ahead of what is released (self._read_pos) and never waits for the disk; records not yet saved
+        stay in the pinned ring for the next agent. Without one, space is released as soon as they are handled."""
         handlers = (("agent_events", self._on_agent_event), ("decision_events", self._on_decision),
                     ("flow_events", self._on_flow))
-        durable = self.exporter is not None and self.exporter.config.durable
-        step = self.exporter.config.batch_max_records if durable else 1000
+        exp = self.exporter
+        durable = exp is not None and exp.config.durable
+        if durable and exp.write_failures != self._write_failures_seen:
+            # a spool write failed: read again what it did not release (the collector deduplicates nothing here;
+            # those records were never saved)
+            self._write_failures_seen = exp.write_failures
+            self._read_pos.clear()
+            self.degraded["export spool failing"] = "a spool write failed; records are read again"
+        step = exp.config.batch_max_records if durable else 1000
         # the final drain (at stop) reads what is there, for at most 2 s: a flood must not keep the agent from stopping
         deadline = time.monotonic() + (2.0 if final else DRAIN_TIME_S)
         total = 0
@@ -443,10 +453,14 @@ class Agent:
             n = 0
             for name, fn in handlers:
                 ring = self.datapath.rings[name]
+                saved = durable and name != "agent_events"
                 left = DRAIN_BUDGET
                 while left > 0 and time.monotonic() < deadline:
-                    recs, pos = ring.read(min(step, left))
-                    if not recs and pos == ring.consumer_pos:
+                    if saved and exp.write_backlog() > MAX_WRITE_BACKLOG:
+                        break   # the disk is behind: the ring holds the rest
+                    start = self._read_pos.get(name) if saved else None
+                    recs, pos = ring.read(min(step, left), start)
+                    if pos == (start if start is not None and start > ring.consumer_pos else ring.consumer_pos):
                         break
                     for r in recs:
                         try:
@@ -454,18 +468,10 @@ class Agent:
                         except Exception:  # a handler bug must not stop the drain or lose the ring position
                             self.state["decode_errors"] += 1
                             log.exception("%s: handling an event failed", name)
-                    if durable and name != "agent_events":
-                        try:
-                            self.exporter.persist(
-                                lambda seq, name=name, pos=pos: self.checkpoint.write(seq, name, pos),
-                                lambda ring=ring, pos=pos: ring.commit(pos))
-                            self.degraded.pop("export spool failing", None)
-                        except Exception as e:  # noqa: BLE001 - the loop must go on; the ring keeps the records
-                            if "export spool failing" not in self.degraded:
-                                log.error("saving records in the spool failed (%s: %s); they stay in the ring",
-                                          type(e).__name__, e)
-                            self.degraded["export spool failing"] = str(e)
-                            break
+                    if saved:
+                        self._read_pos[name] = pos
+                        exp.persist(lambda seq, name=name, pos=pos: self.checkpoint.write(seq, name, pos),
+                                    lambda ring=ring, pos=pos: ring.commit(pos))
                     else:
                         ring.commit(pos)
                     n += len(recs)

@@ -10,6 +10,8 @@
 static __always_inline struct agent_event *agent_reserve(void)
 {
 	struct agent_event *ev = agent_events.ringbuf_reserve(sizeof(struct agent_event));
+	if (!ev)   /* one retry: a reservation can fail with room to spare under contention (see flow_reserve) */
+		ev = agent_events.ringbuf_reserve(sizeof(struct agent_event));
 	if (!ev)
 		counter_add(COUNTER_AGENT_EVENTS_LOST);
 	return ev;

@@ -22,6 +22,7 @@ split in halves (new sequences: it was not stored), down to single records, whic
 from __future__ import annotations
 
 import bisect
+import queue
 import logging
 import os
 import random
@@ -315,6 +316,9 @@ class FlowExporter:
         # them. persist() holds it from writing a batch until its caller's after() ran, so the sender cannot send and
         # delete a batch whose source (a ring position) has not been released yet.
         self._lock = threading.RLock()
+        self._writes: "queue.Queue" = queue.Queue()   # persist() -> the spool writer thread (durable mode)
+        self._writer: threading.Thread | None = None
+        self.write_failures = 0
         # Shared with submit()/flush()/close(), under _cond:
         self._incoming: deque[FlowRecordData] = deque()
         self._counters = _Counters()
@@ -360,6 +364,9 @@ class FlowExporter:
         )
         self._thread = threading.Thread(target=self._run, name="flow-exporter", daemon=True)
         self._thread.start()
+        if cfg.durable:
+            self._writer = threading.Thread(target=self._writer_loop, name="spool-writer", daemon=True)
+            self._writer.start()
 
     def emit(self, record: FlowRecordData, counted: bool) -> None:
         """RecordSink: queue every record for the collector (a full queue is counted)."""
@@ -383,43 +390,90 @@ class FlowExporter:
         """Queue records; returns how many were accepted."""
         return sum(1 for r in records if self.submit(r))
 
-    def persist(self, before: Callable[[int], None] | None = None, after: Callable[[], None] | None = None) -> int:
-        """Durable mode: seal every record submitted so far into spool batches now, on the caller's thread.
-
-        before(sequence) runs before the last batch is written, after() once every batch is on disk (fsync'd), both
-        under the spool lock. Returns how many records were written; after() runs even when there were none."""
+    def persist(self, before: Callable[[int], None] | None = None, after: Callable[[], None] | None = None) -> None:
+        """Durable mode: seal every record submitted so far into spool batches. The spool writer thread writes and
+        fsyncs them in order, so the caller (the agent's main loop) never waits for the disk; before(sequence) runs
+        there before the last batch is written, after() once every batch is on disk (both under the spool lock, so
+        the sender cannot send and delete a batch before after() ran). after() is not called if the write failed
+        (write_failures counts it): the caller then reads its source again."""
         if not self.config.durable:
             raise RuntimeError("persist() is for durable exporters")
         with self._cond:
             incoming, self._incoming = self._incoming, deque()
-        msgs: list[flow_pb2.FlowRecord] = []
-        invalid = 0
-        for rec in incoming:
-            try:
-                msgs.append(to_proto(rec))
-            except ValueError as e:
-                invalid += 1
-                log.debug("dropping a flow record: %s", e)
-        if invalid:
-            self._count(invalid_records=invalid)
-        step = self.config.batch_max_records
-        with self._lock:
-            assert self._spool is not None
-            chunks = [msgs[i:i + step] for i in range(0, len(msgs), step)]
-            for i, part in enumerate(chunks):
-                seq = self._take_sequence()
-                if before is not None and i == len(chunks) - 1:
-                    before(seq)
-                if not self._spool.put(SealedBatch(seq, encode_batch(self.config.agent_id, seq, part), len(part))):
-                    self._count(dropped_spool_full=len(part))
-                    log.warning("spool full: dropped a batch of %d records", len(part))
-            if after is not None:
-                after()
+        if self._writer is None:          # not started (or closed): write on the caller's thread
+            self._write_item((list(incoming), before, after))
+        else:
+            self._writes.put((list(incoming), before, after))
+
+    def write_backlog(self) -> int:
+        """persist() calls not yet on disk (the agent stops reading its rings while this is long)."""
+        return self._writes.qsize()
+
+    def _writer_loop(self) -> None:
+        """Group commit: everything queued meanwhile goes into one batch and one fsync (the disk sets the pace)."""
+        while True:
+            item = self._writes.get()
+            if item is None:
+                return
+            items = [item]
+            stop = False
+            cap = 4 * self.config.batch_max_records
+            while sum(len(i[0]) for i in items) < cap:
+                try:
+                    nxt = self._writes.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                items.append(nxt)
+            self._write_items(items)
+            if stop:
+                return
+
+    def _write_item(self, item) -> None:
+        self._write_items([item])
+
+    def _write_items(self, items) -> None:
+        """One batch (more if the records exceed 4 x batch_max_records) for several persist() calls: every before()
+        runs before it is written, every after() once it is on disk."""
+        try:
+            msgs: list[flow_pb2.FlowRecord] = []
+            invalid = 0
+            for incoming, _b, _a in items:
+                for rec in incoming:
+                    try:
+                        msgs.append(to_proto(rec))
+                    except ValueError as e:
+                        invalid += 1
+                        log.debug("dropping a flow record: %s", e)
+            if invalid:
+                self._count(invalid_records=invalid)
+            step = 4 * self.config.batch_max_records
+            with self._lock:
+                assert self._spool is not None
+                chunks = [msgs[i:i + step] for i in range(0, len(msgs), step)]
+                for i, part in enumerate(chunks):
+                    seq = self._take_sequence()
+                    if i == len(chunks) - 1:
+                        for _r, before, _a in items:
+                            if before is not None:
+                                before(seq)
+                    batch = SealedBatch(seq, encode_batch(self.config.agent_id, seq, part), len(part))
+                    if not self._spool.put(batch):
+                        self._count(dropped_spool_full=len(part))
+                        log.warning("spool full: dropped a batch of %d records", len(part))
+                for _r, _b, after in items:
+                    if after is not None:
+                        after()
+        except Exception:  # noqa: BLE001 - counted; the caller re-reads what after() did not release
+            self.write_failures += 1
+            log.exception("writing records to the spool failed")
+            return
         if msgs:
             with self._cond:
                 self._idle = False
                 self._cond.notify_all()
-        return len(msgs)
 
     def has_spooled(self, sequence: int) -> bool:
         """Whether the spool holds this batch (a restarted agent checks its last checkpoint with it)."""
@@ -447,6 +501,11 @@ class FlowExporter:
     def close(self, timeout: float | None = None) -> ExporterStats:
         """Stop: send what can be sent within timeout (default close_timeout_s), spool the rest. Idempotent."""
         wait = self.config.close_timeout_s if timeout is None else timeout
+        if self._writer is not None and not self._closed:   # what persist() queued goes to disk first
+            self.persist()
+            self._writes.put(None)
+            self._writer.join()
+            self._writer = None
         with self._cond:
             if self._closed:
                 return self._stats_locked()
@@ -725,7 +784,9 @@ class FlowExporter:
     def _finish(self) -> None:
         """Seal what is left and put unsent memory batches in the spool (or count them dropped)."""
         if self.config.durable:
-            self.persist()
+            with self._cond:
+                left, self._incoming = self._incoming, deque()
+            self._write_item((list(left), None, None))
         with self._cond:
             incoming, self._incoming = self._incoming, deque()
         self._absorb(incoming)

@@ -212,37 +212,39 @@ def prune_dir(path: Path, keep: set[str]) -> list[str]:
 
 
 class _CheckpointValue(ct.Structure):
-    _fields_ = [("sequence", ct.c_uint64), ("ring", ct.c_uint64), ("position", ct.c_uint64), ("pad", ct.c_uint64)]
+    _fields_ = [("sequence", ct.c_uint64), ("position", ct.c_uint64)]
 
 
 RING_INDEX = {"decision_events": 1, "flow_events": 2, "agent_events": 3}
 
 
 class Checkpoint:
-    """The last spool batch the agent wrote from a ring, and the ring position after its records.
+    """Per ring: the last spool batch the agent wrote records of that ring into, and the ring position after them.
 
-    Written before the batch goes to disk, in a pinned array map: it lives exactly as long as the rings do (a
-    reboot clears both). A restarted agent whose ring is still behind that position, while the spool holds that
-    batch, knows the batch's records were saved but the ring not yet told: it moves the ring on instead of
+    Written before the batch goes to disk, in a pinned array map (one slot per ring): it lives exactly as long as
+    the rings do (a reboot clears both). A restarted agent whose ring is still behind that position, while the spool
+    holds that batch, knows the records were saved but the ring not yet told: it moves the ring on instead of
     reading them again (exactly once across a crash between the two)."""
 
     def __init__(self, d: DatapathDir) -> None:
         path = d.path / "checkpoint"
         try:
             self.fd = bpfsys.obj_get(str(path))
+            if bpfsys.map_info(self.fd).value_size != ct.sizeof(_CheckpointValue):
+                os.close(self.fd)
+                os.unlink(path)
+                raise bpfsys.BpfError(2, "old checkpoint layout")
         except bpfsys.BpfError:
-            self.fd = bpfsys.map_create_array("aimesh_ckpt", ct.sizeof(_CheckpointValue), 1)
+            self.fd = bpfsys.map_create_array("aimesh_ckpt", ct.sizeof(_CheckpointValue), len(RING_INDEX) + 1)
             bpfsys.obj_pin(self.fd, str(path))
 
-    def read(self) -> tuple[int, str, int]:
+    def read(self, ring: str) -> tuple[int, int]:
         v = _CheckpointValue()
-        bpfsys.map_lookup(self.fd, ct.c_uint32(0), v)
-        ring = {i: n for n, i in RING_INDEX.items()}.get(v.ring, "")
-        return v.sequence, ring, v.position
+        bpfsys.map_lookup(self.fd, ct.c_uint32(RING_INDEX[ring]), v)
+        return v.sequence, v.position
 
     def write(self, sequence: int, ring: str, position: int) -> None:
-        v = _CheckpointValue(sequence, RING_INDEX[ring], position, 0)
-        if bpfsys.map_update(self.fd, ct.c_uint32(0), v) < 0:
+        if bpfsys.map_update(self.fd, ct.c_uint32(RING_INDEX[ring]), _CheckpointValue(sequence, position)) < 0:
             raise PinError("cannot write the export checkpoint")
 
     def close(self) -> None:

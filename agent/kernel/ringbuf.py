@@ -24,6 +24,7 @@ from __future__ import annotations
 import mmap
 import select
 import struct
+from typing import Optional
 
 BPF_MAP_TYPE_RINGBUF = 27
 RINGBUF_BUSY_BIT = 1 << 31
@@ -143,17 +144,22 @@ class RingReader:
         """Bytes reserved by the producer and not yet committed by a reader (including records still BUSY)."""
         return _POS.unpack_from(self._prod_mm, 0)[0] - _POS.unpack_from(self._cons_mm, 0)[0]
 
-    def read(self, max_records: int) -> tuple[list[bytes], int]:
-        """Up to max_records committed records from the consumer position on, as bytes (copies of the payload,
-        without the 8-byte header); discarded records are skipped (counted in self.discarded), a BUSY record stops
-        the walk. Returns (records, position after the last record walked). Does NOT advance the consumer position."""
+    def read(self, max_records: int, start: Optional[int] = None) -> tuple[list[bytes], int]:
+        """Up to max_records committed records from the consumer position on (or from `start`, a position between
+        the consumer and the producer returned by an earlier read: a reader that saves records asynchronously reads
+        ahead of what it has committed), as bytes (copies of the payload, without the 8-byte header); discarded
+        records are skipped (counted in self.discarded), a BUSY record stops the walk. Returns (records, position
+        after the last record walked). Does NOT advance the consumer position."""
         out: list[bytes] = []
-        return out, self.read_into(max_records, out)
+        return out, self.read_into(max_records, out, start)
 
-    def read_into(self, max_records: int, out: list[bytes]) -> int:
+    def read_into(self, max_records: int, out: list[bytes], start: Optional[int] = None) -> int:
         """read(), appending to out; returns the position after the last record walked."""
+        cons = _POS.unpack_from(self._cons_mm, 0)[0]
+        if start is None or start < cons:
+            start = cons
         pos, discarded = walk(self._hdr32, self._prod_mm, self._base, self._mask,
-                              _POS.unpack_from(self._cons_mm, 0)[0], _POS.unpack_from(self._prod_mm, 0)[0],
+                              start, _POS.unpack_from(self._prod_mm, 0)[0],
                               max_records, out, self._walked)
         if discarded:
             self.discarded += discarded

@@ -46,6 +46,8 @@ static __always_inline int decision_event_wanted(const struct runtime_config *cf
 static __always_inline struct decision_event *decision_reserve(void)
 {
 	struct decision_event *ev = decision_events.ringbuf_reserve(sizeof(struct decision_event));
+	if (!ev)   /* one retry: a reservation can fail with room to spare under contention (see flow_reserve) */
+		ev = decision_events.ringbuf_reserve(sizeof(struct decision_event));
 	if (!ev)
 		counter_add(COUNTER_DECISION_EVENTS_LOST);
 	return ev;

@@ -153,3 +153,45 @@ def test_clear_errors(cgroups, tmp_path):
     r = _aimesh("agent", "--config", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "cannot read" in r.stderr
     assert attached_programs(cgroups.root) == []
+
+
+def test_a_vanished_cgroup_root_degrades_health(cgroups, tmp_path):
+    """The agent governs a subtree that is then removed: /healthz turns degraded and says why."""
+    from tests.kernel.harness import start_agent
+    sub = cgroups.child("sub")
+    agent = start_agent(tmp_path, sub, base_config(cgroups, 18000))
+    try:
+        sub.rmdir()
+        deadline = time.monotonic() + 5
+        while True:
+            code, body = agent.get("/healthz")
+            if code == 503 and "cgroup root gone" in body:
+                break
+            assert time.monotonic() < deadline, (code, body)
+            time.sleep(0.2)
+        assert agent.get("/livez")[0] == 200          # alive, but not ready
+        assert "is gone: nothing is enforced there" in agent.log()
+    finally:
+        agent.stop()
+        # the datapath's pins outlive the cgroup: remove them by the id the agent used
+        import json
+        import subprocess
+        import sys as _sys
+        st = json.loads(subprocess.run([_sys.executable, "-m", "agent", "status", "-o", "json"], capture_output=True,
+                                       text=True, cwd=REPO).stdout)
+        from agent.kernel.install import uninstall
+        from agent.kernel.pins import DatapathDir
+        from pathlib import Path
+        for d in st:
+            if (d.get("manifest") or {}).get("cgroup_root") == str(sub):
+                uninstall(DatapathDir(Path(d["path"])))
+
+
+def test_a_changed_collector_section_is_refused_on_reload(cgroups, agents):
+    cfg = base_config(cgroups, 18000)
+    agent = agents(cfg)
+    changed = dict(cfg, collector={"address": "127.0.0.1:1", "spool_dir": None})
+    agent.reload(changed, expect="config reload rejected")
+    assert "collector: changed" in agent.log()
+    _, metrics = agent.get("/metrics")
+    assert 'aimesh_config_reloads_total{result="failed"} 1.0' in metrics

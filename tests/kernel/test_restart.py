@@ -238,3 +238,36 @@ def test_every_flow_record_around_a_kill9_reaches_the_collector_exactly_once(cgr
         srv.popen.kill()
     finally:
         coll.stop()
+
+
+def test_a_kill9_during_a_collector_outage_loses_nothing(cgroups, agents, tmp_path):
+    """Records queued while the collector is down are on disk (spool, fsync'd), not in the agent's memory."""
+    from tests.kernel.test_collector_e2e import Collector
+    coll = Collector(tmp_path, free_port())
+    coll.start()
+    try:
+        port = free_port()
+        chat, batch, llama, srv = _setup(cgroups, port)
+        cfg = base_config(cgroups, port, collector={"spool_dir": str(tmp_path / "spool"), "flush_interval": 0.2,
+                                                    "batch_size": 50, "token_file": str(coll.token_file)},
+                          telemetry={"interim_interval": 0, "udp_window": 1})
+        extra = ["--collector", f"127.0.0.1:{coll.port}", "--agent-id", "node-o"]
+        agent = agents(cfg, extra)
+        coll.stop()                                          # the outage
+        made = run_client(chat, port, count=300)["ok"]
+        assert made == 300
+        time.sleep(0.5)                                      # the agent has read and spooled them
+        agent.popen.send_signal(signal.SIGKILL)
+        agent.popen.wait()
+        coll.start()
+        agents(cfg, extra)
+        deadline = time.monotonic() + 20
+        while True:
+            client_side = [r for r in coll.records() if r.source.name == "chat" and r.hook == 1 and not r.interim]
+            if len(client_side) >= made or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert len({r.cookie for r in client_side}) == len(client_side) == made
+        srv.popen.kill()
+    finally:
+        coll.stop()
