@@ -56,11 +56,13 @@ static __always_inline void flow_fill_origin(struct flow_event *ev, const struct
 }
 
 /* A reservation can fail with room to spare: since 6.15 the ring's lock is a resilient spinlock that gives up
- * under contention between CPUs (seen here: a few records per 100k at 12k/s with the ring 2% full). One retry
- * takes those; a full ring still fails twice and is counted. */
+ * under contention between CPUs (seen here: a few records per 100k at 12k/s with the ring 2% full). Two retries
+ * take nearly all of those; a full ring still fails each time and is counted. */
 static __always_inline struct flow_event *flow_reserve(void)
 {
 	struct flow_event *ev = flow_events.ringbuf_reserve(sizeof(struct flow_event));
+	if (!ev)
+		ev = flow_events.ringbuf_reserve(sizeof(struct flow_event));
 	if (!ev)
 		ev = flow_events.ringbuf_reserve(sizeof(struct flow_event));
 	if (!ev)
