@@ -27,6 +27,7 @@ from agent.flows.sink import RecordSink, RecordsLogSink
 from agent.identity.assigner import IdentityAssigner
 from agent.identity.cgroups import cgroup2_mount, cgroup_id
 from agent.identity.host import local_address_keys
+from agent.kernel.pins import FORMAT as PIN_FORMAT
 from agent.kernel.pins import DatapathDir, PinError, RootLock, check_format, prune_dir, read_manifest, write_manifest
 from agent.errors import AgentError
 from agent.flows.denials import DenialAggregator, denial_record
@@ -206,7 +207,7 @@ class Agent:
 
     def manifest(self) -> dict:
         from agent import __version__
-        return {"format": 1, "aimesh_version": __version__, "cgroup_root": str(self.root),
+        return {"format": PIN_FORMAT, "aimesh_version": __version__, "cgroup_root": str(self.root),
                 "build": self.build, "identities": self.numbering.to_state(),
                 "config_generation": self.state["reloads_ok"] + 1, "config_path": str(self.opts.config_path),
                 "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "agent_pid": os.getpid()}
@@ -458,9 +459,9 @@ class Agent:
                 while left > 0 and time.monotonic() < deadline:
                     if saved and exp.write_backlog() > MAX_WRITE_BACKLOG:
                         break   # the disk is behind: the ring holds the rest
-                    start = self._read_pos.get(name) if saved else None
+                    start = self._read_pos.get(name, 0) if saved else 0
                     recs, pos = ring.read(min(step, left), start)
-                    if pos == (start if start is not None and start > ring.consumer_pos else ring.consumer_pos):
+                    if pos <= max(start, ring.consumer_pos):   # nothing new (commits never pass what was read)
                         break
                     for r in recs:
                         try:
