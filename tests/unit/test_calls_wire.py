@@ -104,3 +104,15 @@ def test_values_that_do_not_fit_are_named() -> None:
     assert msg.cookie == 5 and msg.actual_destination.version == "v1"  # actual defaults to the dialed identity
     with pytest.raises(ValueError, match="protocol 9"):
         from_proto(model_call_pb2.ModelCall(protocol=9, operation=1))  # type: ignore[arg-type]
+
+
+def test_protocol_and_operation_mirror_the_proto_enums() -> None:
+    """llm.Protocol / llm.Operation and LlmProtocol / LlmOperation name the same values, both ways."""
+    assert {f"LLM_PROTOCOL_{p.name}" for p in Protocol} | {"LLM_PROTOCOL_UNSPECIFIED"} == set(
+        model_call_pb2.LlmProtocol.keys())
+    assert {f"LLM_OPERATION_{o.name}" for o in Operation} | {"LLM_OPERATION_UNSPECIFIED"} == set(
+        model_call_pb2.LlmOperation.keys())
+    for p in Protocol:
+        for o in Operation:
+            back, _ = from_proto(to_proto(full_record(protocol=p, operation=o), SRC, DST))
+            assert (back.protocol, back.operation) == (p, o)
