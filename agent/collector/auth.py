@@ -8,7 +8,7 @@
 Principals:
 - open: the collector runs with authentication disabled (--no-auth); anything goes.
 - operator: the shared token (or, with mutual TLS only, any client certificate): push, list, follow.
-- agent: a token from --agent-tokens: push for its own agent_id, health; no listing.
+- agent: a token from --agent-tokens: push (flows and model calls) for its own agent_id, health; no listing.
 - probe: no credentials, from a loopback address, calling Health/Check only (kubelet-style probes cannot send a
   token; the answer is one serving status). Health/Watch holds a stream and needs credentials like everything else.
 With mutual TLS, a push's agent_id must also be the client certificate's CN or one of its SANs.
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 PUSH = "/aimesh.v1.FlowCollector/Push"
+PUSH_CALLS = "/aimesh.v1.FlowCollector/PushCalls"
+PUSHES = frozenset({PUSH, PUSH_CALLS})  # the methods agents call: authorized by the batch's agent_id
 TOKEN_BYTES = 32  # of randomness in a created token (43 characters of URL-safe base64)
 MAX_AGENT_ID = 253
 
@@ -247,7 +249,7 @@ class Authenticator:
                 grpc.StatusCode.UNAUTHENTICATED, "unauthenticated", "missing bearer token")  # fmt: skip
         if method.startswith(HEALTH_PREFIX):
             return None
-        if method == PUSH:
+        if method in PUSHES:
             allowed = principal.agent_ids
             if allowed is not None and push_agent_id not in allowed:
                 return Denial(grpc.StatusCode.PERMISSION_DENIED, "forbidden",

@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +35,8 @@ from agent.collector.units import (
 )
 
 if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
     from agent._gen.aimesh.v1 import collector_pb2, flow_pb2
 
 DEFAULT_PORT = 4790
@@ -112,7 +115,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         help="list or follow flows stored by the collector",
         description="Show flow records from the collector, like `hubble observe`.",
     )
-    f.add_argument("--collector", default=DEFAULT_COLLECTOR, metavar="HOST:PORT", help=f"default {DEFAULT_COLLECTOR}")
     f.add_argument("--from", dest="from_", metavar="ID", help="source identity: [KIND/]NAME[@VERSION]")
     f.add_argument("--to", metavar="ID", help="destination identity (dialed or reached): [KIND/]NAME[@VERSION]")
     f.add_argument("--verdict", type=_verdicts_arg, action="append", metavar="V",
@@ -123,14 +125,24 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
                    help="the newest N flows (default 20; 0 = all); --follow: N of backlog (default: none)")  # fmt: skip
     f.add_argument("--follow", "-f", action="store_true", help="keep printing new flows as they arrive")
     f.add_argument("-o", "--output", choices=("table", "json"), default="table", help="default table")
-    f.add_argument("--tls", action="store_true", help="use TLS (implied by --tls-ca/--tls-cert)")
-    f.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA bundle to verify the collector (default: system)")
-    f.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (mTLS)")
-    f.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key (mTLS)")
-    f.add_argument("--tls-server-name", metavar="NAME", help="name to verify the collector's certificate against")
-    _add_token_options(f)
-    f.add_argument("--timeout", type=_duration_arg, default="30s", metavar="DUR", help="deadline of a listing")
+    add_client_options(f)
     f.set_defaults(func=run_flows)
+
+    from agent.collector.calls_cli import add_calls_command  # it imports this module
+
+    add_calls_command(subparsers)
+
+
+def add_client_options(p: argparse.ArgumentParser) -> None:
+    """How a listing command reaches the collector: address, TLS, token, deadline."""
+    p.add_argument("--collector", default=DEFAULT_COLLECTOR, metavar="HOST:PORT", help=f"default {DEFAULT_COLLECTOR}")
+    p.add_argument("--tls", action="store_true", help="use TLS (implied by --tls-ca/--tls-cert)")
+    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA bundle to verify the collector (default: system)")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (mTLS)")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key (mTLS)")
+    p.add_argument("--tls-server-name", metavar="NAME", help="name to verify the collector's certificate against")
+    _add_token_options(p)
+    p.add_argument("--timeout", type=_duration_arg, default="30s", metavar="DUR", help="deadline of a listing")
 
 
 # --- validated options --------------------------------------------------------------------------------------------
@@ -330,31 +342,37 @@ def format_line(cells: Sequence[str], widths: Sequence[int]) -> str:
     return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
 
 
-def table_widths(rows: Iterable[Sequence[str]]) -> list[int]:
-    widths = [len(h) for h in HEADER]
+def table_widths(rows: Iterable[Sequence[str]], header: Sequence[str] = HEADER) -> list[int]:
+    widths = [len(h) for h in header]
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row)]
     return widths
 
 
 class TablePrinter:
-    """Prints flows as a table. The first `buffer` rows size the columns; later rows use those widths."""
+    """Prints flows (or, given cells/header/follow_widths, other records) as a table. The first `buffer` rows size
+    the columns; later rows use those widths. buffer 0 (following): fixed widths, each row at once."""
 
-    def __init__(self, out: TextIO, tz: tzinfo | None = None, buffer: int = 200) -> None:
+    def __init__(self, out: TextIO, tz: tzinfo | None = None, buffer: int = 200, *,
+                 cells: Callable[[Any, tzinfo | None], list[str]] | None = None, header: Sequence[str] = HEADER,
+                 follow_widths: Sequence[int] = _FOLLOW_WIDTHS, empty: str = "no flows") -> None:  # fmt: skip
         self._out = out
         self._tz = tz
         self._buffer = buffer
+        self._cells = cells if cells is not None else flow_cells
+        self._header = list(header)
+        self._empty = empty
         self._rows: list[list[str]] = []
-        self._widths: list[int] | None = None if buffer > 0 else list(_FOLLOW_WIDTHS)
+        self._widths: list[int] | None = None if buffer > 0 else list(follow_widths)
         if self._widths is not None:
-            self._emit(HEADER)
+            self._emit(self._header)
 
     def _emit(self, cells: Sequence[str]) -> None:
         assert self._widths is not None
         self._out.write(format_line(cells, self._widths) + "\n")
 
-    def add(self, rec: flow_pb2.FlowRecord) -> None:
-        cells = flow_cells(rec, self._tz)
+    def add(self, rec: Any) -> None:
+        cells = self._cells(rec, self._tz)
         if self._widths is not None:
             self._emit(cells)
             self._out.flush()
@@ -364,8 +382,8 @@ class TablePrinter:
             self._release()
 
     def _release(self) -> None:
-        self._widths = table_widths(self._rows)
-        self._emit(HEADER)
+        self._widths = table_widths(self._rows, self._header)
+        self._emit(self._header)
         for row in self._rows:
             self._emit(row)
         self._rows.clear()
@@ -376,25 +394,58 @@ class TablePrinter:
             if self._rows:
                 self._release()
             else:
-                self._out.write("no flows\n" if self._out.isatty() else "")
+                self._out.write(f"{self._empty}\n" if self._out.isatty() else "")
         self._out.flush()
 
 
+def enum_prefix(enum_name: str) -> str:
+    """The prefix protobuf style puts on an enum's values: RecordKind -> "RECORD_KIND_". Pure."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", enum_name).upper() + "_"
+
+
+def message_json(msg: Message, numbers: Iterable[str] = ()) -> dict[str, Any]:
+    """The proto3 JSON mapping of msg with its field names (defaults omitted), except that enum values read as the
+    flow log writes them, lower case without their prefix (`"verdict": "denied"`, `"kind": "decision"`,
+    `"protocol": "tcp"`), like `hubble observe -o json`; a value this version does not know stays a number. The
+    top-level fields in `numbers` are JSON numbers instead of the mapping's strings for 64-bit integers."""
+    from google.protobuf import json_format
+
+    obj = json_format.MessageToDict(msg, preserving_proto_field_name=True, use_integers_for_enums=True)
+    _name_enums(msg, obj)
+    for name in numbers:
+        if name in obj:
+            obj[name] = int(obj[name])
+    return obj
+
+
+def _name_enums(msg: Message, obj: dict[str, Any]) -> None:
+    for fd in msg.DESCRIPTOR.fields:
+        if fd.name not in obj:
+            continue
+        if fd.enum_type is not None:
+            prefix = enum_prefix(fd.enum_type.name)
+
+            def name(v: int, et: Any = fd.enum_type, prefix: str = prefix) -> str | int:
+                value = et.values_by_number.get(v)
+                return value.name.removeprefix(prefix).lower() if value is not None else v
+
+            obj[fd.name] = [name(v) for v in obj[fd.name]] if isinstance(obj[fd.name], list) else name(obj[fd.name])
+        elif fd.message_type is not None and isinstance(obj[fd.name], dict):
+            _name_enums(getattr(msg, fd.name), obj[fd.name])
+
+
 class JsonPrinter:
-    """One JSON object per line: the proto3 JSON mapping of FlowRecord with its field names (defaults omitted).
+    """One JSON object per line: message_json of each record.
 
-    One exception: `count` (decisions an aggregated record stands for) is a JSON number, not the mapping's string
-    for 64-bit integers: it is the field people sum and compare, and it never comes near 2^53."""
+    `count` (decisions an aggregated flow record stands for) is a JSON number, not the mapping's string for 64-bit
+    integers: it is the field people sum and compare, and it never comes near 2^53. `numbers` names such fields."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, numbers: Iterable[str] = ("count",)) -> None:
         self._out = out
+        self._numbers = tuple(numbers)
 
-    def add(self, rec: flow_pb2.FlowRecord) -> None:
-        from google.protobuf import json_format
-
-        obj = json_format.MessageToDict(rec, preserving_proto_field_name=True)
-        if "count" in obj:
-            obj["count"] = int(obj["count"])
+    def add(self, rec: Message) -> None:
+        obj = message_json(rec, self._numbers)
         self._out.write(json.dumps(obj, separators=(",", ":")) + "\n")
         self._out.flush()
 
@@ -440,43 +491,46 @@ def build_query(opts: FlowsOptions, now_ns: int) -> collector_pb2.FlowQuery:
     return q
 
 
-def run_flows(args: argparse.Namespace, out: TextIO | None = None, tz: tzinfo | None = None) -> int:
-    """`aimesh flows`: print stored flows, or follow new ones."""
-    stdout = out if out is not None else sys.stdout
+class Printer:
+    """What a listing command prints records with (TablePrinter, JsonPrinter, or a summary)."""
+
+    def add(self, rec: Any) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+# (options, stub, call metadata) -> (the response stream, what prints it)
+Listing = Callable[[Any, Any, Sequence[tuple[str, str]]], tuple[Any, "Printer | TablePrinter | JsonPrinter"]]
+
+
+def run_listing(command: str, options: type[FlowsOptions], args: argparse.Namespace, listing: Listing) -> int:
+    """The body of a listing command (`flows`, `calls`): validate the options, open the channel, print what the
+    stream sends; one-line errors, exit codes, ^C and a closed pipe handled alike."""
     try:
         import grpc
 
         from agent._gen.aimesh.v1 import collector_pb2_grpc
         from agent.collector.channel import ClientTls, call_metadata, open_channel, read_token
     except ImportError as e:
-        return _generated_missing("flows", e)
+        return _generated_missing(command, e)
     stream = None
     channel = None
     try:
-        opts = parse_options(FlowsOptions, args)
+        opts = parse_options(options, args)
         token = read_token(opts.token, opts.token_file)
-        query = build_query(opts, time.time_ns())
         tls = ClientTls(opts.tls_ca, opts.tls_cert, opts.tls_key, opts.tls_server_name) if opts.uses_tls else None
         channel = open_channel(opts.collector, tls)
         stub = collector_pb2_grpc.FlowCollectorStub(channel)
-        metadata = call_metadata(token)
-        if opts.follow:
-            stream = stub.Follow(query, metadata=metadata, wait_for_ready=False)
-            printer: TablePrinter | JsonPrinter = (
-                JsonPrinter(stdout) if opts.output == "json" else TablePrinter(stdout, tz, buffer=0)
-            )
-        else:
-            stream = stub.ListFlows(query, metadata=metadata, timeout=opts.timeout / 1e9)
-            printer = JsonPrinter(stdout) if opts.output == "json" else TablePrinter(stdout, tz)
+        stream, printer = listing(opts, stub, call_metadata(token))
         for rec in stream:
             printer.add(rec)
         printer.finish()
         return EXIT_OK
     except ConfigError as e:
-        _error("flows", e)
+        _error(command, e)
         return EXIT_USAGE
     except grpc.RpcError as e:
-        _error("flows", _rpc_message(e, args.collector))
+        _error(command, _rpc_message(e, args.collector))
         return EXIT_FAILURE
     except KeyboardInterrupt:
         if stream is not None:
@@ -490,6 +544,25 @@ def run_flows(args: argparse.Namespace, out: TextIO | None = None, tz: tzinfo | 
     finally:
         if channel is not None:
             channel.close()
+
+
+def run_flows(args: argparse.Namespace, out: TextIO | None = None, tz: tzinfo | None = None) -> int:
+    """`aimesh flows`: print stored flows, or follow new ones."""
+    stdout = out if out is not None else sys.stdout
+
+    def listing(opts: FlowsOptions, stub: Any, metadata: Sequence[tuple[str, str]]) -> tuple[Any, Any]:
+        query = build_query(opts, time.time_ns())
+        if opts.follow:
+            stream = stub.Follow(query, metadata=metadata, wait_for_ready=False)
+            printer: TablePrinter | JsonPrinter = (
+                JsonPrinter(stdout) if opts.output == "json" else TablePrinter(stdout, tz, buffer=0)
+            )
+        else:
+            stream = stub.ListFlows(query, metadata=metadata, timeout=opts.timeout / 1e9)
+            printer = JsonPrinter(stdout) if opts.output == "json" else TablePrinter(stdout, tz)
+        return stream, printer
+
+    return run_listing("flows", FlowsOptions, args, listing)
 
 
 def _rpc_message(e: Any, target: str) -> str:

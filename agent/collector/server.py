@@ -220,8 +220,15 @@ class CollectorServer:
             self.metrics.retention_deleted.labels("age").inc(result.deleted_by_age)
         if result.deleted_by_size:
             self.metrics.retention_deleted.labels("size").inc(result.deleted_by_size)
+        if result.calls_deleted_by_age:
+            self.metrics.calls_retention_deleted.labels("age").inc(result.calls_deleted_by_age)
+        if result.calls_deleted_by_size:
+            self.metrics.calls_retention_deleted.labels("size").inc(result.calls_deleted_by_size)
         if result.deleted_by_age or result.deleted_by_size:
             log.info("retention deleted %d flows by age, %d by size", result.deleted_by_age, result.deleted_by_size)
+        if result.calls_deleted_by_age or result.calls_deleted_by_size:
+            log.info("retention deleted %d model calls by age, %d by size", result.calls_deleted_by_age,
+                     result.calls_deleted_by_size)  # fmt: skip
 
     def _retention_loop(self) -> None:
         while not self._stop_retention.wait(self.config.retention_interval_s):

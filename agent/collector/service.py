@@ -1,5 +1,8 @@
 """The gRPC side of the collector: aimesh.v1.FlowCollector and grpc.health.v1.Health over a FlowStore.
 
+Flows (Push, ListFlows, Follow) and model calls (PushCalls, ListCalls, FollowCalls; their mapping and checks in
+agent/collector/calls.py) follow the same rules: one guard, exactly-once batches, per-field validation.
+
 Handlers are built from the service descriptors (service_handler) rather than the generated add_*_to_server, so
 that every call goes through one CallGuard first: authentication and authorization (agent/collector/auth.py), a
 request that does not parse answered INVALID_ARGUMENT (instead of gRPC's logged INTERNAL error), and a cap on
@@ -29,7 +32,9 @@ from agent._gen.aimesh.v1 import collector_pb2, flow_pb2
 from agent._gen.grpc.health.v1 import health_pb2
 from agent.collector.auth import Authenticator, Denial, Principal
 from agent.collector.auth import bearer_token as bearer_token  # re-exported: it used to live here
-from agent.collector.store import FlowFilter, FlowRow, FlowStore, Ident, StoreError
+from agent.collector.calls import call_filter, call_problem, call_row
+from agent.collector.store import (CallFilter, FlowFilter, FlowRow, FlowStore, Ident, InsertResult, StoreError,
+                                   StoredFlow)
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +136,10 @@ def query_filter(q: collector_pb2.FlowQuery) -> FlowFilter:
 
 
 def validate_batch(
-    batch: collector_pb2.FlowBatch, limits: ServiceLimits, received_ns: int | None = None
+    batch: collector_pb2.FlowBatch | collector_pb2.ModelCallBatch, limits: ServiceLimits, received_ns: int | None = None
 ) -> Rejection | None:
-    """Why a batch cannot be stored, or None. Pure given received_ns (the collector's clock)."""
+    """Why a batch (of flows or of model calls) cannot be stored, or None. Pure given received_ns (the collector's
+    clock)."""
     agent_id = batch.agent_id
     if not agent_id.strip():
         return Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid", "agent_id is required")
@@ -146,12 +152,15 @@ def validate_batch(
     if not agent_id.isprintable():
         return Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid", "agent_id contains control characters")
     limits_md = ((MD_MAX_RECORDS, str(limits.max_batch_records)), (MD_MAX_BYTES, str(limits.max_batch_bytes)))
-    n = len(batch.records)
+    is_calls = isinstance(batch, collector_pb2.ModelCallBatch)
+    items = batch.calls if is_calls else batch.records
+    what = "calls" if is_calls else "records"
+    n = len(items)
     if n > limits.max_batch_records:
         return Rejection(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             "too_large",
-            f"batch has {n} records, the limit is {limits.max_batch_records} per batch",
+            f"batch has {n} {what}, the limit is {limits.max_batch_records} per batch",
             limits_md,
         )
     size = batch.ByteSize()
@@ -163,16 +172,16 @@ def validate_batch(
             limits_md,
         )
     now = received_ns if received_ns is not None else time.time_ns()
-    for i, rec in enumerate(batch.records):
+    for i, rec in enumerate(items):
         if rec.agent_id and rec.agent_id != agent_id:
             return Rejection(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "agent_mismatch",
-                f"records[{i}].agent_id {rec.agent_id[:64]!r} is not the batch's agent_id {agent_id!r}",
+                f"{what}[{i}].agent_id {rec.agent_id[:64]!r} is not the batch's agent_id {agent_id!r}",
             )
-        problem = record_problem(rec, now)
+        problem = call_problem(rec, now) if is_calls else record_problem(rec, now)
         if problem is not None:
-            return Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid", f"records[{i}].{problem}")
+            return Rejection(grpc.StatusCode.INVALID_ARGUMENT, "invalid", f"{what}[{i}].{problem}")
     return None
 
 
@@ -250,6 +259,15 @@ class CollectorMetrics:
             "aimesh_collector_batches", "Batches pushed, by result (stored, duplicate)", ["result"], registry=registry
         )
         self.records = Counter("aimesh_collector_records", "Flow records stored", registry=registry)
+        self.calls = Counter("aimesh_collector_model_calls", "Model calls stored", registry=registry)
+        self.call_batches = Counter(
+            "aimesh_collector_call_batches", "Model-call batches pushed, by result (stored, duplicate)", ["result"],
+            registry=registry,
+        )
+        self.calls_retention_deleted = Counter(
+            "aimesh_collector_retention_deleted_model_calls", "Model calls deleted by retention", ["by"],
+            registry=registry,
+        )
         self.rejected = Counter(
             "aimesh_collector_rejected_requests",
             "Requests refused, by reason (unauthenticated, forbidden, malformed, invalid, agent_mismatch, conflict,"
@@ -262,10 +280,12 @@ class CollectorMetrics:
         )
         for result in ("stored", "duplicate"):
             self.batches.labels(result)
+            self.call_batches.labels(result)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         for by in ("age", "size"):
             self.retention_deleted.labels(by)
+            self.calls_retention_deleted.labels(by)
 
 
 class StoreSizeCollector(Collector):
@@ -353,12 +373,14 @@ class FlowCollectorService:
         self._limits = limits
         self._clock_ns = clock_ns
         self._notifier = FlowNotifier(store.last_id())
+        self._call_notifier = FlowNotifier(store.last_call_id())
         self._followers = threading.BoundedSemaphore(max(limits.max_followers, 0) or 1)
         self._no_followers = limits.max_followers <= 0
 
     def close(self) -> None:
-        """End every Follow stream (the server is shutting down)."""
+        """End every Follow and FollowCalls stream (the server is shutting down)."""
         self._notifier.close()
+        self._call_notifier.close()
 
     def Push(  # noqa: N802 - gRPC method names
         self, request: collector_pb2.FlowBatch | Malformed, context: grpc.ServicerContext
@@ -370,8 +392,43 @@ class FlowCollectorService:
         if rejection is not None:
             _abort(context, self._metrics, rejection)
         rows = [flow_row(r, request.agent_id, received) for r in request.records]
+        result = self._insert(context, request, lambda: self._store.insert_batch(
+            request.agent_id, request.sequence, rows, received))  # fmt: skip
+        if result.duplicate:
+            self._metrics.batches.labels("duplicate").inc()
+        else:
+            self._metrics.batches.labels("stored").inc()
+            self._metrics.records.inc(result.inserted)
+            if result.last_id:
+                self._notifier.publish(result.last_id)
+        return collector_pb2.PushReply(accepted=result.inserted, duplicate=result.duplicate)
+
+    def PushCalls(  # noqa: N802
+        self, request: collector_pb2.ModelCallBatch | Malformed, context: grpc.ServicerContext
+    ) -> collector_pb2.PushReply:
+        if isinstance(request, Malformed):
+            _reject_malformed(context, request)
+        received = self._clock_ns()
+        rejection = validate_batch(request, self._limits, received)
+        if rejection is not None:
+            _abort(context, self._metrics, rejection)
+        rows = [call_row(c, request.agent_id, received) for c in request.calls]
+        result = self._insert(context, request, lambda: self._store.insert_call_batch(
+            request.agent_id, request.sequence, rows, received))  # fmt: skip
+        if result.duplicate:
+            self._metrics.call_batches.labels("duplicate").inc()
+        else:
+            self._metrics.call_batches.labels("stored").inc()
+            self._metrics.calls.inc(result.inserted)
+            if result.last_id:
+                self._call_notifier.publish(result.last_id)
+        return collector_pb2.PushReply(accepted=result.inserted, duplicate=result.duplicate)
+
+    def _insert(self, context: grpc.ServicerContext, request: collector_pb2.FlowBatch | collector_pb2.ModelCallBatch,
+                insert: Callable[[], InsertResult]) -> InsertResult:  # fmt: skip
+        """Run a store insert; answer UNAVAILABLE when the store fails, ALREADY_EXISTS on a conflict."""
         try:
-            result = self._store.insert_batch(request.agent_id, request.sequence, rows, received)
+            result = insert()
         except Exception as e:  # sqlite3.Error (disk full, locked), StoreError (closing): the agent retries
             log.warning("cannot store batch %s/%d: %s", request.agent_id, request.sequence, e)
             _abort(
@@ -390,14 +447,7 @@ class FlowCollectorService:
                     " nothing stored (a retry must resend the same records; new records need a new sequence)",
                 ),
             )
-        if result.duplicate:
-            self._metrics.batches.labels("duplicate").inc()
-        else:
-            self._metrics.batches.labels("stored").inc()
-            self._metrics.records.inc(result.inserted)
-            if result.last_id:
-                self._notifier.publish(result.last_id)
-        return collector_pb2.PushReply(accepted=result.inserted, duplicate=result.duplicate)
+        return result
 
     def ListFlows(  # noqa: N802
         self, request: collector_pb2.FlowQuery | Malformed, context: grpc.ServicerContext
@@ -406,11 +456,24 @@ class FlowCollectorService:
             _reject_malformed(context, request)
             return
         flt = query_filter(request)
+        yield from self._list(context, lambda: self._store.iter_flows(flt, limit=request.limit))
+
+    def ListCalls(  # noqa: N802
+        self, request: collector_pb2.CallQuery | Malformed, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        if isinstance(request, Malformed):
+            _reject_malformed(context, request)
+            return
+        flt = call_filter(request)
+        yield from self._list(context, lambda: self._store.iter_calls(flt, limit=request.limit))
+
+    @staticmethod
+    def _list(context: grpc.ServicerContext, rows: Callable[[], Iterator[StoredFlow]]) -> Iterator[bytes]:
         try:
-            for flow in self._store.iter_flows(flt, limit=request.limit):
+            for row in rows():
                 if not context.is_active():
                     return
-                yield flow.payload
+                yield row.payload
         except StoreError as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"flow store unavailable: {e}")
 
@@ -420,6 +483,19 @@ class FlowCollectorService:
         if isinstance(request, Malformed):
             _reject_malformed(context, request)
             return
+        yield from self._following(context, self._notifier, lambda: self._follow(request, context))
+
+    def FollowCalls(  # noqa: N802
+        self, request: collector_pb2.CallQuery | Malformed, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        if isinstance(request, Malformed):
+            _reject_malformed(context, request)
+            return
+        yield from self._following(context, self._call_notifier, lambda: self._follow_calls(request, context))
+
+    def _following(self, context: grpc.ServicerContext, notifier: FlowNotifier,
+                   stream: Callable[[], Iterator[bytes]]) -> Iterator[bytes]:  # fmt: skip
+        """A follow stream within the follower cap (flows and calls share it)."""
         if self._no_followers or not self._followers.acquire(blocking=False):
             why = (
                 "following is disabled on this collector (max_followers 0)"
@@ -428,34 +504,54 @@ class FlowCollectorService:
             )
             _abort(context, self._metrics, Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy", why))
         try:
-            yield from self._follow(request, context)
+            yield from stream()
         except StoreError as e:
-            if not self._notifier.closed:
+            if not notifier.closed:
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"flow store unavailable: {e}")
         finally:
             self._followers.release()
 
     def _follow(self, request: collector_pb2.FlowQuery, context: grpc.ServicerContext) -> Iterator[bytes]:
+        flt = query_filter(request)
+        backlog = bool(request.limit or request.since_unix_nano)
+        yield from self._tail(context, self._notifier, self._store.last_id(),
+                              (lambda: self._store.iter_flows(flt, limit=request.limit)) if backlog else None,
+                              lambda cursor: self._store.flows_after(flt, cursor))  # fmt: skip
+
+    def _follow_calls(self, request: collector_pb2.CallQuery, context: grpc.ServicerContext) -> Iterator[bytes]:
+        flt: CallFilter = call_filter(request)
+        backlog = bool(request.limit or request.since_unix_nano)
+        yield from self._tail(context, self._call_notifier, self._store.last_call_id(),
+                              (lambda: self._store.iter_calls(flt, limit=request.limit)) if backlog else None,
+                              lambda cursor: self._store.calls_after(flt, cursor))  # fmt: skip
+
+    def _tail(
+        self,
+        context: grpc.ServicerContext,
+        notifier: FlowNotifier,
+        cursor: int,
+        backlog: Callable[[], Iterator[StoredFlow]] | None,
+        after: Callable[[int], tuple[list[StoredFlow], int]],
+    ) -> Iterator[bytes]:
+        """The backlog (rows up to `cursor`, as a listing sends them), then new rows in arrival order."""
         cancelled = threading.Event()
 
         def on_done() -> None:
             cancelled.set()
-            self._notifier.wake()
+            notifier.wake()
 
         context.add_callback(on_done)
-        flt = query_filter(request)
-        cursor = self._store.last_id()
-        if request.limit or request.since_unix_nano:  # a backlog, as ListFlows would send it
-            for flow in self._store.iter_flows(flt, limit=request.limit):
-                if flow.id <= cursor:  # newer rows come below, in arrival order
-                    yield flow.payload
-        while not cancelled.is_set() and not self._notifier.closed and context.is_active():
-            flows, cursor_next = self._store.flows_after(flt, cursor)
-            for flow in flows:
-                yield flow.payload
+        if backlog is not None:
+            for row in backlog():
+                if row.id <= cursor:  # newer rows come below, in arrival order
+                    yield row.payload
+        while not cancelled.is_set() and not notifier.closed and context.is_active():
+            rows, cursor_next = after(cursor)
+            for row in rows:
+                yield row.payload
             cursor = cursor_next
-            if not flows:
-                self._notifier.wait_beyond(cursor, self._limits.follow_wait_s, cancelled)
+            if not rows:
+                notifier.wait_beyond(cursor, self._limits.follow_wait_s, cancelled)
 
 
 class HealthService:
@@ -557,7 +653,8 @@ class CallGuard:
         if isinstance(request, Malformed):
             self._metrics.rejected.labels("malformed").inc()
             _reject_malformed(context, request)
-        agent_id = request.agent_id if isinstance(request, collector_pb2.FlowBatch) else None
+        pushed = isinstance(request, (collector_pb2.FlowBatch, collector_pb2.ModelCallBatch))
+        agent_id = request.agent_id if pushed else None
         denial = self._auth.authorize(who, method, agent_id)
         if denial is not None:
             self._deny(context, denial)
@@ -615,14 +712,16 @@ def _guarded_stream(
 def service_handler(
     service: ServiceDescriptor, servicer: object, guard: CallGuard | Callable[[], None]
 ) -> grpc.GenericRpcHandler:
-    """Method handlers for every method of `service`, implemented by servicer's methods of the same names, each
+    """Method handlers for every method of `service` that servicer implements (a method of the same name), each
     behind `guard`. A plain callable instead of a guard (the former on_malformed argument) gives an open guard:
     no authentication, no stream cap, for tests that serve a wrapped servicer."""
     if not isinstance(guard, CallGuard):
         guard = CallGuard(Authenticator(), CollectorMetrics(CollectorRegistry()), max_streams=1 << 16)
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in service.methods:
-        impl = getattr(servicer, method.name)
+        impl = getattr(servicer, method.name, None)
+        if impl is None:  # not implemented by this servicer (a test double): gRPC answers UNIMPLEMENTED
+            continue
         full = f"/{service.full_name}/{method.name}"
         parse = _deserializer(message_factory.GetMessageClass(method.input_type))
         if method.client_streaming:

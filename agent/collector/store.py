@@ -1,4 +1,10 @@
-"""SQLite storage for flow records: idempotent batch inserts, filtered queries, retention by age and by size.
+"""SQLite storage for flow records and model calls: idempotent batch inserts, filtered queries, retention by age and
+by size.
+
+Model calls (aimesh.v1.ModelCall) live in their own tables (model_calls, call_batches) with the same rules as flows:
+(agent_id, sequence) keys with a content digest (in their own key space: a call batch never collides with a flow
+batch), the serialized record next to the filter columns, retention by receive time. The tables are created by
+CREATE IF NOT EXISTS, so a schema 2 database gains them when opened (no version change: nothing existing changed).
 
 Retention by age uses the collector's receive time (flows.received_ns), never the agent's clock: an agent whose
 clock is days behind keeps its records for the whole retention period. Each batch key keeps a digest of the batch's
@@ -74,6 +80,44 @@ CREATE INDEX IF NOT EXISTS flows_time ON flows (time_ns);
 CREATE INDEX IF NOT EXISTS flows_src ON flows (src_name, time_ns);
 CREATE INDEX IF NOT EXISTS flows_dst ON flows (dst_name, time_ns);
 CREATE INDEX IF NOT EXISTS flows_act ON flows (act_name, time_ns);
+-- (agent_id, sequence) of every stored model-call batch: the calls' own key space, same rules as batches.
+CREATE TABLE IF NOT EXISTS call_batches (
+    agent_id    TEXT    NOT NULL,
+    sequence    INTEGER NOT NULL,
+    received_ns INTEGER NOT NULL,
+    records     INTEGER NOT NULL,
+    digest      BLOB    NOT NULL,
+    PRIMARY KEY (agent_id, sequence)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS call_batches_received ON call_batches (received_ns);
+-- One row per model call. id only grows, as flows.id.
+CREATE TABLE IF NOT EXISTS model_calls (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_ns        INTEGER NOT NULL,  -- call time: start + duration, else start, else receive time
+    received_ns    INTEGER NOT NULL,
+    agent_id       TEXT    NOT NULL,
+    src_name       TEXT    NOT NULL,
+    src_kind       TEXT    NOT NULL,
+    src_version    TEXT    NOT NULL,
+    dst_name       TEXT    NOT NULL,
+    dst_kind       TEXT    NOT NULL,
+    dst_version    TEXT    NOT NULL,
+    act_name       TEXT    NOT NULL,
+    act_kind       TEXT    NOT NULL,
+    act_version    TEXT    NOT NULL,
+    request_model  TEXT    NOT NULL,  -- '' when unknown
+    response_model TEXT    NOT NULL,
+    status         INTEGER NOT NULL,  -- HTTP status; 0 = no response
+    record         BLOB    NOT NULL   -- serialized aimesh.v1.ModelCall
+);
+CREATE INDEX IF NOT EXISTS model_calls_time ON model_calls (time_ns);
+CREATE INDEX IF NOT EXISTS model_calls_received ON model_calls (received_ns);
+CREATE INDEX IF NOT EXISTS model_calls_src ON model_calls (src_name, time_ns);
+CREATE INDEX IF NOT EXISTS model_calls_dst ON model_calls (dst_name, time_ns);
+CREATE INDEX IF NOT EXISTS model_calls_act ON model_calls (act_name, time_ns);
+CREATE INDEX IF NOT EXISTS model_calls_req_model ON model_calls (request_model, time_ns);
+CREATE INDEX IF NOT EXISTS model_calls_resp_model ON model_calls (response_model, time_ns);
+CREATE INDEX IF NOT EXISTS model_calls_status ON model_calls (status, time_ns);
 """
 # After _migrate: the index on a column that schema 1 databases only have once migrated.
 _SCHEMA_V2_INDEXES = "CREATE INDEX IF NOT EXISTS flows_received ON flows (received_ns);"
@@ -119,6 +163,32 @@ class FlowFilter:
 
 
 @dataclass(frozen=True, slots=True)
+class CallRow:
+    """One model call to store: the filter columns and the serialized aimesh.v1.ModelCall."""
+
+    time_ns: int
+    agent_id: str
+    source: Ident
+    destination: Ident
+    actual_destination: Ident
+    request_model: str
+    response_model: str
+    status: int  # 0 = no response
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CallFilter:
+    source: Ident = field(default_factory=Ident)
+    destination: Ident = field(default_factory=Ident)  # matches the dialed or the actual destination
+    model: str = ""  # the request or the response model
+    statuses: tuple[tuple[int, int], ...] = ()  # inclusive (min, max) ranges, any of them; empty = all
+    since_ns: int = 0
+    until_ns: int = 0
+    agent_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class StoredFlow:
     id: int
     time_ns: int
@@ -146,6 +216,8 @@ class RetentionResult:
     deleted_by_age: int = 0
     deleted_by_size: int = 0
     batches_forgotten: int = 0
+    calls_deleted_by_age: int = 0
+    calls_deleted_by_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +238,7 @@ def from_i64(value: int) -> int:
     return value + (1 << 64) if value < 0 else value
 
 
-def batch_digest(rows: Sequence[FlowRow]) -> bytes:
+def batch_digest(rows: Sequence[FlowRow] | Sequence[CallRow]) -> bytes:
     """SHA-256 over the stored bytes of a batch's records, each length-prefixed. Pure."""
     h = hashlib.sha256()
     for r in rows:
@@ -186,10 +258,7 @@ def _ident_clause(prefix: str, ident: Ident) -> tuple[str, list[object]]:
     return " AND ".join(parts), params
 
 
-def build_where(flt: FlowFilter) -> tuple[str, list[object]]:
-    """FlowFilter -> (SQL boolean expression, parameters). Pure; "1" when the filter matches everything."""
-    parts: list[str] = []
-    params: list[object] = []
+def _common_where(flt: FlowFilter | CallFilter, parts: list[str], params: list[object]) -> None:
     if not flt.source.is_any():
         clause, p = _ident_clause("src", flt.source)
         parts.append(clause)
@@ -199,10 +268,6 @@ def build_where(flt: FlowFilter) -> tuple[str, list[object]]:
         act, p2 = _ident_clause("act", flt.destination)
         parts.append(f"(({dst}) OR ({act}))")
         params += p1 + p2
-    if flt.verdicts:
-        verdicts = sorted(flt.verdicts)
-        parts.append(f"verdict IN ({', '.join('?' * len(verdicts))})")
-        params += verdicts
     if flt.since_ns:
         parts.append("time_ns >= ?")
         params.append(flt.since_ns)
@@ -212,6 +277,32 @@ def build_where(flt: FlowFilter) -> tuple[str, list[object]]:
     if flt.agent_id:
         parts.append("agent_id = ?")
         params.append(flt.agent_id)
+
+
+def build_where(flt: FlowFilter) -> tuple[str, list[object]]:
+    """FlowFilter -> (SQL boolean expression, parameters). Pure; "1" when the filter matches everything."""
+    parts: list[str] = []
+    params: list[object] = []
+    _common_where(flt, parts, params)
+    if flt.verdicts:
+        verdicts = sorted(flt.verdicts)
+        parts.append(f"verdict IN ({', '.join('?' * len(verdicts))})")
+        params += verdicts
+    return (" AND ".join(parts) if parts else "1"), params
+
+
+def build_call_where(flt: CallFilter) -> tuple[str, list[object]]:
+    """CallFilter -> (SQL boolean expression, parameters) over model_calls. Pure; "1" matches everything."""
+    parts: list[str] = []
+    params: list[object] = []
+    _common_where(flt, parts, params)
+    if flt.model:
+        parts.append("(request_model = ? OR response_model = ?)")
+        params += [flt.model, flt.model]
+    if flt.statuses:
+        parts.append("(" + " OR ".join("status BETWEEN ? AND ?" for _ in flt.statuses) + ")")
+        for lo, hi in flt.statuses:
+            params += [lo, hi]
     return (" AND ".join(parts) if parts else "1"), params
 
 
@@ -223,6 +314,21 @@ def _row_values(row: FlowRow, received_ns: int) -> tuple[object, ...]:
         row.payload,
     )  # fmt: skip
 
+
+def _call_values(row: CallRow, received_ns: int) -> tuple[object, ...]:
+    s, d, a = row.source, row.destination, row.actual_destination
+    return (
+        row.time_ns, received_ns, row.agent_id,
+        s.name, s.kind, s.version, d.name, d.kind, d.version, a.name, a.kind, a.version,
+        row.request_model, row.response_model, row.status, row.payload,
+    )  # fmt: skip
+
+
+_INSERT_CALL = (
+    "INSERT INTO model_calls (time_ns, received_ns, agent_id, src_name, src_kind, src_version, dst_name, dst_kind,"
+    " dst_version, act_name, act_kind, act_version, request_model, response_model, status, record)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 _INSERT_FLOW = (
     "INSERT INTO flows (time_ns, received_ns, agent_id, verdict, src_name, src_kind, src_version, dst_name,"
@@ -378,6 +484,31 @@ class FlowStore:
                 last_id = int(conn.execute("SELECT max(id) FROM flows").fetchone()[0])
             return InsertResult(duplicate=False, inserted=len(rows), last_id=last_id)
 
+    def insert_call_batch(
+        self, agent_id: str, sequence: int, rows: Sequence[CallRow], received_ns: int | None = None
+    ) -> InsertResult:
+        """Store a batch of model calls once, with insert_batch's rules, under the calls' own (agent_id, sequence)."""
+        now = time.time_ns() if received_ns is None else received_ns
+        seq = to_i64(sequence)
+        digest = batch_digest(rows)
+        with self._transaction() as conn:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO call_batches (agent_id, sequence, received_ns, records, digest)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (agent_id, seq, now, len(rows), digest),
+            )
+            if cur.rowcount == 0:
+                (stored,) = conn.execute(
+                    "SELECT digest FROM call_batches WHERE agent_id = ? AND sequence = ?", (agent_id, seq)
+                ).fetchone()
+                same = bytes(stored) == digest
+                return InsertResult(duplicate=same, inserted=0, last_id=0, conflict=not same)
+            last_id = 0
+            if rows:
+                conn.executemany(_INSERT_CALL, (_call_values(r, now) for r in rows))
+                last_id = int(conn.execute("SELECT max(id) FROM model_calls").fetchone()[0])
+            return InsertResult(duplicate=False, inserted=len(rows), last_id=last_id)
+
     def has_batch(self, agent_id: str, sequence: int) -> bool:
         with self._reader() as conn:
             row = conn.execute(
@@ -395,6 +526,15 @@ class FlowStore:
         with self._reader() as conn:
             return int(conn.execute(f"SELECT count(*) FROM flows WHERE {where}", params).fetchone()[0])
 
+    def last_call_id(self) -> int:
+        with self._reader() as conn:
+            return int(conn.execute("SELECT coalesce(max(id), 0) FROM model_calls").fetchone()[0])
+
+    def count_calls(self, flt: CallFilter | None = None) -> int:
+        where, params = build_call_where(flt or CallFilter())
+        with self._reader() as conn:
+            return int(conn.execute(f"SELECT count(*) FROM model_calls WHERE {where}", params).fetchone()[0])
+
     def iter_flows(self, flt: FlowFilter, *, limit: int = 0, page: int = PAGE_ROWS) -> Iterator[StoredFlow]:
         """Matching flows oldest first (by time, then id); with a limit, the newest `limit` of them.
 
@@ -402,22 +542,30 @@ class FlowStore:
         keeps the WAL from being checkpointed. Rows deleted by retention meanwhile are skipped.
         """
         where, params = build_where(flt)
+        return self._iter_rows("flows", where, params, limit, page)
+
+    def iter_calls(self, flt: CallFilter, *, limit: int = 0, page: int = PAGE_ROWS) -> Iterator[StoredFlow]:
+        """Matching model calls, as iter_flows does for flows (StoredFlow.payload: a serialized ModelCall)."""
+        where, params = build_call_where(flt)
+        return self._iter_rows("model_calls", where, params, limit, page)
+
+    def _iter_rows(self, table: str, where: str, params: list[object], limit: int, page: int) -> Iterator[StoredFlow]:
         cursor: tuple[int, int] | None = None  # (time_ns, id) of the last row sent
         if limit > 0:
             with self._reader() as conn:
                 row = conn.execute(
-                    f"SELECT time_ns, id FROM flows WHERE {where} ORDER BY time_ns DESC, id DESC LIMIT 1 OFFSET ?",
+                    f"SELECT time_ns, id FROM {table} WHERE {where} ORDER BY time_ns DESC, id DESC LIMIT 1 OFFSET ?",
                     [*params, limit - 1],
                 ).fetchone()
             if row is not None:  # fewer than `limit` match: send them all
                 cursor = (int(row[0]), int(row[1]) - 1)
         while True:
             if cursor is None:
-                sql = f"SELECT id, time_ns, record FROM flows WHERE {where} ORDER BY time_ns, id LIMIT ?"
+                sql = f"SELECT id, time_ns, record FROM {table} WHERE {where} ORDER BY time_ns, id LIMIT ?"
                 args = [*params, page]
             else:
                 sql = (
-                    f"SELECT id, time_ns, record FROM flows WHERE ({where})"
+                    f"SELECT id, time_ns, record FROM {table} WHERE ({where})"
                     " AND (time_ns > ? OR (time_ns = ? AND id > ?)) ORDER BY time_ns, id LIMIT ?"
                 )
                 args = [*params, cursor[0], cursor[0], cursor[1], page]
@@ -435,12 +583,22 @@ class FlowStore:
         The returned id lets a follower skip rows that did not match without reading them again.
         """
         where, params = build_where(flt)
+        return self._rows_after("flows", where, params, after_id, limit)
+
+    def calls_after(self, flt: CallFilter, after_id: int, *, limit: int = PAGE_ROWS) -> tuple[list[StoredFlow], int]:
+        """Matching model calls with id > after_id in arrival order, and the highest id examined (see flows_after)."""
+        where, params = build_call_where(flt)
+        return self._rows_after("model_calls", where, params, after_id, limit)
+
+    def _rows_after(self, table: str, where: str, params: list[object], after_id: int,
+                    limit: int) -> tuple[list[StoredFlow], int]:  # fmt: skip
         with self._reader() as conn:
             conn.execute("BEGIN")
             try:
-                top = int(conn.execute("SELECT coalesce(max(id), 0) FROM flows").fetchone()[0])
+                top = int(conn.execute(f"SELECT coalesce(max(id), 0) FROM {table}").fetchone()[0])
                 rows = conn.execute(
-                    f"SELECT id, time_ns, record FROM flows WHERE ({where}) AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+                    f"SELECT id, time_ns, record FROM {table} WHERE ({where}) AND id > ? AND id <= ? ORDER BY id"
+                    " LIMIT ?",
                     [*params, after_id, top, limit],
                 ).fetchall()
             finally:
@@ -463,7 +621,8 @@ class FlowStore:
                 pass
         return StoreStats(data_bytes=(pages - free) * page_size, file_bytes=files, last_id=last)
 
-    def _delete_oldest(self, where: str, params: Sequence[object], max_rows: int | None = None) -> int:
+    def _delete_oldest(self, where: str, params: Sequence[object], max_rows: int | None = None,
+                       table: str = "flows") -> int:  # fmt: skip
         """Delete the first-received rows matching `where` (at most max_rows), chunk by chunk so pushes go on in
         between. id order is arrival order."""
         deleted = 0
@@ -471,7 +630,7 @@ class FlowStore:
             n = _DELETE_CHUNK if max_rows is None else min(_DELETE_CHUNK, max_rows - deleted)
             with self._transaction() as conn:
                 cur = conn.execute(
-                    f"DELETE FROM flows WHERE id IN (SELECT id FROM flows WHERE {where} ORDER BY id LIMIT ?)",
+                    f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {where} ORDER BY id LIMIT ?)",
                     [*params, n],
                 )
                 got = max(cur.rowcount, 0)
@@ -481,36 +640,45 @@ class FlowStore:
         return deleted
 
     def enforce_retention(self, policy: RetentionPolicy, now_ns: int | None = None) -> RetentionResult:
-        """Delete flows received more than max_age ago, then the first-received flows until the data fits in
-        max_bytes. Ages are by the collector's clock (received_ns), never by the record's own times."""
+        """Delete flows and model calls received more than max_age ago, then the first-received of them until the
+        data fits in max_bytes (each table giving up its share of the rows). Ages are by the collector's clock
+        (received_ns), never by the record's own times."""
         now = time.time_ns() if now_ns is None else now_ns
-        by_age = 0
+        by_age = calls_by_age = 0
         if policy.max_age_ns > 0:
             by_age = self._delete_oldest("received_ns < ?", [now - policy.max_age_ns])
+            calls_by_age = self._delete_oldest("received_ns < ?", [now - policy.max_age_ns], table="model_calls")
         forgotten = 0
         if policy.dedup_window_ns > 0:
             with self._transaction() as conn:
-                cur = conn.execute("DELETE FROM batches WHERE received_ns < ?", (now - policy.dedup_window_ns,))
-                forgotten = max(cur.rowcount, 0)
-        by_size = 0
+                for table in ("batches", "call_batches"):
+                    cur = conn.execute(f"DELETE FROM {table} WHERE received_ns < ?", (now - policy.dedup_window_ns,))
+                    forgotten += max(cur.rowcount, 0)
+        by_size = calls_by_size = 0
         if policy.max_bytes > 0:
             target = int(policy.max_bytes * policy.low_watermark)
             for _ in range(8):  # page accounting is coarse: measure, delete an estimate, measure again
                 used = self.stats().data_bytes
-                if used <= target or (by_size == 0 and used <= policy.max_bytes):
+                if used <= target or (by_size + calls_by_size == 0 and used <= policy.max_bytes):
                     break  # under the low watermark, or never over the limit in the first place
-                rows = self.count()
+                flows = self.count()
+                calls = self.count_calls()
+                rows = flows + calls
                 if rows == 0:
                     break
                 per_row = max(used / rows, 1.0)
-                n = max(1, math.ceil((used - target) / per_row))
-                got = self._delete_oldest("1", [], min(n, rows))
+                n = min(max(1, math.ceil((used - target) / per_row)), rows)
+                n_calls = min(calls, math.ceil(n * calls / rows))
+                got = self._delete_oldest("1", [], min(n - n_calls, flows)) if flows else 0
+                got_calls = self._delete_oldest("1", [], n_calls, table="model_calls") if n_calls else 0
                 by_size += got
-                if got == 0:
+                calls_by_size += got_calls
+                if got == 0 and got_calls == 0:
                     break
-        if by_age or by_size:
+        if by_age or by_size or calls_by_age or calls_by_size:
             self._reclaim()
-        return RetentionResult(deleted_by_age=by_age, deleted_by_size=by_size, batches_forgotten=forgotten)
+        return RetentionResult(deleted_by_age=by_age, deleted_by_size=by_size, batches_forgotten=forgotten,
+                               calls_deleted_by_age=calls_by_age, calls_deleted_by_size=calls_by_size)
 
     def _reclaim(self) -> None:
         """Give free pages back to the file system and truncate the WAL (best effort)."""

@@ -112,13 +112,13 @@ def test_flows_reach_the_collector(cgroups, agents, collector, tmp_path):
         if len(recs) >= 7:
             break
         time.sleep(0.3)
-    conns = [r for r in recs if r.get("kind") in ("RECORD_KIND_CONNECTION", 1) and not r.get("interim")]
-    denied = [r for r in recs if r.get("verdict") in ("VERDICT_DENIED", 2)]
+    conns = [r for r in recs if r.get("kind") == "connection" and not r.get("interim")]
+    denied = [r for r in recs if r.get("verdict") == "denied"]
     assert len(conns) == 6, recs          # 3 connections x 2 sides
     assert {(r["source"]["name"], r["destination"]["name"], r["destination"]["version"]) for r in conns} == \
         {("chat", "llama", "3.1-8b")}
     client_side = sorted(int(r.get("bytesSent", r.get("bytes_sent", 0))) for r in conns
-                         if r.get("hook") in ("HOOK_CONNECT", 1))
+                         if r.get("hook") == "connect")
     assert client_side == [1000, 20000, 300000]
     assert all(r.get("agentId", r.get("agent_id")) == "node-a" for r in recs)
     assert len(denied) == 1 and denied[0]["source"]["name"] == "unmanaged"

@@ -200,7 +200,7 @@ def test_flows_json(server: CollectorServer) -> None:
     assert rc == 0
     (line,) = out.splitlines()
     obj = json.loads(line)
-    assert obj["agent_id"] == "node-a" and obj["verdict"] == "VERDICT_REDIRECTED"
+    assert obj["agent_id"] == "node-a" and obj["verdict"] == "redirected"
     assert obj["source"] == {"name": "chat-ui", "kind": "agent", "version": "v1"}
     assert obj["actual_destination"]["version"] == "v2"
     assert obj["bytes_sent"] == "1024" and obj["srtt_us"] == 250  # the proto3 JSON mapping (64-bit as strings)
