@@ -267,9 +267,10 @@ class Agent:
         finally:
             self.healthy = False
             try:
-                self._drain(final=True)
-                self._flush_denials(time.monotonic_ns())
-                self._drain_udp(final=True)
+                if self.config is not None:   # started: what the kernel queued meanwhile
+                    self._drain(final=True)
+                    self._flush_denials(time.monotonic_ns())
+                    self._drain_udp(final=True)
             except Exception:
                 log.exception("final drain failed")
             if self.exporter:
@@ -386,7 +387,7 @@ class Agent:
             now_ns = time.monotonic_ns()
             if self.denials.due(now_ns):
                 self._flush_denials(now_ns)
-            if time.monotonic() - last_root_check >= 1.0:
+            if not 0 <= time.monotonic() - last_root_check < 1.0:   # every second (a clock that went back too)
                 last_root_check = time.monotonic()
                 self._check_root()
                 self._check_kernel_full()

@@ -9,7 +9,7 @@ die() { echo "[setup] error: $*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (bcc loads BPF programs and attaches them to cgroups)"
 
-APT_PKGS=(python3-bpfcc libbpfcc bpftool python3-venv iproute2 make prometheus openssl)
+APT_PKGS=(python3-bpfcc libbpfcc bpftool python3-venv iproute2 make prometheus openssl faketime)
 need=()
 for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
 # bpftool is its own package on Debian 12; on Ubuntu it comes with linux-tools.
@@ -19,7 +19,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -q >/dev/null
   if ! apt-get install -y -q "${need[@]}" >/dev/null; then
     # Ubuntu: bpftool lives in linux-tools-*.
-    apt-get install -y -q python3-bpfcc libbpfcc python3-venv iproute2 make prometheus openssl linux-tools-common "linux-tools-$(uname -r)" >/dev/null \
+    apt-get install -y -q python3-bpfcc libbpfcc python3-venv iproute2 make prometheus openssl faketime linux-tools-common "linux-tools-$(uname -r)" >/dev/null \
       || die "apt-get install ${need[*]} failed"
   fi
 fi

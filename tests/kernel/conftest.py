@@ -28,8 +28,9 @@ def agents(tmp_path, cgroups):
     from tests.kernel.harness import start_agent
     started = []
 
-    def start(cfg, extra=(), degraded_ok=False, flow_log=True):
-        a = start_agent(tmp_path, cgroups.root, cfg, list(extra), degraded_ok=degraded_ok, flow_log=flow_log)
+    def start(cfg, extra=(), degraded_ok=False, flow_log=True, env=None):
+        a = start_agent(tmp_path, cgroups.root, cfg, list(extra), degraded_ok=degraded_ok, flow_log=flow_log,
+                        env=env)
         started.append(a)
         return a
 

@@ -188,7 +188,8 @@ class AgentProc:
 
 
 def start_agent(tmp: Path, cgroup_root: Path, cfg: dict | str, extra: list[str] = (),
-                timeout: float = 90, degraded_ok: bool = False, flow_log: bool = True) -> AgentProc:
+                timeout: float = 90, degraded_ok: bool = False, flow_log: bool = True,
+                env: Optional[dict] = None) -> AgentProc:
     """Start an agent and wait until it is ready (/healthz 200), or, with degraded_ok, until it is running (a
     degraded agent answers /healthz 503 by design)."""
     port = free_port()
@@ -198,7 +199,7 @@ def start_agent(tmp: Path, cgroup_root: Path, cfg: dict | str, extra: list[str] 
     ap.popen = subprocess.Popen(
         [sys.executable, "-m", "agent", "agent", "--config", str(ap.config_path), "--cgroup-root", str(cgroup_root),
          "--metrics-addr", f"127.0.0.1:{port}", *(["--flow-log", str(ap.flow_log)] if flow_log else []), *extra],
-        stdout=logf, stderr=subprocess.STDOUT, cwd=REPO)
+        stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + timeout
     while True:
         if ap.popen.poll() is not None:

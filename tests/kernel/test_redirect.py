@@ -168,3 +168,40 @@ def test_sunset_passing_while_running(cgroups, agents):
     assert res["answers"] == {"llama-4.0": 1}
     old.popen.kill()
     new.popen.kill()
+
+
+FAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def test_sunsets_follow_the_clock_both_ways(cgroups, agents, tmp_path):
+    """The agent's wall clock (libfaketime, Debian's faketime: only the agent's process sees it) jumps past a sunset
+    and back: redirected to the successor after, served by the deprecated model again before."""
+    import os
+    import time
+    if not os.path.exists(FAKETIME):
+        pytest.skip("Debian's faketime is not installed (make setup installs it)")
+    port, succ = free_port(), free_port()
+    chat, llama, nxt = cgroups.child("chat"), cgroups.child("llama"), cgroups.child("llama-next")
+    clock = tmp_path / "faketime"
+    clock.write_text("+0\n")
+    env = {"LD_PRELOAD": FAKETIME, "FAKETIME_TIMESTAMP_FILE": str(clock), "FAKETIME_NO_CACHE": "1"}
+    agents(_lifecycle_config(cgroups, port, succ, datetime.now(timezone.utc) + timedelta(days=1)), env=env)
+    old = start_server(llama, port, name="llama-3.1", count=0, timeout=60)
+    new = start_server(nxt, succ, name="llama-4.0", count=0, timeout=60)
+
+    def served_by(want: str) -> bool:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if run_client(chat, port)["answers"] == {want: 1}:
+                return True
+            time.sleep(0.2)
+        return False
+    try:
+        assert served_by("llama-3.1")
+        clock.write_text("+2d\n")           # past the sunset
+        assert served_by("llama-4.0"), "the sunset did not take effect when the clock passed it"
+        clock.write_text("+0\n")            # the clock steps back before the sunset
+        assert served_by("llama-3.1"), "a clock stepping back did not undo the sunset"
+    finally:
+        old.popen.kill()
+        new.popen.kill()
