@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Optional
 
 import psutil
-import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.local import PY, REPO, LocalBench, free_port
+
 SERVER = REPO / "tests" / "kernel" / "workloads.py"
-PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
 
 # The flood: connect() in a loop on one socket (a connect the cgroup hook refuses leaves the socket unconnected, so
 # it is reused: no socket()/close() per attempt). Prints one JSON line when DURATION seconds have passed.
@@ -115,13 +114,6 @@ print(json.dumps(n), flush=True)
 """
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def build_flood(tmp: Path, force_python: bool) -> tuple[list[str], str]:
     """The flood's argv prefix and what it is ("c" or "python: why")."""
     py = tmp / "flood.py"
@@ -137,56 +129,9 @@ def build_flood(tmp: Path, force_python: bool) -> tuple[list[str], str]:
     return [str(out)], "c"
 
 
-class Bench:
+class Bench(LocalBench):
     def __init__(self, tmp: Path) -> None:
-        from agent.identity.cgroups import cgroup2_mount
-        self.tmp = tmp
-        self.mount = cgroup2_mount()
-        self.root = self.mount / f"aimesh-bench-flood-{os.getpid()}"
-        self.root.mkdir()
-        self.procs: list[subprocess.Popen] = []
-        self.agent: Optional[subprocess.Popen] = None
-        self.metrics_port = free_port()
-        self.config_path = tmp / "aimesh.yaml"
-        self.log_path = tmp / "agent.log"
-
-    def group(self, name: str) -> Path:
-        p = self.root / name
-        p.mkdir(parents=True, exist_ok=True)
-        return p
-
-    def rel(self, p: Path) -> str:
-        return "/" + str(p.relative_to(self.mount))
-
-    def spawn(self, argv: list[str], cgroup: Optional[Path] = None, **kw) -> subprocess.Popen:
-        def enter() -> None:
-            if cgroup is not None:
-                (cgroup / "cgroup.procs").write_text("0")
-        p = subprocess.Popen(argv, preexec_fn=enter, **kw)
-        self.procs.append(p)
-        return p
-
-    def write_config(self, cfg: dict) -> None:
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        tmp.replace(self.config_path)
-
-    def start_agent(self, cfg: dict) -> float:
-        self.write_config(cfg)
-        t0 = time.monotonic()
-        self.agent = subprocess.Popen([PY, "-m", "agent", "agent", "--config", str(self.config_path), "--cgroup-root",
-                                       str(self.root), "--metrics-addr", f"127.0.0.1:{self.metrics_port}"],
-                                      cwd=REPO, stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT)
-        while True:
-            if self.agent.poll() is not None:
-                raise RuntimeError(f"agent exited: {self.log_path.read_text()[-800:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        return time.monotonic() - t0
-            except OSError:
-                pass
-            time.sleep(0.01)
+        super().__init__(tmp, "flood")
 
     def reload_latency(self, cfg: dict, timeout_s: float = 60.0) -> Optional[float]:
         """Write cfg, SIGHUP, seconds until the log has a new "config reloaded" line (None: not within timeout)."""
@@ -234,24 +179,6 @@ class Bench:
                 except ValueError:
                     pass
         return out
-
-    def cleanup(self) -> None:
-        from agent.identity.cgroups import remove_cgroup, uninstall_datapath
-        if self.agent and self.agent.poll() is None:
-            self.agent.send_signal(signal.SIGTERM)
-            try:
-                self.agent.wait(30)
-            except subprocess.TimeoutExpired:
-                self.agent.kill()
-                self.agent.wait()
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        uninstall_datapath(self.root)
-        for d in sorted((p for p in self.root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            remove_cgroup(d, 5)
-        remove_cgroup(self.root, 5)
 
 
 def config(b: Bench, port: int, collector: dict, generation: int = 0) -> dict:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import sqlite3
@@ -26,91 +25,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
-from typing import Optional
 
-import psutil
-import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.local import PY, REPO, LocalBench, free_port
+
 PROBER = REPO / "tests" / "kernel" / "prober.py"
 SERVER = REPO / "tests" / "kernel" / "workloads.py"
-PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Bench:
+class Bench(LocalBench):
     def __init__(self, tmp: Path) -> None:
-        from agent.identity.cgroups import cgroup2_mount
-        self.tmp = tmp
-        self.mount = cgroup2_mount()
-        self.root = self.mount / f"aimesh-bench-restart-{os.getpid()}"
-        self.root.mkdir()
-        self.procs: list[subprocess.Popen] = []
-        self.agent: Optional[subprocess.Popen] = None
-        self.metrics_port = free_port()
-
-    def group(self, name: str) -> Path:
-        p = self.root / name
-        p.mkdir(parents=True, exist_ok=True)
-        return p
-
-    def rel(self, p: Path) -> str:
-        return "/" + str(p.relative_to(self.mount))
-
-    def spawn(self, argv: list[str], cgroup: Optional[Path] = None, **kw) -> subprocess.Popen:
-        def enter():
-            if cgroup is not None:
-                (cgroup / "cgroup.procs").write_text("0")
-        p = subprocess.Popen(argv, preexec_fn=enter, **kw)
-        self.procs.append(p)
-        return p
-
-    def start_agent(self, cfg: dict, extra: tuple[str, ...] = ()) -> float:
-        path = self.tmp / "aimesh.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        t0 = time.monotonic()
-        self.agent = subprocess.Popen([PY, "-m", "agent", "agent", "--config", str(path), "--cgroup-root",
-                                       str(self.root), "--metrics-addr", f"127.0.0.1:{self.metrics_port}", *extra],
-                                      cwd=REPO, stdout=open(self.tmp / "agent.log", "a"), stderr=subprocess.STDOUT)
-        while True:
-            if self.agent.poll() is not None:
-                raise RuntimeError(f"agent exited: {(self.tmp / 'agent.log').read_text()[-800:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        return time.monotonic() - t0
-            except OSError:
-                pass
-            time.sleep(0.01)
-
-    def stop_agent(self, sig: int = signal.SIGTERM) -> None:
-        if self.agent and self.agent.poll() is None:
-            self.agent.send_signal(sig)
-            self.agent.wait(30)
-
-    def rss(self) -> int:
-        urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read()
-        return psutil.Process(self.agent.pid).memory_info().rss
-
-    def cleanup(self) -> None:
-        from agent.identity.cgroups import remove_cgroup, uninstall_datapath
-        self.stop_agent()
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-        uninstall_datapath(self.root)
-        for d in sorted((p for p in self.root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-            remove_cgroup(d, 5)
-        remove_cgroup(self.root, 5)
+        super().__init__(tmp, "restart")
 
 
 def config(b: Bench, port: int, **over) -> dict:

@@ -385,43 +385,37 @@ class FlowCollectorService:
     def Push(  # noqa: N802 - gRPC method names
         self, request: collector_pb2.FlowBatch | Malformed, context: grpc.ServicerContext
     ) -> collector_pb2.PushReply:
-        if isinstance(request, Malformed):
-            _reject_malformed(context, request)
-        received = self._clock_ns()
-        rejection = validate_batch(request, self._limits, received)
-        if rejection is not None:
-            _abort(context, self._metrics, rejection)
-        rows = [flow_row(r, request.agent_id, received) for r in request.records]
-        result = self._insert(context, request, lambda: self._store.insert_batch(
-            request.agent_id, request.sequence, rows, received))  # fmt: skip
-        if result.duplicate:
-            self._metrics.batches.labels("duplicate").inc()
-        else:
-            self._metrics.batches.labels("stored").inc()
-            self._metrics.records.inc(result.inserted)
-            if result.last_id:
-                self._notifier.publish(result.last_id)
-        return collector_pb2.PushReply(accepted=result.inserted, duplicate=result.duplicate)
+        return self._push(request, context, lambda received: [flow_row(r, request.agent_id, received)
+                                                               for r in request.records],
+                          self._store.insert_batch, self._metrics.batches, self._metrics.records, self._notifier)
 
     def PushCalls(  # noqa: N802
         self, request: collector_pb2.ModelCallBatch | Malformed, context: grpc.ServicerContext
     ) -> collector_pb2.PushReply:
+        return self._push(request, context, lambda received: [call_row(c, request.agent_id, received)
+                                                               for c in request.calls],
+                          self._store.insert_call_batch, self._metrics.call_batches, self._metrics.calls,
+                          self._call_notifier)
+
+    def _push(self, request, context: grpc.ServicerContext, rows_of: Callable[[int], list], insert_batch,
+              batches, items, notifier) -> collector_pb2.PushReply:
+        """One batch of flows or of model calls: validate, store once per (agent, sequence), count, wake followers."""
         if isinstance(request, Malformed):
             _reject_malformed(context, request)
         received = self._clock_ns()
         rejection = validate_batch(request, self._limits, received)
         if rejection is not None:
             _abort(context, self._metrics, rejection)
-        rows = [call_row(c, request.agent_id, received) for c in request.calls]
-        result = self._insert(context, request, lambda: self._store.insert_call_batch(
-            request.agent_id, request.sequence, rows, received))  # fmt: skip
+        rows = rows_of(received)
+        result = self._insert(context, request, lambda: insert_batch(request.agent_id, request.sequence, rows,
+                                                                     received))
         if result.duplicate:
-            self._metrics.call_batches.labels("duplicate").inc()
+            batches.labels("duplicate").inc()
         else:
-            self._metrics.call_batches.labels("stored").inc()
-            self._metrics.calls.inc(result.inserted)
+            batches.labels("stored").inc()
+            items.inc(result.inserted)
             if result.last_id:
-                self._call_notifier.publish(result.last_id)
+                notifier.publish(result.last_id)
         return collector_pb2.PushReply(accepted=result.inserted, duplicate=result.duplicate)
 
     def _insert(self, context: grpc.ServicerContext, request: collector_pb2.FlowBatch | collector_pb2.ModelCallBatch,
