@@ -14,7 +14,7 @@ from agent._gen.aimesh.v1 import collector_pb2, flow_pb2, model_call_pb2
 from agent.collector.store import CallFilter, CallRow, Ident
 
 MAX_NAME = 253  # node, identity name/kind/version, model names, error type
-MAX_COMM = 16
+MAX_COMM = 16  # the kernel's comm is 16 bytes with its NUL
 MAX_PID = 1 << 22
 MAX_FINISH_REASONS = 64
 MAX_FINISH_REASON = 64
@@ -79,7 +79,8 @@ def call_filter(q: collector_pb2.CallQuery) -> CallFilter:
     )
 
 
-def _text_problem(name: str, value: str, limit: int, *, printable: bool = True) -> str | None:
+def text_problem(name: str, value: str, limit: int, *, printable: bool = True) -> str | None:
+    """A text field too long, or (printable) with control characters; None when fine. Pure."""
     if len(value) > limit:
         return f"{name} is {len(value)} characters, at most {limit}"
     if printable and not value.isprintable():
@@ -87,18 +88,25 @@ def _text_problem(name: str, value: str, limit: int, *, printable: bool = True) 
     return None
 
 
+
+def origin_problems(msg, identities: tuple[str, ...]) -> list[str | None]:
+    """The checks a flow record and a model call share: node, comm and each identity's name, kind and version."""
+    checks = [text_problem("node", msg.node, MAX_NAME), text_problem("comm", msg.comm, MAX_COMM, printable=False)]
+    for ident in identities:
+        sub = getattr(msg, ident)
+        checks += [text_problem(f"{ident}.{f}", getattr(sub, f), MAX_NAME) for f in ("name", "kind", "version")]
+    return checks
+
+
 def call_problem(call: model_call_pb2.ModelCall, now_ns: int) -> str | None:
     """What is wrong with one call ("field: why"), or None. Pure."""
-    checks = [_text_problem("node", call.node, MAX_NAME), _text_problem("comm", call.comm, MAX_COMM, printable=False)]
-    for ident in _IDENTITIES:
-        sub = getattr(call, ident)
-        checks += [_text_problem(f"{ident}.{f}", getattr(sub, f), MAX_NAME) for f in ("name", "kind", "version")]
-    checks += [_text_problem(name, getattr(call, name), MAX_NAME) for name in _OPTIONAL_TEXT]
-    checks += [_text_problem(name, getattr(call, name), MAX_TEXT, printable=False)
+    checks = origin_problems(call, _IDENTITIES)
+    checks += [text_problem(name, getattr(call, name), MAX_NAME) for name in _OPTIONAL_TEXT]
+    checks += [text_problem(name, getattr(call, name), MAX_TEXT, printable=False)
                for name in ("prompt_text", "completion_text")]  # fmt: skip
     if len(call.finish_reasons) > MAX_FINISH_REASONS:
         checks.append(f"finish_reasons has {len(call.finish_reasons)} entries, at most {MAX_FINISH_REASONS}")
-    checks += [_text_problem(f"finish_reasons[{i}]", r, MAX_FINISH_REASON) for i, r in enumerate(call.finish_reasons)]
+    checks += [text_problem(f"finish_reasons[{i}]", r, MAX_FINISH_REASON) for i, r in enumerate(call.finish_reasons)]
     for problem in checks:
         if problem is not None:
             return problem

@@ -32,7 +32,7 @@ from agent._gen.aimesh.v1 import collector_pb2, flow_pb2
 from agent._gen.grpc.health.v1 import health_pb2
 from agent.collector.auth import Authenticator, Denial, Principal
 from agent.collector.auth import bearer_token as bearer_token  # re-exported: it used to live here
-from agent.collector.calls import call_filter, call_problem, call_row
+from agent.collector.calls import call_filter, call_problem, call_row, origin_problems
 from agent.collector.store import (CallFilter, FlowFilter, FlowRow, FlowStore, Ident, InsertResult, StoreError,
                                    StoredFlow)
 
@@ -42,8 +42,6 @@ FLOW_SERVICE = collector_pb2.DESCRIPTOR.services_by_name["FlowCollector"]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
 # Per-field limits of a stored record; a batch with one record over a limit is refused, naming record and field.
 MAX_AGENT_ID = 253
-MAX_NAME = 253  # node, identity name/kind/version
-MAX_COMM = 16  # the kernel's comm is 16 bytes with its NUL
 MAX_ADDRESS = 45  # the longest textual IPv6 address
 MAX_PORT = 65535
 MAX_PID = 1 << 22  # PID_MAX_LIMIT
@@ -185,20 +183,9 @@ def validate_batch(
     return None
 
 
-def _text_problem(name: str, value: str, limit: int, *, printable: bool = True) -> str | None:
-    if len(value) > limit:
-        return f"{name} is {len(value)} characters, at most {limit}"
-    if printable and not value.isprintable():
-        return f"{name} contains control characters"
-    return None
-
-
 def record_problem(rec: flow_pb2.FlowRecord, now_ns: int) -> str | None:
     """What is wrong with one record ("field: why"), or None. Pure."""
-    checks = [_text_problem("node", rec.node, MAX_NAME), _text_problem("comm", rec.comm, MAX_COMM, printable=False)]
-    for ident in _IDENTITIES:
-        sub = getattr(rec, ident)
-        checks += [_text_problem(f"{ident}.{f}", getattr(sub, f), MAX_NAME) for f in ("name", "kind", "version")]
+    checks = origin_problems(rec, _IDENTITIES)
     for problem in checks:
         if problem is not None:
             return problem

@@ -463,50 +463,36 @@ class FlowStore:
     ) -> InsertResult:
         """Store a batch once: a second call with the same (agent_id, sequence) stores nothing, and says whether it
         carried the same records (duplicate: a retry) or different ones (conflict)."""
-        now = time.time_ns() if received_ns is None else received_ns
-        seq = to_i64(sequence)
-        digest = batch_digest(rows)
-        with self._transaction() as conn:
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO batches (agent_id, sequence, received_ns, records, digest)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (agent_id, seq, now, len(rows), digest),
-            )
-            if cur.rowcount == 0:
-                (stored,) = conn.execute(
-                    "SELECT digest FROM batches WHERE agent_id = ? AND sequence = ?", (agent_id, seq)
-                ).fetchone()
-                same = stored is None or bytes(stored) == digest  # no digest: stored by schema 1, trust the key
-                return InsertResult(duplicate=same, inserted=0, last_id=0, conflict=not same)
-            last_id = 0
-            if rows:
-                conn.executemany(_INSERT_FLOW, (_row_values(r, now) for r in rows))
-                last_id = int(conn.execute("SELECT max(id) FROM flows").fetchone()[0])
-            return InsertResult(duplicate=False, inserted=len(rows), last_id=last_id)
+        return self._insert_once("batches", "flows", _INSERT_FLOW, _row_values, agent_id, sequence, rows, received_ns)
 
     def insert_call_batch(
         self, agent_id: str, sequence: int, rows: Sequence[CallRow], received_ns: int | None = None
     ) -> InsertResult:
         """Store a batch of model calls once, with insert_batch's rules, under the calls' own (agent_id, sequence)."""
+        return self._insert_once("call_batches", "model_calls", _INSERT_CALL, _call_values, agent_id, sequence, rows,
+                                 received_ns)
+
+    def _insert_once(self, batches: str, table: str, insert_sql: str, values, agent_id: str, sequence: int,
+                     rows: Sequence, received_ns: int | None) -> InsertResult:
         now = time.time_ns() if received_ns is None else received_ns
         seq = to_i64(sequence)
         digest = batch_digest(rows)
         with self._transaction() as conn:
             cur = conn.execute(
-                "INSERT OR IGNORE INTO call_batches (agent_id, sequence, received_ns, records, digest)"
+                f"INSERT OR IGNORE INTO {batches} (agent_id, sequence, received_ns, records, digest)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (agent_id, seq, now, len(rows), digest),
             )
             if cur.rowcount == 0:
                 (stored,) = conn.execute(
-                    "SELECT digest FROM call_batches WHERE agent_id = ? AND sequence = ?", (agent_id, seq)
+                    f"SELECT digest FROM {batches} WHERE agent_id = ? AND sequence = ?", (agent_id, seq)
                 ).fetchone()
-                same = bytes(stored) == digest
+                same = stored is None or bytes(stored) == digest  # no digest: stored by schema 1, trust the key
                 return InsertResult(duplicate=same, inserted=0, last_id=0, conflict=not same)
             last_id = 0
             if rows:
-                conn.executemany(_INSERT_CALL, (_call_values(r, now) for r in rows))
-                last_id = int(conn.execute("SELECT max(id) FROM model_calls").fetchone()[0])
+                conn.executemany(insert_sql, (values(r, now) for r in rows))
+                last_id = int(conn.execute(f"SELECT max(id) FROM {table}").fetchone()[0])
             return InsertResult(duplicate=False, inserted=len(rows), last_id=last_id)
 
     def has_batch(self, agent_id: str, sequence: int) -> bool:

@@ -205,6 +205,23 @@ def _metric(text: str, series: str) -> float:
     raise AssertionError(f"{series} not in metrics")
 
 
+def _export_config(cgroups, port, tmp_path, coll) -> dict:
+    return base_config(cgroups, port, collector={"spool_dir": str(tmp_path / "spool"), "flush_interval": 0.2,
+                                                 "batch_size": 50, "token_file": str(coll.token_file)},
+                       telemetry={"interim_interval": 0, "udp_window": 1})
+
+
+def _client_records(coll, want: int, timeout: float = 20) -> list:
+    """The collector's client-side connection records chat -> llama, once there are want of them (or at timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        recs = [r for r in coll.records() if r.source.name == "chat" and r.destination.name == "llama"
+                and r.hook == 1 and not r.interim]
+        if len(recs) >= want or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.3)
+
+
 def test_every_flow_record_around_a_kill9_reaches_the_collector_exactly_once(cgroups, agents, tmp_path):
     """Records queued in the dead agent, made while no agent ran and made after: each stored once."""
     from tests.kernel.test_collector_e2e import Collector
@@ -213,9 +230,7 @@ def test_every_flow_record_around_a_kill9_reaches_the_collector_exactly_once(cgr
     try:
         port = free_port()
         chat, batch, llama, srv = _setup(cgroups, port)
-        cfg = base_config(cgroups, port, collector={"spool_dir": str(tmp_path / "spool"), "flush_interval": 0.2,
-                                                    "batch_size": 50, "token_file": str(coll.token_file)},
-                          telemetry={"interim_interval": 0, "udp_window": 1})
+        cfg = _export_config(cgroups, port, tmp_path, coll)
         extra = ["--collector", f"127.0.0.1:{coll.port}", "--agent-id", "node-k"]
         agent = agents(cfg, extra)
         probe = start_prober(chat, port, 5, rate=1000)   # 2,000 records/s: 1.5 s without agent fit in the ring
@@ -225,13 +240,7 @@ def test_every_flow_record_around_a_kill9_reaches_the_collector_exactly_once(cgr
         time.sleep(1.5)
         agents(cfg, extra)
         made = prober_result(probe)["counts"]["ok"]
-        deadline = time.monotonic() + 20
-        while True:
-            client_side = [r for r in coll.records() if r.source.name == "chat" and r.destination.name == "llama"
-                           and r.hook == 1 and not r.interim]
-            if len(client_side) >= made or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
+        client_side = _client_records(coll, made)
         cookies = [r.cookie for r in client_side]
         assert len(cookies) == len(set(cookies)), "a record was stored twice"
         assert len(client_side) == made, f"{made} connections, {len(client_side)} client-side records"
@@ -248,9 +257,7 @@ def test_a_kill9_during_a_collector_outage_loses_nothing(cgroups, agents, tmp_pa
     try:
         port = free_port()
         chat, batch, llama, srv = _setup(cgroups, port)
-        cfg = base_config(cgroups, port, collector={"spool_dir": str(tmp_path / "spool"), "flush_interval": 0.2,
-                                                    "batch_size": 50, "token_file": str(coll.token_file)},
-                          telemetry={"interim_interval": 0, "udp_window": 1})
+        cfg = _export_config(cgroups, port, tmp_path, coll)
         extra = ["--collector", f"127.0.0.1:{coll.port}", "--agent-id", "node-o"]
         agent = agents(cfg, extra)
         coll.stop()                                          # the outage
@@ -261,12 +268,7 @@ def test_a_kill9_during_a_collector_outage_loses_nothing(cgroups, agents, tmp_pa
         agent.popen.wait()
         coll.start()
         agents(cfg, extra)
-        deadline = time.monotonic() + 20
-        while True:
-            client_side = [r for r in coll.records() if r.source.name == "chat" and r.hook == 1 and not r.interim]
-            if len(client_side) >= made or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
+        client_side = _client_records(coll, made)
         assert len({r.cookie for r in client_side}) == len(client_side) == made
         srv.popen.kill()
     finally:
