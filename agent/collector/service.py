@@ -32,7 +32,7 @@ from agent._gen.aimesh.v1 import collector_pb2, flow_pb2
 from agent._gen.grpc.health.v1 import health_pb2
 from agent.collector.auth import Authenticator, Denial, Principal
 from agent.collector.auth import bearer_token as bearer_token  # re-exported: it used to live here
-from agent.collector.calls import call_filter, call_problem, call_row, origin_problems
+from agent.collector.calls import MAX_COMM, MAX_NAME, call_filter, call_problem, call_row, origin_problems  # noqa: F401 (re-exported)
 from agent.collector.store import (CallFilter, FlowFilter, FlowRow, FlowStore, Ident, InsertResult, StoreError,
                                    StoredFlow)
 
