@@ -221,6 +221,20 @@ class Deprecation(_Strict):
         return v if v.tzinfo else v.replace(tzinfo=timezone.utc)
 
 
+class LlmCapture(_Strict):
+    """What aimesh records of the LLM API calls made to this identity (plaintext capture, bpf/capture.c)."""
+    protocol: Literal["auto", "openai", "anthropic", "ollama", "off"] = "auto"
+    capture_content: bool = False      # prompt and completion text, redacted, up to a cap
+
+    @property
+    def enabled(self) -> bool:
+        return self.protocol != "off"
+
+
+LLM_DEFAULT_ON = LlmCapture()
+LLM_DEFAULT_OFF = LlmCapture(protocol="off")
+
+
 class Identity(_Strict):
     name: str
     kind: Literal["model", "dataset", "service", "external"]
@@ -230,6 +244,7 @@ class Identity(_Strict):
     select: Select = Field(default_factory=Select)
     endpoints: list[str] = Field(default_factory=list)
     deprecated: Optional[Deprecation] = None
+    llm: Optional[LlmCapture] = None   # default: auto for kinds model and external, off otherwise
 
     @field_validator("name")
     @classmethod
@@ -262,6 +277,12 @@ class Identity(_Strict):
         if self.governed is not None:
             return self.governed
         return self.kind != "service"
+
+    @property
+    def llm_capture(self) -> LlmCapture:
+        if self.llm is not None:
+            return self.llm
+        return LLM_DEFAULT_ON if self.kind in ("model", "external") else LLM_DEFAULT_OFF
 
 
 def _names(v: Any) -> Any:
@@ -391,8 +412,11 @@ class LimitSettings(_Strict):
     max_decision_keys: int = Field(default=_D.max_decision_keys, **_MAP)
     ringbuf_pages: int = Field(default=_D.ringbuf_pages, **_RING)
     flow_ringbuf_pages: int = Field(default=_D.flow_ringbuf_pages, **_RING)
+    max_capture_sockets: int = Field(default=_D.max_capture_sockets, **_MAP)
+    capture_ringbuf_pages: int = Field(default=_D.capture_ringbuf_pages, **_RING)
+    capture_chunk: int = Field(default=_D.capture_chunk, ge=64, le=16384)   # bytes per captured chunk
 
-    @field_validator("ringbuf_pages", "flow_ringbuf_pages")
+    @field_validator("ringbuf_pages", "flow_ringbuf_pages", "capture_ringbuf_pages")
     @classmethod
     def _power_of_two(cls, v: int) -> int:
         if v & (v - 1):

@@ -31,9 +31,11 @@ from agent.kernel.pins import FORMAT as PIN_FORMAT
 from agent.kernel.pins import DatapathDir, PinError, RootLock, check_format, prune_dir, read_manifest, write_manifest
 from agent.errors import AgentError
 from agent.flows.denials import DenialAggregator, denial_record
-from agent.flows.decode import DecodeError, decode_agent_event, decode_decision, to_json
+from agent.flows.decode import DecodeError, decode_agent_event, decode_decision, to_json, wall_time
 from agent.flows.records import UdpWindow, decision_record, decode_flow_event, flow_record, udp_aggregate
 from agent.kernel import abi
+from agent.export.model_metrics import ModelCallTally
+from agent.l7.capture import CaptureDecodeError, CaptureTracker, decode_capture_event, model_call_json, status_class
 from agent.policy.capacity import check_capacity
 from agent.policy.compile import compile_image
 from agent.policy.identities import IdentityMeta, IdentityNumbering
@@ -124,7 +126,8 @@ class Agent:
         self._kernel_full: dict[str, tuple[int, float]] = {}
         self.last_tick = time.monotonic()           # the main loop's heartbeat (liveness)
         self.state = {"programs_attached": 0, "reloads_ok": 0, "reloads_failed": 0, "decode_errors": 0,
-                      "ring_events": {"decision_events": 0, "flow_events": 0, "agent_events": 0}}
+                      "ring_events": {"decision_events": 0, "flow_events": 0, "agent_events": 0, "capture_events": 0},
+                      "model_calls": 0}
         self._reload = False
         self._stop = False
         self._next_transition: Optional[datetime] = None
@@ -138,6 +141,8 @@ class Agent:
         self._read_pos: dict[str, int] = {}      # per ring: read up to here, saved and released up to consumer_pos
         self._write_failures_seen = 0
         self._udp_last = time.monotonic_ns()
+        self.capture = CaptureTracker(self._capture_content)
+        self.model_calls = ModelCallTally()
 
     # ---- signals only set flags; the loop acts ----
     def _on_signal(self, signum, _frame) -> None:
@@ -226,10 +231,11 @@ class Agent:
             ([RecordsLogSink(self.records_log)] if self.records_log.enabled else []) + \
             ([self.exporter] if self.exporter else [])
         dp.all_decisions = self.flow_log.enabled   # the flow log wants every decision; metrics read the kernel's counts
+        self.model_calls = ModelCallTally(lambda: dp.counters() if self.healthy else [0] * abi.COUNTER_SLOTS)
         collector = AgentCollector(dp.counters, lambda: dp.decision_counts() if self.healthy else {},
                                    lambda: self.identities, self._metrics_state)
         try:
-            metrics = MetricsServer(self.opts.metrics_addr, build_registry(collector, [self.flow_tally]),
+            metrics = MetricsServer(self.opts.metrics_addr, build_registry(collector, [self.flow_tally, self.model_calls]),
                                     lambda: self.healthy,
                                     health=lambda: (not self.degraded, sorted(self.degraded)),
                                     loop_age_s=lambda: time.monotonic() - self.last_tick if self.healthy else 0.0)
@@ -416,6 +422,7 @@ class Agent:
                 n = self.assigner.prune_local_endpoints(list(m.keys()), m.delete)
                 if n:
                     log.info("forgot %d bound ports no socket holds any more", n)
+                self._capture_housekeeping()
 
     # ---- kernel events ----
     def _recover_checkpoint(self) -> None:
@@ -438,7 +445,7 @@ class Agent:
         loop reads ahead of what is released (self._read_pos) and never waits for the disk; records not yet saved
         stay in the pinned ring for the next agent. Without one, space is released as soon as they are handled."""
         handlers = (("agent_events", self._on_agent_event), ("decision_events", self._on_decision),
-                    ("flow_events", self._on_flow))
+                    ("flow_events", self._on_flow), ("capture_events", self._on_capture))
         exp = self.exporter
         durable = exp is not None and exp.config.durable
         if durable and exp.write_failures != self._write_failures_seen:
@@ -455,7 +462,7 @@ class Agent:
             n = 0
             for name, fn in handlers:
                 ring = self.datapath.rings[name]
-                saved = durable and name != "agent_events"
+                saved = durable and name not in ("agent_events", "capture_events")   # capture: decoded in memory
                 left = DRAIN_BUDGET
                 while left > 0 and time.monotonic() < deadline:
                     if saved and exp.write_backlog() > MAX_WRITE_BACKLOG:
@@ -555,6 +562,41 @@ class Agent:
         elif ev.kind == abi.AgentEventKind.EXEC:
             self.assigner.on_exec(ev.pid)
 
+    # ---- plaintext capture ----
+    def _capture_content(self, dst_id: int) -> bool:
+        meta = self.identities.get(dst_id)
+        ident = self.config.identity(meta.name) if meta is not None and self.config is not None else None
+        return bool(ident and ident.llm_capture.capture_content)
+
+    def _on_capture(self, data: bytes) -> None:
+        self.state["ring_events"]["capture_events"] += 1
+        try:
+            chunk = decode_capture_event(data)
+        except CaptureDecodeError as e:
+            self.state["decode_errors"] += 1
+            log.warning("capture_events: %s", e)
+            return
+        self._model_calls(self.capture.on_chunk(chunk))
+
+    def _model_calls(self, calls) -> None:
+        names = {i: m.name for i, m in self.identities.items()}
+        for c in calls:
+            self.state["model_calls"] += 1
+            r = c.record
+            self.model_calls.add(names.get(c.src_id, f"id:{c.src_id}"), names.get(c.dst_id, f"id:{c.dst_id}"),
+                                 r.protocol.value, r.operation.value, status_class(r.status))
+            if self.records_log.enabled:
+                self.records_log.write(model_call_json(c, names, lambda ts: wall_time(ts, self._mono_to_wall)))
+
+    def _capture_housekeeping(self) -> None:
+        """Close decoders idle too long; drop capture_sockets entries of processes that exited (their fds were
+        closed by the exit, with no close() the tracepoint saw)."""
+        self._model_calls(self.capture.expire(time.monotonic_ns()))
+        m = self.datapath.maps["capture_sockets"]
+        gone = [k for k in list(m.keys()) if not os.path.exists(f"/proc/{k.tgid}")]
+        if gone:
+            m.delete_many(gone)
+
     def _metrics_state(self) -> dict:
         st = dict(self.state)
         st["degraded"] = sorted(self.degraded)
@@ -565,5 +607,5 @@ class Agent:
         st["flow_log_records"] = self.flow_log.written
         lim = self.limits
         st["ring_capacity"] = {"decision_events": lim.ringbuf_pages * 4096, "flow_events": lim.flow_ringbuf_pages * 4096,
-                               "agent_events": 16 * 4096}
+                               "agent_events": 16 * 4096, "capture_events": lim.capture_ringbuf_pages * 4096}
         return st

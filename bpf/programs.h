@@ -18,4 +18,5 @@
 #include "lib/sockops.h"
 #include "lib/fastpath.h"
 #include "lib/flow.h"
+#include "lib/capture.h"
 #endif

@@ -5,6 +5,7 @@
  *   reads:  runtime_config, process_identity, cgroup_identity, local_endpoint_identity, local_address,
  *           endpoint_identity, identity_info, policy_verdict, redirect_service, redirect_backend
  *   writes: dialed_address and flow_state (sk storage), udp_reverse_nat, udp_flows, verdict_counters, decision_counts,
+ *           capture_connect (a TCP connect toward an identity with LLM capture on: lib/capture.h),
  *           decision_events (not for plain allows unless CFG_F_ALL_DECISIONS)
  * getpeername / recvmsg: put back the address the client dialed (reads dialed_address, udp_reverse_nat).
  */
@@ -120,6 +121,8 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 				fo->flags = d.flags;
 				bpf_get_current_comm(fo->comm, sizeof(fo->comm));
 			}
+			if (hook == HOOK_CONNECT)
+				capture_mark_connect(cfg, cookie, src, dst, actual_dst);
 		} else if (proto == IPPROTO_UDP) {
 			/* the cgroup_skb programs count bytes into this entry; one decision event per entry and verdict */
 			struct socket_peer_key uk = { .cookie = cookie, .port = t->port };

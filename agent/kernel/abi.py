@@ -18,6 +18,7 @@ ID_FIRST_USER = 16
 
 BACKENDS_PER_SERVICE = 16
 AGENT_EV_PATH_LEN = 256
+CAPTURE_CHUNKS_PER_CALL = 4
 
 
 class Verdict(enum.IntEnum):
@@ -65,6 +66,7 @@ class IdentityFlag(enum.IntFlag):
     ENFORCE = 0x02
     DEPRECATED = 0x04
     SUNSET = 0x08
+    LLM_CAPTURE = 0x10
 
 
 class ConfigFlag(enum.IntFlag):
@@ -73,6 +75,7 @@ class ConfigFlag(enum.IntFlag):
     FAST_PATH = 0x04
     UNMANAGED_CLOSED = 0x08
     ALL_DECISIONS = 0x10
+    LLM_CAPTURE = 0x20
 
 
 class FlowKind(enum.IntEnum):
@@ -90,6 +93,16 @@ class Side(enum.IntEnum):
 class AgentEventKind(enum.IntEnum):
     CGROUP_MKDIR = 1
     EXEC = 2
+
+
+class CaptureKind(enum.IntEnum):
+    DATA = 1
+    CLOSE = 2
+
+
+class CaptureDirection(enum.IntEnum):
+    SEND = 1
+    RECV = 2
 
 
 # verdict_counters slots: fixed numbers, as in abi.h; never derived from HOOK_MAX or VERDICT_MAX.
@@ -119,6 +132,12 @@ COUNTER_FASTPATH_UNWATCHED = 42
 COUNTER_FASTPATH_MESSAGES = 43
 COUNTER_FASTPATH_BYTES = 44
 COUNTER_DECISION_KEYS_FULL = 45
+COUNTER_CAPTURE_SOCKETS_FULL = 46
+COUNTER_CAPTURE_EVENTS_LOST = 47
+COUNTER_CAPTURE_TRUNCATED = 48
+COUNTER_CAPTURE_NOT_CAPTURED = 49
+COUNTER_CAPTURE_CHUNKS = 50
+COUNTER_CAPTURE_READ_FAILED = 51
 COUNTER_SLOTS = 64
 
 Addr16 = ct.c_uint8 * 16
@@ -278,6 +297,32 @@ class AgentEvent(ct.Structure):
                 ("path", ct.c_char * AGENT_EV_PATH_LEN)]
 
 
+class CaptureSockKey(ct.Structure):
+    """struct capture_sock_key { __u32 tgid; __u32 fd; };"""
+    _fields_ = [("tgid", ct.c_uint32), ("fd", ct.c_uint32)]
+
+
+class CaptureSock(ct.Structure):
+    """struct capture_sock { __u64 cookie; __u32 src_id, dst_id, actual_dst_id, fd, ready, pad; };"""
+    _fields_ = [("cookie", ct.c_uint64), ("src_id", ct.c_uint32), ("dst_id", ct.c_uint32),
+                ("actual_dst_id", ct.c_uint32), ("fd", ct.c_uint32), ("ready", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class CaptureRead(ct.Structure):
+    """struct capture_read { __u64 buf; __u32 fd; __u32 pad; };"""
+    _fields_ = [("buf", ct.c_uint64), ("fd", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class CaptureEvent(ct.Structure):
+    """struct capture_event: the header of one capture_events record; Limits.capture_chunk data bytes follow."""
+    _fields_ = [
+        ("ts_ns", ct.c_uint64), ("cookie", ct.c_uint64), ("tgid", ct.c_uint32), ("fd", ct.c_uint32),
+        ("src_id", ct.c_uint32), ("dst_id", ct.c_uint32), ("actual_dst_id", ct.c_uint32), ("total", ct.c_uint32),
+        ("offset", ct.c_uint32), ("len", ct.c_uint32), ("kind", ct.c_uint8), ("direction", ct.c_uint8),
+        ("pad", ct.c_uint8 * 6),
+    ]
+
+
 # C struct name -> ctypes mirror; the ABI test walks this.
 MIRRORS: dict[str, type[ct.Structure]] = {
     "runtime_config": RuntimeConfig,
@@ -302,6 +347,10 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "decision_event": DecisionEvent,
     "agent_event": AgentEvent,
     "decision_count_key": DecisionCountKey,
+    "capture_sock_key": CaptureSockKey,
+    "capture_sock": CaptureSock,
+    "capture_read": CaptureRead,
+    "capture_event": CaptureEvent,
 }
 
 
@@ -313,6 +362,8 @@ ENUMS: dict[str, tuple[str, type[enum.IntEnum]]] = {
     "flow_kind": ("FLOW_KIND_", FlowKind),
     "flow_side": ("SIDE_", Side),
     "agent_event_kind": ("AGENT_EV_", AgentEventKind),
+    "capture_kind": ("CAPTURE_KIND_", CaptureKind),
+    "capture_direction": ("CAPTURE_DIR_", CaptureDirection),
 }
 
 # Python-only members: values the C side uses without naming them (flow_origin.side is 0 until established).
@@ -325,6 +376,7 @@ FLAGS: dict[str, type[enum.IntFlag]] = {"EV_F_": EventFlag, "ID_F_": IdentityFla
 CONSTANTS: dict[str, int] = {
     "ID_NONE": ID_NONE, "ID_UNMANAGED": ID_UNMANAGED, "ID_WORLD": ID_WORLD, "ID_FIRST_USER": ID_FIRST_USER,
     "BACKENDS_PER_SERVICE": BACKENDS_PER_SERVICE, "AGENT_EV_PATH_LEN": AGENT_EV_PATH_LEN,
+    "CAPTURE_CHUNKS_PER_CALL": CAPTURE_CHUNKS_PER_CALL,
     "VERDICT__MAX": VERDICT_MAX, "HOOK__MAX": HOOK_MAX,
     "COUNTER_DECISION_BASE": COUNTER_DECISION_BASE, "COUNTER_DECISION_HOOKS": COUNTER_DECISION_HOOKS,
     "COUNTER_DECISION_VERDICTS": COUNTER_DECISION_VERDICTS,
@@ -335,6 +387,10 @@ CONSTANTS: dict[str, int] = {
     "COUNTER_FASTPATH_FULL": COUNTER_FASTPATH_FULL, "COUNTER_FASTPATH_REMOTE": COUNTER_FASTPATH_REMOTE,
     "COUNTER_FASTPATH_UNWATCHED": COUNTER_FASTPATH_UNWATCHED, "COUNTER_FASTPATH_MESSAGES": COUNTER_FASTPATH_MESSAGES,
     "COUNTER_FASTPATH_BYTES": COUNTER_FASTPATH_BYTES, "COUNTER_DECISION_KEYS_FULL": COUNTER_DECISION_KEYS_FULL,
+    "COUNTER_CAPTURE_SOCKETS_FULL": COUNTER_CAPTURE_SOCKETS_FULL,
+    "COUNTER_CAPTURE_EVENTS_LOST": COUNTER_CAPTURE_EVENTS_LOST, "COUNTER_CAPTURE_TRUNCATED": COUNTER_CAPTURE_TRUNCATED,
+    "COUNTER_CAPTURE_NOT_CAPTURED": COUNTER_CAPTURE_NOT_CAPTURED, "COUNTER_CAPTURE_CHUNKS": COUNTER_CAPTURE_CHUNKS,
+    "COUNTER_CAPTURE_READ_FAILED": COUNTER_CAPTURE_READ_FAILED,
     "COUNTER_SLOTS": COUNTER_SLOTS,
 }
 
@@ -360,6 +416,9 @@ class Limits:
     max_decision_keys: int = 65536
     ringbuf_pages: int = 256   # mapped twice into the agent: counts 2x in its RSS
     flow_ringbuf_pages: int = 1024
+    max_capture_sockets: int = 16384
+    capture_ringbuf_pages: int = 1024
+    capture_chunk: int = 4096   # data bytes per capture_events record
 
     def cflags(self) -> list[str]:
         return [f"-D{f.name.upper()}={getattr(self, f.name)}" for f in fields(self)]

@@ -89,9 +89,16 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec("decision_events", RINGBUF, None, None, lambda lim: lim.ringbuf_pages * 4096, owner="kernel"),
     MapSpec("agent_events", RINGBUF, None, None, lambda lim: 16 * 4096, owner="kernel"),
     MapSpec("flow_events", RINGBUF, None, None, lambda lim: lim.flow_ringbuf_pages * 4096, owner="kernel"),
+    MapSpec("capture_connect", LRU_HASH, ct.c_uint64, abi.CaptureSock, lambda lim: lim.max_capture_sockets,
+            owner="kernel"),
+    MapSpec("capture_sockets", HASH, abi.CaptureSockKey, abi.CaptureSock, lambda lim: lim.max_capture_sockets,
+            owner="kernel"),
+    MapSpec("capture_reads", LRU_HASH, ct.c_uint64, abi.CaptureRead, lambda lim: lim.max_capture_sockets,
+            owner="kernel"),
+    MapSpec("capture_events", RINGBUF, None, None, lambda lim: lim.capture_ringbuf_pages * 4096, owner="kernel"),
 )
 MAP_BY_NAME = {m.name: m for m in MAPS}
-RINGS = ("decision_events", "flow_events", "agent_events")
+RINGS = ("decision_events", "flow_events", "agent_events", "capture_events")
 
 
 @dataclass(frozen=True)
@@ -129,6 +136,12 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
                 "tp_sched_process_exec", "sched:sched_process_exec"),
     ProgramSpec("tracepoint__sched__sched_process_exit", TRACEPOINT, sys_.PERF_EVENT, "tracepoint",
                 "tp_sched_process_exit", "sched:sched_process_exit"),
+    # plaintext capture (bpf/capture.c)
+    *(ProgramSpec(f"tracepoint__syscalls__{ev}", TRACEPOINT, sys_.PERF_EVENT, "tracepoint", f"tp_{ev}",
+                  f"syscalls:{ev}")
+      for ev in ("sys_enter_connect", "sys_exit_connect", "sys_enter_close", "sys_enter_write", "sys_enter_sendto",
+                 "sys_enter_read", "sys_exit_read", "sys_enter_recvfrom", "sys_exit_recvfrom", "sys_enter_writev",
+                 "sys_enter_readv", "sys_enter_sendmsg", "sys_enter_recvmsg")),
 )
 CGROUP_PROGRAMS = tuple(p for p in PROGRAMS if p.target == "cgroup")
 

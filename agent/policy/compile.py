@@ -62,6 +62,8 @@ def identity_flags(ident: Identity, cfg: Config, now: datetime) -> int:
         flags |= abi.IdentityFlag.DEPRECATED
         if now >= ident.deprecated.sunset:
             flags |= abi.IdentityFlag.SUNSET
+    if ident.llm_capture.enabled:
+        flags |= abi.IdentityFlag.LLM_CAPTURE
     return int(flags)
 
 
@@ -111,6 +113,8 @@ def compile_image(cfg: Config, ids: IdentityNumbering, gen: int, now: datetime) 
         image.config_flags |= abi.ConfigFlag.FAST_PATH
     if any(i.select.processes for i in cfg.identities):
         image.config_flags |= abi.ConfigFlag.WATCH_EXEC
+    if any(i.llm_capture.enabled for i in cfg.identities):
+        image.config_flags |= abi.ConfigFlag.LLM_CAPTURE
 
     for ident in cfg.identities:
         iid = ids.id_of(ident.name)

@@ -60,6 +60,16 @@
 #ifndef FLOW_RINGBUF_PAGES
 #define FLOW_RINGBUF_PAGES 1024        /* 4 MiB: ~26k flow records between two 25 ms drains (1M/s) */
 #endif
+#ifndef MAX_CAPTURE_SOCKETS
+#define MAX_CAPTURE_SOCKETS 16384  /* (tgid, fd) of client sockets toward identities with LLM capture on */
+#endif
+#ifndef CAPTURE_RINGBUF_PAGES
+#define CAPTURE_RINGBUF_PAGES 1024  /* 4 MiB of captured chunks between two 25 ms drains */
+#endif
+#ifndef CAPTURE_CHUNK
+#define CAPTURE_CHUNK 4096          /* data bytes per capture_events record */
+#endif
+#define CAPTURE_CHUNKS_PER_CALL 4   /* mirror: abi.py CAPTURE_CHUNKS_PER_CALL. a send/receive copies at most this many chunks */
 #define BACKENDS_PER_SERVICE 16    /* mirror: abi.py BACKENDS_PER_SERVICE. weighted split: at most this many backends per redirect */
 
 /* Reserved identities (mirror: abi.py ID_*). User identities start at ID_FIRST_USER. */
@@ -116,6 +126,7 @@ enum aimesh_reason {
 #define ID_F_ENFORCE    0x02   /* effective mode of this identity is enforce (else audit) */
 #define ID_F_DEPRECATED 0x04
 #define ID_F_SUNSET     0x08   /* past its sunset date (the agent flips this at the sunset instant) */
+#define ID_F_LLM_CAPTURE 0x10  /* connections to it are captured (llm.protocol not off): bpf/capture.c */
 
 /* runtime_config.flags (mirror: abi.py ConfigFlag) */
 #define CFG_F_DNS_ALLOW  0x01
@@ -123,6 +134,7 @@ enum aimesh_reason {
 #define CFG_F_FAST_PATH  0x04   /* same-node fast path: sockhash + sk_msg */
 #define CFG_F_UNMANAGED_CLOSED 0x08   /* a workload-identity map is full: unmanaged counts as governed and enforced */
 #define CFG_F_ALL_DECISIONS 0x10      /* emit a decision event for plain allows too (a flow log wants every one) */
+#define CFG_F_LLM_CAPTURE 0x20        /* some identity has ID_F_LLM_CAPTURE: connects are followed (bpf/capture.c) */
 
 /* verdict_counters slots (mirror: abi.py COUNTER_* and counter_decision; metric labels: agent/export/metrics.py,
  * agent/daemon.py flow losses). Every slot is a fixed number: adding a hook, a verdict or a counter moves no slot.
@@ -148,7 +160,13 @@ enum aimesh_reason {
 #define COUNTER_FASTPATH_MESSAGES      43   /* sendmsg calls handed straight to the peer */
 #define COUNTER_FASTPATH_BYTES         44
 #define COUNTER_DECISION_KEYS_FULL     45   /* decision_counts full: the decision is in its hook/verdict slot only */
-#define COUNTER_SLOTS                  64   /* 46..63 free */
+#define COUNTER_CAPTURE_SOCKETS_FULL   46   /* capture_sockets full: a connection to a captured identity is not captured */
+#define COUNTER_CAPTURE_EVENTS_LOST    47   /* capture_events full: a chunk (or a close) was lost */
+#define COUNTER_CAPTURE_TRUNCATED      48   /* a send/receive moved more than CAPTURE_CHUNKS_PER_CALL * CAPTURE_CHUNK bytes */
+#define COUNTER_CAPTURE_NOT_CAPTURED   49   /* writev/readv/sendmsg/recvmsg on a captured socket: not copied */
+#define COUNTER_CAPTURE_CHUNKS         50   /* chunks put in capture_events */
+#define COUNTER_CAPTURE_READ_FAILED    51   /* bpf_probe_read_user failed: the chunk was sent with len 0 */
+#define COUNTER_SLOTS                  64   /* 52..63 free */
 _Static_assert(HOOK__MAX <= COUNTER_DECISION_HOOKS, "a new hook needs its own block of decision counter slots");
 _Static_assert(VERDICT__MAX <= COUNTER_DECISION_VERDICTS, "a new verdict does not fit the decision counter stride");
 _Static_assert(COUNTER_DECISION_BASE + COUNTER_DECISION_HOOKS * COUNTER_DECISION_VERDICTS <= COUNTER_DECISION_EVENTS_LOST,
@@ -414,6 +432,59 @@ struct agent_event {
 	__u32 kind;
 	__u32 pid;
 	char  path[AGENT_EV_PATH_LEN];   /* cgroup path relative to the cgroup2 root (mkdir) */
+};
+
+/* Plaintext capture (bpf/capture.c). Mirrors: abi.py CaptureKind, CaptureDirection. */
+enum capture_kind {
+	CAPTURE_KIND_DATA  = 1,   /* bytes a send or a receive moved */
+	CAPTURE_KIND_CLOSE = 2,   /* the socket's fd was closed: no data */
+};
+
+enum capture_direction {
+	CAPTURE_DIR_SEND = 1,     /* write, sendto: the client's request bytes */
+	CAPTURE_DIR_RECV = 2,     /* read, recvfrom: the server's response bytes */
+};
+
+/* capture_sockets key: a socket as the syscalls name it. */
+struct capture_sock_key {
+	__u32 tgid;
+	__u32 fd;
+};
+
+/* capture_sockets value, and capture_connect value while a connect is in progress. */
+struct capture_sock {
+	__u64 cookie;
+	__u32 src_id;
+	__u32 dst_id;
+	__u32 actual_dst_id;
+	__u32 fd;            /* capture_connect: the fd sys_enter_connect saw */
+	__u32 ready;         /* capture_connect: the connect hook asked for capture */
+	__u32 pad;
+};
+
+/* capture_reads value: a receive on a captured socket in progress (sys_enter -> sys_exit). */
+struct capture_read {
+	__u64 buf;
+	__u32 fd;
+	__u32 pad;
+};
+
+/* One capture_events record: this header, then CAPTURE_CHUNK data bytes of which the first len are valid (the record
+ * size is fixed; the agent slices). A syscall that moved more than one chunk gives several records (offset). */
+struct capture_event {
+	__u64 ts_ns;
+	__u64 cookie;
+	__u32 tgid;
+	__u32 fd;
+	__u32 src_id;
+	__u32 dst_id;
+	__u32 actual_dst_id;
+	__u32 total;         /* bytes the syscall moved */
+	__u32 offset;        /* of this chunk within them */
+	__u32 len;           /* valid data bytes after the header */
+	__u8  kind;          /* enum capture_kind */
+	__u8  direction;     /* enum capture_direction */
+	__u8  pad[6];
 };
 
 #endif /* AIMESH_ABI_H */

@@ -2,7 +2,7 @@
  * Every aimesh map, one "what -> what" line each. Included once, by bpf/programs.h.
  * Generation-keyed maps (gen in the key) are double-buffered: the agent writes the inactive generation, flips
  * runtime_config.active_gen, then deletes the old one, so a reload is atomic for every program run.
- * decision_events and flow_events are submitted with BPF_RB_NO_WAKEUP: waking the agent per event made every connect
+ * decision_events, flow_events and capture_events are submitted with BPF_RB_NO_WAKEUP: waking the agent per event made every connect
  * pay for a wakeup; the agent drains them on a short timer instead. agent_events (rare) wake it at once.
  */
 #ifndef AIMESH_MAPS_H
@@ -54,5 +54,9 @@ AIMESH_MAP("percpu_hash", struct decision_count_key, __u64, decision_counts, MAX
 AIMESH_RINGBUF(decision_events, RINGBUF_PAGES);                                                /* struct decision_event */
 AIMESH_RINGBUF(agent_events, 16);                                                              /* struct agent_event */
 AIMESH_RINGBUF(flow_events, FLOW_RINGBUF_PAGES);                                               /* struct flow_event */
+AIMESH_MAP("lru_hash", __u64, struct capture_sock, capture_connect, MAX_CAPTURE_SOCKETS);      /* pid_tgid -> connect in progress (fd, then what to capture) */
+AIMESH_MAP("hash", struct capture_sock_key, struct capture_sock, capture_sockets, MAX_CAPTURE_SOCKETS); /* (tgid, fd) -> captured socket; not LRU: full is counted; the agent drops entries of exited processes */
+AIMESH_MAP("lru_hash", __u64, struct capture_read, capture_reads, MAX_CAPTURE_SOCKETS);        /* pid_tgid -> receive in progress on a captured socket */
+AIMESH_RINGBUF(capture_events, CAPTURE_RINGBUF_PAGES);                                         /* struct capture_event + CAPTURE_CHUNK bytes */
 
 #endif /* AIMESH_MAPS_H */

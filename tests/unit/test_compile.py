@@ -36,8 +36,9 @@ def test_identity_flags_and_ids():
     flags = {img.identities[k.id].name: v.flags for k, v in img.identity_info}
     F = abi.IdentityFlag
     assert flags["chat"] == F.ENFORCE                       # service: not governed
-    assert flags["llama"] == F.GOVERNED | F.DEPRECATED      # audit override: no ENFORCE; sunset not reached
-    assert flags["next"] == F.GOVERNED | F.ENFORCE
+    # audit override: no ENFORCE; sunset not reached; models have LLM capture on by default
+    assert flags["llama"] == F.GOVERNED | F.DEPRECATED | F.LLM_CAPTURE
+    assert flags["next"] == F.GOVERNED | F.ENFORCE | F.LLM_CAPTURE
     assert flags["svc"] == F.GOVERNED | F.ENFORCE            # governed: true on a service
     assert flags["unmanaged"] == F.ENFORCE and flags["world"] == F.ENFORCE
     assert ids.id_of("chat") >= abi.ID_FIRST_USER
@@ -107,7 +108,7 @@ def test_numbering_is_stable_across_compiles():
 
 def test_config_flags():
     img, _ = _img()
-    assert img.config_flags == abi.ConfigFlag.DNS_ALLOW | abi.ConfigFlag.FAST_PATH
+    assert img.config_flags == abi.ConfigFlag.DNS_ALLOW | abi.ConfigFlag.FAST_PATH | abi.ConfigFlag.LLM_CAPTURE
     img, _ = _img("dns: deny\nfast_path: false\n"
                   "identities: [{name: a, kind: service, select: {processes: [{exe: '*x'}]}}]")
     assert img.config_flags == abi.ConfigFlag.WATCH_EXEC
@@ -120,3 +121,21 @@ def test_hundred_thousand_rules_compile():
               for p in range(8000, 8010)]
     img, _ = _img("\n".join(lines))
     assert len(img.policies) == 100_000
+
+
+def test_llm_capture_flags():
+    text = """
+identities:
+  - {name: chat, kind: service}
+  - {name: ext, kind: external, endpoints: ["10.0.0.1"]}
+  - {name: quiet, kind: model, llm: {protocol: "off"}}
+  - {name: svc, kind: service, llm: {protocol: openai, capture_content: true}}
+"""
+    img, _ = _img(text)
+    flags = {img.identities[k.id].name: v.flags for k, v in img.identity_info}
+    F = abi.IdentityFlag
+    assert not flags["chat"] & F.LLM_CAPTURE and not flags["quiet"] & F.LLM_CAPTURE
+    assert flags["ext"] & F.LLM_CAPTURE and flags["svc"] & F.LLM_CAPTURE
+    assert img.config_flags & abi.ConfigFlag.LLM_CAPTURE
+    img, _ = _img("identities: [{name: chat, kind: service}]")
+    assert not img.config_flags & abi.ConfigFlag.LLM_CAPTURE

@@ -348,3 +348,15 @@ def test_long_successor_chain_and_cycle():
     assert len(parse_config("\n".join(lines + [f"  - {{name: a{n}, kind: model}}"])).identities) == n + 1
     msg = _error("\n".join(lines + [f"  - {{name: a{n}, kind: model, {dep.format(7)}}}"]))
     assert "identities.7.deprecated.successor: successors form a cycle (a7 -> a8 -> " in msg and msg.endswith("...")
+
+
+def test_llm_capture_settings():
+    cfg = parse_config("identities: [{name: m, kind: model}, {name: s, kind: service},"
+                       " {name: e, kind: external, llm: {protocol: anthropic, capture_content: true}}]")
+    m, s, e = cfg.identities
+    assert m.llm_capture.protocol == "auto" and m.llm_capture.enabled and not m.llm_capture.capture_content
+    assert s.llm_capture.protocol == "off" and not s.llm_capture.enabled
+    assert e.llm_capture.protocol == "anthropic" and e.llm_capture.capture_content
+    for bad in ("{protocol: grpc}", "{capture_content: 1}", "{protocol: auto, extra: 1}"):
+        with pytest.raises(ConfigError, match="llm"):
+            parse_config(f"identities: [{{name: m, kind: model, llm: {bad}}}]")

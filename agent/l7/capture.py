@@ -1,0 +1,160 @@
+"""Plaintext capture events (bpf/capture.c) -> per-connection decoders -> model-call records. Pure: no kernel.
+
+`decode_capture_event` turns one capture_events record into a `CaptureChunk`. `CaptureTracker` keeps one
+`ConnectionDecoder` per socket cookie (bounded, least recently used first out; idle ones closed by `expire`) and
+feeds it in ring order: what the client sent is the request direction, what it received the response direction.
+A CLOSE chunk closes the decoder (a call in flight becomes an incomplete record).
+"""
+from __future__ import annotations
+
+import ctypes as ct
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional
+
+from agent.kernel import abi
+from agent.l7.http1 import Direction
+from agent.l7.record import ConnectionDecoder, ModelCallRecord
+
+HEADER = ct.sizeof(abi.CaptureEvent)
+DEFAULT_MAX_CONNECTIONS = 4096
+DEFAULT_IDLE_NS = 300 * 10**9
+
+
+class CaptureDecodeError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class CaptureChunk:
+    ts_ns: int
+    cookie: int
+    pid: int
+    fd: int
+    src_id: int
+    dst_id: int
+    actual_dst_id: int
+    kind: abi.CaptureKind
+    direction: Optional[Direction]   # None for CLOSE
+    total: int                        # bytes the syscall moved
+    offset: int
+    data: bytes
+
+
+def decode_capture_event(raw: bytes) -> CaptureChunk:
+    if len(raw) < HEADER:
+        raise CaptureDecodeError(f"capture event is {len(raw)} bytes, expected at least {HEADER}")
+    h = abi.CaptureEvent.from_buffer_copy(raw[:HEADER])
+    try:
+        kind = abi.CaptureKind(h.kind)
+    except ValueError:
+        raise CaptureDecodeError(f"capture event with unknown kind {h.kind}") from None
+    direction = None
+    if kind is abi.CaptureKind.DATA:
+        if h.direction == abi.CaptureDirection.SEND:
+            direction = Direction.REQUEST
+        elif h.direction == abi.CaptureDirection.RECV:
+            direction = Direction.RESPONSE
+        else:
+            raise CaptureDecodeError(f"capture event with unknown direction {h.direction}")
+        if HEADER + h.len > len(raw):
+            raise CaptureDecodeError(f"capture event says {h.len} data bytes, carries {len(raw) - HEADER}")
+    data = bytes(raw[HEADER:HEADER + h.len]) if kind is abi.CaptureKind.DATA else b""
+    return CaptureChunk(h.ts_ns, h.cookie, h.tgid, h.fd, h.src_id, h.dst_id, h.actual_dst_id, kind, direction,
+                        h.total, h.offset, data)
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedCall:
+    """A finished record and who made it (from the socket's connect-time mark)."""
+    record: ModelCallRecord
+    cookie: int
+    pid: int
+    src_id: int
+    dst_id: int
+    actual_dst_id: int
+
+
+class _Conn:
+    __slots__ = ("decoder", "pid", "src_id", "dst_id", "actual_dst_id", "last_ns")
+
+    def __init__(self, decoder: ConnectionDecoder, c: CaptureChunk) -> None:
+        self.decoder = decoder
+        self.pid, self.src_id, self.dst_id, self.actual_dst_id = c.pid, c.src_id, c.dst_id, c.actual_dst_id
+        self.last_ns = c.ts_ns
+
+
+class CaptureTracker:
+    """One ConnectionDecoder per cookie. `capture_content(dst_id)` says whether the destination asked for text."""
+
+    def __init__(self, capture_content: Callable[[int], bool] = lambda _id: False,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_ns: int = DEFAULT_IDLE_NS) -> None:
+        self._content = capture_content
+        self._max = max_connections
+        self._idle_ns = idle_ns
+        self._conns: OrderedDict[int, _Conn] = OrderedDict()
+        self.evicted = 0       # decoders closed because the table was full
+        self.chunks = 0
+        self.bytes_missing = 0   # bytes a syscall moved that the kernel did not copy (truncation, failed reads)
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def on_chunk(self, c: CaptureChunk) -> list[CapturedCall]:
+        self.chunks += 1
+        conn = self._conns.get(c.cookie)
+        if c.kind is abi.CaptureKind.CLOSE:
+            if conn is None:
+                return []
+            del self._conns[c.cookie]
+            return self._wrap(conn, conn.decoder.close(c.ts_ns))
+        out: list[CapturedCall] = []
+        if conn is None:
+            while len(self._conns) >= self._max:
+                _, old = self._conns.popitem(last=False)
+                self.evicted += 1
+                out.extend(self._wrap(old, old.decoder.close(old.last_ns)))
+            conn = _Conn(ConnectionDecoder(c.cookie, capture_content=self._content(c.dst_id)), c)
+            self._conns[c.cookie] = conn
+        else:
+            self._conns.move_to_end(c.cookie)
+        conn.last_ns = c.ts_ns
+        last = c.offset + len(c.data) >= c.total or len(c.data) == 0
+        if last and c.offset + len(c.data) < c.total:
+            self.bytes_missing += c.total - c.offset - len(c.data)
+        if c.data:
+            out.extend(self._wrap(conn, conn.decoder.feed(c.direction, c.ts_ns, c.data)))
+        return out
+
+    def expire(self, now_ns: int) -> list[CapturedCall]:
+        """Close decoders idle for longer than idle_ns (a socket whose close the kernel never reported)."""
+        out: list[CapturedCall] = []
+        for cookie in [k for k, v in self._conns.items() if now_ns - v.last_ns > self._idle_ns]:
+            conn = self._conns.pop(cookie)
+            out.extend(self._wrap(conn, conn.decoder.close(now_ns)))
+        return out
+
+    @staticmethod
+    def _wrap(conn: _Conn, recs: list[ModelCallRecord]) -> list[CapturedCall]:
+        return [CapturedCall(r, int(r.conn_key), conn.pid, conn.src_id, conn.dst_id, conn.actual_dst_id)
+                for r in recs]
+
+
+def status_class(status: Optional[int]) -> str:
+    return f"{status // 100}xx" if status is not None and 100 <= status < 600 else "none"
+
+
+def model_call_json(call: CapturedCall, names: Mapping[int, str], wall: Callable[[int], str]) -> dict:
+    """One JSON line for the records log: the record's fields, plus who called whom."""
+    r = call.record
+    out = {"kind": "model_call", "time": wall(r.start_ns),
+           "source": {"name": names.get(call.src_id, f"id:{call.src_id}"), "pid": call.pid},
+           "destination": {"name": names.get(call.dst_id, f"id:{call.dst_id}")},
+           "actual": {"name": names.get(call.actual_dst_id, f"id:{call.actual_dst_id}")},
+           "cookie": call.cookie}
+    for f in r.__dataclass_fields__:
+        if f == "conn_key":
+            continue
+        v = getattr(r, f)
+        out[f] = v.value if hasattr(v, "value") else list(v) if isinstance(v, tuple) else v
+    return out

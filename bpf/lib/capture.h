@@ -1,0 +1,27 @@
+/* Plaintext capture, connect side: mark the socket of a connection toward an identity with LLM capture on. */
+#ifndef AIMESH_LIB_CAPTURE_H
+#define AIMESH_LIB_CAPTURE_H
+
+/* Called by the connect hook for an allowed TCP connect. sys_enter_connect left the fd in capture_connect (only while
+ * CFG_F_LLM_CAPTURE is set); mark it ready so sys_exit_connect moves it to capture_sockets. Sources without an
+ * identity (unmanaged) are never captured. */
+static __always_inline void capture_mark_connect(const struct runtime_config *cfg, __u64 cookie, __u32 src, __u32 dst,
+						 __u32 actual_dst)
+{
+	if (!(cfg->flags & CFG_F_LLM_CAPTURE) || src < ID_FIRST_USER)
+		return;
+	__u8 gen = cfg->active_gen;
+	if (!(identity_flags(actual_dst, gen) & ID_F_LLM_CAPTURE) && !(identity_flags(dst, gen) & ID_F_LLM_CAPTURE))
+		return;
+	__u64 id = bpf_get_current_pid_tgid();
+	struct capture_sock *c = capture_connect.lookup(&id);
+	if (!c)
+		return;
+	c->cookie = cookie;
+	c->src_id = src;
+	c->dst_id = dst;
+	c->actual_dst_id = actual_dst;
+	c->ready = 1;
+}
+
+#endif
