@@ -47,11 +47,16 @@ from google.protobuf.message import Message
 from agent._gen.aimesh.v1 import collector_pb2
 from agent.collector.channel import (MD_MAX_BYTES, MD_MAX_RECORDS, ClientTls, ConfigError, call_metadata, open_channel,
                                      parse_hostport)
+from agent.export import model_calls
 from agent.export.records import FlowRecordData, to_proto
+from agent.flows.model import IdentityData
+from agent.l7.record import ModelCallRecord
 
 log = logging.getLogger(__name__)
 
 PUSH_METHOD = "/aimesh.v1.FlowCollector/Push"
+PUSH_CALLS_METHOD = "/aimesh.v1.FlowCollector/PushCalls"
+CALLS_SPOOL = "calls"   # the model-call spool: a subdirectory of the flow spool directory
 _RECORD_OVERHEAD = 6  # field tag and length prefix of a record inside a batch
 _BATCH_OVERHEAD = 32  # batch header besides agent_id
 
@@ -69,6 +74,31 @@ class BatchKind:
 
 
 FLOWS = BatchKind("flow", PUSH_METHOD, collector_pb2.FlowBatch, "records", to_proto)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCall:
+    """A model call waiting for the collector: the record and where it happened (agent/export/model_calls.py)."""
+
+    record: ModelCallRecord
+    source: IdentityData
+    destination: IdentityData   # as dialed
+    actual: IdentityData        # as reached
+    pid: int
+    comm: str
+    agent_id: str
+    node: str
+    mono_to_wall_ns: int
+
+
+def _encode_call(item: PendingCall) -> Message:
+    return model_calls.to_proto(item.record, item.source, item.destination, item.actual, pid=item.pid,
+                                comm=item.comm, agent_id=item.agent_id, node=item.node,
+                                mono_to_wall_ns=item.mono_to_wall_ns)
+
+
+CALLS = BatchKind("model call", PUSH_CALLS_METHOD, collector_pb2.ModelCallBatch, "calls",
+                  _encode_call)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -841,3 +871,21 @@ class FlowExporter(BatchExporter):
     def emit(self, record: FlowRecordData, counted: bool) -> None:
         """RecordSink: queue every record for the collector (a full queue is counted)."""
         self.submit(record)
+
+
+class ModelCallExporter(BatchExporter):
+    """Model calls to the collector's PushCalls; a ModelCallSink (agent/l7/sink.py). Not durable: the capture ring
+    is released once its chunks are decoded, so calls are spooled when memory is full and at close, not fsync'd
+    one by one. `mono_to_wall_ns()` gives the offset from the records' kernel clock to Unix time."""
+
+    kind = CALLS
+
+    def __init__(self, config: ExporterConfig, node: str, mono_to_wall_ns: Callable[[], int], **kw) -> None:
+        super().__init__(config, **kw)
+        self._node = node
+        self._offset = mono_to_wall_ns
+
+    def emit_call(self, call: ModelCallRecord, source: IdentityData, destination: IdentityData, pid: int, comm: str,
+                  *, server_address: str = "", server_port: int = 0, dialed: IdentityData | None = None) -> None:
+        self.submit(PendingCall(call, source, dialed if dialed is not None else destination, destination, pid, comm,
+                                self.config.agent_id, self._node, self._offset()))
