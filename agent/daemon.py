@@ -36,6 +36,7 @@ from agent.flows.records import (UdpWindow, decision_record, decode_flow_event, 
                                  udp_aggregate)
 from agent.kernel import abi
 from agent.export.call_sinks import CallSinks, CommCache, build_call_sinks
+from agent.collector.channel import ConfigError as ChannelError
 from agent.export.collector_client import FlowExporter
 from agent.export.genai_metrics import IdentityCompute
 from agent.export.model_metrics import ModelCallTally
@@ -99,8 +100,10 @@ def build_exporter(config: Config, opts: AgentOptions):
     cfg = exporter_config(config, opts)
     if cfg is None:
         return None
-    from agent.export.collector_client import FlowExporter
-    return FlowExporter(cfg)
+    try:
+        return FlowExporter(cfg)
+    except ChannelError as e:   # the spool directory cannot be made or is shared
+        raise AgentError(f"collector: {e}") from None
 
 
 def exporter_config(config: Config, opts: AgentOptions):
@@ -240,8 +243,8 @@ class Agent:
             raise AgentError(f"{self.pins.path}: {e}") from None
         self.flow_log = FlowLog(self.opts.flow_log, what="--flow-log")
         self.records_log = FlowLog(self.opts.records_log, what="--records-log")
-        flow_export = exporter_config(config, self.opts)
-        self.exporter = FlowExporter(flow_export) if flow_export is not None else None
+        self.exporter = build_exporter(config, self.opts)
+        flow_export = self.exporter.config if self.exporter is not None else None
         self.datapath = dp = self._open_datapath(manifest)
         self.flow_tally = FlowTally(lambda: self.exporter.stats() if self.exporter else None, self._flow_losses)
         self.sinks: list[RecordSink] = [self.flow_tally] + \
@@ -254,9 +257,9 @@ class Agent:
                                                mono_to_wall_ns=lambda: self._mono_to_wall,
                                                records_log=self.records_log, tally=self.model_calls,
                                                wall=lambda ts: wall_time(ts, self._mono_to_wall))
-        except (ValueError, ConfigError) as e:
+        except (ValueError, ConfigError, ChannelError) as e:
             dp.close()
-            raise AgentError(f"telemetry: {e}") from None
+            raise AgentError(f"model-call sinks: {e}") from None
         collector = AgentCollector(dp.counters, lambda: dp.decision_counts() if self.healthy else {},
                                    lambda: self.identities, self._metrics_state)
         compute = IdentityCompute(self._identity_cgroups, mount)
