@@ -1,8 +1,14 @@
 """A local model server speaking the real wire formats of OpenAI, Anthropic and Ollama, recording every byte.
 
-Bound to 127.0.0.1 on an ephemeral port (stdlib ThreadingHTTPServer, HTTP/1.1 keep-alive). Every connection's bytes are
-logged in order, as (direction, monotonic ns, bytes) — what the server read is the request direction, what it wrote the
-response direction: exactly what the kernel capture will hand ConnectionDecoder. `calls` says what the server answered.
+The tests' server (tests/llm_server.py imports it) and the demo's model servers (agent/demo/workloads.py).
+Bound to 127.0.0.1, on an ephemeral port unless given one (stdlib ThreadingHTTPServer, HTTP/1.1 keep-alive), plaintext
+or TLS (an ssl.SSLContext; the handshake runs in the connection's thread). With `record=True` (the tests) every
+connection's bytes are logged in order, as (direction, monotonic ns, bytes) — what the server read is the request
+direction, what it wrote the response direction: exactly what the kernel capture will hand ConnectionDecoder — and
+`calls` says what the server answered; `on_call` hears of each call either way (the demo prints a line per call).
+
+Who answers is a `Persona`: the tests' (`TestPersona`) names the served model `<requested>-served` and replies with
+WORDS; the demo's (`ModelPersona`) serves one model id whatever was asked and says which model and version answered.
 
 Wire behaviour, like the hosted APIs: JSON bodies gzip'd when the client accepts it (api.openai.com does); SSE in chunked
 transfer (OpenAI `data:` + `[DONE]`, a usage chunk when `stream_options.include_usage`; Anthropic `event:`/`data:`;
@@ -18,9 +24,10 @@ import socket
 import struct
 import threading
 import time
+import ssl
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable, Protocol
 
 from agent.l7.http1 import Direction
 
@@ -42,6 +49,61 @@ class SentCall:
     finish_reason: str | None
     error_type: str | None
     cut: bool
+
+
+class Persona(Protocol):
+    """Who answers: the model a response names, the reply (as tokens) and the models `GET /v1/models` lists."""
+
+    def served_model(self, requested: str) -> str: ...
+
+    def reply(self, requested: str, body: dict[str, Any]) -> list[str]: ...
+
+    def models(self) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class TestPersona:
+    """The tests' server: `<requested>-served` answers with WORDS."""
+
+    __test__ = False        # not a pytest class
+
+    def served_model(self, requested: str) -> str:
+        return f"{requested}-served"
+
+    def reply(self, requested: str, body: dict[str, Any]) -> list[str]:
+        return list(WORDS)
+
+    def models(self) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True)
+class ModelPersona:
+    """A demo model server: `<name>-<version>` answers every call, saying which model and version answered."""
+
+    name: str
+    version: str
+    port: int
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}-{self.version}"
+
+    def served_model(self, requested: str) -> str:
+        return self.model_id
+
+    def reply(self, requested: str, body: dict[str, Any]) -> list[str]:
+        text = f"Hello from {self.name} {self.version} on port {self.port}."
+        return tokens(text)
+
+    def models(self) -> list[str]:
+        return [self.model_id]
+
+
+def tokens(text: str) -> list[str]:
+    """`"Hello from x."` -> `["Hello", " from", " x."]`: words with their leading space, as BPE tokens look."""
+    words = text.split(" ")
+    return [words[0]] + [f" {w}" for w in words[1:]] if words else []
 
 
 def count_words(body: dict[str, Any]) -> int:
@@ -115,8 +177,9 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         self.conn_id, self.log = self.server.owner._new_connection()
-        self.rfile = _RecordingReader(self.rfile, self.log)    # type: ignore[assignment]
-        self.wfile = _RecordingWriter(self.wfile, self.log)    # type: ignore[assignment]
+        if self.server.owner.record:
+            self.rfile = _RecordingReader(self.rfile, self.log)    # type: ignore[assignment]
+            self.wfile = _RecordingWriter(self.wfile, self.log)    # type: ignore[assignment]
 
     # -- plumbing ------------------------------------------------------------------------------------------------
     def _json(self, status: int, obj: Any, gz_ok: bool = True) -> None:
@@ -155,11 +218,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._chunk(f"{head}data: {json.dumps(obj)}\n\n".encode())
 
     # -- dispatch ------------------------------------------------------------------------------------------------
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        persona = self.server.owner.persona
+        if path in ("/v1/models", "/models"):
+            self._json(200, {"object": "list", "data": [{"id": m, "object": "model", "created": 0,
+                                                          "owned_by": "aimesh"} for m in persona.models()]})
+        elif path == "/healthz":
+            self._json(200, {"status": "ok", "models": persona.models()})
+        else:
+            self._json(404, {"error": {"message": f"no route GET {path}", "type": "not_found"}})
+
     def do_POST(self) -> None:
         n = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(n)
         try:
             body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
         except ValueError:
             self._json(400, {"error": {"message": "bad json", "type": "invalid_request_error"}})
             return
@@ -167,13 +243,15 @@ class _Handler(BaseHTTPRequestHandler):
         model = str(body.get("model", ""))
         proto = "anthropic" if path == "/v1/messages" else "ollama" if path.startswith("/api/") else "openai"
         stream = bool(body.get("stream", proto == "ollama" and path in ("/api/chat", "/api/generate")))
-        if model.startswith("error-"):
+        if model.startswith("error-") and model[len("error-"):].isdigit():
             self._error(proto, path, model, int(model.split("-")[1]), stream)
             return
-        served = f"{model}-served"
-        words = WORDS[: int(body["max_tokens"])] if isinstance(body.get("max_tokens"), int) else WORDS
+        persona = self.server.owner.persona
+        served = persona.served_model(model)
+        reply = persona.reply(model, body)
+        words = reply[: int(body["max_tokens"])] if isinstance(body.get("max_tokens"), int) else reply
         finish = {"openai": "stop", "anthropic": "end_turn", "ollama": "stop"}[proto]
-        if len(words) < len(WORDS):
+        if len(words) < len(reply):
             finish = {"openai": "length", "anthropic": "max_tokens", "ollama": "length"}[proto]
         if path == "/v1/responses":
             finish = "completed"      # the Responses API reports a status, not a finish reason
@@ -210,7 +288,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- OpenAI --------------------------------------------------------------------------------------------------
     def _lp(self, words: list[str]) -> list[dict[str, Any]]:
-        return [{"token": w, "logprob": LOGPROBS[i], "bytes": list(w.encode()), "top_logprobs": []}
+        return [{"token": w, "logprob": LOGPROBS[i % len(LOGPROBS)], "bytes": list(w.encode()), "top_logprobs": []}
                 for i, w in enumerate(words)]
 
     def _openai_chat(self, body: dict[str, Any], served: str, words: list[str], finish: str, inp: int,
@@ -381,32 +459,70 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256     # 50 concurrent connects must not overflow the listen backlog
     owner: "LLMServer"
 
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """In the connection's thread: the TLS handshake (when serving TLS), then the requests."""
+        tls = self.owner.tls
+        if tls is not None:
+            try:
+                request.settimeout(10.0)
+                request = tls.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except (ssl.SSLError, OSError):
+                return          # a client that does not trust the CA, or left: nothing to serve
+        super().finish_request(request, client_address)
+
 
 class LLMServer:
-    """Start with `with LLMServer() as srv:`; `srv.url`, `srv.connections`, `srv.calls`."""
+    """Start with `with LLMServer() as srv:`; `srv.url`, `srv.connections`, `srv.calls`.
 
-    def __init__(self) -> None:
+    `serve_forever()` instead serves in the calling thread until `shutdown()` from another one (the demo)."""
+
+    def __init__(self, port: int = 0, persona: Persona | None = None, tls: ssl.SSLContext | None = None,
+                 record: bool = True, on_call: Callable[[SentCall], None] | None = None) -> None:
         self._lock = threading.Lock()
+        self.persona: Persona = persona if persona is not None else TestPersona()
+        self.tls = tls
+        self.record = record
+        self.on_call = on_call
         self.connections: dict[int, ByteLog] = {}
         self.calls: list[SentCall] = []
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._next_conn = 0
+        self._httpd = _Server(("127.0.0.1", port), _Handler)
         self._httpd.owner = self
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="llm-server", daemon=True)
 
     @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def _new_connection(self) -> tuple[int, ByteLog]:
         with self._lock:
-            cid = len(self.connections)
+            cid = self._next_conn
+            self._next_conn += 1
             log: ByteLog = []
-            self.connections[cid] = log
+            if self.record:
+                self.connections[cid] = log
             return cid, log
 
     def _sent(self, call: SentCall) -> None:
         with self._lock:
-            self.calls.append(call)
+            if self.record:
+                self.calls.append(call)
+        if self.on_call is not None:
+            self.on_call(call)
+
+    def serve_forever(self, poll_interval: float = 0.2) -> None:
+        self._httpd.serve_forever(poll_interval=poll_interval)
+
+    def shutdown(self) -> None:
+        self._httpd.shutdown()
+
+    def close(self) -> None:
+        self._httpd.server_close()
 
     def calls_on(self, conn_id: int) -> list[SentCall]:
         with self._lock:
