@@ -115,7 +115,6 @@ def test_demo_model_calls_table_holds_exactly_what_the_collector_stored(demo: De
         assert lines[1:] == ["(none: no model call reached the collector)"]
 
 
-@pytest.mark.xfail(strict=False, reason="needs the model-call exporter (wire)")
 def test_demo_model_calls_table_fills_from_the_collector(demo: DemoRun):
     """With the agent pushing model calls to the collector: the plaintext clients' calls are in the closing table,
     requested and served models, tokens, p50 latency and time to first chunk, and the error calls counted."""
