@@ -160,3 +160,33 @@ def test_openai_sdk_and_curl_over_tls_become_model_call_records(cgroups, agents,
     finally:
         srv.kill()
         srv.wait()
+
+
+def _uprobe_links(root: Path) -> dict[str, int]:
+    from agent.identity.cgroups import cgroup_id
+    from agent.kernel.install import status
+    from agent.kernel.pins import DatapathDir
+    st = status(DatapathDir.for_root(cgroup_id(root)))
+    return {li.name: li.prog_id for li in st.links if li.target == "uprobe"}
+
+
+def test_uprobe_links_outlive_the_agent_are_adopted_and_go_with_uninstall(cgroups, agents):
+    from agent.identity.cgroups import uninstall_datapath
+    from agent.kernel import registry
+    chat = cgroups.child("chat")
+    cfg = {"identities": [{"name": "chat", "kind": "service", "select": {"cgroups": [cgroups.rel(chat)]}},
+                          {"name": "llama", "kind": "model", "select": {"cgroups": [cgroups.rel(cgroups.child("l"))]}}],
+           "policies": [{"from": "chat", "to": ["llama"]}]}
+    first = agents(cfg)
+    links = _uprobe_links(cgroups.root)
+    assert links and len(links) % len(registry.UPROBES) == 0, links     # every probe, per libssl file
+    assert all(li.startswith("tls-") for li in links)
+    assert first.stop() == 0
+    assert _uprobe_links(cgroups.root) == links                         # still pinned: still in force
+    second = agents(cfg)
+    assert _uprobe_links(cgroups.root) == links                         # adopted: the same programs, no new link
+    assert f"0 links created, {len(links)} kept" in second.log(), second.log()
+    second.stop()
+    removed = uninstall_datapath(cgroups.root)
+    assert sum("/links/tls-" in r for r in removed) == len(links)
+    assert _uprobe_links(cgroups.root) == {}
