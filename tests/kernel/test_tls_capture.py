@@ -46,7 +46,8 @@ s = socket.create_connection((host, port))
 s.sendall(out.read())
 s.recv(65536)
 s.close()
-print("sent")
+print("sent", flush=True)
+sys.stdin.read()   # alive until the test has seen the report: the agent names the process from /proc
 """
 
 
@@ -149,14 +150,21 @@ def test_openai_sdk_and_curl_over_tls_become_model_call_records(cgroups, agents,
 
         # TLS bytes sent outside any probed SSL_* call: "TLS not visible", counted and logged with the process
         host, port = url.removeprefix("https://").split(":")
-        p = subprocess.run([sys.executable, "-c", HIDDEN_TLS, host, port], capture_output=True, text=True,
-                           timeout=30, preexec_fn=_enter_cgroup(chat))
-        assert p.returncode == 0, p.stderr
-        deadline = time.monotonic() + 5
-        while _value(agent.get("/metrics")[1], "aimesh_tls_not_visible_total", source="chat") < 1:
-            assert time.monotonic() < deadline, agent.log()[-3000:]
-            time.sleep(0.05)
-        assert "TLS not visible: python" in agent.log()
+        hidden = subprocess.Popen([sys.executable, "-c", HIDDEN_TLS, host, port], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  preexec_fn=_enter_cgroup(chat))
+        try:
+            assert hidden.stdout.readline().strip() == "sent", hidden.stderr.read()
+            deadline = time.monotonic() + 5
+            while _value(agent.get("/metrics")[1], "aimesh_tls_not_visible_total", source="chat") < 1:
+                assert time.monotonic() < deadline, agent.log()[-3000:]
+                time.sleep(0.05)
+            named = f"TLS not visible: {Path(sys.executable).name[:15]} (pid {hidden.pid}, " \
+                    f"exe {os.path.realpath(sys.executable)})"
+            assert named in agent.log(), agent.log()
+        finally:
+            hidden.kill()
+            hidden.wait()
     finally:
         srv.kill()
         srv.wait()
