@@ -42,6 +42,7 @@ from agent.export.genai_metrics import IdentityCompute
 from agent.export.model_metrics import ModelCallTally
 from agent.identity.cgroups import walk as cgroup_walk
 from agent.l7.capture import CaptureDecodeError, CaptureTracker, decode_capture_event
+from agent.l7.tls_visibility import NotVisible, TlsNotVisibleTally, TlsVisibility, describe_not_visible
 from agent.policy.capacity import check_capacity
 from agent.policy.compile import compile_image
 from agent.policy.identities import IdentityMeta, IdentityNumbering
@@ -162,6 +163,9 @@ class Agent:
         self.model_calls = ModelCallTally()
         self.call_sinks: Optional[CallSinks] = None
         self._comms = CommCache()
+        self.tls_probes = None                      # agent/kernel/uprobes.TlsProbes once the datapath is in force
+        self.tls_visibility = TlsVisibility()
+        self.tls_not_visible = TlsNotVisibleTally()
 
     # ---- signals only set flags; the loop acts ----
     def _on_signal(self, signum, _frame) -> None:
@@ -266,7 +270,7 @@ class Agent:
         try:
             metrics = MetricsServer(self.opts.metrics_addr,
                                     build_registry(collector, [self.flow_tally, *self.call_sinks.collectors(),
-                                                               compute]),
+                                                               self.tls_not_visible, compute]),
                                     lambda: self.healthy,
                                     health=lambda: (not self.degraded, sorted(self.degraded)),
                                     loop_age_s=lambda: time.monotonic() - self.last_tick if self.healthy else 0.0)
@@ -297,6 +301,7 @@ class Agent:
             if removed:
                 log.info("unpinned %d objects of the previous build", len(removed))
             self.state["programs_attached"] = dp.attached_count
+            self._start_tls(root)
             self._drain()   # what the kernel queued while no agent ran
             self.healthy = True
             log.info("agent ready: %d identities, %d policies, governing %s, metrics on %s",
@@ -315,6 +320,8 @@ class Agent:
                 st = self.exporter.close()
                 log.info("exporter closed: %d records sent, %d spooled batches kept, %d dropped",
                          st.sent_records, st.spool_batches, st.dropped)
+            if self.tls_probes is not None:
+                self.tls_probes.close()
             try:
                 self.call_sinks.close()
             except Exception:  # noqa: BLE001 - stopping goes on: the datapath and logs are closed below
@@ -601,6 +608,8 @@ class Agent:
             self.assigner.on_cgroup_created(ev.path.decode(errors="replace"), ev.cgroup_id)
         elif ev.kind == abi.AgentEventKind.EXEC:
             self.assigner.on_exec(ev.pid)
+            if self.tls_probes is not None:
+                self.tls_probes.scan_pid(ev.pid)
 
     # ---- plaintext capture ----
     def _capture_content(self, dst_id: int) -> bool:
@@ -617,6 +626,7 @@ class Agent:
             log.warning("capture_events: %s", e)
             return
         self._model_calls(self.capture.on_chunk(chunk))
+        self._tls_not_visible(self.tls_visibility.on_chunk(chunk))
 
     def _model_calls(self, calls) -> None:
         """Every decoded call to every model-call sink (self.call_sinks, built from the config at start)."""
@@ -653,10 +663,37 @@ class Agent:
         closed by the exit, with no close() the tracepoint saw)."""
         self._model_calls(self.capture.expire(time.monotonic_ns()))
         self._comms.prune(lambda pid: os.path.exists(f"/proc/{pid}"))
+        self._tls_not_visible(self.tls_visibility.expire(time.monotonic_ns()))
+        if self.tls_probes is not None:
+            from agent.kernel.uprobes import governed_pids
+            self.tls_probes.scan(governed_pids(self.root))   # libssl dlopen'ed after exec (CPython's import ssl)
         m = self.datapath.maps["capture_sockets"]
         gone = [k for k in list(m.keys()) if not os.path.exists(f"/proc/{k.tgid}")]
         if gone:
             m.delete_many(gone)
+
+    # ---- TLS capture ----
+    def _start_tls(self, root: Path) -> None:
+        """Probe every libssl of the system and of the governed processes (agent/kernel/uprobes.py). A failure
+        leaves TLS unseen (degraded), never the agent down."""
+        from agent.kernel import bpfsys, uprobes
+        try:
+            self.tls_probes = uprobes.start(self.pins.links, Path(self.build["progs"]), root)
+        except (bpfsys.BpfError, OSError) as e:
+            log.error("TLS capture is off: %s", e)
+            self.degraded["tls capture off"] = str(e)
+            return
+        st = self.tls_probes.stats
+        log.info("TLS capture: %d libssl files probed (%d links created, %d kept)", st.libraries, st.links_created,
+                 st.links_kept)
+
+    def _tls_not_visible(self, reports: list[NotVisible]) -> None:
+        for nv in reports:
+            meta = self.identities.get(nv.src_id)
+            source = meta.name if meta is not None else f"id:{nv.src_id}"
+            self.tls_not_visible.add(source)
+            if nv.first_of_process:
+                log.warning("%s", describe_not_visible(nv, source))
 
     def _metrics_state(self) -> dict:
         st = dict(self.state)
