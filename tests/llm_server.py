@@ -7,15 +7,21 @@ response direction: exactly what the kernel capture will hand ConnectionDecoder.
 Wire behaviour, like the hosted APIs: JSON bodies gzip'd when the client accepts it (api.openai.com does); SSE in chunked
 transfer (OpenAI `data:` + `[DONE]`, a usage chunk when `stream_options.include_usage`; Anthropic `event:`/`data:`;
 Responses API events); NDJSON for Ollama; logprobs when asked. Magic model names: `error-400`, `error-404`, `error-500`
-answer with the protocol's JSON error; `cut-stream` sends part of the body and closes the connection.
+answer with the protocol's JSON error (`error-500-anything` too); `cut-stream…` sends part of the body and closes the
+connection.
+
+`python -m tests.llm_server` serves in its own process (the kernel tests run it in a governed cgroup): it prints its URL,
+then answers `calls` on stdin with one JSON line, the list of SentCall it answered so far; EOF stops it.
 """
 from __future__ import annotations
 
 import base64
+import dataclasses
 import gzip
 import json
 import socket
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -177,7 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
             finish = {"openai": "length", "anthropic": "max_tokens", "ollama": "length"}[proto]
         if path == "/v1/responses":
             finish = "completed"      # the Responses API reports a status, not a finish reason
-        cut = model == "cut-stream"
+        cut = model.startswith("cut-stream")
         inp = count_words(body)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         handler = {"/v1/chat/completions": self._openai_chat, "/v1/completions": self._openai_completion,
@@ -192,6 +198,8 @@ class _Handler(BaseHTTPRequestHandler):
             finish = None
         if stream and path in ("/v1/chat/completions", "/v1/completions") and not include_usage:
             inp, out_tokens = None, None       # the server sent no usage: the decoder must not invent one
+        if cut and proto != "anthropic":       # cut before any usage was sent (Anthropic's message_start has its input)
+            inp = None
         self.server.owner._sent(SentCall(self.conn_id, path, model, served, 200, stream, inp, out_tokens,
                                          finish, None, cut))
 
@@ -430,3 +438,17 @@ class LLMServer:
                     return list(self.calls)
             time.sleep(0.01)
         raise AssertionError(f"server noted {len(self.calls)} calls, expected {n}")
+
+
+def main() -> None:
+    with LLMServer() as srv:
+        print(srv.url, flush=True)
+        for line in sys.stdin:
+            if line.strip() == "calls":
+                with srv._lock:
+                    calls = [dataclasses.asdict(c) for c in srv.calls]
+                print(json.dumps(calls), flush=True)
+
+
+if __name__ == "__main__":
+    main()
