@@ -26,7 +26,7 @@ SECRET_PROMPT = f"my key is {KEY} and my mail is {MAIL}, please answer"
 
 CLIENT = r'''
 import asyncio, json, subprocess, sys
-import anthropic, httpx, openai, requests
+import httpx, openai     # anthropic and requests are imported where used: the imports are most of a client's time
 
 url, case = sys.argv[1], sys.argv[2]
 MSG = [{"role": "user", "content": "say hello to the kernel"}]
@@ -61,6 +61,7 @@ async def oa_async(prefix):
     await c.close()
 
 def anth_sync():
+    import anthropic
     c = anthropic.Anthropic(base_url=url, api_key="sk-ant-test", max_retries=0)
     c.messages.create(model="an-sync", max_tokens=64, messages=MSG)
     c.messages.create(model="an-sync-len", max_tokens=4, messages=MSG)
@@ -71,6 +72,7 @@ def anth_sync():
     c.close()
 
 async def anth_async():
+    import anthropic
     c = anthropic.AsyncAnthropic(base_url=url, api_key="sk-ant-test", max_retries=0)
     await c.messages.create(model="an-async", max_tokens=64, messages=MSG)
     s = await c.messages.create(model="an-async-s", max_tokens=64, messages=MSG, stream=True)
@@ -79,6 +81,7 @@ async def anth_async():
     await c.close()
 
 def others():
+    import requests
     with httpx.Client(base_url=url) as h:     # Ollama /api/chat: NDJSON stream by default
         with h.stream("POST", "/api/chat", json={"model": "ol-chat-s", "messages": MSG}) as r:
             lines = [json.loads(x) for x in r.iter_lines() if x]
@@ -133,6 +136,7 @@ def errors():
     except Exception as e:      # the SDKs raise httpx2 errors from inside a stream
         note("cut-stream-oa", error=type(e).__name__)
     c.close()
+    import anthropic
     a = anthropic.Anthropic(base_url=url, api_key="sk-ant-test", max_retries=0)
     try:
         a.messages.create(model="error-500-an", max_tokens=64, messages=MSG)
@@ -150,12 +154,13 @@ def errors():
 
 def content():
     msg = [{"role": "user", "content": sys.argv[3]}]
-    c = openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0)
-    p = sys.argv[4]
-    c.chat.completions.create(model=p, messages=msg)
-    for _ in c.chat.completions.create(model=p + "-s", messages=msg, stream=True):
-        pass
-    c.close()
+    for target in sys.argv[4:]:       # url=model-prefix
+        base, p = target.split("=", 1)
+        c = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0)
+        c.chat.completions.create(model=p, messages=msg)
+        for _ in c.chat.completions.create(model=p + "-s", messages=msg, stream=True):
+            pass
+        c.close()
 
 if case == "openai":
     oa_sync("oa-sync")
@@ -419,8 +424,7 @@ def test_ungoverned_process_is_not_captured(mesh: Mesh) -> None:
 
 
 def test_content_capture_on_and_off_with_redaction(mesh: Mesh) -> None:
-    mesh.run("content", SECRET_PROMPT, "text-on", url=mesh.scribe.url)
-    mesh.run("content", SECRET_PROMPT, "text-off")
+    mesh.run("content", SECRET_PROMPT, f"{mesh.scribe.url}=text-on", f"{mesh.llama.url}=text-off")
     on = check_all(mesh, {"text-on", "text-on-s"}, mesh.scribe)
     off = check_all(mesh, {"text-off", "text-off-s"})
     for r in on.values():
