@@ -429,7 +429,9 @@ class ResponseParse:
             if self._shape is _Shape.SSE and self._sse_data:
                 self._on_event(ts_ns, self._sse_event, "\n".join(self._sse_data))
                 self._sse_data = []
-            complete = complete and self._terminal
+            # the protocol's own end ([DONE], message_stop, done) is what counts: openai-python closes the response
+            # at [DONE], so the chunked terminator after it may never be read, and the stream was whole all the same
+            complete = self._terminal
         error = self._error
         if error is None and self._status >= 400:
             error = f"http_{self._status}"

@@ -147,3 +147,22 @@ def test_tracker_counts_undecoded_connections_by_reason() -> None:
     reg.register(ModelCallTally(undecoded=t.undecoded_counts))
     text = generate_latest(reg).decode()
     assert 'aimesh_capture_undecoded_connections_total{reason="truncated"} 1.0' in text
+
+
+def test_stream_closed_after_its_terminal_event_is_complete() -> None:
+    """openai-python closes the response at [DONE]: the chunked terminator may never be read; the stream was whole."""
+    events = [{"model": "s-served", "choices": [{"delta": {"content": "a"}, "finish_reason": None}]},
+              {"model": "s-served", "choices": [{"delta": {}, "finish_reason": "stop"}]},
+              {"model": "s-served", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 1}}]
+    sse = b"".join(b"data: %s\n\n" % json.dumps(e).encode() for e in events) + b"data: [DONE]\n\n"
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = head + b"%x\r\n%s\r\n" % (len(sse), sse)
+    req = post(json.dumps({"model": "s", "messages": [], "stream": True}).encode())
+    for tail, incomplete in ((b"", False), (b"0\r\n\r\n", False)):
+        dec = ConnectionDecoder("done")
+        recs = dec.feed(REQ, 1, req) + dec.feed(RESP, 2, body + tail) + dec.close(3)
+        assert [(r.incomplete, r.output_tokens, r.finish_reasons) for r in recs] == [(incomplete, 1, ("stop",))]
+    dec = ConnectionDecoder("cut")      # without [DONE] it is cut: tokens unknown
+    cut = body[: body.index(b"data: [DONE]")]
+    recs = dec.feed(REQ, 1, req) + dec.feed(RESP, 2, cut) + dec.close(3)
+    assert recs[0].incomplete and recs[0].output_tokens is None
