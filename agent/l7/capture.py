@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 from agent.kernel import abi
-from agent.l7.http1 import Direction
+from agent.l7.http1 import Direction, UndecodedReason
 from agent.l7.record import ConnectionDecoder, ModelCallRecord
 
 HEADER = ct.sizeof(abi.CaptureEvent)
@@ -80,7 +80,7 @@ class _Conn:
 
     def __init__(self, decoder: ConnectionDecoder, c: CaptureChunk) -> None:
         self.decoder = decoder
-        self.undecoded = False      # counted in CaptureTracker.undecoded already
+        self.undecoded: Optional[UndecodedReason] = None    # as counted in CaptureTracker.undecoded
         self.calls: dict[Direction, tuple[int, int]] = {}   # per direction, the syscall in progress: (copied up to, total)
         self.pid, self.src_id, self.dst_id, self.actual_dst_id = c.pid, c.src_id, c.dst_id, c.actual_dst_id
         self.last_ns = c.ts_ns
@@ -140,7 +140,7 @@ class CaptureTracker:
         conn.calls[d] = (max(at, end), c.total)
         if c.data and end < c.total and c.offset == (abi.CAPTURE_CHUNKS_PER_CALL - 1) * len(c.data):
             out.extend(self._flush(conn, d, c.ts_ns))      # the kernel copies no more of this call
-        if not conn.undecoded and conn.decoder.undecoded is not None:
+        if conn.decoder.undecoded is not conn.undecoded:
             self._count_undecoded(conn)
         return out
 
@@ -159,14 +159,17 @@ class CaptureTracker:
         return dict(self.undecoded)
 
     def _count_undecoded(self, conn: _Conn) -> None:
-        conn.undecoded = True
-        reason = conn.decoder.undecoded.value if conn.decoder.undecoded is not None else "unknown"
-        self.undecoded[reason] = self.undecoded.get(reason, 0) + 1
+        """Count the connection under its reason now (HTTP/2 refined to gRPC moves it)."""
+        if conn.undecoded is not None:
+            self.undecoded[conn.undecoded.value] -= 1
+        conn.undecoded = conn.decoder.undecoded
+        if conn.undecoded is not None:
+            self.undecoded[conn.undecoded.value] = self.undecoded.get(conn.undecoded.value, 0) + 1
 
     def _end(self, conn: _Conn, ts_ns: int) -> list[CapturedCall]:
         out = self._flush(conn, Direction.REQUEST, ts_ns) + self._flush(conn, Direction.RESPONSE, ts_ns)
         out += self._wrap(conn, conn.decoder.close(ts_ns))
-        if not conn.undecoded and conn.decoder.undecoded is not None:
+        if conn.decoder.undecoded is not conn.undecoded:
             self._count_undecoded(conn)
         self.undecoded_bytes += conn.decoder.counters.undecoded_bytes
         return out

@@ -186,6 +186,7 @@ class Http1Connection:
         self._msg: dict[Direction, _Message | None] = {Direction.REQUEST: None, Direction.RESPONSE: None}
         self._prefix = b""                           # first request bytes, until we know it is not HTTP/2
         self._req_resync = False                     # after a request gap: bytes are body until the response head
+        self._closed = False
         self._sniffed = False
         self._h2_scan = b""
         self.undecoded: UndecodedReason | None = None
@@ -198,6 +199,8 @@ class Http1Connection:
         out: list[HttpEvent] = []
         if not data:
             return out
+        if self._closed and self.undecoded is None:
+            self._fail(ts_ns, UndecodedReason.PROTOCOL_ERROR, f"{direction.value}: bytes after the close", out)
         if self.undecoded is not None:
             self.undecoded_bytes += len(data)
             if self.undecoded is UndecodedReason.HTTP2 and direction is Direction.REQUEST:
@@ -221,7 +224,7 @@ class Http1Connection:
                     self._pump_responses(ts_ns, out)
                 elif len(self._resp.trailing_data[0]) > self._max_header:
                     self._fail(ts_ns, UndecodedReason.OVERFLOW, "response bytes with no request seen", out)
-        except h11.RemoteProtocolError as e:
+        except (h11.RemoteProtocolError, h11.LocalProtocolError) as e:   # Local: our mirror of it refused too
             self._fail(ts_ns, UndecodedReason.PROTOCOL_ERROR, f"{direction.value}: {e}", out)
         if self.undecoded is not None:
             self.undecoded_bytes += len(data)   # the chunk that broke it counts as undecoded, whole
@@ -270,6 +273,7 @@ class Http1Connection:
     def close(self, ts_ns: int) -> list[HttpEvent]:
         """The connection ended: finish a read-until-close response, report messages cut short."""
         out: list[HttpEvent] = []
+        self._closed = True
         if self.undecoded is not None:
             return out
         try:

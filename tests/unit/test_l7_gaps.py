@@ -166,3 +166,23 @@ def test_stream_closed_after_its_terminal_event_is_complete() -> None:
     cut = body[: body.index(b"data: [DONE]")]
     recs = dec.feed(REQ, 1, req) + dec.feed(RESP, 2, cut) + dec.close(3)
     assert recs[0].incomplete and recs[0].output_tokens is None
+
+
+def test_http2_refined_to_grpc_is_counted_once_as_grpc() -> None:
+    import hpack
+    block = hpack.Encoder().encode([(":method", "POST"), (":path", "/svc/M"), ("content-type", "application/grpc")])
+    frame = len(block).to_bytes(3, "big") + b"\x01\x04" + (1).to_bytes(4, "big") + block
+    t = CaptureTracker()
+    t.on_chunk(decode_capture_event(raw_event(DATA, SEND, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", cookie=5)))
+    assert t.undecoded_counts() == {"http2": 1}
+    t.on_chunk(decode_capture_event(raw_event(DATA, SEND, frame, cookie=5)))
+    t.on_chunk(decode_capture_event(raw_event(CLOSE, 0, b"", cookie=5)))
+    assert t.undecoded_counts() == {"http2": 0, "grpc": 1}
+
+
+def test_bytes_after_the_close_are_counted_not_raised() -> None:
+    dec = ConnectionDecoder("after-close")
+    recs = dec.feed(REQ, 1, post(SMALL)) + dec.close(2)
+    recs += dec.feed(RESP, 3, reply(SMALL_ANSWER)) + dec.feed(REQ, 4, post(SMALL)) + dec.gap(RESP, 5, 10) + dec.close(6)
+    assert len(recs) == 1 and recs[0].incomplete
+    assert dec.counters.undecoded is UndecodedReason.PROTOCOL_ERROR and dec.counters.undecoded_bytes > 0
