@@ -48,6 +48,15 @@ def oa_sync(prefix, msg=MSG):
         note(name)
     c.close()
 
+def oa_more(prefix):
+    c = openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0)
+    c.embeddings.create(model=prefix + "-emb", input="some text to embed")
+    c.completions.create(model=prefix + "-cmpl", prompt="once upon a time")
+    c.responses.create(model=prefix + "-resp", input="hello there")
+    for _ in c.responses.create(model=prefix + "-resp-s", input="hello there", stream=True):
+        pass
+    c.close()
+
 async def oa_async(prefix):
     c = openai.AsyncOpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0)
     r = await c.chat.completions.create(model=prefix, messages=MSG)
@@ -164,6 +173,7 @@ def content():
 
 if case == "openai":
     oa_sync("oa-sync")
+    oa_more("oa")
     asyncio.run(oa_async("oa-async"))
 elif case == "ungoverned":
     oa_sync("ungov")
@@ -326,7 +336,7 @@ def check(rec: dict, sent: dict) -> None:
     ttfc = rec["time_to_first_chunk_ns"]
     assert ttfc is not None and 0 < ttfc <= rec["duration_ns"], m
     if rec["stream"]:
-        assert rec["output_chunks"] > 1, m
+        assert rec["output_chunks"] > 1 and rec["time_per_output_chunk_ns"] is not None, m
 
 
 def check_all(mesh: Mesh, models: set[str], server: Optional[Server] = None) -> dict[str, dict]:
@@ -351,6 +361,9 @@ def test_openai_sdk_sync_async_streams_and_usage(mesh: Mesh) -> None:
     for m in ("oa-sync-s", "oa-async-s-nousage"):    # no usage asked for: none invented
         assert got[m]["input_tokens"] is None and got[m]["output_tokens"] is None
     assert all(r["protocol"] == "openai" and r["operation"] == "chat" for r in got.values())
+    more = check_all(mesh, {"oa-emb", "oa-cmpl", "oa-resp", "oa-resp-s"})
+    assert {m: r["operation"] for m, r in more.items()} == {
+        "oa-emb": "embeddings", "oa-cmpl": "completion", "oa-resp": "responses", "oa-resp-s": "responses"}
     # one keep-alive connection, requests in order (openai-python may drop it after a stream: it closes the response
     # at [DONE], before the last chunk's terminator, so the next request may open another)
     keep = [got[m] for m in ("oa-sync", "oa-sync-len", "oa-sync-s-usage")]
