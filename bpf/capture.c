@@ -5,12 +5,15 @@
  *   syscalls:sys_enter_write, sys_enter_sendto     copy the bytes sent (up to CAPTURE_CHUNKS_PER_CALL chunks)
  *   syscalls:sys_enter_read/recvfrom + sys_exit    keep the buffer per thread, copy the bytes received (ret)
  *   syscalls:sys_enter_writev/readv/sendmsg/recvmsg on a marked socket: counted as not captured (not copied yet)
+ * A socket marked TLS (CAPTURE_SOCK_F_TLS: an SSL_* call used it, lib/tls.h) is not copied here: bpf/tls.c copies
+ * its plaintext at the SSL_* return (capture_data with CAPTURE_EV_F_TLS).
  * Every send or receive on the node that is not on a marked socket costs one capture_sockets lookup (a receive also
  * one capture_reads lookup at exit); connects cost nothing unless CFG_F_LLM_CAPTURE is set.
  *   reads: runtime_config, capture_sockets, capture_connect, capture_reads
  *   writes: capture_connect, capture_sockets, capture_reads, capture_events, verdict_counters
  */
 #include "programs.h"
+#include "lib/tls.h"
 
 #define CAPTURE_EINPROGRESS 115
 
@@ -28,7 +31,7 @@ static __always_inline struct capture_sock *capture_find(__u32 fd, struct captur
 }
 
 static __always_inline void capture_header(struct capture_event *h, const struct capture_sock_key *k,
-					   const struct capture_sock *s, __u8 kind, __u8 dir, __u64 ts)
+					   const struct capture_sock *s, __u8 kind, __u8 dir, __u8 flags, __u64 ts)
 {
 	h->ts_ns = ts;
 	h->cookie = s->cookie;
@@ -42,11 +45,12 @@ static __always_inline void capture_header(struct capture_event *h, const struct
 	h->len = 0;
 	h->kind = kind;
 	h->direction = dir;
+	h->flags = flags;
 	__builtin_memset(h->pad, 0, sizeof(h->pad));
 }
 
 static __always_inline void capture_data(const struct capture_sock_key *k, const struct capture_sock *s, __u8 dir,
-					 const __u8 *buf, __u64 total)
+					 __u8 flags, const __u8 *buf, __u64 total)
 {
 	__u64 ts = bpf_ktime_get_ns();
 	if (total > (__u64)CAPTURE_CHUNKS_PER_CALL * CAPTURE_CHUNK)
@@ -60,7 +64,7 @@ static __always_inline void capture_data(const struct capture_sock_key *k, const
 			counter_add(COUNTER_CAPTURE_EVENTS_LOST);
 			return;
 		}
-		capture_header(&r->h, k, s, CAPTURE_KIND_DATA, dir, ts);
+		capture_header(&r->h, k, s, CAPTURE_KIND_DATA, dir, flags, ts);
 		__u64 n = total - off;
 		if (n > CAPTURE_CHUNK)
 			n = CAPTURE_CHUNK;
@@ -83,15 +87,16 @@ static __always_inline int capture_send(__u32 fd, const void *buf, __u64 count)
 {
 	struct capture_sock_key k;
 	struct capture_sock *s = capture_find(fd, &k);
-	if (s && count)
-		capture_data(&k, s, CAPTURE_DIR_SEND, buf, count);
+	if (s && count && !tls_note_fd(fd, s))
+		capture_data(&k, s, CAPTURE_DIR_SEND, 0, buf, count);
 	return 0;
 }
 
 static __always_inline int capture_recv_enter(__u32 fd, const void *buf)
 {
 	struct capture_sock_key k;
-	if (!capture_find(fd, &k))
+	struct capture_sock *s = capture_find(fd, &k);
+	if (!s || tls_note_fd(fd, s))
 		return 0;
 	__u64 id = bpf_get_current_pid_tgid();
 	struct capture_read r = { .buf = (__u64)buf, .fd = fd };
@@ -112,14 +117,15 @@ static __always_inline int capture_recv_exit(long ret)
 	struct capture_sock_key k;
 	struct capture_sock *s = capture_find(r.fd, &k);
 	if (s)
-		capture_data(&k, s, CAPTURE_DIR_RECV, (const __u8 *)r.buf, ret);
+		capture_data(&k, s, CAPTURE_DIR_RECV, 0, (const __u8 *)r.buf, ret);
 	return 0;
 }
 
 static __always_inline int capture_not_copied(__u32 fd)
 {
 	struct capture_sock_key k;
-	if (capture_find(fd, &k))
+	struct capture_sock *s = capture_find(fd, &k);
+	if (s && !tls_note_fd(fd, s))
 		counter_add(COUNTER_CAPTURE_NOT_CAPTURED);
 	return 0;
 }
@@ -163,7 +169,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 		return 0;
 	struct capture_event *h = capture_events.ringbuf_reserve(sizeof(struct capture_event));
 	if (h) {
-		capture_header(h, &k, s, CAPTURE_KIND_CLOSE, 0, bpf_ktime_get_ns());
+		capture_header(h, &k, s, CAPTURE_KIND_CLOSE, 0, s->flags & CAPTURE_SOCK_F_TLS ? CAPTURE_EV_F_TLS : 0,
+			       bpf_ktime_get_ns());
 		capture_events.ringbuf_submit(h, BPF_RB_NO_WAKEUP);
 	} else {
 		counter_add(COUNTER_CAPTURE_EVENTS_LOST);

@@ -105,6 +105,14 @@ class CaptureDirection(enum.IntEnum):
     RECV = 2
 
 
+class CaptureSockFlag(enum.IntFlag):
+    TLS = 0x1
+
+
+class CaptureEventFlag(enum.IntFlag):
+    TLS = 0x1
+
+
 # verdict_counters slots: fixed numbers, as in abi.h; never derived from HOOK_MAX or VERDICT_MAX.
 COUNTER_DECISION_BASE = 0
 COUNTER_DECISION_HOOKS = 4
@@ -303,9 +311,10 @@ class CaptureSockKey(ct.Structure):
 
 
 class CaptureSock(ct.Structure):
-    """struct capture_sock { __u64 cookie; __u32 src_id, dst_id, actual_dst_id, fd, ready, pad; };"""
+    """struct capture_sock { __u64 cookie; __u32 src_id, dst_id, actual_dst_id, fd, ready; __u8 flags, pad[3]; };"""
     _fields_ = [("cookie", ct.c_uint64), ("src_id", ct.c_uint32), ("dst_id", ct.c_uint32),
-                ("actual_dst_id", ct.c_uint32), ("fd", ct.c_uint32), ("ready", ct.c_uint32), ("pad", ct.c_uint32)]
+                ("actual_dst_id", ct.c_uint32), ("fd", ct.c_uint32), ("ready", ct.c_uint32), ("flags", ct.c_uint8),
+                ("pad", ct.c_uint8 * 3)]
 
 
 class CaptureRead(ct.Structure):
@@ -319,8 +328,19 @@ class CaptureEvent(ct.Structure):
         ("ts_ns", ct.c_uint64), ("cookie", ct.c_uint64), ("tgid", ct.c_uint32), ("fd", ct.c_uint32),
         ("src_id", ct.c_uint32), ("dst_id", ct.c_uint32), ("actual_dst_id", ct.c_uint32), ("total", ct.c_uint32),
         ("offset", ct.c_uint32), ("len", ct.c_uint32), ("kind", ct.c_uint8), ("direction", ct.c_uint8),
-        ("pad", ct.c_uint8 * 6),
+        ("flags", ct.c_uint8), ("pad", ct.c_uint8 * 5),
     ]
+
+
+class TlsCall(ct.Structure):
+    """struct tls_call { __u64 ssl, buf, len_ptr; __u32 fd; __u8 direction, has_fd, depth, pad; };"""
+    _fields_ = [("ssl", ct.c_uint64), ("buf", ct.c_uint64), ("len_ptr", ct.c_uint64), ("fd", ct.c_uint32),
+                ("direction", ct.c_uint8), ("has_fd", ct.c_uint8), ("depth", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class TlsSslKey(ct.Structure):
+    """struct tls_ssl_key { __u64 ssl; __u32 tgid; __u32 pad; };"""
+    _fields_ = [("ssl", ct.c_uint64), ("tgid", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
 # C struct name -> ctypes mirror; the ABI test walks this.
@@ -351,6 +371,8 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "capture_sock": CaptureSock,
     "capture_read": CaptureRead,
     "capture_event": CaptureEvent,
+    "tls_call": TlsCall,
+    "tls_ssl_key": TlsSslKey,
 }
 
 
@@ -370,7 +392,8 @@ ENUMS: dict[str, tuple[str, type[enum.IntEnum]]] = {
 UNNAMED_IN_C: frozenset[str] = frozenset({"Side.UNKNOWN"})
 
 # Prefix of a #define family in abi.h -> Python mirror (EV_F_DEPRECATED is EventFlag.DEPRECATED).
-FLAGS: dict[str, type[enum.IntFlag]] = {"EV_F_": EventFlag, "ID_F_": IdentityFlag, "CFG_F_": ConfigFlag}
+FLAGS: dict[str, type[enum.IntFlag]] = {"EV_F_": EventFlag, "ID_F_": IdentityFlag, "CFG_F_": ConfigFlag,
+                                      "CAPTURE_SOCK_F_": CaptureSockFlag, "CAPTURE_EV_F_": CaptureEventFlag}
 
 # Every other value abi.h defines (the limits are Limits' defaults), by its C name.
 CONSTANTS: dict[str, int] = {

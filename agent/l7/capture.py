@@ -39,6 +39,7 @@ class CaptureChunk:
     total: int                        # bytes the syscall moved
     offset: int
     data: bytes
+    tls: bool = False                 # plaintext of an SSL_* call (bpf/tls.c), not a syscall's bytes
 
 
 def decode_capture_event(raw: bytes) -> CaptureChunk:
@@ -61,7 +62,7 @@ def decode_capture_event(raw: bytes) -> CaptureChunk:
             raise CaptureDecodeError(f"capture event says {h.len} data bytes, carries {len(raw) - HEADER}")
     data = bytes(raw[HEADER:HEADER + h.len]) if kind is abi.CaptureKind.DATA else b""
     return CaptureChunk(h.ts_ns, h.cookie, h.tgid, h.fd, h.src_id, h.dst_id, h.actual_dst_id, kind, direction,
-                        h.total, h.offset, data)
+                        h.total, h.offset, data, bool(h.flags & abi.CaptureEventFlag.TLS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +119,7 @@ class CaptureTracker:
                 _, old = self._conns.popitem(last=False)
                 self.evicted += 1
                 out.extend(self._end(old, old.last_ns))
-            conn = _Conn(ConnectionDecoder(c.cookie, capture_content=self._content(c.dst_id)), c)
+            conn = _Conn(ConnectionDecoder(c.cookie, capture_content=self._content(c.dst_id), tls=c.tls), c)
             self._conns[c.cookie] = conn
         else:
             self._conns.move_to_end(c.cookie)

@@ -434,7 +434,7 @@ struct agent_event {
 	char  path[AGENT_EV_PATH_LEN];   /* cgroup path relative to the cgroup2 root (mkdir) */
 };
 
-/* Plaintext capture (bpf/capture.c). Mirrors: abi.py CaptureKind, CaptureDirection. */
+/* Plaintext capture (bpf/capture.c, bpf/tls.c). Mirrors: abi.py CaptureKind, CaptureDirection. */
 enum capture_kind {
 	CAPTURE_KIND_DATA  = 1,   /* bytes a send or a receive moved */
 	CAPTURE_KIND_CLOSE = 2,   /* the socket's fd was closed: no data */
@@ -459,6 +459,32 @@ struct capture_sock {
 	__u32 actual_dst_id;
 	__u32 fd;            /* capture_connect: the fd sys_enter_connect saw */
 	__u32 ready;         /* capture_connect: the connect hook asked for capture */
+	__u8  flags;         /* CAPTURE_SOCK_F_* */
+	__u8  pad[3];
+};
+
+/* capture_sock.flags (mirror: abi.py CaptureSockFlag) */
+#define CAPTURE_SOCK_F_TLS 0x1   /* the socket carries TLS: its syscalls' (cipher) bytes are never copied */
+
+/* capture_event.flags (mirror: abi.py CaptureEventFlag) */
+#define CAPTURE_EV_F_TLS   0x1   /* the data is the plaintext of an OpenSSL SSL_* call (bpf/tls.c), not a syscall's */
+
+/* tls_calls value: an SSL_* call in progress on a thread of a governed process (uprobe -> uretprobe). */
+struct tls_call {
+	__u64 ssl;           /* the SSL * */
+	__u64 buf;           /* the caller's plaintext buffer */
+	__u64 len_ptr;       /* SSL_write_ex / SSL_read_ex: the size_t * of bytes moved; 0 for SSL_write / SSL_read */
+	__u32 fd;            /* the socket the call's send/receive syscall used (or tls_ssl_fd knew) */
+	__u8  direction;     /* enum capture_direction; 0 for a handshake (no data) */
+	__u8  has_fd;        /* fd is known */
+	__u8  depth;         /* hooked SSL_* calls nested inside this one (SSL_read may run a handshake): not tracked */
+	__u8  pad;
+};
+
+/* tls_ssl_fd key: an SSL object of one process (its pointer). */
+struct tls_ssl_key {
+	__u64 ssl;
+	__u32 tgid;
 	__u32 pad;
 };
 
@@ -484,7 +510,8 @@ struct capture_event {
 	__u32 len;           /* valid data bytes after the header */
 	__u8  kind;          /* enum capture_kind */
 	__u8  direction;     /* enum capture_direction */
-	__u8  pad[6];
+	__u8  flags;         /* CAPTURE_EV_F_* */
+	__u8  pad[5];
 };
 
 #endif /* AIMESH_ABI_H */

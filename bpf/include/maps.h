@@ -58,5 +58,7 @@ AIMESH_MAP("lru_hash", __u64, struct capture_sock, capture_connect, MAX_CAPTURE_
 AIMESH_MAP("hash", struct capture_sock_key, struct capture_sock, capture_sockets, MAX_CAPTURE_SOCKETS); /* (tgid, fd) -> captured socket; not LRU: full is counted; the agent drops entries of exited processes */
 AIMESH_MAP("lru_hash", __u64, struct capture_read, capture_reads, MAX_CAPTURE_SOCKETS);        /* pid_tgid -> receive in progress on a captured socket */
 AIMESH_RINGBUF(capture_events, CAPTURE_RINGBUF_PAGES);                                         /* struct capture_event + CAPTURE_CHUNK bytes */
+AIMESH_MAP("lru_hash", __u64, struct tls_call, tls_calls, MAX_CAPTURE_SOCKETS);             /* pid_tgid -> SSL_* call in progress (bpf/tls.c) */
+AIMESH_MAP("lru_hash", struct tls_ssl_key, __u32, tls_ssl_fd, MAX_CAPTURE_SOCKETS);          /* (tgid, SSL *) -> fd of its captured socket */
 
 #endif /* AIMESH_MAPS_H */
