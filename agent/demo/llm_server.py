@@ -255,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
             finish = {"openai": "length", "anthropic": "max_tokens", "ollama": "length"}[proto]
         if path == "/v1/responses":
             finish = "completed"      # the Responses API reports a status, not a finish reason
-        cut = model.startswith("cut-stream")     # cut-stream, cut-stream-<anything>
+        cut = model == "cut-stream"
         inp = count_words(body)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         handler = {"/v1/chat/completions": self._openai_chat, "/v1/completions": self._openai_completion,

@@ -132,33 +132,33 @@ def big():
 
 def errors():
     c = openai.OpenAI(base_url=url + "/v1", api_key="sk-test", max_retries=0)
-    for m in ("error-400-oa", "error-404-oa", "error-500-oa"):
+    for m in ("error-400", "error-404", "error-500"):
         try:
             c.chat.completions.create(model=m, messages=MSG)
             raise SystemExit(f"{m} did not fail")
         except openai.APIStatusError as e:
             note(m, status=e.status_code)
     try:
-        for _ in c.chat.completions.create(model="cut-stream-oa", messages=MSG, stream=True):
+        for _ in c.chat.completions.create(model="cut-stream", messages=MSG, stream=True):
             pass
-        raise SystemExit("cut-stream-oa was not cut")
+        raise SystemExit("cut-stream was not cut")
     except Exception as e:      # the SDKs raise httpx2 errors from inside a stream
-        note("cut-stream-oa", error=type(e).__name__)
+        note("cut-stream", error=type(e).__name__)
     c.close()
-    import anthropic
-    a = anthropic.Anthropic(base_url=url, api_key="sk-ant-test", max_retries=0)
+    import anthropic     # the server's magic names are fixed: Anthropic's errors go to the other server
+    a = anthropic.Anthropic(base_url=sys.argv[3], api_key="sk-ant-test", max_retries=0)
     try:
-        a.messages.create(model="error-500-an", max_tokens=64, messages=MSG)
-        raise SystemExit("error-500-an did not fail")
+        a.messages.create(model="error-500", max_tokens=64, messages=MSG)
+        raise SystemExit("anthropic error-500 did not fail")
     except anthropic.APIStatusError as e:
-        note("error-500-an", status=e.status_code)
+        note("anthropic error-500", status=e.status_code)
     try:
-        with a.messages.stream(model="cut-stream-an", max_tokens=64, messages=MSG) as s:
+        with a.messages.stream(model="cut-stream", max_tokens=64, messages=MSG) as s:
             for _ in s.text_stream:
                 pass
-        raise SystemExit("cut-stream-an was not cut")
+        raise SystemExit("anthropic cut-stream was not cut")
     except Exception as e:
-        note("cut-stream-an", error=type(e).__name__)
+        note("anthropic cut-stream", error=type(e).__name__)
     a.close()
 
 def content():
@@ -239,11 +239,12 @@ class Mesh:
             if self.records.exists() else []
         return [r for r in recs if r.get("kind") == "model_call"]
 
-    def wait(self, models: set[str], timeout: float = 10.0) -> dict[str, dict]:
-        """The records of these request models, by model; waits until all are in (or the timeout)."""
+    def wait(self, models: set[str], timeout: float = 10.0, to: str = "llama") -> dict[str, dict]:
+        """The records of these request models to `to`, by model; waits until all are in (or the timeout)."""
         deadline = time.monotonic() + timeout
         while True:
-            got = {c["request_model"]: c for c in self.calls() if c["request_model"] in models}
+            got = {c["request_model"]: c for c in self.calls()
+                   if c["request_model"] in models and c["destination"]["name"] == to}
             if set(got) == models or time.monotonic() > deadline:
                 return got
             time.sleep(0.05)
@@ -340,9 +341,10 @@ def check(rec: dict, sent: dict) -> None:
 
 
 def check_all(mesh: Mesh, models: set[str], server: Optional[Server] = None) -> dict[str, dict]:
-    sent = (server or mesh.llama).sent()
+    server = server or mesh.llama
+    sent = server.sent()
     assert models <= set(sent), sorted(models - set(sent))
-    got = mesh.wait(models)
+    got = mesh.wait(models, to="scribe" if server is mesh.scribe else "llama")
     assert set(got) == models, f"not recorded: {sorted(models - set(got))}"
     for m in sorted(models):
         check(got[m], sent[m])
@@ -417,14 +419,17 @@ def test_large_prompt_still_yields_the_model(mesh: Mesh) -> None:
 
 
 def test_errors_and_cut_streams(mesh: Mesh) -> None:
-    seen = mesh.run("errors")
+    seen = mesh.run("errors", mesh.scribe.url)
     assert {s["model"]: s.get("status") for s in seen if "status" in s} == {
-        "error-400-oa": 400, "error-404-oa": 404, "error-500-oa": 500, "error-500-an": 500}
-    got = check_all(mesh, {"error-400-oa", "error-404-oa", "error-500-oa", "error-500-an", "cut-stream-oa",
-                           "cut-stream-an"})
-    assert got["error-400-oa"]["error_type"] == "invalid_request_error"
-    assert got["error-500-an"]["error_type"] == "server_error"
-    assert got["cut-stream-an"]["input_tokens"] is not None    # message_start said it before the cut
+        "error-400": 400, "error-404": 404, "error-500": 500, "anthropic error-500": 500}
+    oa = check_all(mesh, {"error-400", "error-404", "error-500", "cut-stream"})
+    an = check_all(mesh, {"error-500", "cut-stream"}, mesh.scribe)
+    assert all(r["protocol"] == "openai" for r in oa.values()) and all(r["protocol"] == "anthropic"
+                                                                        for r in an.values())
+    assert oa["error-400"]["error_type"] == "invalid_request_error" and oa["error-404"]["status"] == 404
+    assert an["error-500"]["error_type"] == "server_error"
+    assert oa["cut-stream"]["input_tokens"] is None                # no usage was sent before the cut
+    assert an["cut-stream"]["input_tokens"] is not None            # message_start said it before the cut
 
 
 def test_ungoverned_process_is_not_captured(mesh: Mesh) -> None:
