@@ -9,6 +9,7 @@ a request/response mix-up shows as a wrong response model or token count.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -226,9 +227,9 @@ class Mesh:
     llama: Server
     scribe: Server      # capture_content: true
 
-    def run(self, case: str, *args: str, cgroup: Optional[Path] = None, url: Optional[str] = None,
-            governed: bool = True) -> list[dict]:
-        cg = (cgroup or self.chat) if governed else None
+    def run(self, case: str, *args: str, url: Optional[str] = None, governed: bool = True) -> list[dict]:
+        """Run one CLIENT case in the chat cgroup (or, not governed, outside the governed root); what it saw."""
+        cg = self.chat if governed else None
         p = subprocess.run([sys.executable, "-c", CLIENT, url or self.llama.url, case, *args], capture_output=True,
                            text=True, timeout=120, preexec_fn=_enter_cgroup(cg), cwd=REPO)
         assert p.returncode == 0, p.stderr[-3000:]
@@ -278,7 +279,6 @@ def _start_server(cgroup: Path) -> Server:
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
-    import os
     if os.geteuid() != 0:
         pytest.skip("kernel tests load BPF programs: run as root")
     tmp = tmp_path_factory.mktemp("model_calls")

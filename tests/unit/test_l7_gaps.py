@@ -186,3 +186,19 @@ def test_bytes_after_the_close_are_counted_not_raised() -> None:
     recs += dec.feed(RESP, 3, reply(SMALL_ANSWER)) + dec.feed(REQ, 4, post(SMALL)) + dec.gap(RESP, 5, 10) + dec.close(6)
     assert len(recs) == 1 and recs[0].incomplete
     assert dec.counters.undecoded is UndecodedReason.PROTOCOL_ERROR and dec.counters.undecoded_bytes > 0
+
+
+def test_tracker_flushes_a_failed_last_chunk_before_the_other_direction() -> None:
+    """A send whose last chunk could not be copied: the gap is known only when something else moves, and it must
+    reach the decoder before the response does (the request ends at the response head)."""
+    wire = post(SMALL + b" " * 6000)
+    t = CaptureTracker()
+    calls = []
+    for raw in (raw_event(DATA, SEND, wire[:4096], total=len(wire)),
+                raw_event(DATA, SEND, b"", total=len(wire), offset=4096),
+                raw_event(DATA, RECV, reply(SMALL_ANSWER), ts=2),
+                raw_event(CLOSE, 0, b"", ts=3)):
+        calls.extend(t.on_chunk(decode_capture_event(raw)))
+    assert [(c.record.request_model, c.record.response_model, c.record.truncated) for c in calls] == [
+        ("small", "small-served", True)]
+    assert t.bytes_missing == len(wire) - 4096 and t.undecoded_counts() == {}
