@@ -128,19 +128,27 @@ class CaptureTracker:
         if d is None:       # decode_capture_event gives every DATA chunk a direction
             return out
         # bytes a syscall moved that were not copied become a gap in the decoder, in order: a call is over when the
-        # other direction moves, when the next call of this one starts (offset 0), or when its last chunk is full
-        out.extend(self._flush(conn, Direction.RESPONSE if d is Direction.REQUEST else Direction.REQUEST, c.ts_ns))
-        if c.offset == 0:
-            out.extend(self._flush(conn, d, c.ts_ns))
-        at = conn.calls[d][0] if d in conn.calls else 0
+        # other direction moves, when the next call of this one starts (offset 0), or when its last chunk is full.
+        # conn.calls holds only calls not copied whole so far: the common chunk costs one empty-dict test
+        pending = conn.calls
+        if pending:
+            other = Direction.RESPONSE if d is Direction.REQUEST else Direction.REQUEST
+            if other in pending:
+                out.extend(self._flush(conn, other, c.ts_ns))
+            if c.offset == 0 and d in pending:
+                out.extend(self._flush(conn, d, c.ts_ns))
+        at = pending[d][0] if d in pending else c.offset
         if c.offset > at:       # a chunk in between was lost (a failed copy)
             out.extend(self._gap(conn, d, c.ts_ns, c.offset - at))
         if c.data:
             out.extend(self._wrap(conn, conn.decoder.feed(d, c.ts_ns, c.data)))
         end = c.offset + len(c.data)
-        conn.calls[d] = (max(at, end), c.total)
-        if c.data and end < c.total and c.offset == (abi.CAPTURE_CHUNKS_PER_CALL - 1) * len(c.data):
-            out.extend(self._flush(conn, d, c.ts_ns))      # the kernel copies no more of this call
+        if end < c.total:
+            pending[d] = (max(at, end), c.total)
+            if c.data and c.offset == (abi.CAPTURE_CHUNKS_PER_CALL - 1) * len(c.data):
+                out.extend(self._flush(conn, d, c.ts_ns))      # the kernel copies no more of this call
+        elif d in pending:
+            del pending[d]
         if conn.decoder.undecoded is not conn.undecoded:
             self._count_undecoded(conn)
         return out
