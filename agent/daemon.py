@@ -255,7 +255,8 @@ class Agent:
             ([RecordsLogSink(self.records_log)] if self.records_log.enabled else []) + \
             ([self.exporter] if self.exporter else [])
         dp.all_decisions = self.flow_log.enabled   # the flow log wants every decision; metrics read the kernel's counts
-        self.model_calls = ModelCallTally(lambda: dp.counters() if self.healthy else [0] * abi.COUNTER_SLOTS)
+        self.model_calls = ModelCallTally(lambda: dp.counters() if self.healthy else [0] * abi.COUNTER_SLOTS,
+                                          self.capture.undecoded_counts)
         try:
             self.call_sinks = build_call_sinks(config.telemetry, flow_export, node=self.node,
                                                mono_to_wall_ns=lambda: self._mono_to_wall,

@@ -24,10 +24,12 @@ KERNEL_LOSSES = {"ring_full": abi.COUNTER_CAPTURE_EVENTS_LOST, "truncated": abi.
 
 
 class ModelCallTally(Collector):
-    def __init__(self, counters: Optional[Callable[[], list[int]]] = None) -> None:
+    def __init__(self, counters: Optional[Callable[[], list[int]]] = None,
+                 undecoded: Optional[Callable[[], dict[str, int]]] = None) -> None:
         self._lock = threading.Lock()
         self._calls: dict[tuple[str, ...], int] = {}
         self._counters = counters
+        self._undecoded = undecoded    # connections the decoder gave up on, by reason (CaptureTracker.undecoded_counts)
 
     def emit_call(self, call: ModelCallRecord, source: IdentityData, destination: IdentityData, pid: int, comm: str,
                   *, server_address: str = "", server_port: int = 0, dialed: IdentityData | None = None) -> None:
@@ -47,6 +49,13 @@ class ModelCallTally(Collector):
         for k, n in sorted(calls.items()):
             f.add_metric(list(k), n)
         yield f
+        if self._undecoded is not None:
+            u = CounterMetricFamily("aimesh_capture_undecoded_connections",
+                                    "Captured connections not decoded (HTTP/2, gRPC, garbage, cut short), by reason",
+                                    labels=["reason"])
+            for reason, n in sorted(self._undecoded().items()):
+                u.add_metric([reason], n)
+            yield u
         if self._counters is None:
             return
         c = self._counters()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
 from agent.kernel import abi
-from agent.l7.http1 import Direction
+from agent.l7.http1 import Direction, UndecodedReason
 from agent.l7.record import ConnectionDecoder, ModelCallRecord
 
 HEADER = ct.sizeof(abi.CaptureEvent)
@@ -77,10 +77,12 @@ class CapturedCall:
 
 
 class _Conn:
-    __slots__ = ("decoder", "pid", "src_id", "dst_id", "actual_dst_id", "last_ns")
+    __slots__ = ("decoder", "pid", "src_id", "dst_id", "actual_dst_id", "last_ns", "undecoded", "calls")
 
     def __init__(self, decoder: ConnectionDecoder, c: CaptureChunk) -> None:
         self.decoder = decoder
+        self.undecoded: Optional[UndecodedReason] = None    # as counted in CaptureTracker.undecoded
+        self.calls: dict[Direction, tuple[int, int]] = {}   # per direction, the syscall in progress: (copied up to, total)
         self.pid, self.src_id, self.dst_id, self.actual_dst_id = c.pid, c.src_id, c.dst_id, c.actual_dst_id
         self.last_ns = c.ts_ns
 
@@ -97,6 +99,8 @@ class CaptureTracker:
         self.evicted = 0       # decoders closed because the table was full
         self.chunks = 0
         self.bytes_missing = 0   # bytes a syscall moved that the kernel did not copy (truncation, failed reads)
+        self.undecoded: dict[str, int] = {}   # connections the decoder gave up on, by UndecodedReason value
+        self.undecoded_bytes = 0              # their bytes not decoded, added when the connection ends
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -108,23 +112,75 @@ class CaptureTracker:
             if conn is None:
                 return []
             del self._conns[c.cookie]
-            return self._wrap(conn, conn.decoder.close(c.ts_ns))
+            return self._end(conn, c.ts_ns)
         out: list[CapturedCall] = []
         if conn is None:
             while len(self._conns) >= self._max:
                 _, old = self._conns.popitem(last=False)
                 self.evicted += 1
-                out.extend(self._wrap(old, old.decoder.close(old.last_ns)))
+                out.extend(self._end(old, old.last_ns))
             conn = _Conn(ConnectionDecoder(c.cookie, capture_content=self._content(c.dst_id), tls=c.tls), c)
             self._conns[c.cookie] = conn
         else:
             self._conns.move_to_end(c.cookie)
         conn.last_ns = c.ts_ns
-        last = c.offset + len(c.data) >= c.total or len(c.data) == 0
-        if last and c.offset + len(c.data) < c.total:
-            self.bytes_missing += c.total - c.offset - len(c.data)
+        d = c.direction
+        if d is None:       # decode_capture_event gives every DATA chunk a direction
+            return out
+        # bytes a syscall moved that were not copied become a gap in the decoder, in order: a call is over when the
+        # other direction moves, when the next call of this one starts (offset 0), or when its last chunk is full.
+        # conn.calls holds only calls not copied whole so far: the common chunk costs one empty-dict test
+        pending = conn.calls
+        if pending:
+            other = Direction.RESPONSE if d is Direction.REQUEST else Direction.REQUEST
+            if other in pending:
+                out.extend(self._flush(conn, other, c.ts_ns))
+            if c.offset == 0 and d in pending:
+                out.extend(self._flush(conn, d, c.ts_ns))
+        at = pending[d][0] if d in pending else c.offset
+        if c.offset > at:       # a chunk in between was lost (a failed copy)
+            out.extend(self._gap(conn, d, c.ts_ns, c.offset - at))
         if c.data:
-            out.extend(self._wrap(conn, conn.decoder.feed(c.direction, c.ts_ns, c.data)))
+            out.extend(self._wrap(conn, conn.decoder.feed(d, c.ts_ns, c.data)))
+        end = c.offset + len(c.data)
+        if end < c.total:
+            pending[d] = (max(at, end), c.total)
+            if c.data and c.offset == (abi.CAPTURE_CHUNKS_PER_CALL - 1) * len(c.data):
+                out.extend(self._flush(conn, d, c.ts_ns))      # the kernel copies no more of this call
+        elif d in pending:
+            del pending[d]
+        if conn.decoder.undecoded is not conn.undecoded:
+            self._count_undecoded(conn)
+        return out
+
+    def _flush(self, conn: _Conn, d: Direction, ts_ns: int) -> list[CapturedCall]:
+        call = conn.calls.pop(d, None)
+        if call is None or call[0] >= call[1]:
+            return []
+        return self._gap(conn, d, ts_ns, call[1] - call[0])
+
+    def _gap(self, conn: _Conn, d: Direction, ts_ns: int, n: int) -> list[CapturedCall]:
+        self.bytes_missing += n
+        return self._wrap(conn, conn.decoder.gap(d, ts_ns, n))
+
+    def undecoded_counts(self) -> dict[str, int]:
+        """Connections not decoded, by reason (http2, grpc, protocol_error, truncated, ...), for the metrics."""
+        return dict(self.undecoded)
+
+    def _count_undecoded(self, conn: _Conn) -> None:
+        """Count the connection under its reason now (HTTP/2 refined to gRPC moves it)."""
+        if conn.undecoded is not None:
+            self.undecoded[conn.undecoded.value] -= 1
+        conn.undecoded = conn.decoder.undecoded
+        if conn.undecoded is not None:
+            self.undecoded[conn.undecoded.value] = self.undecoded.get(conn.undecoded.value, 0) + 1
+
+    def _end(self, conn: _Conn, ts_ns: int) -> list[CapturedCall]:
+        out = self._flush(conn, Direction.REQUEST, ts_ns) + self._flush(conn, Direction.RESPONSE, ts_ns)
+        out += self._wrap(conn, conn.decoder.close(ts_ns))
+        if conn.decoder.undecoded is not conn.undecoded:
+            self._count_undecoded(conn)
+        self.undecoded_bytes += conn.decoder.counters.undecoded_bytes
         return out
 
     def expire(self, now_ns: int) -> list[CapturedCall]:
@@ -132,7 +188,7 @@ class CaptureTracker:
         out: list[CapturedCall] = []
         for cookie in [k for k, v in self._conns.items() if now_ns - v.last_ns > self._idle_ns]:
             conn = self._conns.pop(cookie)
-            out.extend(self._wrap(conn, conn.decoder.close(now_ns)))
+            out.extend(self._end(conn, now_ns))
         return out
 
     @staticmethod

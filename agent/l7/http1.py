@@ -41,6 +41,7 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DEFAULT_BODY_CAP = 4 << 20          # decoded body bytes passed on per message
 DEFAULT_HEADER_BYTES = 64 << 10     # largest header block (and largest early response held) before giving up
 _H2_SCAN_BYTES = 64 << 10           # how far into an HTTP/2 connection we look for the first HEADERS frame
+_GAP_PIECE = 64 << 10               # a capture gap is filled in pieces of this size
 
 
 class Direction(enum.Enum):
@@ -54,6 +55,8 @@ class UndecodedReason(enum.Enum):
     UPGRADE = "upgrade"                 # CONNECT, websocket, h2c: whatever follows is not HTTP/1.1
     PROTOCOL_ERROR = "protocol_error"   # h11 refused the bytes: garbage, binary, malformed, cut
     OVERFLOW = "overflow"               # responses waiting for requests never seen
+    TRUNCATED = "truncated"             # the connection ended inside a message (or a header block)
+    GAP = "gap"                         # the capture missed bytes outside a body: the framing is lost
 
 
 Headers = tuple[tuple[str, str], ...]
@@ -125,6 +128,7 @@ class _BodyDecoder:
             self._deflate_guess = True
         elif enc not in ("identity", ""):
             self.unsupported = enc
+        self.compressed = self._z is not None
         self.left = cap
         self.passed = 0
         self.truncated = 0
@@ -163,6 +167,8 @@ class _Message:
 
     def __init__(self, headers: Headers, cap: int) -> None:
         self.body = _BodyDecoder(header(headers, "content-encoding"), cap)
+        self.gap_bytes = 0      # bytes the capture missed (a bound, for requests)
+        self.filling = False    # the bytes being read are filler for a gap: not passed on
 
 
 class Http1Connection:
@@ -179,6 +185,8 @@ class Http1Connection:
         self._consumed = {Direction.REQUEST: 0, Direction.RESPONSE: 0}   # wire bytes up to the last message end
         self._msg: dict[Direction, _Message | None] = {Direction.REQUEST: None, Direction.RESPONSE: None}
         self._prefix = b""                           # first request bytes, until we know it is not HTTP/2
+        self._req_resync = False                     # after a request gap: bytes are body until the response head
+        self._closed = False
         self._sniffed = False
         self._h2_scan = b""
         self.undecoded: UndecodedReason | None = None
@@ -191,6 +199,8 @@ class Http1Connection:
         out: list[HttpEvent] = []
         if not data:
             return out
+        if self._closed and self.undecoded is None:
+            self._fail(ts_ns, UndecodedReason.PROTOCOL_ERROR, f"{direction.value}: bytes after the close", out)
         if self.undecoded is not None:
             self.undecoded_bytes += len(data)
             if self.undecoded is UndecodedReason.HTTP2 and direction is Direction.REQUEST:
@@ -201,6 +211,9 @@ class Http1Connection:
             if not data:
                 return out
         self._fed[direction] += len(data)
+        if direction is Direction.REQUEST and self._req_resync:
+            self._body(direction, ts_ns, data, out)
+            return out
         try:
             if direction is Direction.REQUEST:
                 self._req.receive_data(data)
@@ -211,15 +224,56 @@ class Http1Connection:
                     self._pump_responses(ts_ns, out)
                 elif len(self._resp.trailing_data[0]) > self._max_header:
                     self._fail(ts_ns, UndecodedReason.OVERFLOW, "response bytes with no request seen", out)
-        except h11.RemoteProtocolError as e:
+        except (h11.RemoteProtocolError, h11.LocalProtocolError) as e:   # Local: our mirror of it refused too
             self._fail(ts_ns, UndecodedReason.PROTOCOL_ERROR, f"{direction.value}: {e}", out)
         if self.undecoded is not None:
             self.undecoded_bytes += len(data)   # the chunk that broke it counts as undecoded, whole
         return out
 
+    def gap(self, direction: Direction, ts_ns: int, n: int) -> list[HttpEvent]:
+        """Up to `n` bytes of this direction, after what was fed, were moved by the application but not captured (a
+        send or receive over the kernel's copy limit, a failed copy). Decoding goes on where it can:
+
+        * a response body: `n` is exact (a receive's size is known at its exit); the hole is filled with spaces, so
+          h11's framing (Content-Length, a chunk's data) and a JSON scan (a hole inside a string or between tokens)
+          survive, and the message is counted truncated;
+        * a request body: a send's size is taken at its entry, before the kernel says how much it took, so `n` is
+          only a bound. The bytes that follow are passed on as the rest of the body (in order, with holes) until the
+          response head shows that the request had ended (clients do not pipeline); the request direction then starts
+          afresh with the next request;
+        * anywhere else (a head, between messages) the framing is lost: decoding stops (`Undecoded(GAP)`)."""
+        out: list[HttpEvent] = []
+        if n <= 0:
+            return out
+        if self.undecoded is not None:
+            self.undecoded_bytes += n
+            return out
+        msg = self._msg[direction]
+        if msg is None:
+            self._fail(ts_ns, UndecodedReason.GAP, f"{direction.value}: {n} bytes not captured outside a body", out)
+            self.undecoded_bytes += n
+            return out
+        msg.gap_bytes += n
+        if direction is Direction.REQUEST:
+            self._req_resync = True
+            return out
+        if msg.body.compressed:
+            msg.body.broken = True      # a hole in a deflate stream: nothing after it can be inflated
+        left = n
+        while left > 0 and self.undecoded is None:
+            piece = min(left, _GAP_PIECE)
+            left -= piece
+            msg.filling = True
+            out.extend(self.feed(direction, ts_ns, b" " * piece))
+            msg.filling = False
+        if self.undecoded is not None:
+            self.undecoded_bytes += left
+        return out
+
     def close(self, ts_ns: int) -> list[HttpEvent]:
         """The connection ended: finish a read-until-close response, report messages cut short."""
         out: list[HttpEvent] = []
+        self._closed = True
         if self.undecoded is not None:
             return out
         try:
@@ -228,8 +282,13 @@ class Http1Connection:
                 self._pump_responses(ts_ns, out)
         except h11.RemoteProtocolError:
             pass
+        left = len(self._prefix) + sum(self._fed[d] - self._consumed[d] for d in Direction)
         for d in (Direction.REQUEST, Direction.RESPONSE):
             self._abort(d, ts_ns, out)
+        if left:     # bytes that never became a whole message: counted, like any traffic we could not decode
+            self.undecoded = UndecodedReason.TRUNCATED
+            self.undecoded_bytes += left
+            out.append(Undecoded(ts_ns, UndecodedReason.TRUNCATED, f"connection closed with {left} bytes unfinished"))
         return out
 
     # -- request direction ---------------------------------------------------------------------------------------
@@ -345,6 +404,8 @@ class Http1Connection:
             if isinstance(ev, h11.InformationalResponse):
                 continue    # 100 Continue and friends: the real response follows
             if isinstance(ev, h11.Response):
+                if self._req_resync:
+                    self._resync_request(ts_ns, out)
                 head = ResponseHead(ts_ns, ev.status_code, _headers(ev.headers))
                 self.responses += 1
                 self._msg[Direction.RESPONSE] = _Message(head.headers, self._cap)
@@ -371,6 +432,8 @@ class Http1Connection:
         msg = self._msg[d]
         if msg is None:
             return
+        if msg.filling:     # the spaces keep h11's framing; a JSON or SSE scan sees the hole as a hole
+            return
         piece = msg.body.feed(bytes(data))
         if piece:
             out.append(Body(d, ts_ns, piece))
@@ -382,7 +445,20 @@ class Http1Connection:
         wire = consumed - self._consumed[d]
         self._consumed[d] = consumed
         if msg is not None:
-            out.append(MessageEnd(d, ts_ns, wire, msg.body.passed, msg.body.truncated, True, msg.body.unsupported))
+            out.append(MessageEnd(d, ts_ns, wire, msg.body.passed, msg.body.truncated + msg.gap_bytes, True,
+                                  msg.body.unsupported))
+
+    def _resync_request(self, ts_ns: int, out: list[HttpEvent]) -> None:
+        """The request read through a gap has ended (its response starts): end it, read the next one afresh."""
+        self._req_resync = False
+        msg = self._msg[Direction.REQUEST]
+        self._msg[Direction.REQUEST] = None
+        wire = self._fed[Direction.REQUEST] - self._consumed[Direction.REQUEST]
+        self._consumed[Direction.REQUEST] = self._fed[Direction.REQUEST]
+        if msg is not None:
+            out.append(MessageEnd(Direction.REQUEST, ts_ns, wire, msg.body.passed, msg.body.truncated + msg.gap_bytes,
+                                  True, msg.body.unsupported))
+        self._req = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_header)
 
     def _abort(self, d: Direction, ts_ns: int, out: list[HttpEvent]) -> None:
         msg = self._msg[d]
@@ -391,7 +467,8 @@ class Http1Connection:
         self._msg[d] = None
         wire = self._fed[d] - self._consumed[d]
         self._consumed[d] = self._fed[d]
-        out.append(MessageEnd(d, ts_ns, wire, msg.body.passed, msg.body.truncated, False, msg.body.unsupported))
+        out.append(MessageEnd(d, ts_ns, wire, msg.body.passed, msg.body.truncated + msg.gap_bytes, False,
+                              msg.body.unsupported))
 
     def _fail(self, ts_ns: int, reason: UndecodedReason, detail: str, out: list[HttpEvent]) -> None:
         for d in (Direction.REQUEST, Direction.RESPONSE):

@@ -105,6 +105,7 @@ _PROMPT_PATHS = frozenset({
 @dataclass(frozen=True, slots=True)
 class RequestInfo:
     is_llm: bool                  # the body is a JSON object with a top-level string "model"
+    json_object: bool             # the body starts as a JSON object (what a request cut before its "model" shows)
     model: str | None
     stream: bool
     max_tokens: int | None        # max_tokens, else max_completion_tokens / max_output_tokens / options.num_predict
@@ -172,7 +173,7 @@ class RequestScan:
         iu = t.get("stream_options.include_usage")
         temp = t.get("temperature", t.get("options.temperature"))
         return RequestInfo(
-            is_llm=self._object and model is not None, model=model, stream=stream,
+            is_llm=self._object and model is not None, json_object=self._object, model=model, stream=stream,
             max_tokens=int(mt) if mt is not None else None,
             include_usage=iu if isinstance(iu, bool) else None,
             temperature=float(temp) if isinstance(temp, (int, float)) and not isinstance(temp, bool) else None,

@@ -51,7 +51,7 @@ class ModelCallRecord:
     time_per_output_chunk_ns: int | None   # mean gap between stream events after the first
     output_chunks: int
     finish_reasons: tuple[str, ...]
-    request_bytes: int                  # on the wire, head included
+    request_bytes: int                  # on the wire, head included (what was captured, when truncated)
     response_bytes: int
     tls: bool                           # the bytes came from the TLS uprobes (set by the caller)
     truncated: bool                     # a body went past the capture cap, or could not be decoded
@@ -114,10 +114,19 @@ class ConnectionDecoder:
         return DecoderCounters(self._http.requests, self._llm, self._other, self._http.undecoded,
                                self._http.undecoded_bytes)
 
+    @property
+    def undecoded(self) -> UndecodedReason | None:
+        """Why the connection is no longer decoded (cheap: read after every chunk by the capture tracker)."""
+        return self._http.undecoded
+
     def feed(self, direction: Direction, ts_ns: int, data: bytes) -> list[ModelCallRecord]:
         if direction is Direction.REQUEST and self._req_start is None and data:
             self._req_start = ts_ns
         return self._handle(self._http.feed(direction, ts_ns, data))
+
+    def gap(self, direction: Direction, ts_ns: int, n: int) -> list[ModelCallRecord]:
+        """Up to `n` bytes of `direction` were not captured (see Http1Connection.gap); the call is marked truncated."""
+        return self._handle(self._http.gap(direction, ts_ns, n))
 
     def close(self, ts_ns: int) -> list[ModelCallRecord]:
         """The connection ended: what was in flight becomes an incomplete record."""
@@ -188,7 +197,9 @@ class ConnectionDecoder:
             call.scan = None
             call.request_truncated = True
         req = call.request
-        if call.kind is None or req is None or not req.is_llm:
+        # an API path whose JSON body was cut (by the capture or the close) before its "model" is still a call
+        llm = req is not None and (req.is_llm or (call.request_truncated and req.json_object))
+        if call.kind is None or req is None or not llm:
             self._other += 1
             return []
         self._llm += 1
