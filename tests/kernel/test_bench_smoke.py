@@ -14,7 +14,7 @@ def test_bench_calls_produces_every_figure_and_cleans_up(tmp_path):
     out = tmp_path / "calls.json"
     p = subprocess.Popen([sys.executable, "-m", "bench.calls", "--rounds", "2", "--latency-calls", "5",
                           "--latency-warmup", "2", "--decode-rates", "500", "--decode-step", "0.5", "--rr-n", "500",
-                          "--rr-warmup", "50", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                          "--rr-warmup", "50", "--other-wait", "0", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     text, _ = p.communicate(timeout=600)
     assert p.returncode == 0, text
