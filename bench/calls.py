@@ -339,7 +339,13 @@ def run_decode(run: Run, say: Callable[[str], None]) -> dict:
     run.commands["decode_server"] = srv_line
     srv = loadgen.start_server(srv_line)
     try:
-        steps = [decode_step(run, port, rate, say) for rate in s.decode_rates]
+        steps = []
+        for rate in s.decode_rates:
+            step = decode_step(run, port, rate, say)
+            if not step["clean"] and (step["others_cpu_pct_burst"] or 0) > 15:
+                say("    (other processes took > 15 % of the agent's CPU: once more)")
+                step = decode_step(run, port, rate, say) | {"retried": True, "first_try": step}
+            steps.append(step)
     finally:
         loadgen.stop_server(srv)
     clean = [x for x in steps if x["clean"]]
@@ -468,9 +474,10 @@ def report(res: dict) -> tuple[str, dict]:
         best = res["decode"]["best_clean_per_s"]
         ok = best is not None and best >= 5000
         rows.append({"target": "decode rate ≥ 5,000 calls/s, 0 lost", "limit": 5000, "value": best, "pass": ok})
-        lines.append(f"  {'PASS' if ok else 'MISS':<5} {'decode ≥ 5,000 calls/s with 0 lost':<50} "
-                     f"{best or 0:,.0f}/s (agent {res['decode']['best_clean_agent_cpu_pct'] or 0:.0f}% of a CPU, "
-                     f"{res['decode']['best_clean_agent_us_per_call'] or 0} µs per call)")
+        d = res["decode"]
+        got = (f"{best:,.0f}/s (agent {d['best_clean_agent_cpu_pct']:.0f}% of a CPU, "
+               f"{d['best_clean_agent_us_per_call']} µs per call)" if best is not None else "no step was clean")
+        lines.append(f"  {'PASS' if ok else 'MISS':<5} {'decode ≥ 5,000 calls/s with 0 lost':<50} {got}")
     return "\n".join(lines), {"targets": rows}
 
 
@@ -539,7 +546,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="rounds of the latency and other parts")
     ap.add_argument("--latency-calls", type=int, default=200, help="calls per server, per kind, per round")
     ap.add_argument("--latency-warmup", type=int, default=20)
-    ap.add_argument("--decode-rates", type=floats, default=(1000, 1250, 1500, 2000, 2500, 3000, 5000, 0),
+    ap.add_argument("--decode-rates", type=floats, default=(500, 1000, 1250, 1500, 2000, 2500, 3000, 5000, 0),
                     help="calls/s per step, comma-separated; 0: open loop")
     ap.add_argument("--decode-step", type=float, default=3.0, help="seconds per step")
     ap.add_argument("--decode-clients", type=int, default=2, help="client processes per step")
