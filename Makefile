@@ -20,6 +20,7 @@ bench: setup
 	$(PY) -m bench.run
 	$(PY) -m bench.restart
 	$(PY) -m bench.flood
+	$(PY) -m bench.calls
 
 clean:
 	rm -rf $(VENV) agent/_gen build *.egg-info

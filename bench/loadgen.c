@@ -16,6 +16,20 @@
  *                                           answers 8 bytes once all arrived. Prints MB/s (10^6 B) from the first
  *                                           write to that answer.
  *
+ *   aimesh-lg pipe N SIZE WARMUP            two processes, two pipes: WARMUP + N ping-pongs of SIZE bytes through
+ *                                           write()/read(); prints the round-trip JSON line of rr ("mode": "pipe").
+ *   aimesh-lg llmserver HOST PORT CHUNKS    a fast OpenAI-compatible chat server for bench/calls.py: one process per
+ *                                           connection (keep-alive, requests in order); every POST with a
+ *                                           Content-Length body is answered with one pre-built SSE stream of CHUNKS
+ *                                           content chunks, a finish chunk, a usage chunk and [DONE], chunked, in
+ *                                           one write. Prints "ready" once listening.
+ *   aimesh-lg llmcalls HOST PORT CONNS N RATE BODY
+ *                                           N streamed chat calls (`POST /v1/chat/completions`, one pre-built
+ *                                           request of BODY bytes, headers and body in one write, `model` after
+ *                                           `messages` as openai-python sends it) over CONNS keep-alive connections
+ *                                           taken in turn, each call read to its last chunk before the next; paced
+ *                                           open loop at RATE calls/s (0: as fast as it goes). Prints the rate.
+ *
  * Loopback only in bench/, but any HOST the kernel accepts works. Exit status 0 on success, 1 on any error (the
  * message names the failing call and errno, e.g. "connect: Operation not permitted" when a policy denies it).
  */
@@ -28,8 +42,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -304,9 +320,263 @@ static int bulk(struct sockaddr_in *sa, uint64_t total)
 	return 0;
 }
 
+/* ---- pipe ping-pong ---- */
+
+static int pipe_rr(long n, long size, long warmup)
+{
+	int there[2], back[2];
+	if (size < 1 || size > MAX_SIZE || n < 1)
+		return fprintf(stderr, "aimesh-lg: pipe needs N >= 1 and 1 <= SIZE <= %d\n", MAX_SIZE), 1;
+	if (pipe(there) < 0 || pipe(back) < 0)
+		return fail("pipe");
+	static char buf[MAX_SIZE];
+	memset(buf, 'p', sizeof(buf));
+	pid_t child = fork();
+	if (child < 0)
+		return fail("fork");
+	if (child == 0) {           /* the echo end: read SIZE, write it back, until EOF */
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		close(there[1]);
+		close(back[0]);
+		while (full_io(there[0], buf, size, 0) == 0 && full_io(back[1], buf, size, 1) == 0)
+			;
+		_exit(0);
+	}
+	close(there[0]);
+	close(back[1]);
+	uint64_t *s = calloc((size_t)n, sizeof(*s));
+	if (!s)
+		return fail("calloc");
+	for (long i = 0; i < warmup; i++)
+		if (full_io(there[1], buf, size, 1) < 0 || full_io(back[0], buf, size, 0) < 0)
+			return fail("warmup pipe ping-pong");
+	uint64_t start = now_ns();
+	for (long i = 0; i < n; i++) {
+		uint64_t t0 = now_ns();
+		if (full_io(there[1], buf, size, 1) < 0 || full_io(back[0], buf, size, 0) < 0)
+			return fail("pipe ping-pong");
+		s[i] = now_ns() - t0;
+	}
+	double elapsed = (double)(now_ns() - start) / 1e9;
+	close(there[1]);
+	waitpid(child, NULL, 0);
+	double mean = mean_us(s, n);
+	qsort(s, (size_t)n, sizeof(*s), cmp_u64);
+	printf("{\"mode\": \"pipe\", \"n\": %ld, \"size\": %ld, \"median_us\": %.3f, \"p99_us\": %.3f, \"mean_us\": %.3f, "
+	       "\"min_us\": %.3f, \"elapsed_s\": %.6f}\n",
+	       n, size, percentile_us(s, n, 50), percentile_us(s, n, 99), mean, (double)s[0] / 1000.0, elapsed);
+	free(s);
+	return 0;
+}
+
+/* ---- a fast OpenAI-compatible streaming server and its client ---- */
+
+#define LLM_BUF (256 * 1024)
+#define LLM_MODEL "bench-llm"
+
+static void sse_chunk(char *out, long *len, const char *data)
+{
+	char ev[512];
+	int n = snprintf(ev, sizeof(ev), "data: %s\n\n", data);
+	*len += sprintf(out + *len, "%x\r\n%s\r\n", n, ev);
+}
+
+/* The whole response to one call: headers, then CHUNKS content chunks, finish, usage, [DONE], end of chunks. */
+static long llm_response(char *out, int chunks)
+{
+	char data[400];
+	long len = sprintf(out, "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+			   "Cache-Control: no-cache\r\n\r\n");
+	const char *base = "\"id\": \"chatcmpl-b\", \"object\": \"chat.completion.chunk\", \"created\": 1, "
+			   "\"model\": \"" LLM_MODEL "-served\"";
+	for (int i = 0; i < chunks; i++) {
+		snprintf(data, sizeof(data), "{%s, \"choices\": [{\"index\": 0, \"delta\": {\"content\": \" tok%d\"}, "
+			 "\"logprobs\": null, \"finish_reason\": null}]}", base, i);
+		sse_chunk(out, &len, data);
+	}
+	snprintf(data, sizeof(data), "{%s, \"choices\": [{\"index\": 0, \"delta\": {}, \"logprobs\": null, "
+		 "\"finish_reason\": \"stop\"}]}", base);
+	sse_chunk(out, &len, data);
+	snprintf(data, sizeof(data), "{%s, \"choices\": [], \"usage\": {\"prompt_tokens\": 700, \"completion_tokens\": "
+		 "%d, \"total_tokens\": %d}}", base, chunks, 700 + chunks);
+	sse_chunk(out, &len, data);
+	sse_chunk(out, &len, "[DONE]");
+	len += sprintf(out + len, "0\r\n\r\n");
+	return len;
+}
+
+/* Length of the first complete request in buf (headers + Content-Length body), 0 while incomplete. */
+static long request_len(const char *buf, long have)
+{
+	const char *end = memmem(buf, (size_t)have, "\r\n\r\n", 4);
+	if (!end)
+		return 0;
+	long head = end - buf + 4, body = 0;
+	const char *cl = memmem(buf, (size_t)head, "\r\nContent-Length:", 17);
+	if (!cl)
+		cl = memmem(buf, (size_t)head, "\r\ncontent-length:", 17);
+	if (cl)
+		body = atol(cl + 17);
+	return have >= head + body ? head + body : 0;
+}
+
+static void llm_conn(int c, const char *resp, long resp_len)
+{
+	static char buf[LLM_BUF];
+	long have = 0;
+	for (;;) {
+		long n;
+		while ((n = request_len(buf, have)) > 0) {
+			if (full_io(c, (char *)resp, resp_len, 1) < 0)
+				return;
+			memmove(buf, buf + n, (size_t)(have - n));
+			have -= n;
+		}
+		if (have == LLM_BUF)
+			return;      /* a request larger than the buffer: not ours */
+		ssize_t r = read(c, buf + have, LLM_BUF - have);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return;
+		have += r;
+	}
+}
+
+static int llm_serve(struct sockaddr_in *sa, int chunks)
+{
+	int one = 1;
+	static char resp[64 * 1024];
+	if (chunks < 1 || chunks > 100)
+		return fprintf(stderr, "aimesh-lg: llmserver needs 1 <= CHUNKS <= 100\n"), 1;
+	long resp_len = llm_response(resp, chunks);
+	signal(SIGCHLD, SIG_IGN);   /* connection processes reap themselves */
+	int ls = socket(AF_INET, SOCK_STREAM, 0);
+	if (ls < 0)
+		return fail("socket");
+	setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (bind(ls, (struct sockaddr *)sa, sizeof(*sa)) < 0)
+		return fail("bind");
+	if (listen(ls, 4096) < 0)
+		return fail("listen");
+	printf("ready\n");
+	fflush(stdout);
+	for (;;) {
+		int c = accept(ls, NULL, NULL);
+		if (c < 0) {
+			if (errno == EINTR || errno == ECONNABORTED)
+				continue;
+			return fail("accept");
+		}
+		setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		pid_t p = fork();
+		if (p == 0) {
+			prctl(PR_SET_PDEATHSIG, SIGKILL);   /* killing the server ends its connections */
+			close(ls);
+			llm_conn(c, resp, resp_len);
+			_exit(0);
+		}
+		close(c);
+	}
+}
+
+/* The request: openai-python's headers and a chat body of `body` bytes, `model` after `messages`. */
+static long llm_request(char *out, long cap, long body)
+{
+	const char *pre = "{\"messages\": [{\"role\": \"user\", \"content\": \"";
+	const char *post = "\"}], \"model\": \"" LLM_MODEL "\", \"stream\": true, \"stream_options\": "
+			   "{\"include_usage\": true}}";
+	long fill = body - (long)strlen(pre) - (long)strlen(post);
+	if (fill < 0 || body + 512 > cap)
+		return -1;
+	long len = sprintf(out, "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: application/json\r\n"
+			   "Content-Type: application/json\r\nUser-Agent: aimesh-lg\r\nAuthorization: Bearer sk-bench\r\n"
+			   "Content-Length: %ld\r\n\r\n%s", body, pre);
+	for (long i = 0; i < fill; i++)
+		out[len++] = (i % 6 == 5) ? ' ' : 'w';
+	len += sprintf(out + len, "%s", post);
+	return len;
+}
+
+/* Read one chunked response to its terminating chunk; 0 when whole. */
+static int llm_read_response(int fd, char *buf, long cap)
+{
+	long have = 0;
+	for (;;) {
+		ssize_t r = read(fd, buf + have, cap - have);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return -1;
+		have += r;
+		if (have >= 5 && !memcmp(buf + have - 5, "0\r\n\r\n", 5))
+			return 0;
+		if (have == cap)
+			have = 0;   /* keep only the tail we look at */
+	}
+}
+
+static int llm_calls(struct sockaddr_in *sa, long conns, long n, double rate, long body)
+{
+	static char req[LLM_BUF], buf[LLM_BUF];
+	int one = 1;
+	if (conns < 1 || conns > 1024 || n < 1 || rate < 0)
+		return fprintf(stderr, "aimesh-lg: llmcalls needs 1 <= CONNS <= 1024, N >= 1, RATE >= 0\n"), 1;
+	long req_len = llm_request(req, sizeof(req), body);
+	if (req_len < 0)
+		return fprintf(stderr, "aimesh-lg: llmcalls needs 200 <= BODY <= %d\n", LLM_BUF - 512), 1;
+	int *fds = calloc((size_t)conns, sizeof(int));
+	uint64_t *s = calloc((size_t)n, sizeof(*s));
+	if (!fds || !s)
+		return fail("calloc");
+	for (long i = 0; i < conns; i++) {
+		fds[i] = socket(AF_INET, SOCK_STREAM, 0);
+		if (fds[i] < 0)
+			return fail("socket");
+		setsockopt(fds[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		if (connect(fds[i], (struct sockaddr *)sa, sizeof(*sa)) < 0)
+			return fail("connect");
+	}
+	prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
+	uint64_t start = now_ns(), late = 0;
+	for (long i = 0; i < n; i++) {
+		if (rate > 0) {
+			uint64_t due = start + (uint64_t)((double)i * 1e9 / rate), now = now_ns();
+			if (now < due) {
+				struct timespec ts = { .tv_sec = (time_t)(due / 1000000000ull),
+						       .tv_nsec = (long)(due % 1000000000ull) };
+				while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+					;
+			} else if (now - due > 1000000) {
+				late++;
+			}
+		}
+		int fd = fds[i % conns];
+		uint64_t t0 = now_ns();
+		if (full_io(fd, req, req_len, 1) < 0)
+			return fail("request write");
+		if (llm_read_response(fd, buf, sizeof(buf)) < 0)
+			return fail("response read");
+		s[i] = now_ns() - t0;
+	}
+	double elapsed = (double)(now_ns() - start) / 1e9;
+	for (long i = 0; i < conns; i++)
+		close(fds[i]);
+	qsort(s, (size_t)n, sizeof(*s), cmp_u64);
+	printf("{\"mode\": \"llmcalls\", \"n\": %ld, \"conns\": %ld, \"request_bytes\": %ld, \"target_per_s\": %.1f, "
+	       "\"rate_per_s\": %.1f, \"late_1ms\": %llu, \"median_us\": %.3f, \"p99_us\": %.3f, \"elapsed_s\": %.6f}\n",
+	       n, conns, req_len, rate, (double)n / elapsed, (unsigned long long)late, percentile_us(s, n, 50),
+	       percentile_us(s, n, 99), elapsed);
+	free(s);
+	free(fds);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct sockaddr_in sa;
+	if (argc == 5 && !strcmp(argv[1], "pipe"))
+		return pipe_rr(atol(argv[2]), atol(argv[3]), atol(argv[4]));
 	if (argc >= 4 && parse_addr(argv[2], argv[3], &sa) < 0)
 		return 1;
 	if (argc == 4 && !strcmp(argv[1], "server"))
@@ -319,7 +589,12 @@ int main(int argc, char **argv)
 		return crate(&sa, atol(argv[4]), atof(argv[5]));
 	if (argc == 5 && !strcmp(argv[1], "bulk"))
 		return bulk(&sa, strtoull(argv[4], NULL, 10));
+	if (argc == 5 && !strcmp(argv[1], "llmserver"))
+		return llm_serve(&sa, atoi(argv[4]));
+	if (argc == 8 && !strcmp(argv[1], "llmcalls"))
+		return llm_calls(&sa, atol(argv[4]), atol(argv[5]), atof(argv[6]), atol(argv[7]));
 	fprintf(stderr, "usage: %s server HOST PORT | rr HOST PORT N SIZE WARMUP | crr HOST PORT N WARMUP | "
-		"crate HOST PORT N RATE | bulk HOST PORT BYTES\n", argv[0]);
+		"crate HOST PORT N RATE | bulk HOST PORT BYTES | pipe N SIZE WARMUP | "
+		"llmserver HOST PORT CHUNKS | llmcalls HOST PORT CONNS N RATE BODY\n", argv[0]);
 	return 2;
 }
