@@ -3,12 +3,15 @@
 `decode_capture_event` turns one capture_events record into a `CaptureChunk`. `CaptureTracker` keeps one
 `ConnectionDecoder` per socket cookie (bounded, least recently used first out; idle ones closed by `expire`) and
 feeds it in ring order: what the client sent is the request direction, what it received the response direction.
-A CLOSE chunk closes the decoder (a call in flight becomes an incomplete record).
+A GAP chunk (bytes the kernel did not copy: the per-request budget, the per-call chunk limit) becomes a gap in the
+decoder (the call is marked truncated). A CLOSE chunk closes the decoder (a call in flight becomes an incomplete
+record). When a decoder gives up (not HTTP/1) the tracker counts the connection undecoded, once, and queues its
+(pid, fd) in `take_skips()` so the agent can tell the kernel to stop copying it.
 """
 from __future__ import annotations
 
 import ctypes as ct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -37,8 +40,13 @@ class CaptureChunk:
     kind: abi.CaptureKind
     direction: Optional[Direction]   # None for CLOSE
     total: int                        # bytes the syscall moved
-    offset: int
+    offset: int                       # of data within them (GAP: the first byte not copied)
     data: bytes
+
+    @property
+    def missing(self) -> int:
+        """GAP: bytes of the syscall the kernel did not copy."""
+        return max(self.total - self.offset, 0) if self.kind is abi.CaptureKind.GAP else 0
 
 
 def decode_capture_event(raw: bytes) -> CaptureChunk:
@@ -50,14 +58,14 @@ def decode_capture_event(raw: bytes) -> CaptureChunk:
     except ValueError:
         raise CaptureDecodeError(f"capture event with unknown kind {h.kind}") from None
     direction = None
-    if kind is abi.CaptureKind.DATA:
+    if kind is not abi.CaptureKind.CLOSE:
         if h.direction == abi.CaptureDirection.SEND:
             direction = Direction.REQUEST
         elif h.direction == abi.CaptureDirection.RECV:
             direction = Direction.RESPONSE
         else:
             raise CaptureDecodeError(f"capture event with unknown direction {h.direction}")
-        if HEADER + h.len > len(raw):
+        if kind is abi.CaptureKind.DATA and HEADER + h.len > len(raw):
             raise CaptureDecodeError(f"capture event says {h.len} data bytes, carries {len(raw) - HEADER}")
     data = bytes(raw[HEADER:HEADER + h.len]) if kind is abi.CaptureKind.DATA else b""
     return CaptureChunk(h.ts_ns, h.cookie, h.tgid, h.fd, h.src_id, h.dst_id, h.actual_dst_id, kind, direction,
@@ -76,12 +84,14 @@ class CapturedCall:
 
 
 class _Conn:
-    __slots__ = ("decoder", "pid", "src_id", "dst_id", "actual_dst_id", "last_ns")
+    __slots__ = ("decoder", "pid", "fd", "src_id", "dst_id", "actual_dst_id", "last_ns", "undecoded")
 
     def __init__(self, decoder: ConnectionDecoder, c: CaptureChunk) -> None:
         self.decoder = decoder
-        self.pid, self.src_id, self.dst_id, self.actual_dst_id = c.pid, c.src_id, c.dst_id, c.actual_dst_id
+        self.pid, self.fd, self.src_id, self.dst_id, self.actual_dst_id = c.pid, c.fd, c.src_id, c.dst_id, \
+            c.actual_dst_id
         self.last_ns = c.ts_ns
+        self.undecoded = False
 
 
 class CaptureTracker:
@@ -95,7 +105,9 @@ class CaptureTracker:
         self._conns: OrderedDict[int, _Conn] = OrderedDict()
         self.evicted = 0       # decoders closed because the table was full
         self.chunks = 0
-        self.bytes_missing = 0   # bytes a syscall moved that the kernel did not copy (truncation, failed reads)
+        self.bytes_missing = 0   # bytes a syscall moved that the kernel did not copy (GAP records)
+        self.undecoded: Counter[str] = Counter()   # connections whose decoder gave up, by reason (UndecodedReason)
+        self._skips: list[tuple[int, int]] = []     # (pid, fd) of those, for the kernel to stop copying
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -119,11 +131,20 @@ class CaptureTracker:
         else:
             self._conns.move_to_end(c.cookie)
         conn.last_ns = c.ts_ns
-        last = c.offset + len(c.data) >= c.total or len(c.data) == 0
-        if last and c.offset + len(c.data) < c.total:
-            self.bytes_missing += c.total - c.offset - len(c.data)
-        if c.data:
+        if c.kind is abi.CaptureKind.GAP:
+            self.bytes_missing += c.missing
+            out.extend(self._wrap(conn, conn.decoder.gap(c.direction, c.ts_ns, c.missing)))
+        elif c.data:
             out.extend(self._wrap(conn, conn.decoder.feed(c.direction, c.ts_ns, c.data)))
+        if not conn.undecoded and conn.decoder.undecoded is not None:
+            conn.undecoded = True
+            self.undecoded[conn.decoder.undecoded.value] += 1
+            self._skips.append((conn.pid, conn.fd))
+        return out
+
+    def take_skips(self) -> list[tuple[int, int]]:
+        """(pid, fd) of the sockets whose decoder gave up since the last call: copying them is wasted."""
+        out, self._skips = self._skips, []
         return out
 
     def expire(self, now_ns: int) -> list[CapturedCall]:

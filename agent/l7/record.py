@@ -19,6 +19,7 @@ from agent.l7.http1 import (DEFAULT_BODY_CAP, Body, Direction, Http1Connection, 
                             ResponseHead, Undecoded, UndecodedReason, header)
 from agent.l7.llm import Operation, Protocol, RequestInfo, RequestScan, ResponseInfo, ResponseParse, classify
 
+_FILLER = bytes(64 << 10)          # stands in for bytes the capture did not copy (ConnectionDecoder.gap)
 DEFAULT_CONTENT_CAP = 16 << 10     # characters of prompt and of completion text kept when capture is on
 REDACTED = "[REDACTED]"
 
@@ -90,6 +91,7 @@ class _Call:
         self.status: int | None = None
         self.resp: ResponseParse | None = None
         self.resp_start: int | None = None
+        self.gap = False            # bytes of it were not captured (ConnectionDecoder.gap)
 
 
 class ConnectionDecoder:
@@ -113,6 +115,32 @@ class ConnectionDecoder:
     def counters(self) -> DecoderCounters:
         return DecoderCounters(self._http.requests, self._llm, self._other, self._http.undecoded,
                                self._http.undecoded_bytes)
+
+    @property
+    def undecoded(self) -> UndecodedReason | None:
+        """Why this connection is not decoded (not HTTP/1: HTTP/2, gRPC, garbage, ...); None while it is. Once set,
+        nothing more of the connection is ever decoded, so its bytes need not be captured."""
+        return self._http.undecoded
+
+    def gap(self, direction: Direction, ts_ns: int, nbytes: int) -> list[ModelCallRecord]:
+        """`nbytes` of `direction` were not captured (the capture's byte budget, a lost read). The message they fall in
+        is marked truncated and no longer scanned; as many filler bytes go to the HTTP framing as were missed, so
+        Content-Length framing stays in step and the next request on the connection is still found."""
+        if nbytes <= 0:
+            return []
+        calls = self._calls
+        call = (calls[-1] if direction is Direction.REQUEST else calls[0]) if calls else None
+        if call is not None:
+            call.gap = True
+            if direction is Direction.REQUEST and call.scan is not None:
+                call.request = call.scan.finish()
+                call.scan = None
+        out: list[ModelCallRecord] = []
+        while nbytes > 0 and self._http.undecoded is None:
+            n = min(nbytes, len(_FILLER))
+            out.extend(self.feed(direction, ts_ns, _FILLER[:n]))
+            nbytes -= n
+        return out
 
     def feed(self, direction: Direction, ts_ns: int, data: bytes) -> list[ModelCallRecord]:
         if direction is Direction.REQUEST and self._req_start is None and data:
@@ -143,7 +171,7 @@ class ConnectionDecoder:
                 if ev.direction is Direction.REQUEST:
                     if call.scan is not None:
                         call.scan.feed(ev.data)
-                elif call.resp is not None:
+                elif call.resp is not None and not call.gap:
                     call.resp.feed(ev.ts_ns, ev.data)
             elif isinstance(ev, ResponseHead):
                 call = self._current(Direction.RESPONSE)
@@ -200,7 +228,7 @@ class ConnectionDecoder:
         if resp is not None and resp.streamed and resp.chunks > 1 and resp.first_chunk_ns is not None \
                 and resp.last_chunk_ns is not None:
             tpoc = (resp.last_chunk_ns - resp.first_chunk_ns) // (resp.chunks - 1)
-        truncated = call.request_truncated or req.prompt_cut or (
+        truncated = call.gap or call.request_truncated or req.prompt_cut or (
             end is not None and (end.truncated_bytes > 0 or end.encoding_unsupported is not None)) or (
             resp is not None and (resp.completion_cut or resp.event_bytes_dropped > 0))
         rec = ModelCallRecord(
