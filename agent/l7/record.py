@@ -91,7 +91,8 @@ class _Call:
         self.status: int | None = None
         self.resp: ResponseParse | None = None
         self.resp_start: int | None = None
-        self.gap = False            # bytes of it were not captured (ConnectionDecoder.gap)
+        self.request_gap = False    # bytes of the request were not captured (ConnectionDecoder.gap)
+        self.response_gap = False   # of the response, likewise: the rest of its body is not parsed
 
 
 class ConnectionDecoder:
@@ -130,11 +131,13 @@ class ConnectionDecoder:
             return []
         calls = self._calls
         call = (calls[-1] if direction is Direction.REQUEST else calls[0]) if calls else None
-        if call is not None:
-            call.gap = True
-            if direction is Direction.REQUEST and call.scan is not None:
+        if call is not None and direction is Direction.REQUEST:
+            call.request_gap = True
+            if call.scan is not None:
                 call.request = call.scan.finish()
                 call.scan = None
+        elif call is not None:
+            call.response_gap = True
         out: list[ModelCallRecord] = []
         while nbytes > 0 and self._http.undecoded is None:
             n = min(nbytes, len(_FILLER))
@@ -171,7 +174,7 @@ class ConnectionDecoder:
                 if ev.direction is Direction.REQUEST:
                     if call.scan is not None:
                         call.scan.feed(ev.data)
-                elif call.resp is not None and not call.gap:
+                elif call.resp is not None and not call.response_gap:
                     call.resp.feed(ev.ts_ns, ev.data)
             elif isinstance(ev, ResponseHead):
                 call = self._current(Direction.RESPONSE)
@@ -228,7 +231,7 @@ class ConnectionDecoder:
         if resp is not None and resp.streamed and resp.chunks > 1 and resp.first_chunk_ns is not None \
                 and resp.last_chunk_ns is not None:
             tpoc = (resp.last_chunk_ns - resp.first_chunk_ns) // (resp.chunks - 1)
-        truncated = call.gap or call.request_truncated or req.prompt_cut or (
+        truncated = call.request_gap or call.response_gap or call.request_truncated or req.prompt_cut or (
             end is not None and (end.truncated_bytes > 0 or end.encoding_unsupported is not None)) or (
             resp is not None and (resp.completion_cut or resp.event_bytes_dropped > 0))
         rec = ModelCallRecord(
