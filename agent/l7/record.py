@@ -189,7 +189,7 @@ class ConnectionDecoder:
                 if ev.direction is Direction.REQUEST:
                     self._req_start = None
                     call = self._current(Direction.REQUEST)
-                    if call is not None and call.request is None:
+                    if call is not None and (call.request is None or call.request_gap):
                         self._end_request(call, ev)
                 elif self._calls:
                     out.extend(self._finish(self._calls.pop(0), ev.ts_ns, ev))
