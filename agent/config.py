@@ -419,7 +419,7 @@ class LimitSettings(_Strict):
     max_capture_sockets: int = Field(default=_D.max_capture_sockets, **_MAP)
     capture_ringbuf_pages: int = Field(default=_D.capture_ringbuf_pages, **_RING)
     # bytes per capture_events record (compiled in: -DCAPTURE_CHUNK); one send/receive copies at most
-    # abi.CAPTURE_CHUNKS_PER_CALL (64) chunks, so 256 KiB at the default: the rest of that call is a counted gap
+    # abi.CAPTURE_CHUNKS_PER_CALL (256) chunks, so 1 MiB at the default: the rest of that call is a counted gap
     capture_chunk: int = Field(default=_D.capture_chunk, ge=64, le=16384)
     # Runtime settings (runtime_config, changed by a reload; not map capacities): bytes the capture copies per request
     # (a run of sends) and per response (a run of receives) on one connection; past them bytes are counted, not

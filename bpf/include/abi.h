@@ -69,8 +69,9 @@
 #ifndef CAPTURE_CHUNK
 #define CAPTURE_CHUNK 4096          /* data bytes per capture_events record */
 #endif
-#define CAPTURE_CHUNKS_PER_CALL 64  /* mirror: abi.py CAPTURE_CHUNKS_PER_CALL. a send/receive copies at most this many
-                                     * chunks (256 KiB at the default CAPTURE_CHUNK); the rest of that call is a gap */
+#define CAPTURE_CHUNKS_PER_CALL 256 /* mirror: abi.py CAPTURE_CHUNKS_PER_CALL. turns of the copy loop per send/receive:
+                                     * each copies one chunk or steps to the next iovec (1 MiB at the default
+                                     * CAPTURE_CHUNK, the default request budget); the rest of that call is a gap */
 #define CAPTURE_IOVECS 8            /* mirror: abi.py CAPTURE_IOVECS. writev/readv/sendmsg/recvmsg: iovecs looked at */
 #define BACKENDS_PER_SERVICE 16    /* mirror: abi.py BACKENDS_PER_SERVICE. weighted split: at most this many backends per redirect */
 
