@@ -384,9 +384,86 @@ class CollectorSettings(_Strict):
         return self
 
 
+HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}")   # an HTTP token (RFC 9110)
+MAX_OTLP_HEADERS = 32
+
+
+class OtlpSettings(_Strict):
+    """Model calls as OTLP spans (agent/export/otlp.py), over OTLP/HTTP protobuf."""
+    endpoint: str                                          # the traces URL, e.g. http://127.0.0.1:4318/v1/traces
+    headers: dict[str, str] = Field(default_factory=dict)  # sent with every export (an API key, a tenant)
+    timeout: float = Field(default=10.0, gt=0, le=300)     # seconds per export
+    service_name: str = "aimesh-agent"
+    max_queue_size: int = Field(default=2048, ge=1, le=1_000_000)        # spans waiting; more are dropped, counted
+    max_export_batch_size: int = Field(default=512, ge=1, le=1_000_000)
+    schedule_delay: float = Field(default=5.0, gt=0, le=3600)           # seconds between exports
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+        _text(v, "endpoint", MAX_TEXT_LEN)
+        try:
+            u = urlsplit(v)
+            port = u.port
+        except ValueError as e:
+            raise ValueError(f"{show(v)} is not a URL: {e}") from None
+        if u.scheme not in ("http", "https") or not u.hostname or (port is not None and not 1 <= port <= 65535):
+            raise ValueError(f"{show(v)} must be an http(s) URL like http://host:4318/v1/traces")
+        return v
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > MAX_OTLP_HEADERS:
+            raise ValueError(f"at most {MAX_OTLP_HEADERS} headers, got {len(v)}")
+        for name, value in v.items():
+            if not HEADER_NAME_RE.fullmatch(name):
+                raise ValueError(f"header name {show(name)} is not an HTTP token")
+            if len(value) > MAX_TEXT_LEN or not value.isprintable() or not value.isascii():
+                raise ValueError(f"header {name}: the value must be printable ASCII, at most {MAX_TEXT_LEN} "
+                                 "characters")
+        return v
+
+    @field_validator("service_name")
+    @classmethod
+    def _service(cls, v: str) -> str:
+        return _text(v, "service_name", MAX_HOST_LEN)
+
+    @model_validator(mode="after")
+    def _batch(self) -> "OtlpSettings":
+        if self.max_export_batch_size > self.max_queue_size:
+            raise ValueError(f"max_export_batch_size ({self.max_export_batch_size}) must not exceed max_queue_size "
+                             f"({self.max_queue_size})")
+        return self
+
+
+class GenAiSettings(_Strict):
+    """The gen_ai_client_* metrics: the request-model label keeps names matching `model_labels` (globs), the first
+    `max_models` distinct ones; every other name is `other`."""
+    model_labels: list[str] = Field(default_factory=lambda: ["*"], max_length=1000)
+    max_models: int = Field(default=50, ge=0, le=10_000)
+
+    @field_validator("model_labels")
+    @classmethod
+    def _globs(cls, v: list[str]) -> list[str]:
+        for i, g in enumerate(v):
+            _text(g, f"model_labels[{i}]", MAX_HOST_LEN)
+        return v
+
+
 class Telemetry(_Strict):
     interim_interval: float = Field(default=60.0, ge=0, le=86400)   # seconds; 0: long connections report at close only
     udp_window: float = Field(default=10.0, gt=0, le=3600)          # seconds per UDP aggregate
+    otlp: Optional[OtlpSettings] = None                            # unset: no spans
+    genai: GenAiSettings = Field(default_factory=GenAiSettings)
+
+    def sinks_differ(self, other: "Telemetry") -> Optional[str]:
+        """The section whose change a running agent cannot apply (its model-call sinks are built at start)."""
+        for name in ("otlp", "genai"):
+            if getattr(self, name) != getattr(other, name):
+                return name
+        return None
 
 
 _D = abi.Limits()

@@ -32,10 +32,17 @@ from agent.kernel.pins import DatapathDir, PinError, RootLock, check_format, pru
 from agent.errors import AgentError
 from agent.flows.denials import DenialAggregator, denial_record
 from agent.flows.decode import DecodeError, decode_agent_event, decode_decision, to_json, wall_time
-from agent.flows.records import UdpWindow, decision_record, decode_flow_event, flow_record, udp_aggregate
+from agent.flows.records import (UdpWindow, decision_record, decode_flow_event, flow_record, identity_data,
+                                 udp_aggregate)
 from agent.kernel import abi
+from agent.export.call_sinks import CallSinks, CommCache, build_call_sinks
+from agent.collector.channel import ConfigError as ChannelError
+from agent.export.collector_client import FlowExporter
+from agent.export.genai_metrics import IdentityCompute
 from agent.export.model_metrics import ModelCallTally
-from agent.l7.capture import CaptureDecodeError, CaptureTracker, decode_capture_event, model_call_json, status_class
+from agent.identity.cgroups import walk as cgroup_walk
+from agent.l7.capture import CaptureDecodeError, CaptureTracker, decode_capture_event
+from agent.l7.tls_visibility import NotVisible, TlsNotVisibleTally, TlsVisibility, describe_not_visible
 from agent.policy.capacity import check_capacity
 from agent.policy.compile import compile_image
 from agent.policy.identities import IdentityMeta, IdentityNumbering
@@ -91,12 +98,23 @@ def loader_preflight() -> None:
 
 def build_exporter(config: Config, opts: AgentOptions):
     """The collector exporter from the config's collector section and the flag overrides; None when no address."""
+    cfg = exporter_config(config, opts)
+    if cfg is None:
+        return None
+    try:
+        return FlowExporter(cfg)
+    except ChannelError as e:   # the spool directory cannot be made or is shared
+        raise AgentError(f"collector: {e}") from None
+
+
+def exporter_config(config: Config, opts: AgentOptions):
+    """The flow exporter's ExporterConfig (the model-call exporter derives its own); None when no address."""
     c = config.collector
     target = opts.collector or c.address
     if not target:
         return None
     from agent.collector.channel import ClientTls, ConfigError as ChannelError, read_token
-    from agent.export.collector_client import ExporterConfig, FlowExporter
+    from agent.export.collector_client import ExporterConfig
     tls = None
     if c.tls or c.tls_ca or c.tls_cert:
         tls = ClientTls(ca=c.tls_ca, cert=c.tls_cert, key=c.tls_key, server_name=c.tls_server_name)
@@ -109,7 +127,7 @@ def build_exporter(config: Config, opts: AgentOptions):
         cfg.validate()
         if tls:
             tls.credentials()   # read the files now: a missing key is a start-up error, not a silent export failure
-        return FlowExporter(cfg)
+        return cfg
     except ChannelError as e:
         raise AgentError(f"collector: {e}") from None
 
@@ -143,6 +161,11 @@ class Agent:
         self._udp_last = time.monotonic_ns()
         self.capture = CaptureTracker(self._capture_content)
         self.model_calls = ModelCallTally()
+        self.call_sinks: Optional[CallSinks] = None
+        self._comms = CommCache()
+        self.tls_probes = None                      # agent/kernel/uprobes.TlsProbes once the datapath is in force
+        self.tls_visibility = TlsVisibility()
+        self.tls_not_visible = TlsNotVisibleTally()
 
     # ---- signals only set flags; the loop acts ----
     def _on_signal(self, signum, _frame) -> None:
@@ -225,6 +248,7 @@ class Agent:
         self.flow_log = FlowLog(self.opts.flow_log, what="--flow-log")
         self.records_log = FlowLog(self.opts.records_log, what="--records-log")
         self.exporter = build_exporter(config, self.opts)
+        flow_export = self.exporter.config if self.exporter is not None else None
         self.datapath = dp = self._open_datapath(manifest)
         self.flow_tally = FlowTally(lambda: self.exporter.stats() if self.exporter else None, self._flow_losses)
         self.sinks: list[RecordSink] = [self.flow_tally] + \
@@ -232,10 +256,21 @@ class Agent:
             ([self.exporter] if self.exporter else [])
         dp.all_decisions = self.flow_log.enabled   # the flow log wants every decision; metrics read the kernel's counts
         self.model_calls = ModelCallTally()   # the kernel's capture counters are in AgentCollector
+        try:
+            self.call_sinks = build_call_sinks(config.telemetry, flow_export, node=self.node,
+                                               mono_to_wall_ns=lambda: self._mono_to_wall,
+                                               records_log=self.records_log, tally=self.model_calls,
+                                               wall=lambda ts: wall_time(ts, self._mono_to_wall))
+        except (ValueError, ConfigError, ChannelError) as e:
+            dp.close()
+            raise AgentError(f"model-call sinks: {e}") from None
         collector = AgentCollector(dp.counters, lambda: dp.decision_counts() if self.healthy else {},
                                    lambda: self.identities, self._metrics_state)
+        compute = IdentityCompute(self._identity_cgroups, mount)
         try:
-            metrics = MetricsServer(self.opts.metrics_addr, build_registry(collector, [self.flow_tally, self.model_calls]),
+            metrics = MetricsServer(self.opts.metrics_addr,
+                                    build_registry(collector, [self.flow_tally, *self.call_sinks.collectors(),
+                                                               self.tls_not_visible, compute]),
                                     lambda: self.healthy,
                                     health=lambda: (not self.degraded, sorted(self.degraded)),
                                     loop_age_s=lambda: time.monotonic() - self.last_tick if self.healthy else 0.0)
@@ -247,6 +282,7 @@ class Agent:
             self._recover_checkpoint()
         if self.exporter:
             self.exporter.start()
+        self.call_sinks.start()
         for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._on_signal)
         self.assigner = IdentityAssigner(dp, self.numbering, mount, root, self._on_map_full)
@@ -265,6 +301,7 @@ class Agent:
             if removed:
                 log.info("unpinned %d objects of the previous build", len(removed))
             self.state["programs_attached"] = dp.attached_count
+            self._start_tls(root)
             self._drain()   # what the kernel queued while no agent ran
             self.healthy = True
             log.info("agent ready: %d identities, %d policies, governing %s, metrics on %s",
@@ -283,6 +320,12 @@ class Agent:
                 st = self.exporter.close()
                 log.info("exporter closed: %d records sent, %d spooled batches kept, %d dropped",
                          st.sent_records, st.spool_batches, st.dropped)
+            if self.tls_probes is not None:
+                self.tls_probes.close()
+            try:
+                self.call_sinks.close()
+            except Exception:  # noqa: BLE001 - stopping goes on: the datapath and logs are closed below
+                log.exception("closing the model-call sinks failed")
             dp.close()
             if self.opts.ephemeral:
                 from agent.kernel.install import uninstall
@@ -327,6 +370,10 @@ class Agent:
             if self.config is not None and config.collector != self.config.collector:
                 raise ConfigError(f"{self.opts.config_path}: collector: changed; the exporter is set up at start, so "
                                   "this reload changes nothing: restart the agent to apply it")
+            changed = self.config.telemetry.sinks_differ(config.telemetry) if self.config is not None else None
+            if changed:
+                raise ConfigError(f"{self.opts.config_path}: telemetry.{changed}: changed; the model-call sinks are "
+                                  "set up at start, so this reload changes nothing: restart the agent to apply it")
             self._install(config)
         except (ConfigError, AgentError, ValueError, OSError) as e:
             self.state["reloads_failed"] += 1
@@ -563,6 +610,8 @@ class Agent:
             self.assigner.on_cgroup_created(ev.path.decode(errors="replace"), ev.cgroup_id)
         elif ev.kind == abi.AgentEventKind.EXEC:
             self.assigner.on_exec(ev.pid)
+            if self.tls_probes is not None:
+                self.tls_probes.scan_pid(ev.pid)
 
     # ---- plaintext capture ----
     def _capture_content(self, dst_id: int) -> bool:
@@ -581,25 +630,76 @@ class Agent:
         self._model_calls(self.capture.on_chunk(chunk))
         for pid, fd in self.capture.take_skips():   # not HTTP/1: the kernel stops copying it
             self.datapath.capture_skip(pid, fd)
+        if chunk.kind is abi.CaptureKind.TLS_HANDSHAKE:   # seen in the kernel, nothing of it copied
+            self.tls_visibility.on_handshake(chunk.cookie, chunk.pid, chunk.src_id, chunk.ts_ns)
+        self._tls_not_visible(self.tls_visibility.on_chunk(chunk))
 
     def _model_calls(self, calls) -> None:
-        names = {i: m.name for i, m in self.identities.items()}
+        """Every decoded call to every model-call sink (self.call_sinks, built from the config at start)."""
         for c in calls:
             self.state["model_calls"] += 1
-            r = c.record
-            self.model_calls.add(names.get(c.src_id, f"id:{c.src_id}"), names.get(c.dst_id, f"id:{c.dst_id}"),
-                                 r.protocol.value, r.operation.value, status_class(r.status))
-            if self.records_log.enabled:
-                self.records_log.write(model_call_json(c, names, lambda ts: wall_time(ts, self._mono_to_wall)))
+            source = identity_data(self.identities, c.src_id)
+            dialed = identity_data(self.identities, c.dst_id)
+            actual = identity_data(self.identities, c.actual_dst_id) if c.actual_dst_id else dialed
+            comm = self._comms(c.pid)
+            for sink in self.call_sinks.sinks:
+                try:
+                    sink.emit_call(c.record, source, actual, c.pid, comm, dialed=dialed)
+                except Exception:  # noqa: BLE001 - one sink's bug must not keep the call from the others
+                    self.state["decode_errors"] += 1
+                    log.exception("model-call sink %s failed", type(sink).__name__)
+
+    def _identity_cgroups(self) -> dict[str, list[str]]:
+        """{identity name: its cgroups (relative to the cgroup2 mount)}, for IdentityCompute at scrape time: the
+        governed subtree walked, each cgroup named by what the assigner wrote for it."""
+        assigner = getattr(self, "assigner", None)
+        if assigner is None or not self.healthy:
+            return {}
+        assigned = dict(assigner.cgroups)
+        names = {i: m.name for i, m in self.identities.items()}
+        out: dict[str, list[str]] = {}
+        for rel, cid in cgroup_walk(assigner.mount, self.root):
+            name = names.get(assigned.get(cid, -1))
+            if name is not None:
+                out.setdefault(name, []).append(rel)
+        return out
 
     def _capture_housekeeping(self) -> None:
         """Close decoders idle too long; drop capture_sockets entries of processes that exited (their fds were
         closed by the exit, with no close() the tracepoint saw)."""
         self._model_calls(self.capture.expire(time.monotonic_ns()))
+        self._comms.prune(lambda pid: os.path.exists(f"/proc/{pid}"))
+        self._tls_not_visible(self.tls_visibility.expire(time.monotonic_ns()))
+        if self.tls_probes is not None:
+            from agent.kernel.uprobes import governed_pids
+            self.tls_probes.scan(governed_pids(self.root))   # libssl dlopen'ed after exec (CPython's import ssl)
         m = self.datapath.maps["capture_sockets"]
         gone = [k for k in list(m.keys()) if not os.path.exists(f"/proc/{k.tgid}")]
         if gone:
             m.delete_many(gone)
+
+    # ---- TLS capture ----
+    def _start_tls(self, root: Path) -> None:
+        """Probe every libssl of the system and of the governed processes (agent/kernel/uprobes.py). A failure
+        leaves TLS unseen (degraded), never the agent down."""
+        from agent.kernel import bpfsys, uprobes
+        try:
+            self.tls_probes = uprobes.start(self.pins.links, Path(self.build["progs"]), root)
+        except (bpfsys.BpfError, OSError) as e:
+            log.error("TLS capture is off: %s", e)
+            self.degraded["tls capture off"] = str(e)
+            return
+        st = self.tls_probes.stats
+        log.info("TLS capture: %d libssl files probed (%d links created, %d kept)", st.libraries, st.links_created,
+                 st.links_kept)
+
+    def _tls_not_visible(self, reports: list[NotVisible]) -> None:
+        for nv in reports:
+            meta = self.identities.get(nv.src_id)
+            source = meta.name if meta is not None else f"id:{nv.src_id}"
+            self.tls_not_visible.add(source)
+            if nv.first_of_process:
+                log.warning("%s", describe_not_visible(nv, source))
 
     def _metrics_state(self) -> dict:
         st = dict(self.state)

@@ -15,11 +15,16 @@
  * capture_response_bytes for a run of receives; a send after a receive starts a new request). What it does not copy
  * is one GAP record (counted truncated), so the agent knows the size of the hole. A socket whose first send is a TLS
  * handshake record gets CAPTURE_SOCK_F_TLS and is never copied here; one the agent flagged CAPTURE_SOCK_F_SKIP (its
- * decoder gave up) neither; both are counted not captured, and their close is still reported.
+ * decoder gave up) neither; both are counted not captured, and their close is still reported. A socket an SSL_* call
+ * used is marked TLS by lib/tls.h (from the send/receive inside the call); bpf/tls.c copies its plaintext at the
+ * SSL_* return through capture_data (CAPTURE_EV_F_TLS), under the same budget. A first send that is a TLS handshake
+ * outside any probed SSL_* call (Go, rustls, static BoringSSL) gives one TLS_HANDSHAKE record: the agent's "TLS not
+ * visible" report.
  *   reads: runtime_config, capture_sockets, capture_connect, capture_reads
  *   writes: capture_connect, capture_sockets, capture_reads, capture_events, verdict_counters
  */
 #include "programs.h"
+#include "lib/tls.h"
 
 #define CAPTURE_EINPROGRESS 115
 
@@ -63,7 +68,7 @@ static __always_inline struct capture_sock *capture_find(__u32 fd, struct captur
 }
 
 static __always_inline void capture_header(struct capture_event *h, const struct capture_sock_key *k,
-					   const struct capture_sock *s, __u8 kind, __u8 dir, __u64 ts)
+					   const struct capture_sock *s, __u8 kind, __u8 dir, __u8 flags, __u64 ts)
 {
 	h->ts_ns = ts;
 	h->cookie = s->cookie;
@@ -77,6 +82,7 @@ static __always_inline void capture_header(struct capture_event *h, const struct
 	h->len = 0;
 	h->kind = kind;
 	h->direction = dir;
+	h->flags = flags;
 	__builtin_memset(h->pad, 0, sizeof(h->pad));
 }
 
@@ -93,17 +99,40 @@ static __always_inline int capture_peek(const struct capture_src *src, __u8 firs
 	return bpf_probe_read_user(first, 2, (const void *)p);
 }
 
-/* Whether this call's bytes are copied at all: not for a socket flagged TLS or SKIP. The first send decides TLS. */
-static __always_inline int capture_wanted(struct capture_sock *s, __u8 dir, const struct capture_src *src,
-					  __u64 total)
+/* A header-only record (GAP, TLS_HANDSHAKE); a full ring is counted. */
+static __always_inline struct capture_event *capture_mark(const struct capture_sock_key *k,
+							  const struct capture_sock *s, __u8 kind, __u8 dir,
+							  __u8 flags, __u64 ts)
 {
+	struct capture_event *h = capture_events.ringbuf_reserve(sizeof(struct capture_event));
+	if (!h) {
+		capture_count(COUNTER_CAPTURE_EVENTS_LOST, 1);
+		return 0;
+	}
+	capture_header(h, k, s, kind, dir, flags, ts);
+	return h;
+}
+
+/* Whether a syscall's bytes are copied at all: not for a socket flagged TLS (an SSL_* call used it: lib/tls.h, or its
+ * first send was a TLS handshake record) or SKIP. The first send decides the handshake check. */
+static __always_inline int capture_wanted(const struct capture_sock_key *k, struct capture_sock *s, __u8 dir,
+					  const struct capture_src *src, __u64 total)
+{
+	tls_note_fd(k->fd, s);
 	if (dir == CAPTURE_DIR_SEND && !(s->flags & CAPTURE_SOCK_F_SENT)) {
 		__u8 first[2] = {};
 		__u32 flags = s->flags | CAPTURE_SOCK_F_SENT;
 		/* a TLS record: ContentType handshake (22), then the major version 3 (SSL 3.0 .. TLS 1.3) */
-		if (total >= 2 && capture_peek(src, first) == 0 && first[0] == 0x16 && first[1] == 0x03) {
+		if (!(flags & CAPTURE_SOCK_F_TLS) && total >= 2 && capture_peek(src, first) == 0 && first[0] == 0x16 &&
+		    first[1] == 0x03) {
 			flags |= CAPTURE_SOCK_F_TLS;
 			capture_count(COUNTER_CAPTURE_TLS_SOCKETS, 1);
+			struct capture_event *h = capture_mark(k, s, CAPTURE_KIND_TLS_HANDSHAKE, dir, 0,
+							       bpf_ktime_get_ns());
+			if (h) {
+				h->total = total;
+				capture_events.ringbuf_submit(h, BPF_RB_NO_WAKEUP);
+			}
 		}
 		s->flags = flags;
 	}
@@ -133,16 +162,13 @@ static __always_inline __u64 capture_budget(struct capture_sock *s, __u8 dir, __
 }
 
 static __always_inline void capture_gap(const struct capture_sock_key *k, const struct capture_sock *s, __u8 dir,
-					__u64 ts, __u64 total, __u64 copied)
+					__u8 flags, __u64 ts, __u64 total, __u64 copied)
 {
 	capture_count(COUNTER_CAPTURE_TRUNCATED, 1);
 	capture_count(COUNTER_CAPTURE_TRUNCATED_BYTES, total - copied);
-	struct capture_event *h = capture_events.ringbuf_reserve(sizeof(struct capture_event));
-	if (!h) {
-		capture_count(COUNTER_CAPTURE_EVENTS_LOST, 1);
+	struct capture_event *h = capture_mark(k, s, CAPTURE_KIND_GAP, dir, flags, ts);
+	if (!h)
 		return;
-	}
-	capture_header(h, k, s, CAPTURE_KIND_GAP, dir, ts);
 	h->total = total;
 	h->offset = copied;
 	capture_events.ringbuf_submit(h, BPF_RB_NO_WAKEUP);
@@ -154,11 +180,9 @@ static __always_inline void capture_gap(const struct capture_sock_key *k, const 
  * state at the top of every turn is the same but for the turn number, and verifying the loop costs one pass per
  * turn instead of one per combination of segment lengths. What is not copied, from the first byte missed to the
  * end of the call, is one GAP record. */
-static __always_inline void capture_data(const struct capture_sock_key *k, struct capture_sock *s, __u8 dir,
-					 const struct capture_src *src, __u64 total)
+static __always_inline void capture_copy(const struct capture_sock_key *k, struct capture_sock *s, __u8 dir,
+					 __u8 flags, const struct capture_src *src, __u64 total)
 {
-	if (!capture_wanted(s, dir, src, total))
-		return;
 	__u32 zero = 0;
 	struct capture_cursor *c = capture_cursor.lookup(&zero);
 	if (!c)
@@ -199,7 +223,7 @@ static __always_inline void capture_data(const struct capture_sock_key *k, struc
 			capture_count(COUNTER_CAPTURE_EVENTS_LOST, 1);
 			break;
 		}
-		capture_header(&r->h, k, s, CAPTURE_KIND_DATA, dir, ts);
+		capture_header(&r->h, k, s, CAPTURE_KIND_DATA, dir, flags, ts);
 		r->h.total = total;
 		r->h.offset = done;
 		/* exactly n bytes: n is 0..CAPTURE_CHUNK on a 64-bit register, which this kernel's verifier accepts (a
@@ -217,7 +241,27 @@ static __always_inline void capture_data(const struct capture_sock_key *k, struc
 	}
 	__u64 copied = *(volatile __u64 *)&c->done;
 	if (copied < total)
-		capture_gap(k, s, dir, ts, total, copied);
+		capture_gap(k, s, dir, flags, ts, total, copied);
+}
+
+/* The syscall path: what a send or receive moved, unless the socket is TLS or skipped. */
+static __always_inline void capture_syscall(const struct capture_sock_key *k, struct capture_sock *s, __u8 dir,
+					    const struct capture_src *src, __u64 total)
+{
+	if (capture_wanted(k, s, dir, src, total))
+		capture_copy(k, s, dir, 0, src, total);
+}
+
+/* bpf/tls.c: the plaintext an SSL_* call moved (flags CAPTURE_EV_F_TLS), unless the agent said skip. */
+static __always_inline void capture_data(const struct capture_sock_key *k, struct capture_sock *s, __u8 dir,
+					 __u8 flags, const __u8 *buf, __u64 total)
+{
+	if (s->flags & CAPTURE_SOCK_F_SKIP) {
+		capture_count(COUNTER_CAPTURE_NOT_CAPTURED, 1);
+		return;
+	}
+	struct capture_src src = { .buf = (__u64)buf, .iovcnt = 0 };
+	capture_copy(k, s, dir, flags, &src, total);
 }
 
 static __always_inline int capture_send(__u32 fd, __u64 buf, __u32 iovcnt, __u64 count)
@@ -227,7 +271,7 @@ static __always_inline int capture_send(__u32 fd, __u64 buf, __u32 iovcnt, __u64
 	if (!s || !count)
 		return 0;
 	struct capture_src src = { .buf = buf, .iovcnt = iovcnt };
-	capture_data(&k, s, CAPTURE_DIR_SEND, &src, count);
+	capture_syscall(&k, s, CAPTURE_DIR_SEND, &src, count);
 	return 0;
 }
 
@@ -260,7 +304,7 @@ static __always_inline int capture_sendv(__u32 fd, __u64 vec, __u64 vlen)
 	if (!total)
 		return 0;
 	struct capture_src src = { .buf = vec, .iovcnt = n };
-	capture_data(&k, s, CAPTURE_DIR_SEND, &src, total);
+	capture_syscall(&k, s, CAPTURE_DIR_SEND, &src, total);
 	return 0;
 }
 
@@ -281,7 +325,7 @@ static __always_inline int capture_recv_enter(__u32 fd, __u64 buf, __u64 iovcnt)
 	struct capture_sock *s = capture_find(fd, &k);
 	if (!s)
 		return 0;
-	if (s->flags & (CAPTURE_SOCK_F_TLS | CAPTURE_SOCK_F_SKIP)) {
+	if (tls_note_fd(fd, s) || (s->flags & CAPTURE_SOCK_F_SKIP)) {
 		capture_count(COUNTER_CAPTURE_NOT_CAPTURED, 1);
 		return 0;
 	}
@@ -316,7 +360,7 @@ static __always_inline int capture_recv_exit(long ret)
 	struct capture_sock *s = capture_find(r.fd, &k);
 	if (s) {
 		struct capture_src src = { .buf = r.buf, .iovcnt = r.iovcnt };
-		capture_data(&k, s, CAPTURE_DIR_RECV, &src, ret);
+		capture_syscall(&k, s, CAPTURE_DIR_RECV, &src, ret);
 	}
 	return 0;
 }
@@ -363,7 +407,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 		return 0;
 	struct capture_event *h = capture_events.ringbuf_reserve(sizeof(struct capture_event));
 	if (h) {
-		capture_header(h, &k, s, CAPTURE_KIND_CLOSE, 0, bpf_ktime_get_ns());
+		capture_header(h, &k, s, CAPTURE_KIND_CLOSE, 0, s->flags & CAPTURE_SOCK_F_TLS ? CAPTURE_EV_F_TLS : 0,
+			       bpf_ktime_get_ns());
 		capture_events.ringbuf_submit(h, BPF_RB_NO_WAKEUP);
 	} else {
 		counter_add(COUNTER_CAPTURE_EVENTS_LOST);

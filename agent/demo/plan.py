@@ -1,10 +1,15 @@
 """The demo config: an ordinary agent config plus a `demo:` section naming the workloads to start.
 
     demo:
-      servers:                     # OpenAI-style model servers and dataset servers, on 127.0.0.1:<port>
+      servers:                     # OpenAI wire-format model servers and dataset servers, on 127.0.0.1:<port>
         - {name: llama, kind: model, version: "3.1-8b", port: 18001, cgroup: llama}
+        - {name: gpt-oss, kind: model, version: "20b", port: 18005, cgroup: gpt-oss, tls: true}   # https
       clients:                     # call a server in a loop; `target` names a server
         - {name: chat-frontend, target: llama, interval: 0.5, cgroup: chat}
+        - {name: support-bot, target: gpt-oss, cgroup: support, error_every: 5}   # every 5th call: HTTP 404
+
+A client of a model server asks for `<name>-<version>` through the openai SDK; a `tls: true` server gets a certificate
+from the CA the demo makes at start, and its clients trust that CA.
 
 `cgroup` is a child of the demo's subtree (`<cgroup2 mount>/aimesh-demo-<pid>/<cgroup>`); the identities of the agent
 config select it with globs like `/aimesh-demo*/chat`. The agent is handed the config without the `demo:` section.
@@ -33,6 +38,18 @@ class ServerSpec(BaseModel):
     version: str = Field(min_length=1, max_length=63)
     port: int = Field(ge=1024, le=65535)
     cgroup: str = Field(pattern=NAME_PATTERN, max_length=63)
+    tls: bool = False                # https with a certificate from the demo's CA (model servers only)
+
+    @model_validator(mode="after")
+    def _tls_models_only(self) -> "ServerSpec":
+        if self.tls and self.kind != "model":
+            raise ValueError("tls: only model servers serve https")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        """The model a model server serves (and its clients ask for)."""
+        return f"{self.name}-{self.version}"
 
 
 class ClientSpec(BaseModel):
@@ -42,6 +59,7 @@ class ClientSpec(BaseModel):
     target: str = Field(pattern=NAME_PATTERN)
     interval: float = Field(default=1.0, ge=0.2, le=60.0)   # seconds between calls; bounded so the demo stays quiet
     cgroup: str = Field(pattern=NAME_PATTERN, max_length=63)
+    error_every: int = Field(default=0, ge=0, le=1000)   # every N-th chat call asks for a model that is not there
 
 
 class DemoPlan(BaseModel):
@@ -68,6 +86,10 @@ class DemoPlan(BaseModel):
 
     def server(self, name: str) -> ServerSpec:
         return next(s for s in self.servers if s.name == name)
+
+    @property
+    def uses_tls(self) -> bool:
+        return any(s.tls for s in self.servers)
 
     def cgroups(self) -> list[str]:
         """Every cgroup the workloads need, once each, in order of first use."""

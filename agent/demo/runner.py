@@ -4,9 +4,12 @@
     run(args) -> int        0 when stopped by Ctrl-C/SIGTERM or --duration; 1 when something failed; 2 on bad input
 
 Steps: read the demo config (agent config + `demo:` workloads), make `<cgroup2 mount>/aimesh-demo-<pid>/<child>`,
-start the agent on that subtree and wait for its /healthz, start the servers then the clients each in its cgroup,
-follow the flow log and the workloads' output, redraw. Cleanup, whatever happened: the workloads (by pid), then the
-agent, then the cgroups (children, then the subtree), then the work directory unless kept.
+make the demo CA when a server serves https (agent/demo/tls.py, in the private work directory), start the collector
+and the agent on that subtree and wait for its /healthz, start the servers then the clients each in its cgroup,
+follow the flow log, the model calls the collector stores (`aimesh calls -f -o json`, a child whose output is read
+like the flow log) and the workloads' output, redraw. Cleanup, whatever happened: the workloads (by pid), then the
+agent, then the calls follower, a last `aimesh calls` listing, the collector, then the cgroups (children, then the
+subtree), then the work directory unless kept.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from agent.demo.cgroups import CgroupError, CgroupTree, create_tree, find_cgroup
 from agent.demo.plan import ClientSpec, DemoConfig, DemoConfigError, DemoPlan, ServerSpec, config_mode, \
     expected_identity, split_config
 from agent.demo.procs import Child, FileTail, Spawner, SpawnError, stop_children
+from agent.demo.tls import DemoTls, TlsError, make_demo_tls
 
 DEFAULT_CONFIG = "deploy/examples/demo.yaml"
 DEFAULT_METRICS_ADDR = "127.0.0.1:9464"
@@ -43,6 +47,8 @@ DEFAULT_COLLECTOR_ADDR = "127.0.0.1:4790"
 WORKLOAD_GRACE_S = 3.0
 AGENT_GRACE_S = 15.0
 SERVER_READY_TIMEOUT_S = 15.0
+FOLLOW_RESTART_S = 2.0          # a calls follower that exited (collector not up yet?) is restarted after this
+CALLS_BACKLOG = 100000          # a restarted follower's backlog (the table counts each call once)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -94,17 +100,39 @@ def collector_argv(python: str, listen: str, db: Path, token_file: Path) -> list
     return [python, "-m", "agent", "collector", "--listen", listen, "--db", str(db), "--token-file", str(token_file)]
 
 
-def server_argv(python: str, spec: ServerSpec) -> list[str]:
+def server_argv(python: str, spec: ServerSpec, tls: DemoTls | None = None) -> list[str]:
     role = "model-server" if spec.kind == "model" else "dataset-server"
-    return [python, "-m", "agent.demo.workloads", role, "--name", spec.name, "--version", spec.version,
+    argv = [python, "-m", "agent.demo.workloads", role, "--name", spec.name, "--version", spec.version,
             "--port", str(spec.port)]
+    if spec.tls:
+        if tls is None:
+            raise ValueError(f"server {spec.name}: tls: true needs the demo CA")
+        argv += ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)]
+    return argv
 
 
-def client_argv(python: str, spec: ClientSpec, plan: DemoPlan) -> list[str]:
+def client_argv(python: str, spec: ClientSpec, plan: DemoPlan, tls: DemoTls | None = None) -> list[str]:
+    """A model server's client asks for its model id (`llama-3.1-8b`), over https with the demo CA when it is TLS."""
     server = plan.server(spec.target)
-    return [python, "-m", "agent.demo.workloads", "client", "--name", spec.name,
-            "--url", f"http://127.0.0.1:{server.port}", "--interval", f"{spec.interval:g}",
-            "--api", "chat" if server.kind == "model" else "dataset", "--model", server.name]
+    scheme = "https" if server.tls else "http"
+    model = server.model_id if server.kind == "model" else server.name
+    argv = [python, "-m", "agent.demo.workloads", "client", "--name", spec.name,
+            "--url", f"{scheme}://127.0.0.1:{server.port}", "--interval", f"{spec.interval:g}",
+            "--api", "chat" if server.kind == "model" else "dataset", "--model", model]
+    if server.tls:
+        if tls is None:
+            raise ValueError(f"client {spec.name}: its server {server.name} is https and needs the demo CA")
+        argv += ["--ca-file", str(tls.ca_cert)]
+    if spec.error_every:
+        argv += ["--error-every", str(spec.error_every)]
+    return argv
+
+
+def calls_argv(python: str, collector_addr: str, token_file: Path, follow: bool,
+               limit: int = CALLS_BACKLOG) -> list[str]:
+    """`aimesh calls -o json` against the demo's collector: followed (with a backlog), or listed once."""
+    return [python, "-m", "agent", "calls", "--collector", collector_addr, "--token-file", str(token_file),
+            "-o", "json", "--limit", str(limit)] + (["--follow"] if follow else [])
 
 
 def tail_lines(path: Path, n: int) -> list[str]:
@@ -245,6 +273,12 @@ class Session:
     workloads: list[Child] = field(default_factory=list)
     table: view.FlowTable = field(default_factory=view.FlowTable)
     flows: FileTail | None = None
+    tls: DemoTls | None = None
+    calls: view.CallTable = field(default_factory=view.CallTable)
+    calls_follower: Child | None = None
+    follow_again: float = 0.0       # when an exited follower may be restarted
+    followers: int = 0
+    stored_calls: int | None = None   # the last listing's count (None: not listed)
     started: float = field(default_factory=time.monotonic)
     message: str = ""
     said: str = ""              # the last status message printed in plain mode
@@ -254,6 +288,11 @@ class Session:
 
     def make_cgroups(self) -> None:
         self.tree = create_tree(self.mount, f"aimesh-demo-{os.getpid()}", self.demo.plan.cgroups())
+
+    def make_tls(self) -> None:
+        """The demo CA and the https server's certificate, in the private work directory (0700, files 0600)."""
+        if self.demo.plan.uses_tls:
+            self.tls = make_demo_tls(self.workdir / "tls")
 
     def spawner(self) -> Spawner:
         env = dict(os.environ)
@@ -293,6 +332,47 @@ class Session:
                           self.collector_addr)
         self.agent = spawner.start("aimesh agent", "agent", argv, self.workdir / "agent.log")
 
+    def start_calls_follower(self, spawner: Spawner) -> None:
+        """`aimesh calls -f -o json` into calls.jsonl; pump() reads it like the flow log. Restarted when it exits."""
+        if not self.collector_addr or self.collector is None:
+            return
+        self.followers += 1
+        log = self.workdir / f"calls-{self.followers}.jsonl"
+        self.calls_follower = spawner.start("aimesh calls -f", "calls", calls_argv(
+            self.python, self.collector_addr, self.token_file, follow=True), log)
+        self.follow_again = time.monotonic() + FOLLOW_RESTART_S
+
+    def keep_following(self, spawner: Spawner) -> None:
+        f = self.calls_follower
+        if f is None or f.running() or self.stop.requested or time.monotonic() < self.follow_again:
+            return
+        for line in f.log.read_lines():
+            self._call_line(line)
+        self.start_calls_follower(spawner)
+
+    def _call_line(self, line: str) -> None:
+        record = self.calls.add_line(line)
+        if record is not None and not self.console.live:
+            self.console.line(view.call_line(record))
+
+    def list_calls(self) -> None:
+        """Every call the collector stored, into the table (each once): the closing table misses none."""
+        if not self.collector_addr or self.collector is None or not self.collector.running():
+            return
+        try:
+            r = subprocess.run(calls_argv(self.python, self.collector_addr, self.token_file, follow=False, limit=0),
+                               capture_output=True, text=True, timeout=20, cwd=Path(__file__).resolve().parents[2])
+        except (OSError, subprocess.SubprocessError) as e:
+            self.calls.last_error = f"aimesh calls failed: {e}"
+            return
+        if r.returncode != 0:
+            self.calls.last_error = " ".join((r.stderr or "").split())[:200] or f"aimesh calls exited {r.returncode}"
+            return
+        lines = [x for x in r.stdout.splitlines() if x.strip()]
+        self.stored_calls = len(lines)
+        for line in lines:
+            self._call_line(line)
+
     def collector_summary(self) -> list[str]:
         """The last flows the collector stored, as `aimesh flows` prints them."""
         if not self.collector_addr or self.collector is None or not self.collector.running():
@@ -328,14 +408,14 @@ class Session:
         plan = self.demo.plan
         for spec in plan.servers:
             self.workloads.append(spawner.start(
-                spec.name, spec.kind + "-server", server_argv(self.python, spec), self.workdir / f"{spec.name}.log",
-                self.tree.procs_file(spec.cgroup), spec.cgroup))
+                spec.name, spec.kind + "-server", server_argv(self.python, spec, self.tls),
+                self.workdir / f"{spec.name}.log", self.tree.procs_file(spec.cgroup), spec.cgroup))
         problem = self.wait_servers()
         if problem:
             return problem
         for spec in plan.clients:
             self.workloads.append(spawner.start(
-                spec.name, "client", client_argv(self.python, spec, plan), self.workdir / f"{spec.name}.log",
+                spec.name, "client", client_argv(self.python, spec, plan, self.tls), self.workdir / f"{spec.name}.log",
                 self.tree.procs_file(spec.cgroup), spec.cgroup))
         return None
 
@@ -369,6 +449,9 @@ class Session:
                 record = self.table.add_line(line)
                 if record is not None and not live:
                     self.console.line(view.decision_line(record, color=False))
+        if self.calls_follower is not None:
+            for line in self.calls_follower.log.read_lines():
+                self._call_line(line)
         for child in ([self.agent] if self.agent else []) + self.workloads:
             for line in child.log.read_lines():
                 if line.strip():
@@ -396,6 +479,7 @@ class Session:
             table=self.table,
             workloads=rows,
             message=self.message,
+            calls=self.calls,
         )
 
     def tick(self, force: bool = False) -> None:
@@ -408,12 +492,13 @@ class Session:
             self.console.line(f"-- {self.message}")
             self.said = self.message
 
-    def watch(self, duration_s: float) -> str | None:
+    def watch(self, duration_s: float, spawner: Spawner) -> str | None:
         """Follow until stopped or `duration_s` (0 = no limit); returns why it failed, if it did."""
         assert self.agent is not None
         self.message = ""
         began = time.monotonic()
         while not self.stop.requested:
+            self.keep_following(spawner)
             self.tick()
             if not self.agent.running():
                 return f"the agent {self.agent.state()}"
@@ -435,6 +520,10 @@ class Session:
             if killed:
                 problems.append(f"the agent did not stop on SIGTERM within {AGENT_GRACE_S:g}s (killed)")
         self.pump()
+        if self.calls_follower is not None:
+            stop_children([self.calls_follower], WORKLOAD_GRACE_S)
+            self.pump()
+        self.list_calls()                          # after the agent flushed its last calls
         self.summary = self.collector_summary()   # after the agent flushed its last records
         if self.collector is not None:
             killed = stop_children([self.collector], WORKLOAD_GRACE_S)
@@ -502,16 +591,18 @@ def drive(session: Session, args: argparse.Namespace) -> str | None:
     """Make, start, watch; returns why it failed, if it did. Stops early when a stop signal arrives."""
     try:
         session.make_cgroups()
+        session.make_tls()
         spawner = session.spawner()
         session.start_collector(spawner)
         session.start_agent(spawner)
         failure = session.wait_agent(args.agent_timeout)
         if failure is None and not session.stop.requested:
+            session.start_calls_follower(spawner)
             failure = session.start_workloads(spawner)
         if failure is None and not session.stop.requested:
-            failure = session.watch(args.duration)
+            failure = session.watch(args.duration, spawner)
         return failure
-    except (CgroupError, SpawnError, OSError) as e:
+    except (CgroupError, SpawnError, TlsError, OSError) as e:
         return str(e)
 
 
@@ -539,6 +630,14 @@ def report(session: Session, args: argparse.Namespace, failure: str | None, prob
         console.line(f"aimesh demo: logs kept in {session.workdir}")
     else:
         shutil.rmtree(session.workdir, ignore_errors=True)
+    if session.stored_calls is not None:
+        calls = session.calls
+        console.line(f"aimesh demo: {session.stored_calls} model calls in the collector; MODEL CALLS "
+                     f"(aimesh calls --summary --collector {session.collector_addr}):")
+        for line in view.call_rows(calls, color=False, empty="(none: no model call reached the collector)"):
+            console.line(f"  {line}")
+    elif session.calls.last_error:
+        console.line(f"aimesh demo: model calls not listed: {session.calls.last_error}")
     if session.summary:
         console.line(f"aimesh demo: the last flows in the collector (aimesh flows --collector {session.collector_addr}):")
         for line in session.summary:

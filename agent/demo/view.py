@@ -1,7 +1,8 @@
 """The demo's live view, as pure functions: a flow-log line -> a record, records -> counts, a frame -> text.
 
-Nothing here touches the terminal, the clock or a file: the runner reads the log, keeps a `FlowTable`, builds a `Frame`
-and writes what `render_frame` returns.
+Nothing here touches the terminal, the clock or a file: the runner reads the log, keeps a `FlowTable` (and a
+`CallTable` of the model calls `aimesh calls -f -o json` prints from the collector), builds a `Frame` and writes what
+`render_frame` returns.
 
 The flow log is the agent's `--flow-log`: one JSON object per decision, e.g.
   {"time": "...Z", "verdict": "redirected", "hook": "connect", "reason": "policy", "protocol": "tcp", "family": "ipv4",
@@ -13,10 +14,13 @@ The flow log is the agent's `--flow-log`: one JSON object per decision, e.g.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
+
+from agent.collector.units import format_duration_ns
 
 VERDICTS: tuple[str, ...] = ("allowed", "denied", "audit", "redirected")
 
@@ -279,6 +283,260 @@ def verdict_summary(totals: Mapping[str, int]) -> str:
     return " ".join(f"{v}={totals.get(v, 0)}" for v in names)
 
 
+# ---- model calls -----------------------------------------------------------------------------------------------
+# A line of `aimesh calls -o json` (proto/aimesh/v1/model_call.proto ModelCall in the proto3 JSON mapping, field names
+# as in the proto, enums lower case, the token and time counts as numbers, other 64-bit integers as strings), e.g.
+#   {"agent_id": "demo", "cookie": "4097", "sequence": "1", "start_time_unix_nano": "1764..." ,
+#    "source": {"name": "chat-frontend", "kind": "service"}, "destination": {"name": "llama", ...},
+#    "actual_destination": {"name": "llama-next", ...}, "protocol": "openai", "operation": "chat",
+#    "request_model": "llama-3.1-8b", "response_model": "llama-next-4.0", "stream": true, "status": 200,
+#    "input_tokens": 19, "output_tokens": 7, "time_to_first_chunk_ns": 2100000, "duration_ns": 3400000, "tls": false}
+
+CALL_WINDOW = 4096      # the p50s are over the last this-many calls of a row
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One model call as the collector stored it (only what the view shows)."""
+
+    key: tuple[str, str, str]          # (agent_id, cookie, sequence): the same call read twice counts once
+    time_ns: int
+    source: str                        # identity label, `chat-frontend`
+    destination: str                   # the identity dialed
+    reached: str                       # the identity really reached (after a redirect)
+    request_model: str | None
+    response_model: str | None
+    status: int | None                 # None: no response head seen
+    error_type: str | None = None
+    stream: bool = False
+    tls: bool = False
+    incomplete: bool = False
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    ttfc_ns: int | None = None
+    duration_ns: int | None = None
+    confidence: float | None = None
+
+    @property
+    def is_error(self) -> bool:
+        """No response, an HTTP error status, or an error the API named (the rule of `aimesh calls --summary`)."""
+        return self.status is None or self.status >= 400 or self.error_type is not None
+
+
+def _json_count(obj: Mapping[str, Any], key: str) -> int | None:
+    """A count of the JSON mapping: a number, or a string of digits (64-bit integers); ValueError names the key."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key}: expected a count, got {value!r}")
+    return value
+
+
+def _identity(obj: Any, where: str) -> str:
+    if obj is None:
+        return "-"
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
+    name = obj.get("name") or "-"
+    version = obj.get("version")
+    if not isinstance(name, str) or not (version is None or isinstance(version, str)):
+        raise ValueError(f"{where}.name: expected a string")
+    return f"{name}@{version}" if version else name
+
+
+def call_from_json(obj: Any) -> CallRecord:
+    """A decoded `aimesh calls -o json` object -> a record; ValueError naming the field when it is not a call."""
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if "source" not in obj or ("request_model" not in obj and "response_model" not in obj and "status" not in obj
+                               and "protocol" not in obj):
+        raise ValueError("source: missing (not a model call)")
+    texts: dict[str, str | None] = {}
+    for key in ("request_model", "response_model", "error_type"):
+        value = obj.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {type(value).__name__}")
+        texts[key] = value
+    confidence = obj.get("confidence_mean")
+    if confidence is not None and (isinstance(confidence, bool) or not isinstance(confidence, (int, float))):
+        raise ValueError(f"confidence_mean: expected a number, got {confidence!r}")
+    source = _identity(obj.get("source"), "source")
+    destination = _identity(obj.get("destination"), "destination")
+    actual = obj.get("actual_destination")
+    reached = _identity(actual, "actual_destination") if isinstance(actual, Mapping) and actual.get("name") \
+        else destination
+    status = _json_count(obj, "status")
+    return CallRecord(
+        key=(str(obj.get("agent_id", "")), str(obj.get("cookie", "0")), str(obj.get("sequence", "0"))),
+        time_ns=_json_count(obj, "start_time_unix_nano") or 0,
+        source=source, destination=destination, reached=reached,
+        request_model=texts["request_model"], response_model=texts["response_model"],
+        status=status, error_type=texts["error_type"],
+        stream=bool(obj.get("stream", False)), tls=bool(obj.get("tls", False)),
+        incomplete=bool(obj.get("incomplete", False)),
+        input_tokens=_json_count(obj, "input_tokens"), output_tokens=_json_count(obj, "output_tokens"),
+        ttfc_ns=_json_count(obj, "time_to_first_chunk_ns"), duration_ns=_json_count(obj, "duration_ns"),
+        confidence=None if confidence is None else float(confidence),
+    )
+
+
+def parse_call_line(line: str) -> CallRecord:
+    """One line of `aimesh calls -o json` -> a record; ValueError (naming the field) otherwise."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e.msg} at column {e.colno}") from None
+    return call_from_json(obj)
+
+
+@dataclass(frozen=True, order=True)
+class CallKey:
+    """What the model-call table counts by: who asked, for which model, and which model answered."""
+
+    source: str
+    requested: str          # `-` when the request named none
+    served: str             # `-` when no response named one (errors, cut streams)
+
+
+def call_key(record: CallRecord) -> CallKey:
+    return CallKey(record.source, record.request_model or "-", record.response_model or "-")
+
+
+@dataclass
+class CallStats:
+    calls: int = 0
+    errors: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    tls: int = 0                         # of the calls, how many over TLS
+    durations: deque[int] = field(default_factory=lambda: deque(maxlen=CALL_WINDOW))
+    ttfcs: deque[int] = field(default_factory=lambda: deque(maxlen=CALL_WINDOW))
+
+    @property
+    def p50_duration_ns(self) -> int | None:
+        return median(self.durations)
+
+    @property
+    def p50_ttfc_ns(self) -> int | None:
+        return median(self.ttfcs)
+
+
+def median(values: Iterable[int]) -> int | None:
+    """Nearest-rank p50 (as `aimesh calls --summary`); None when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    return ordered[max(1, math.ceil(len(ordered) / 2)) - 1]
+
+
+@dataclass
+class CallTable:
+    """Counts per (source, requested, served) of the model calls read, each call once."""
+
+    stats: dict[CallKey, CallStats] = field(default_factory=dict)
+    seen: set[tuple[str, str, str]] = field(default_factory=set)
+    bad_lines: int = 0
+    last_error: str = ""
+
+    def add(self, record: CallRecord) -> bool:
+        """Count a call; False when it was counted already (a follower restarted and sent its backlog again)."""
+        if record.key in self.seen:
+            return False
+        self.seen.add(record.key)
+        stats = self.stats.setdefault(call_key(record), CallStats())
+        stats.calls += 1
+        stats.errors += record.is_error
+        stats.input_tokens += record.input_tokens or 0
+        stats.output_tokens += record.output_tokens or 0
+        stats.tls += record.tls
+        if record.duration_ns is not None:
+            stats.durations.append(record.duration_ns)
+        if record.ttfc_ns is not None:
+            stats.ttfcs.append(record.ttfc_ns)
+        return True
+
+    def add_line(self, line: str) -> CallRecord | None:
+        """Parse and count one line; a line that is not a call is counted (and kept as the last error), not raised;
+        None also for a call counted before."""
+        if not line.strip():
+            return None
+        try:
+            record = parse_call_line(line)
+        except ValueError as e:
+            self.bad_lines += 1
+            self.last_error = f"{e}: {line.strip()[:120]}" if not line.lstrip().startswith("{") else str(e)
+            return None
+        return record if self.add(record) else None
+
+    @property
+    def total(self) -> int:
+        return sum(s.calls for s in self.stats.values())
+
+    @property
+    def errors(self) -> int:
+        return sum(s.errors for s in self.stats.values())
+
+
+def tally_calls(records: Iterable[CallRecord]) -> CallTable:
+    """The model-call table of `records` (a call listed twice counts once)."""
+    table = CallTable()
+    for r in records:
+        table.add(r)
+    return table
+
+
+def duration_label(ns: int | None) -> str:
+    return "-" if ns is None else format_duration_ns(ns)
+
+
+def call_line(record: CallRecord, clock: str = "") -> str:
+    """Plain mode: one model call, `chat-frontend -> llama llama-3.1-8b => llama-next-4.0 200 19/7 tok ...`."""
+    model = record.request_model or "-"
+    if record.response_model and record.response_model != record.request_model:
+        model += f" => {record.response_model}"
+    where = record.destination if record.reached == record.destination else f"{record.destination} => {record.reached}"
+    tokens = "-" if record.input_tokens is None and record.output_tokens is None else \
+        f"{record.input_tokens if record.input_tokens is not None else '?'}/" \
+        f"{record.output_tokens if record.output_tokens is not None else '?'}"
+    flags = [f for f, on in (("stream", record.stream), ("tls", record.tls), ("incomplete", record.incomplete)) if on]
+    if record.error_type:
+        flags.append(f"error={record.error_type}")
+    if record.confidence is not None:
+        flags.append(f"conf={record.confidence:.2f}")
+    status = str(record.status) if record.status is not None else "-"
+    text = (f"model call {record.source} -> {where} {model} {status} tokens {tokens} "
+            f"ttfc {duration_label(record.ttfc_ns)} took {duration_label(record.duration_ns)}")
+    return " ".join(x for x in (clock, text, " ".join(flags)) if x)
+
+
+CALL_HEAD = ("SOURCE", "REQUESTED", "SERVED", "CALLS", "TOKENS IN/OUT", "P50 LATENCY", "P50 TTFC", "ERRORS")
+
+
+def call_rows(table: CallTable, color: bool, empty: str = "(no model calls yet)") -> list[str]:
+    """The MODEL CALLS table: header and one row per (source -> requested model, served model), sorted."""
+    rows = sorted(table.stats.items(), key=lambda kv: kv[0])
+    sw = max([len(CALL_HEAD[0])] + [len(k.source) for k, _ in rows])
+    rw = max([len(CALL_HEAD[1])] + [len(k.requested) for k, _ in rows])
+    vw = max([len(CALL_HEAD[2])] + [len(k.served) for k, _ in rows])
+    tokens = [f"{s.input_tokens}/{s.output_tokens}" for _, s in rows]
+    tw = max([len(CALL_HEAD[4])] + [len(t) for t in tokens])
+    head = (f"{CALL_HEAD[0]:<{sw}}    {CALL_HEAD[1]:<{rw}}  {CALL_HEAD[2]:<{vw}}  {CALL_HEAD[3]:>6}  "
+            f"{CALL_HEAD[4]:>{tw}}  {CALL_HEAD[5]:>11}  {CALL_HEAD[6]:>9}  {CALL_HEAD[7]:>6}")
+    out = [style(head, BOLD, color)]
+    if not rows:
+        out.append(style(empty, DIM, color))
+    for (key, stats), tok in zip(rows, tokens):
+        errors = style(f"{stats.errors:>6}", "1;31", color and stats.errors > 0)
+        note = "  tls" if stats.tls else ""
+        out.append(f"{key.source:<{sw}} -> {key.requested:<{rw}}  {key.served:<{vw}}  {stats.calls:>6}  {tok:>{tw}}  "
+                   f"{duration_label(stats.p50_duration_ns):>11}  {duration_label(stats.p50_ttfc_ns):>9}  "
+                   f"{errors}{note}")
+    return out
+
+
 # ---- text ------------------------------------------------------------------------------------------------------
 
 def style(text: str, code: str, color: bool) -> str:
@@ -359,6 +617,7 @@ class Frame:
     table: FlowTable
     workloads: Sequence[WorkloadStatus]
     message: str = ""       # a status line (e.g. `stopping...`), shown under the title
+    calls: CallTable = field(default_factory=CallTable)     # model calls read from the collector
 
 
 def _elapsed(seconds: float) -> str:
@@ -417,6 +676,12 @@ def render_frame(frame: Frame, width: int = 120, height: int = 40, color: bool =
     if frame.message:
         head.append(style(frame.message, "1;33", color))
     flows = [""] + flow_rows(table, color)
+    calls = frame.calls
+    calls_title = f"MODEL CALLS {calls.total} (errors {calls.errors}), from the collector"
+    if calls.bad_lines:
+        calls_title += f"   unreadable {calls.bad_lines}: {calls.last_error}"
+    model_calls = ["", style(calls_title, BOLD, color)] + call_rows(calls, color)
+    flows += model_calls
     works = [""] + workload_rows(frame.workloads, color)
     recent_all = [decision_line(r, color) for r in reversed(table.recent)]
     fixed = len(head) + len(flows) + len(works) + 2      # +2: blank line and title of the recent section

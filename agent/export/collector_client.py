@@ -1,4 +1,9 @@
-"""The agent's flow exporter: batches records and pushes them to the collector, surviving collector outages.
+"""The agent's exporters to the collector: batch records and push them, surviving collector outages.
+
+One implementation (BatchExporter) serves every kind of record the collector stores; a BatchKind names the RPC, the
+batch message and how a record becomes its proto. FlowExporter pushes flow records (Push, FlowBatch),
+ModelCallExporter model calls (PushCalls, ModelCallBatch). Each exporter has its own spool directory and its own
+sequence space (the collector keeps sequences per agent and per kind).
 
     exporter = FlowExporter(ExporterConfig(target="collector:4317", agent_id="node-a", spool_dir=Path(...)))
     exporter.start()
@@ -37,16 +42,63 @@ from pathlib import Path
 
 import grpc
 
-from agent._gen.aimesh.v1 import collector_pb2, flow_pb2
+from google.protobuf.message import Message
+
+from agent._gen.aimesh.v1 import collector_pb2
 from agent.collector.channel import (MD_MAX_BYTES, MD_MAX_RECORDS, ClientTls, ConfigError, call_metadata, open_channel,
                                      parse_hostport)
+from agent.export import model_calls
 from agent.export.records import FlowRecordData, to_proto
+from agent.flows.model import IdentityData
+from agent.l7.record import ModelCallRecord
 
 log = logging.getLogger(__name__)
 
 PUSH_METHOD = "/aimesh.v1.FlowCollector/Push"
-_RECORD_OVERHEAD = 6  # field tag and length prefix of a record inside a FlowBatch
-_BATCH_OVERHEAD = 32  # FlowBatch header besides agent_id
+PUSH_CALLS_METHOD = "/aimesh.v1.FlowCollector/PushCalls"
+CALLS_SPOOL = "calls"   # the model-call spool: a subdirectory of the flow spool directory
+_RECORD_OVERHEAD = 6  # field tag and length prefix of a record inside a batch
+_BATCH_OVERHEAD = 32  # batch header besides agent_id
+
+
+@dataclass(frozen=True, slots=True)
+class BatchKind:
+    """What one exporter ships: the RPC, its batch message (agent_id = 1, sequence = 2, repeated records = 3) and how
+    a submitted item becomes the proto record (raises ValueError, naming the field, for a value that does not fit)."""
+
+    noun: str                                   # in logs: "flow", "model call"
+    method: str                                 # the gRPC method
+    batch_type: type                            # the batch message class
+    field: str                                  # its repeated record field
+    encode: Callable[[object], Message]
+
+
+FLOWS = BatchKind("flow", PUSH_METHOD, collector_pb2.FlowBatch, "records", to_proto)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCall:
+    """A model call waiting for the collector: the record and where it happened (agent/export/model_calls.py)."""
+
+    record: ModelCallRecord
+    source: IdentityData
+    destination: IdentityData   # as dialed
+    actual: IdentityData        # as reached
+    pid: int
+    comm: str
+    agent_id: str
+    node: str
+    mono_to_wall_ns: int
+
+
+def _encode_call(item: PendingCall) -> Message:
+    return model_calls.to_proto(item.record, item.source, item.destination, item.actual, pid=item.pid,
+                                comm=item.comm, agent_id=item.agent_id, node=item.node,
+                                mono_to_wall_ns=item.mono_to_wall_ns)
+
+
+CALLS = BatchKind("model call", PUSH_CALLS_METHOD, collector_pb2.ModelCallBatch, "calls",
+                  _encode_call)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +168,7 @@ class ExporterStats:
 @dataclass(frozen=True, slots=True)
 class SealedBatch:
     sequence: int
-    payload: bytes  # serialized aimesh.v1.FlowBatch
+    payload: bytes  # serialized batch (aimesh.v1.FlowBatch, ModelCallBatch)
     records: int
 
 
@@ -159,26 +211,33 @@ def backoff_delay(attempt: int, initial: float, cap: float, rand: float) -> floa
     return base / 2 + base / 2 * rand
 
 
-def encode_batch(agent_id: str, sequence: int, records: Iterable[flow_pb2.FlowRecord]) -> bytes:
-    batch = collector_pb2.FlowBatch(agent_id=agent_id, sequence=sequence)
-    batch.records.extend(records)
+def encode_batch(agent_id: str, sequence: int, records: Iterable[Message], kind: BatchKind = FLOWS) -> bytes:
+    batch = kind.batch_type(agent_id=agent_id, sequence=sequence)
+    getattr(batch, kind.field).extend(records)
     return batch.SerializeToString()
 
 
-class Spool:
-    """Sealed batches on disk: <dir>/<sequence, 20 digits>.batch, each a serialized FlowBatch. Not thread-safe.
+def batch_records(payload: bytes, kind: BatchKind = FLOWS) -> list[Message]:
+    """The records of a serialized batch (raises DecodeError for one that does not parse)."""
+    return list(getattr(kind.batch_type.FromString(payload), kind.field))
 
-    The batches hold flow records (who talked to whom, how much), so the directory is 0700 and each file 0600,
-    whatever the umask. An existing directory open to group or others is narrowed to 0700, unless it is shared
-    (world-writable or sticky, like /tmp): that is refused, the spool needs a directory of its own."""
+
+class Spool:
+    """Sealed batches on disk: <dir>/<sequence, 20 digits>.batch, each a serialized batch of `kind`. Not thread-safe.
+    Only *.batch files directly in the directory are the spool's: another exporter's spool may live in a subdirectory.
+
+    The batches hold flow records or model calls (who talked to whom, what was asked), so the directory is 0700 and
+    each file 0600, whatever the umask. An existing directory open to group or others is narrowed to 0700, unless it is
+    shared (world-writable or sticky, like /tmp): that is refused, the spool needs a directory of its own."""
 
     SUFFIX = ".batch"
     DIR_MODE = 0o700
     FILE_MODE = 0o600
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, kind: BatchKind = FLOWS) -> None:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
+        self.kind = kind
         try:
             self.directory.mkdir(parents=True, exist_ok=True, mode=self.DIR_MODE)
             self._make_private()
@@ -208,7 +267,7 @@ class Spool:
             raise ConfigError(f"spool directory {self.directory} is shared (mode {mode:04o}): give the spool a "
                               "directory of its own")
         if mode & 0o077:
-            log.warning("spool directory %s had mode %04o: narrowed to %04o (the batches hold flow records)",
+            log.warning("spool directory %s had mode %04o: narrowed to %04o (the batches hold what workloads did)",
                         self.directory, mode, self.DIR_MODE)
         self.directory.chmod(self.DIR_MODE)
 
@@ -256,11 +315,11 @@ class Spool:
         seq = self._order[0]
         try:
             payload = self._path(seq).read_bytes()
-            batch = collector_pb2.FlowBatch.FromString(payload)
+            records = batch_records(payload, self.kind)
         except Exception as e:  # OSError, DecodeError
             self.remove(seq)
             raise ValueError(f"spool file {self._path(seq)} is unreadable ({e}); deleted") from None
-        return SealedBatch(sequence=seq, payload=payload, records=len(batch.records))
+        return SealedBatch(sequence=seq, payload=payload, records=len(records))
 
     def remove(self, sequence: int) -> None:
         size = self._sizes.pop(sequence, None)
@@ -288,13 +347,15 @@ class _Counters:
 
 @dataclass
 class _Builder:
-    records: list[flow_pb2.FlowRecord] = field(default_factory=list)
+    records: list[Message] = field(default_factory=list)
     bytes: int = 0
     started: float = 0.0  # monotonic time of the first record
 
 
-class FlowExporter:
-    """Ships FlowRecordData to the collector from a background thread. submit() is thread-safe."""
+class BatchExporter:
+    """Ships records of one BatchKind to the collector from a background thread. submit() is thread-safe."""
+
+    kind: BatchKind = FLOWS
 
     def __init__(
         self,
@@ -320,7 +381,7 @@ class FlowExporter:
         self._writer: threading.Thread | None = None
         self.write_failures = 0
         # Shared with submit()/flush()/close(), under _cond:
-        self._incoming: deque[FlowRecordData] = deque()
+        self._incoming: deque[object] = deque()
         self._counters = _Counters()
         self._stopping = False
         self._close_deadline = 0.0
@@ -330,7 +391,7 @@ class FlowExporter:
         self._builder = _Builder()
         self._memory: deque[SealedBatch] = deque()
         self._memory_bytes = 0
-        self._spool = Spool(config.spool_dir, config.spool_max_bytes) if config.spool_dir else None
+        self._spool = Spool(config.spool_dir, config.spool_max_bytes, self.kind) if config.spool_dir else None
         spooled = self._spool.max_sequence if self._spool else 0
         self._next_sequence = max(wall_ns() // 1000, spooled + 1)
         self._attempt = 0
@@ -349,7 +410,7 @@ class FlowExporter:
 
     def start(self) -> None:
         if self._thread is not None or self._closed:
-            raise RuntimeError("FlowExporter.start() called twice, or after close()")
+            raise RuntimeError(f"{type(self).__name__}.start() called twice, or after close()")
         cfg = self.config
         backoff_ms = int(cfg.backoff_max_s * 1000)
         options = [
@@ -360,19 +421,16 @@ class FlowExporter:
         ]
         self._channel = open_channel(cfg.target, cfg.tls, options)
         self._push = self._channel.unary_unary(
-            PUSH_METHOD, request_serializer=None, response_deserializer=collector_pb2.PushReply.FromString
+            self.kind.method, request_serializer=None, response_deserializer=collector_pb2.PushReply.FromString
         )
-        self._thread = threading.Thread(target=self._run, name="flow-exporter", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{self.kind.noun.replace(' ', '-')}-exporter",
+                                        daemon=True)
         self._thread.start()
         if cfg.durable:
             self._writer = threading.Thread(target=self._writer_loop, name="spool-writer", daemon=True)
             self._writer.start()
 
-    def emit(self, record: FlowRecordData, counted: bool) -> None:
-        """RecordSink: queue every record for the collector (a full queue is counted)."""
-        self.submit(record)
-
-    def submit(self, record: FlowRecordData) -> bool:
+    def submit(self, record: object) -> bool:
         """Queue a record. False when the queue is full: the record is dropped and counted."""
         with self._cond:
             if self._stopping or len(self._incoming) >= self.config.max_queue_records:
@@ -386,7 +444,7 @@ class FlowExporter:
                 self._cond.notify_all()
             return True
 
-    def submit_many(self, records: Iterable[FlowRecordData]) -> int:
+    def submit_many(self, records: Iterable[object]) -> int:
         """Queue records; returns how many were accepted."""
         return sum(1 for r in records if self.submit(r))
 
@@ -438,15 +496,15 @@ class FlowExporter:
         """One batch (more if the records exceed 4 x batch_max_records) for several persist() calls: every before()
         runs before it is written, every after() once it is on disk."""
         try:
-            msgs: list[flow_pb2.FlowRecord] = []
+            msgs: list[Message] = []
             invalid = 0
             for incoming, _b, _a in items:
                 for rec in incoming:
                     try:
-                        msgs.append(to_proto(rec))
+                        msgs.append(self.kind.encode(rec))
                     except ValueError as e:
                         invalid += 1
-                        log.debug("dropping a flow record: %s", e)
+                        log.debug("dropping a %s record: %s", self.kind.noun, e)
             if invalid:
                 self._count(invalid_records=invalid)
             step = 4 * self.config.batch_max_records
@@ -459,7 +517,7 @@ class FlowExporter:
                         for _r, before, _a in items:
                             if before is not None:
                                 before(seq)
-                    batch = SealedBatch(seq, encode_batch(self.config.agent_id, seq, part), len(part))
+                    batch = SealedBatch(seq, encode_batch(self.config.agent_id, seq, part, self.kind), len(part))
                     if not self._spool.put(batch):
                         self._count(dropped_spool_full=len(part))
                         log.warning("spool full: dropped a batch of %d records", len(part))
@@ -552,7 +610,7 @@ class FlowExporter:
             last_error=c.last_error,
         )
 
-    def __enter__(self) -> FlowExporter:
+    def __enter__(self) -> BatchExporter:
         self.start()
         return self
 
@@ -585,7 +643,7 @@ class FlowExporter:
                 if stopping and (not self._has_outbox() or self._clock() >= deadline):
                     break
         except Exception:  # noqa: BLE001 - never die silently; what is left goes to the spool below
-            log.exception("flow exporter thread failed")
+            log.exception("%s exporter thread failed", self.kind.noun)
         finally:
             self._finish()
 
@@ -624,16 +682,16 @@ class FlowExporter:
             for name, n in deltas.items():
                 setattr(self._counters, name, getattr(self._counters, name) + n)
 
-    def _absorb(self, records: Iterable[FlowRecordData]) -> None:
+    def _absorb(self, records: Iterable[object]) -> None:
         cfg = self.config
         limit = cfg.batch_max_bytes - _BATCH_OVERHEAD - len(cfg.agent_id.encode())
         invalid = 0
         for rec in records:
             try:
-                msg = to_proto(rec)
+                msg = self.kind.encode(rec)
             except ValueError as e:
                 invalid += 1
-                log.debug("dropping a flow record: %s", e)
+                log.debug("dropping a %s record: %s", self.kind.noun, e)
                 continue
             size = msg.ByteSize() + _RECORD_OVERHEAD
             b = self._builder
@@ -660,7 +718,7 @@ class FlowExporter:
         self._builder = _Builder()
         if records:
             seq = self._take_sequence()
-            self._enqueue(SealedBatch(seq, encode_batch(self.config.agent_id, seq, records), len(records)))
+            self._enqueue(SealedBatch(seq, encode_batch(self.config.agent_id, seq, records, self.kind), len(records)))
 
     def _enqueue(self, batch: SealedBatch) -> None:
         with self._lock:
@@ -760,15 +818,16 @@ class FlowExporter:
             self._next_try = self._clock() + delay
             if not self._failing:
                 self._failing = True
-                log.warning("cannot push flows to %s (%s); retrying with backoff", self.config.target, message)
+                log.warning("cannot push %ss to %s (%s); retrying with backoff", self.kind.noun, self.config.target,
+                            message)
             return
         self._remove(batch, from_spool)
         if outcome is Outcome.DROP:
             self._count(rejected_records=batch.records)
-            log.warning("collector refused a flow record (%s); dropped", message)
+            log.warning("collector refused a %s record (%s); dropped", self.kind.noun, message)
             return
         # SPLIT: not stored, so the halves take new sequences; they go first, in order. RESEND: one part.
-        records = list(collector_pb2.FlowBatch.FromString(batch.payload).records)
+        records = batch_records(batch.payload, self.kind)
         half = len(records) // 2
         parts = (records,) if outcome is Outcome.RESEND else (records[half:], records[:half])
         if outcome is Outcome.RESEND:
@@ -777,7 +836,7 @@ class FlowExporter:
         with self._lock:
             for part in parts:
                 seq = self._take_sequence()
-                sealed = SealedBatch(seq, encode_batch(self.config.agent_id, seq, part), len(part))
+                sealed = SealedBatch(seq, encode_batch(self.config.agent_id, seq, part, self.kind), len(part))
                 self._memory.appendleft(sealed)
                 self._memory_bytes += len(sealed.payload)
 
@@ -799,5 +858,34 @@ class FlowExporter:
                 lost += batch.records
         if lost:
             self._count(dropped_spool_full=lost)
-            log.warning("flow exporter closed with %d unsent records that did not fit in the spool", lost)
+            log.warning("%s exporter closed with %d unsent records that did not fit in the spool", self.kind.noun,
+                        lost)
         self._update_idle()
+
+
+class FlowExporter(BatchExporter):
+    """Flow records (FlowRecordData) to the collector's Push; a RecordSink (agent/flows/sink.py)."""
+
+    kind = FLOWS
+
+    def emit(self, record: FlowRecordData, counted: bool) -> None:
+        """RecordSink: queue every record for the collector (a full queue is counted)."""
+        self.submit(record)
+
+
+class ModelCallExporter(BatchExporter):
+    """Model calls to the collector's PushCalls; a ModelCallSink (agent/l7/sink.py). Not durable: the capture ring
+    is released once its chunks are decoded, so calls are spooled when memory is full and at close, not fsync'd
+    one by one. `mono_to_wall_ns()` gives the offset from the records' kernel clock to Unix time."""
+
+    kind = CALLS
+
+    def __init__(self, config: ExporterConfig, node: str, mono_to_wall_ns: Callable[[], int], **kw) -> None:
+        super().__init__(config, **kw)
+        self._node = node
+        self._offset = mono_to_wall_ns
+
+    def emit_call(self, call: ModelCallRecord, source: IdentityData, destination: IdentityData, pid: int, comm: str,
+                  *, server_address: str = "", server_port: int = 0, dialed: IdentityData | None = None) -> None:
+        self.submit(PendingCall(call, source, dialed if dialed is not None else destination, destination, pid, comm,
+                                self.config.agent_id, self._node, self._offset()))

@@ -125,8 +125,21 @@ class FlowTally(Collector):
                 yield from _exporter_metrics(st)
 
 
-def _exporter_metrics(st) -> Iterable:
-    rec = CounterMetricFamily("aimesh_export_records", "Flow records handed to the collector exporter, by outcome",
+class ExportMetrics(Collector):
+    """A collector exporter's counters (ExporterStats, read at scrape time) under `prefix`: the model-call exporter's
+    as aimesh_model_call_export_* beside the flow exporter's aimesh_export_* (which FlowTally yields)."""
+
+    def __init__(self, stats: Callable[[], object], prefix: str, what: str) -> None:
+        self._stats, self._prefix, self._what = stats, prefix, what
+
+    def collect(self) -> Iterable:
+        st = self._stats()
+        if st is not None:
+            yield from _exporter_metrics(st, self._prefix, self._what)
+
+
+def _exporter_metrics(st, prefix: str = "aimesh_export", what: str = "Flow records") -> Iterable:
+    rec = CounterMetricFamily(f"{prefix}_records", f"{what} handed to the collector exporter, by outcome",
                               labels=["outcome"])
     rec.add_metric(["submitted"], st.submitted)
     rec.add_metric(["sent"], st.sent_records)
@@ -135,13 +148,13 @@ def _exporter_metrics(st) -> Iterable:
     rec.add_metric(["rejected"], st.rejected_records)
     rec.add_metric(["invalid"], st.invalid_records)
     yield rec
-    yield CounterMetricFamily("aimesh_export_errors", "Failed pushes to the collector", value=st.export_errors)
-    yield GaugeMetricFamily("aimesh_export_queue_records", "Records waiting to be batched", value=st.queued_records)
-    spool = GaugeMetricFamily("aimesh_export_backlog_bytes", "Sealed batches waiting to be sent", labels=["where"])
+    yield CounterMetricFamily(f"{prefix}_errors", "Failed pushes to the collector", value=st.export_errors)
+    yield GaugeMetricFamily(f"{prefix}_queue_records", "Records waiting to be batched", value=st.queued_records)
+    spool = GaugeMetricFamily(f"{prefix}_backlog_bytes", "Sealed batches waiting to be sent", labels=["where"])
     spool.add_metric(["memory"], st.memory_bytes)
     spool.add_metric(["spool"], st.spool_bytes)
     yield spool
-    batches = GaugeMetricFamily("aimesh_export_backlog_batches", "Sealed batches waiting to be sent", labels=["where"])
+    batches = GaugeMetricFamily(f"{prefix}_backlog_batches", "Sealed batches waiting to be sent", labels=["where"])
     batches.add_metric(["memory"], st.memory_batches)
     batches.add_metric(["spool"], st.spool_batches)
     yield batches

@@ -150,7 +150,7 @@ class GenAiTally(Collector):
         self._ttfc: dict[tuple[str, ...], _Histogram] = {}
 
     def emit_call(self, call: ModelCallRecord, source: IdentityData, destination: IdentityData, pid: int, comm: str,
-                  *, server_address: str = "", server_port: int = 0) -> None:
+                  *, server_address: str = "", server_port: int = 0, dialed: IdentityData | None = None) -> None:
         key = _ident(source) + _ident(destination) + (
             operation_name(call.operation), provider_name(call.protocol), self._model(call.request_model))
         with self._lock:

@@ -11,7 +11,10 @@ from typing import Callable, Iterable, Optional
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from agent.flows.model import IdentityData
 from agent.kernel import abi
+from agent.l7.capture import status_class
+from agent.l7.record import ModelCallRecord
 
 CALL_LABELS = ["source", "destination", "protocol", "operation", "status_class"]
 KERNEL_LOSSES = {"ring_full": abi.COUNTER_CAPTURE_EVENTS_LOST, "truncated": abi.COUNTER_CAPTURE_TRUNCATED,
@@ -25,6 +28,12 @@ class ModelCallTally(Collector):
         self._lock = threading.Lock()
         self._calls: dict[tuple[str, ...], int] = {}
         self._counters = counters
+
+    def emit_call(self, call: ModelCallRecord, source: IdentityData, destination: IdentityData, pid: int, comm: str,
+                  *, server_address: str = "", server_port: int = 0, dialed: IdentityData | None = None) -> None:
+        """ModelCallSink: count the call under its source and destination as dialed."""
+        self.add(source.name, (dialed or destination).name, call.protocol.value, call.operation.value,
+                 status_class(call.status))
 
     def add(self, source: str, destination: str, protocol: str, operation: str, status_class: str) -> None:
         k = (source, destination, protocol, operation, status_class)

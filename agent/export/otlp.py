@@ -201,7 +201,7 @@ class OtlpCallSink:
         self._tracer = self._provider.get_tracer(INSTRUMENTATION_SCOPE)
 
     def emit_call(self, call: ModelCallRecord, source: IdentityData, destination: IdentityData, pid: int, comm: str,
-                  *, server_address: str = "", server_port: int = 0) -> None:
+                  *, server_address: str = "", server_port: int = 0, dialed: IdentityData | None = None) -> None:
         c = self._counts
         with c.lock:
             c.emitted += 1
@@ -212,6 +212,8 @@ class OtlpCallSink:
         start = call.start_ns + self._offset
         end = start + max(call.duration_ns or call.time_to_first_chunk_ns or 0, 0)
         attrs = span_attributes(call, source, destination, pid, comm, server_address, server_port)
+        if dialed is not None and dialed.name != destination.name:
+            attrs["aimesh.destination.dialed_identity"] = dialed.name   # a redirect sent the call elsewhere
         span = self._tracer.start_span(span_name(call), kind=SpanKind.CLIENT, start_time=start, attributes=attrs)
         err = attrs.get("error.type")
         if err is not None:

@@ -100,6 +100,7 @@ class CaptureKind(enum.IntEnum):
     DATA = 1
     CLOSE = 2
     GAP = 3
+    TLS_HANDSHAKE = 4
 
 
 class CaptureDirection(enum.IntEnum):
@@ -109,9 +110,13 @@ class CaptureDirection(enum.IntEnum):
 
 class CaptureSockFlag(enum.IntFlag):
     """capture_sock.flags (CAPTURE_SOCK_F_*)."""
-    SENT = 0x01
-    TLS = 0x02
+    TLS = 0x01
+    SENT = 0x02
     SKIP = 0x04
+
+
+class CaptureEventFlag(enum.IntFlag):
+    TLS = 0x1
 
 
 # verdict_counters slots: fixed numbers, as in abi.h; never derived from HOOK_MAX or VERDICT_MAX.
@@ -340,8 +345,19 @@ class CaptureEvent(ct.Structure):
         ("ts_ns", ct.c_uint64), ("cookie", ct.c_uint64), ("tgid", ct.c_uint32), ("fd", ct.c_uint32),
         ("src_id", ct.c_uint32), ("dst_id", ct.c_uint32), ("actual_dst_id", ct.c_uint32), ("total", ct.c_uint32),
         ("offset", ct.c_uint32), ("len", ct.c_uint32), ("kind", ct.c_uint8), ("direction", ct.c_uint8),
-        ("pad", ct.c_uint8 * 6),
+        ("flags", ct.c_uint8), ("pad", ct.c_uint8 * 5),
     ]
+
+
+class TlsCall(ct.Structure):
+    """struct tls_call { __u64 ssl, buf, len_ptr; __u32 fd; __u8 direction, has_fd, depth, pad; };"""
+    _fields_ = [("ssl", ct.c_uint64), ("buf", ct.c_uint64), ("len_ptr", ct.c_uint64), ("fd", ct.c_uint32),
+                ("direction", ct.c_uint8), ("has_fd", ct.c_uint8), ("depth", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class TlsSslKey(ct.Structure):
+    """struct tls_ssl_key { __u64 ssl; __u32 tgid; __u32 pad; };"""
+    _fields_ = [("ssl", ct.c_uint64), ("tgid", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
 # C struct name -> ctypes mirror; the ABI test walks this.
@@ -373,6 +389,8 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "capture_read": CaptureRead,
     "capture_cursor": CaptureCursor,
     "capture_event": CaptureEvent,
+    "tls_call": TlsCall,
+    "tls_ssl_key": TlsSslKey,
 }
 
 
@@ -393,7 +411,7 @@ UNNAMED_IN_C: frozenset[str] = frozenset({"Side.UNKNOWN"})
 
 # Prefix of a #define family in abi.h -> Python mirror (EV_F_DEPRECATED is EventFlag.DEPRECATED).
 FLAGS: dict[str, type[enum.IntFlag]] = {"EV_F_": EventFlag, "ID_F_": IdentityFlag, "CFG_F_": ConfigFlag,
-                                        "CAPTURE_SOCK_F_": CaptureSockFlag}
+                                        "CAPTURE_SOCK_F_": CaptureSockFlag, "CAPTURE_EV_F_": CaptureEventFlag}
 
 # Every other value abi.h defines (the limits are Limits' defaults), by its C name.
 CONSTANTS: dict[str, int] = {

@@ -263,3 +263,42 @@ def tracefs_dir() -> str:
         if os.path.exists(f"{p}/events"):
             return p
     raise BpfError(2, "tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)")
+
+
+class UprobeAttr(ct.Structure):
+    """struct perf_event_attr for the uprobe PMU: config1 is the file's path (uprobe_path), config2 the offset in it."""
+    _fields_ = [("type", ct.c_uint32), ("size", ct.c_uint32), ("config", ct.c_uint64),
+                ("sample_period", ct.c_uint64), ("sample_type", ct.c_uint64), ("read_format", ct.c_uint64),
+                ("flags", ct.c_uint64), ("wakeup_events", ct.c_uint32), ("bp_type", ct.c_uint32),
+                ("config1", ct.c_uint64), ("config2", ct.c_uint64), ("rest", ct.c_uint8 * 40)]
+
+
+UPROBE_PMU = "/sys/bus/event_source/devices/uprobe"
+
+
+def uprobe_pmu(pmu_dir: str = UPROBE_PMU) -> tuple[int, int]:
+    """(perf type of the uprobe PMU, bit of config that makes it a uretprobe), from sysfs."""
+    try:
+        typ = int(open(f"{pmu_dir}/type").read())
+        fmt = open(f"{pmu_dir}/format/retprobe").read().strip()   # "config:0"
+    except (OSError, ValueError) as e:
+        raise BpfError(getattr(e, "errno", None) or 2, f"uprobe PMU {pmu_dir}: {e}") from None
+    field, _, bit = fmt.partition(":")
+    if field != "config" or not bit.isdigit():
+        raise BpfError(22, f"uprobe PMU {pmu_dir}/format/retprobe: unexpected {fmt!r}")
+    return typ, int(bit)
+
+
+def uprobe_perf_fd(path: str, offset: int, retprobe: bool, pmu: tuple[int, int]) -> int:
+    """A perf event for a uprobe (or uretprobe) at a file offset of path, in every process that maps the file; the
+    bpf link made on it keeps it (and the file's inode) alive."""
+    cpath = ct.create_string_buffer(path.encode())
+    attr = UprobeAttr(type=pmu[0], size=112, config=(1 << pmu[1]) if retprobe else 0, sample_period=1,
+                      wakeup_events=1, config1=ct.addressof(cpath), config2=offset)
+    libc = ct.CDLL(None, use_errno=True)
+    fd = libc.syscall(_NR_PERF_EVENT_OPEN, ct.byref(attr), -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
+    if fd < 0:
+        err = ct.get_errno()
+        raise BpfError(err, f"perf_event_open {'uretprobe' if retprobe else 'uprobe'} {path}+{offset:#x}: "
+                            f"{os.strerror(err)}")
+    return fd

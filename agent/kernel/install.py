@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from agent.kernel import bpfsys, registry
+from agent.kernel import bpfsys, registry, uprobes
 from agent.kernel.pins import DatapathDir, PinError, agent_attached, read_manifest, remove_tree
 
 _ATTACH_NAMES = {p.attach_type: p.link for p in registry.CGROUP_PROGRAMS}
@@ -55,7 +55,8 @@ def status(d: DatapathDir) -> DatapathStatus:
                 except bpfsys.BpfError:
                     pass
                 target = (f"cgroup {li.cgroup_id} {_ATTACH_NAMES.get(li.attach_type, li.attach_type)}"
-                          if li.type == bpfsys.LINK_TYPE_CGROUP else "tracepoint")
+                          if li.type == bpfsys.LINK_TYPE_CGROUP else
+                          "uprobe" if p.name.startswith(uprobes.LINK_PREFIX) else "tracepoint")
                 st.links.append(LinkStatus(p.name, li.id, li.prog_id, name, target))
             finally:
                 os.close(fd)
@@ -65,7 +66,8 @@ def status(d: DatapathDir) -> DatapathStatus:
 
 
 def uninstall(d: DatapathDir, root: Optional[Path] = None) -> list[str]:
-    """Detach and unpin exactly what aimesh pinned in d (unpinning a link detaches it), then detach aimesh programs
+    """Detach and unpin exactly what aimesh pinned in d (unpinning a link detaches it: the TLS uprobe links under
+    links/ too), then detach aimesh programs
     attached to root outside any link (left by an agent from before pinning). Returns what was removed."""
     removed: list[str] = []
     # links first: enforcement ends the moment the last link goes, maps after

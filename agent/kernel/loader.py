@@ -40,6 +40,8 @@ def build_digest(text: bytes, cflags: list[str]) -> str:
         h.update(b"\0" + f.encode())
     for p in registry.PROGRAMS:
         h.update(f"\0{p.name}:{p.prog_type}:{p.attach_type}".encode())
+    for name in registry.UPROBE_PROGRAMS:
+        h.update(f"\0{name}:{registry.KPROBE}".encode())
     return h.hexdigest()[:16]
 
 
@@ -77,6 +79,13 @@ def load(d: DatapathDir, limits: abi.Limits, bpf_root: Optional[Path] = None) ->
                 raise LoadError(f"loading {p.name} failed: {e}") from None
             if lib.bpf_obj_pin(fn.fd, str(tmp / p.name).encode()) < 0:
                 raise LoadError(f"pinning {p.name} in {tmp} failed")
+        for name in registry.UPROBE_PROGRAMS:   # linked per libssl file by agent/kernel/uprobes.py
+            try:
+                fn = b.load_func(name.encode(), registry.KPROBE)
+            except Exception as e:
+                raise LoadError(f"loading {name} failed: {e}") from None
+            if lib.bpf_obj_pin(fn.fd, str(tmp / name).encode()) < 0:
+                raise LoadError(f"pinning {name} in {tmp} failed")
         if final.exists():
             remove_tree(final)
         os.rename(tmp, final)

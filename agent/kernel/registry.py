@@ -20,7 +20,7 @@ HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LPM_TRIE, SOCKHASH, SK_STORAGE
 BPF_F_NO_PREALLOC = 1
 
 # enum bpf_prog_type (bcc's BPF.* constants)
-TRACEPOINT, CGROUP_SKB, CGROUP_SOCK, SOCK_OPS, SK_MSG, CGROUP_SOCK_ADDR = 5, 8, 9, 13, 16, 18
+KPROBE, TRACEPOINT, CGROUP_SKB, CGROUP_SOCK, SOCK_OPS, SK_MSG, CGROUP_SOCK_ADDR = 2, 5, 8, 9, 13, 16, 18
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,9 @@ MAPS: tuple[MapSpec, ...] = (
             owner="kernel"),
     MapSpec("capture_cursor", PERCPU_ARRAY, ct.c_uint32, abi.CaptureCursor, lambda lim: 1, owner="kernel"),
     MapSpec("capture_events", RINGBUF, None, None, lambda lim: lim.capture_ringbuf_pages * 4096, owner="kernel"),
+    MapSpec("tls_calls", LRU_HASH, ct.c_uint64, abi.TlsCall, lambda lim: lim.max_capture_sockets, owner="kernel"),
+    MapSpec("tls_ssl_fd", LRU_HASH, abi.TlsSslKey, ct.c_uint32, lambda lim: lim.max_capture_sockets,
+            owner="kernel"),
 )
 MAP_BY_NAME = {m.name: m for m in MAPS}
 RINGS = ("decision_events", "flow_events", "agent_events", "capture_events")
@@ -160,6 +163,27 @@ CGROUP_PROGRAMS = tuple(p for p in PROGRAMS if p.target == "cgroup")
 def groups_needed(config_flags: int) -> frozenset[str]:
     """The optional program groups a policy generation with these runtime_config flags needs linked."""
     return frozenset(g for g, flag in GROUP_FLAGS.items() if config_flags & flag)
+
+
+@dataclass(frozen=True)
+class UprobeSpec:
+    """One uprobe (or uretprobe) on a libssl symbol (bpf/tls.c). Not in PROGRAMS: the loader loads and pins these
+    with the build, but they are linked per library file by agent/kernel/uprobes.py, not by Datapath.attach."""
+    name: str          # the C function (pinned under the build's progs/)
+    symbol: str        # the libssl function it probes
+    retprobe: bool
+
+
+TLS_SYMBOLS = ("SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex", "SSL_do_handshake")
+UPROBES: tuple[UprobeSpec, ...] = (
+    UprobeSpec("aimesh_ssl_write", "SSL_write", False),
+    UprobeSpec("aimesh_ssl_write_ex", "SSL_write_ex", False),
+    UprobeSpec("aimesh_ssl_read", "SSL_read", False),
+    UprobeSpec("aimesh_ssl_read_ex", "SSL_read_ex", False),
+    UprobeSpec("aimesh_ssl_handshake", "SSL_do_handshake", False),
+    *(UprobeSpec("aimesh_ssl_return", sym, True) for sym in TLS_SYMBOLS),
+)
+UPROBE_PROGRAMS = tuple(dict.fromkeys(u.name for u in UPROBES))   # the distinct programs, in order
 
 
 def pin_cflags(map_dir: str, limits: abi.Limits) -> list[str]:

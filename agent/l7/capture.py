@@ -3,7 +3,7 @@
 `decode_capture_event` turns one capture_events record into a `CaptureChunk`. `CaptureTracker` keeps one
 `ConnectionDecoder` per socket cookie (bounded, least recently used first out; idle ones closed by `expire`) and
 feeds it in ring order: what the client sent is the request direction, what it received the response direction.
-A GAP chunk (bytes the kernel did not copy: the per-request budget, the per-call chunk limit) becomes a gap in the
+A TLS_HANDSHAKE chunk (a socket whose TLS aimesh cannot read) makes no decoder. A GAP chunk (bytes the kernel did not copy: the per-request budget, the per-call chunk limit) becomes a gap in the
 decoder (the call is marked truncated). A CLOSE chunk closes the decoder (a call in flight becomes an incomplete
 record). When a decoder gives up (not HTTP/1) the tracker counts the connection undecoded, once, and queues its
 (pid, fd) in `take_skips()` so the agent can tell the kernel to stop copying it.
@@ -42,6 +42,7 @@ class CaptureChunk:
     total: int                        # bytes the syscall moved
     offset: int                       # of data within them (GAP: the first byte not copied)
     data: bytes
+    tls: bool = False                 # plaintext of an SSL_* call (bpf/tls.c), not a syscall's bytes
 
     @property
     def missing(self) -> int:
@@ -69,7 +70,7 @@ def decode_capture_event(raw: bytes) -> CaptureChunk:
             raise CaptureDecodeError(f"capture event says {h.len} data bytes, carries {len(raw) - HEADER}")
     data = bytes(raw[HEADER:HEADER + h.len]) if kind is abi.CaptureKind.DATA else b""
     return CaptureChunk(h.ts_ns, h.cookie, h.tgid, h.fd, h.src_id, h.dst_id, h.actual_dst_id, kind, direction,
-                        h.total, h.offset, data)
+                        h.total, h.offset, data, bool(h.flags & abi.CaptureEventFlag.TLS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,13 +121,15 @@ class CaptureTracker:
                 return []
             del self._conns[c.cookie]
             return self._wrap(conn, conn.decoder.close(c.ts_ns))
+        if c.kind is abi.CaptureKind.TLS_HANDSHAKE:
+            return []      # ciphertext nobody decrypts for us: nothing to decode (agent/l7/tls_visibility.py reports it)
         out: list[CapturedCall] = []
         if conn is None:
             while len(self._conns) >= self._max:
                 _, old = self._conns.popitem(last=False)
                 self.evicted += 1
                 out.extend(self._wrap(old, old.decoder.close(old.last_ns)))
-            conn = _Conn(ConnectionDecoder(c.cookie, capture_content=self._content(c.dst_id)), c)
+            conn = _Conn(ConnectionDecoder(c.cookie, capture_content=self._content(c.dst_id), tls=c.tls), c)
             self._conns[c.cookie] = conn
         else:
             self._conns.move_to_end(c.cookie)

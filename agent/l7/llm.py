@@ -428,7 +428,9 @@ class ResponseParse:
             if self._shape is _Shape.SSE and self._sse_data:
                 self._on_event(ts_ns, self._sse_event, "\n".join(self._sse_data))
                 self._sse_data = []
-            complete = complete and self._terminal
+            # the protocol's terminal event ends a stream: a client stops reading there ([DONE]), and the body's last
+            # chunk that follows may never be read (over TLS it is a record of its own)
+            complete = self._terminal
         error = self._error
         if error is None and self._status >= 400:
             error = f"http_{self._status}"

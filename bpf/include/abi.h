@@ -442,12 +442,14 @@ struct agent_event {
 	char  path[AGENT_EV_PATH_LEN];   /* cgroup path relative to the cgroup2 root (mkdir) */
 };
 
-/* Plaintext capture (bpf/capture.c). Mirrors: abi.py CaptureKind, CaptureDirection. */
+/* Plaintext capture (bpf/capture.c, bpf/tls.c). Mirrors: abi.py CaptureKind, CaptureDirection. */
 enum capture_kind {
 	CAPTURE_KIND_DATA  = 1,   /* bytes a send or a receive moved */
 	CAPTURE_KIND_CLOSE = 2,   /* the socket's fd was closed: no data */
 	CAPTURE_KIND_GAP   = 3,   /* no data: bytes offset..total of that send/receive were not copied (budget, chunk or
 	                           * iovec limit, failed read); follows the call's DATA records, in stream order */
+	CAPTURE_KIND_TLS_HANDSHAKE = 4,   /* no data: the first send was a TLS handshake record outside any probed SSL_*
+	                                   * call; the socket is flagged TLS and its syscalls are not copied */
 };
 
 enum capture_direction {
@@ -456,9 +458,10 @@ enum capture_direction {
 };
 
 /* capture_sock.flags (mirror: abi.py CaptureSockFlag) */
-#define CAPTURE_SOCK_F_SENT 0x01   /* the first send was looked at (TLS check done) */
-#define CAPTURE_SOCK_F_TLS  0x02   /* the first send was a TLS handshake record: its syscall bytes are never copied
-                                    * (ciphertext); the TLS uprobes (bpf/tls.c) copy the plaintext of such sockets */
+#define CAPTURE_SOCK_F_TLS  0x01   /* the socket carries TLS: its syscalls' (cipher) bytes are never copied. Set when an
+                                    * SSL_* call used it (lib/tls.h; bpf/tls.c copies its plaintext) or when its first
+                                    * send was a TLS handshake record (a TLS_HANDSHAKE record tells the agent) */
+#define CAPTURE_SOCK_F_SENT 0x02   /* the first send was looked at (the handshake check is done) */
 #define CAPTURE_SOCK_F_SKIP 0x04   /* the agent's decoder gave up (not HTTP/1): copy nothing more; close still reported */
 
 /* capture_sockets key: a socket as the syscalls name it. */
@@ -479,6 +482,28 @@ struct capture_sock {
 	__u32 flags;         /* CAPTURE_SOCK_F_* */
 	__u8  direction;     /* enum capture_direction of the current burst; 0 before the first */
 	__u8  pad[7];
+};
+
+/* capture_event.flags (mirror: abi.py CaptureEventFlag) */
+#define CAPTURE_EV_F_TLS   0x1   /* the data is the plaintext of an OpenSSL SSL_* call (bpf/tls.c), not a syscall's */
+
+/* tls_calls value: an SSL_* call in progress on a thread of a governed process (uprobe -> uretprobe). */
+struct tls_call {
+	__u64 ssl;           /* the SSL * */
+	__u64 buf;           /* the caller's plaintext buffer */
+	__u64 len_ptr;       /* SSL_write_ex / SSL_read_ex: the size_t * of bytes moved; 0 for SSL_write / SSL_read */
+	__u32 fd;            /* the socket the call's send/receive syscall used (or tls_ssl_fd knew) */
+	__u8  direction;     /* enum capture_direction; 0 for a handshake (no data) */
+	__u8  has_fd;        /* fd is known */
+	__u8  depth;         /* hooked SSL_* calls nested inside this one (SSL_read may run a handshake): not tracked */
+	__u8  pad;
+};
+
+/* tls_ssl_fd key: an SSL object of one process (its pointer). */
+struct tls_ssl_key {
+	__u64 ssl;
+	__u32 tgid;
+	__u32 pad;
 };
 
 /* capture_reads value: a receive on a captured socket in progress (sys_enter -> sys_exit). */
@@ -514,7 +539,8 @@ struct capture_event {
 	__u32 len;           /* valid data bytes after the header */
 	__u8  kind;          /* enum capture_kind */
 	__u8  direction;     /* enum capture_direction */
-	__u8  pad[6];
+	__u8  flags;         /* CAPTURE_EV_F_* */
+	__u8  pad[5];
 };
 
 #endif /* AIMESH_ABI_H */

@@ -244,7 +244,14 @@ def test_the_loaded_program_uses_the_registry_map_layouts(tmp_path):
     try:
         res = load(d, limits)
         assert set(res["maps"]) == {m.name for m in registry.MAPS}
-        assert sorted(os.listdir(Path(res["progs"]))) == sorted(p.name for p in registry.PROGRAMS)
+        assert sorted(os.listdir(Path(res["progs"]))) == sorted([p.name for p in registry.PROGRAMS] +
+                                                                list(registry.UPROBE_PROGRAMS))
+        for name in registry.UPROBE_PROGRAMS:   # bpf/tls.c: uprobe programs (BPF_PROG_TYPE_KPROBE)
+            fd = bpfsys.obj_get(str(Path(res["progs"]) / name))
+            try:
+                assert bpfsys.prog_info(fd).type == registry.KPROBE, name
+            finally:
+                os.close(fd)
         for spec in registry.MAPS:
             fd = bpfsys.obj_get(str(d.maps / res["maps"][spec.name]))
             try:
@@ -292,9 +299,9 @@ class _WrongEventFlag(enum.IntFlag):
 
 class _WrongCaptureSockFlag(enum.IntFlag):
     """CAPTURE_SOCK_F_TLS where CAPTURE_SOCK_F_SKIP is: bpf/tls.c and the agent would read each other's flag."""
-    SENT = 0x01
     TLS = 0x04
-    SKIP = 0x02
+    SENT = 0x02
+    SKIP = 0x01
 
 
 def _with(m: Mirror, **kw) -> Mirror:

@@ -215,7 +215,7 @@ def test_the_shipped_demo_config_splits_and_shows_all_four_verdicts():
     assert all(18000 <= s.port <= 18010 for s in plan.servers)
     ident = {c.name: expected_identity(demo.agent_config, f"/aimesh-demo-4242/{c.cgroup}") for c in plan.clients}
     assert ident == {"chat-frontend": "chat-frontend", "rogue-scraper": "unmanaged", "legacy-app": "legacy-app",
-                     "batch-eval": "batch-eval"}
+                     "batch-eval": "batch-eval", "support-bot": "support-bot"}
     servers = {s.name: expected_identity(demo.agent_config, f"/aimesh-demo-1/{s.cgroup}") for s in plan.servers}
     assert servers == {s: s for s in servers}     # llama's glob does not catch llama-next or llama-legacy
 
@@ -227,6 +227,13 @@ def test_the_shipped_demo_config_is_a_valid_agent_config():
     cfg = parse_config(yaml.safe_dump(demo.agent_config, sort_keys=False), "demo.yaml")
     assert cfg.identity("eval-corpus").mode == "audit"
     assert cfg.identity("llama-legacy").deprecated.successor == "llama-next"
+    models = [i for i in cfg.identities if i.kind == "model"]
+    assert models and all(i.llm is not None and i.llm.protocol == "auto" for i in models)   # said, not defaulted
+    assert not cfg.identity("eval-corpus").llm_capture.enabled
+    tls = [s for s in demo.plan.servers if s.tls]
+    assert [s.name for s in tls] == ["gpt-oss"]                         # one endpoint over TLS
+    assert any(c.target == "gpt-oss" for c in demo.plan.clients)
+    assert any(c.error_every for c in demo.plan.clients if not demo.plan.server(c.target).tls)   # errors in plaintext
 
 
 @pytest.mark.parametrize("demo_section, message", [
@@ -286,3 +293,135 @@ def test_file_tail_follows_appends_and_truncation(tmp_path):
     assert tail.read_lines() == ["two"]
     p.write_text("new\n")                          # truncated and rewritten
     assert tail.read_lines() == ["new"]
+
+
+# ---- model calls -----------------------------------------------------------------------------------------------
+
+def call(src: str = "chat-frontend", req: str | None = "llama-3.1-8b", served: str | None = "llama-3.1-8b",
+         status: int | None = 200, cookie: int = 1, seq: int = 0, duration_ms: float | None = 10,
+         ttfc_ms: float | None = 2, tokens: tuple[int, int] | None = (19, 7), **extra) -> dict:
+    """A line of `aimesh calls -o json` (proto3 JSON mapping: 64-bit ids as strings, the counts as numbers)."""
+    obj: dict = {"agent_id": "demo", "cookie": str(cookie), "start_time_unix_nano": "1764590000000000000",
+                 "source": {"name": src, "kind": "service"},
+                 "destination": {"name": "llama", "kind": "model", "version": "3.1-8b"},
+                 "protocol": "openai", "operation": "chat", **extra}
+    if seq:
+        obj["sequence"] = str(seq)
+    for key, value in (("request_model", req), ("response_model", served), ("status", status)):
+        if value is not None:
+            obj[key] = value
+    if tokens is not None:
+        obj["input_tokens"], obj["output_tokens"] = tokens
+    if duration_ms is not None:
+        obj["duration_ns"] = int(duration_ms * 1e6)
+    if ttfc_ms is not None:
+        obj["time_to_first_chunk_ns"] = int(ttfc_ms * 1e6)
+    return obj
+
+
+def test_parse_a_call_line():
+    r = view.parse_call_line(json.dumps(call(served="llama-next-4.0", stream=True, tls=True, confidence_mean=0.8,
+                                             actual_destination={"name": "llama-next", "version": "4.0"})))
+    assert (r.source, r.destination, r.reached) == ("chat-frontend", "llama@3.1-8b", "llama-next@4.0")
+    assert (r.request_model, r.response_model, r.status, r.input_tokens, r.output_tokens) == \
+        ("llama-3.1-8b", "llama-next-4.0", 200, 19, 7)
+    assert (r.duration_ns, r.ttfc_ns, r.stream, r.tls, r.confidence) == (10_000_000, 2_000_000, True, True, 0.8)
+    assert r.key == ("demo", "1", "0") and r.time_ns == 1764590000000000000 and not r.is_error
+    no_actual = view.parse_call_line(json.dumps(call()))
+    assert no_actual.reached == no_actual.destination
+
+
+@pytest.mark.parametrize("obj, field", [
+    ({"source": {"name": "a"}, "status": "x"}, "status"),
+    ({"source": {"name": "a"}, "status": 200, "input_tokens": -1}, "input_tokens"),
+    ({"source": {"name": "a"}, "request_model": 3}, "request_model"),
+    ({"source": "a", "status": 200}, "source"),
+    ({"verdict": "allowed"}, "source"),
+    ([1], "JSON object"),
+])
+def test_call_parse_errors_name_the_field(obj, field):
+    with pytest.raises(ValueError, match=field):
+        view.call_from_json(obj)
+
+
+def test_is_error():
+    assert view.call_from_json(call(status=404, served=None, error_type="not_found_error")).is_error
+    assert view.call_from_json(call(status=None, served=None)).is_error          # no response at all
+    assert view.call_from_json(call(status=200, error_type="overloaded")).is_error
+    assert not view.call_from_json(call(status=200)).is_error
+
+
+def test_call_table_is_a_pure_function_of_the_records():
+    records = [view.call_from_json(c) for c in (
+        call(cookie=1, duration_ms=10, ttfc_ms=2),
+        call(cookie=2, duration_ms=30, ttfc_ms=6),
+        call(cookie=3, duration_ms=20, ttfc_ms=None, tokens=None),       # a cut stream: no usage, no first chunk
+        call(cookie=4, served="llama-next-4.0", duration_ms=40, ttfc_ms=8, tokens=(19, 9)),  # the canary answered
+        call(cookie=5, req="error-404", served=None, status=404, error_type="not_found_error", tokens=None,
+             duration_ms=1, ttfc_ms=1),
+        call(src="support-bot", req="gpt-oss-20b", served="gpt-oss-20b", cookie=6, tls=True),
+    )]
+    t = view.tally_calls(records)
+    assert t.total == 6 and t.errors == 1
+    by_key = {(k.source, k.requested, k.served): s for k, s in t.stats.items()}
+    plain = by_key[("chat-frontend", "llama-3.1-8b", "llama-3.1-8b")]
+    assert (plain.calls, plain.errors, plain.input_tokens, plain.output_tokens) == (3, 0, 38, 14)
+    assert plain.p50_duration_ns == 20_000_000 and plain.p50_ttfc_ns == 2_000_000      # nearest rank of [2, 6]
+    assert by_key[("chat-frontend", "llama-3.1-8b", "llama-next-4.0")].output_tokens == 9
+    assert by_key[("chat-frontend", "error-404", "-")].errors == 1
+    assert by_key[("support-bot", "gpt-oss-20b", "gpt-oss-20b")].tls == 1
+    assert view.tally_calls(records + records[:2]).total == 6          # a call listed again counts once
+    assert view.call_rows(view.tally_calls(list(reversed(records))), False) == view.call_rows(t, False)   # any order
+
+
+def test_median():
+    assert view.median([]) is None
+    assert view.median([5]) == 5 and view.median([3, 1, 2]) == 2 and view.median([4, 1, 3, 2]) == 2
+
+
+def test_call_rows_render_source_models_counts_latency_errors():
+    t = view.tally_calls([view.call_from_json(call(cookie=1)),
+                          view.call_from_json(call(cookie=2, served="llama-next-4.0", duration_ms=40)),
+                          view.call_from_json(call(cookie=3, req="error-404", served=None, status=404,
+                                                   tokens=None, ttfc_ms=None, duration_ms=1))])
+    lines = view.call_rows(t, color=False)
+    assert lines[0].split() == ["SOURCE", "REQUESTED", "SERVED", "CALLS", "TOKENS", "IN/OUT", "P50", "LATENCY",
+                                "P50", "TTFC", "ERRORS"]
+    rows = [x.split() for x in lines[1:]]
+    assert rows == [
+        ["chat-frontend", "->", "error-404", "-", "1", "0/0", "1ms", "-", "1"],
+        ["chat-frontend", "->", "llama-3.1-8b", "llama-3.1-8b", "1", "19/7", "10ms", "2ms", "0"],
+        ["chat-frontend", "->", "llama-3.1-8b", "llama-next-4.0", "1", "19/7", "40ms", "2ms", "0"],
+    ]
+    widths = {len(x) for x in lines}
+    assert len(widths) == 1                           # aligned columns
+    colored = view.call_rows(t, color=True)
+    assert [view._ANSI_RE.sub("", x) for x in colored] == lines and "\x1b[1;31m" in colored[1]
+    assert view.call_rows(view.CallTable(), color=False)[1] == "(no model calls yet)"
+
+
+def test_call_table_counts_bad_lines_and_skips_duplicates():
+    t = view.CallTable()
+    assert t.add_line(json.dumps(call())) is not None
+    assert t.add_line(json.dumps(call())) is None                      # the same call again
+    assert t.add_line("aimesh calls: error: collector 127.0.0.1:4790 unavailable") is None
+    assert t.add_line("") is None
+    assert t.total == 1 and t.bad_lines == 1 and "unavailable" in t.last_error
+
+
+def test_call_line_plain():
+    r = view.call_from_json(call(served="llama-next-4.0", stream=True,
+                                 actual_destination={"name": "llama-next", "version": "4.0"}))
+    assert view.call_line(r) == ("model call chat-frontend -> llama@3.1-8b => llama-next@4.0 llama-3.1-8b => "
+                                 "llama-next-4.0 200 tokens 19/7 ttfc 2ms took 10ms stream")
+
+
+def test_render_frame_has_the_model_calls_table():
+    t = view.tally_calls([view.call_from_json(call(cookie=1)), view.call_from_json(call(cookie=2, status=500,
+                                                                                         served=None))])
+    f = view.Frame(title="t", subtitle="s", elapsed_s=0, table=view.FlowTable(), workloads=[], calls=t)
+    text = "\n".join(view.render_frame(f, width=200, height=60, color=False))
+    assert "MODEL CALLS 2 (errors 1), from the collector" in text
+    assert "chat-frontend -> llama-3.1-8b  llama-3.1-8b" in text
+    empty = view.Frame(title="t", subtitle="s", elapsed_s=0, table=view.FlowTable(), workloads=[])
+    assert "(no model calls yet)" in "\n".join(view.render_frame(empty, color=False))
