@@ -139,3 +139,10 @@ def test_a_connection_the_decoder_gives_up_on_is_counted_once_and_queued_for_ski
     assert t.take_skips() == [(42, 3)] and t.take_skips() == []
     _send(t, _request("m"), 3)
     assert t.undecoded == {reason: 1}
+
+
+def test_a_tls_handshake_record_makes_no_decoder():
+    t = CaptureTracker()
+    hs = decode_capture_event(raw_event(abi.CaptureKind.TLS_HANDSHAKE, abi.CaptureDirection.SEND, b"", total=517))
+    assert hs.kind is abi.CaptureKind.TLS_HANDSHAKE and hs.data == b"" and hs.missing == 0
+    assert t.on_chunk(hs) == [] and len(t) == 0 and not t.undecoded
