@@ -467,6 +467,10 @@ class Telemetry(_Strict):
 
 
 _D = abi.Limits()
+DEFAULT_CAPTURE_REQUEST_BYTES = 1 << 20
+DEFAULT_CAPTURE_RESPONSE_BYTES = 4 << 20
+MAX_CAPTURE_BUDGET = (1 << 32) - 1   # a __u32 in runtime_config
+RUNTIME_LIMITS = ("capture_max_request_bytes", "capture_max_response_bytes")   # limits: keys that are not capacities
 _MAP = {"ge": 1, "le": MAX_MAP_ENTRIES}
 _RING = {"ge": 1, "le": MAX_RINGBUF_PAGES}
 
@@ -491,7 +495,14 @@ class LimitSettings(_Strict):
     flow_ringbuf_pages: int = Field(default=_D.flow_ringbuf_pages, **_RING)
     max_capture_sockets: int = Field(default=_D.max_capture_sockets, **_MAP)
     capture_ringbuf_pages: int = Field(default=_D.capture_ringbuf_pages, **_RING)
-    capture_chunk: int = Field(default=_D.capture_chunk, ge=64, le=16384)   # bytes per captured chunk
+    # bytes per capture_events record (compiled in: -DCAPTURE_CHUNK); one send/receive copies at most
+    # abi.CAPTURE_CHUNKS_PER_CALL (256) chunks, so 1 MiB at the default: the rest of that call is a counted gap
+    capture_chunk: int = Field(default=_D.capture_chunk, ge=64, le=16384)
+    # Runtime settings (runtime_config, changed by a reload; not map capacities): bytes the capture copies per request
+    # (a run of sends) and per response (a run of receives) on one connection; past them bytes are counted, not
+    # copied, and the record says truncated.
+    capture_max_request_bytes: int = Field(default=DEFAULT_CAPTURE_REQUEST_BYTES, ge=1, le=MAX_CAPTURE_BUDGET)
+    capture_max_response_bytes: int = Field(default=DEFAULT_CAPTURE_RESPONSE_BYTES, ge=1, le=MAX_CAPTURE_BUDGET)
 
     @field_validator("ringbuf_pages", "flow_ringbuf_pages", "capture_ringbuf_pages")
     @classmethod
@@ -609,8 +620,9 @@ class Config(_Strict):
 
 
 def limits_of(config: Config) -> abi.Limits:
-    """The map capacities the config asks for (its `limits:` section, abi.Limits defaults for what it leaves out)."""
-    return abi.Limits(**config.limits.model_dump())
+    """The map capacities the config asks for (its `limits:` section, abi.Limits defaults for what it leaves out).
+    The runtime settings of `limits:` (RUNTIME_LIMITS) are not capacities: the datapath takes them at each reload."""
+    return abi.Limits(**config.limits.model_dump(exclude=set(RUNTIME_LIMITS)))
 
 
 # ---------------------------------------------------------------- YAML

@@ -255,8 +255,7 @@ class Agent:
             ([RecordsLogSink(self.records_log)] if self.records_log.enabled else []) + \
             ([self.exporter] if self.exporter else [])
         dp.all_decisions = self.flow_log.enabled   # the flow log wants every decision; metrics read the kernel's counts
-        self.model_calls = ModelCallTally(lambda: dp.counters() if self.healthy else [0] * abi.COUNTER_SLOTS,
-                                          self.capture.undecoded_counts)
+        self.model_calls = ModelCallTally()   # the kernel's capture counters are in AgentCollector
         try:
             self.call_sinks = build_call_sinks(config.telemetry, flow_export, node=self.node,
                                                mono_to_wall_ns=lambda: self._mono_to_wall,
@@ -344,6 +343,8 @@ class Agent:
         """Compile config into the inactive generation, flip to it, and re-assign workload identities."""
         image = compile_image(config, self.numbering, self.datapath.next_gen(), datetime.now(timezone.utc))
         self.datapath.interim_ns = int(config.telemetry.interim_interval * 1e9)
+        self.datapath.set_capture_budget(config.limits.capture_max_request_bytes,
+                                         config.limits.capture_max_response_bytes)
         for w in image.warnings:
             log.warning("%s", w)
         # Both generations live in the maps during the flip: what is live plus the new image must fit. Checked before
@@ -627,6 +628,10 @@ class Agent:
             log.warning("capture_events: %s", e)
             return
         self._model_calls(self.capture.on_chunk(chunk))
+        for pid, fd in self.capture.take_skips():   # not HTTP/1: the kernel stops copying it
+            self.datapath.capture_skip(pid, fd)
+        if chunk.kind is abi.CaptureKind.TLS_HANDSHAKE:   # seen in the kernel, nothing of it copied
+            self.tls_visibility.on_handshake(chunk.cookie, chunk.pid, chunk.src_id, chunk.ts_ns)
         self._tls_not_visible(self.tls_visibility.on_chunk(chunk))
 
     def _model_calls(self, calls) -> None:
@@ -704,6 +709,7 @@ class Agent:
         st["maps"]["cgroup_identity"] = (len(self.assigner.cgroups), self.limits.max_cgroups)
         st["maps"]["process_identity"] = (len(self.assigner.processes), self.limits.max_processes)
         st["flow_log_records"] = self.flow_log.written
+        st["capture_undecoded"] = dict(self.capture.undecoded)
         lim = self.limits
         st["ring_capacity"] = {"decision_events": lim.ringbuf_pages * 4096, "flow_events": lim.flow_ringbuf_pages * 4096,
                                "agent_events": 16 * 4096, "capture_events": lim.capture_ringbuf_pages * 4096}

@@ -3,12 +3,15 @@
 `decode_capture_event` turns one capture_events record into a `CaptureChunk`. `CaptureTracker` keeps one
 `ConnectionDecoder` per socket cookie (bounded, least recently used first out; idle ones closed by `expire`) and
 feeds it in ring order: what the client sent is the request direction, what it received the response direction.
-A CLOSE chunk closes the decoder (a call in flight becomes an incomplete record).
+A TLS_HANDSHAKE chunk (a socket whose TLS aimesh cannot read) makes no decoder. A GAP chunk (bytes the kernel did not copy: the per-request budget, the per-call chunk limit) becomes a gap in the
+decoder (the call is marked truncated). A CLOSE chunk closes the decoder (a call in flight becomes an incomplete
+record). When a decoder gives up (not HTTP/1) the tracker counts the connection undecoded, once, and queues its
+(pid, fd) in `take_skips()` so the agent can tell the kernel to stop copying it.
 """
 from __future__ import annotations
 
 import ctypes as ct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
@@ -37,9 +40,14 @@ class CaptureChunk:
     kind: abi.CaptureKind
     direction: Optional[Direction]   # None for CLOSE
     total: int                        # bytes the syscall moved
-    offset: int
+    offset: int                       # of data within them (GAP: the first byte not copied)
     data: bytes
     tls: bool = False                 # plaintext of an SSL_* call (bpf/tls.c), not a syscall's bytes
+
+    @property
+    def missing(self) -> int:
+        """GAP: bytes of the syscall the kernel did not copy."""
+        return max(self.total - self.offset, 0) if self.kind is abi.CaptureKind.GAP else 0
 
 
 def decode_capture_event(raw: bytes) -> CaptureChunk:
@@ -51,14 +59,14 @@ def decode_capture_event(raw: bytes) -> CaptureChunk:
     except ValueError:
         raise CaptureDecodeError(f"capture event with unknown kind {h.kind}") from None
     direction = None
-    if kind is abi.CaptureKind.DATA:
+    if kind is not abi.CaptureKind.CLOSE:
         if h.direction == abi.CaptureDirection.SEND:
             direction = Direction.REQUEST
         elif h.direction == abi.CaptureDirection.RECV:
             direction = Direction.RESPONSE
         else:
             raise CaptureDecodeError(f"capture event with unknown direction {h.direction}")
-        if HEADER + h.len > len(raw):
+        if kind is abi.CaptureKind.DATA and HEADER + h.len > len(raw):
             raise CaptureDecodeError(f"capture event says {h.len} data bytes, carries {len(raw) - HEADER}")
     data = bytes(raw[HEADER:HEADER + h.len]) if kind is abi.CaptureKind.DATA else b""
     return CaptureChunk(h.ts_ns, h.cookie, h.tgid, h.fd, h.src_id, h.dst_id, h.actual_dst_id, kind, direction,
@@ -77,14 +85,16 @@ class CapturedCall:
 
 
 class _Conn:
-    __slots__ = ("decoder", "pid", "src_id", "dst_id", "actual_dst_id", "last_ns", "undecoded", "calls")
+    __slots__ = ("decoder", "pid", "fd", "src_id", "dst_id", "actual_dst_id", "last_ns", "undecoded", "calls")
 
     def __init__(self, decoder: ConnectionDecoder, c: CaptureChunk) -> None:
         self.decoder = decoder
         self.undecoded: Optional[UndecodedReason] = None    # as counted in CaptureTracker.undecoded
         self.calls: dict[Direction, tuple[int, int]] = {}   # per direction, the syscall in progress: (copied up to, total)
-        self.pid, self.src_id, self.dst_id, self.actual_dst_id = c.pid, c.src_id, c.dst_id, c.actual_dst_id
+        self.pid, self.fd, self.src_id, self.dst_id, self.actual_dst_id = c.pid, c.fd, c.src_id, c.dst_id, \
+            c.actual_dst_id
         self.last_ns = c.ts_ns
+        self.undecoded = False
 
 
 class CaptureTracker:
@@ -101,6 +111,7 @@ class CaptureTracker:
         self.bytes_missing = 0   # bytes a syscall moved that the kernel did not copy (truncation, failed reads)
         self.undecoded: dict[str, int] = {}   # connections the decoder gave up on, by UndecodedReason value
         self.undecoded_bytes = 0              # their bytes not decoded, added when the connection ends
+        self._skips: list[tuple[int, int]] = []     # (pid, fd) of undecoded sockets, for the kernel to stop copying
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -113,6 +124,8 @@ class CaptureTracker:
                 return []
             del self._conns[c.cookie]
             return self._end(conn, c.ts_ns)
+        if c.kind is abi.CaptureKind.TLS_HANDSHAKE:
+            return []      # ciphertext nobody decrypts for us: nothing to decode (agent/l7/tls_visibility.py reports it)
         out: list[CapturedCall] = []
         if conn is None:
             while len(self._conns) >= self._max:
@@ -137,6 +150,12 @@ class CaptureTracker:
                 out.extend(self._flush(conn, other, c.ts_ns))
             if c.offset == 0 and d in pending:
                 out.extend(self._flush(conn, d, c.ts_ns))
+        if c.kind is abi.CaptureKind.GAP:      # the kernel copied no more of this call: offset..total are missing
+            at = pending.pop(d)[0] if d in pending else c.offset
+            if c.total > at:
+                out.extend(self._gap(conn, d, c.ts_ns, c.total - at))
+            self._note_undecoded(conn)
+            return out
         at = pending[d][0] if d in pending else c.offset
         if c.offset > at:       # a chunk in between was lost (a failed copy)
             out.extend(self._gap(conn, d, c.ts_ns, c.offset - at))
@@ -144,13 +163,21 @@ class CaptureTracker:
             out.extend(self._wrap(conn, conn.decoder.feed(d, c.ts_ns, c.data)))
         end = c.offset + len(c.data)
         if end < c.total:
-            pending[d] = (max(at, end), c.total)
-            if c.data and c.offset == (abi.CAPTURE_CHUNKS_PER_CALL - 1) * len(c.data):
-                out.extend(self._flush(conn, d, c.ts_ns))      # the kernel copies no more of this call
+            pending[d] = (max(at, end), c.total)       # the rest follows, or a GAP record says it never will
         elif d in pending:
             del pending[d]
+        self._note_undecoded(conn)
+        return out
+
+    def _note_undecoded(self, conn: _Conn) -> None:
         if conn.decoder.undecoded is not conn.undecoded:
+            if conn.undecoded is None:
+                self._skips.append((conn.pid, conn.fd))    # first time: the kernel can stop copying this socket
             self._count_undecoded(conn)
+
+    def take_skips(self) -> list[tuple[int, int]]:
+        """(pid, fd) of the sockets whose decoder gave up since the last call: copying them is wasted."""
+        out, self._skips = self._skips, []
         return out
 
     def _flush(self, conn: _Conn, d: Direction, ts_ns: int) -> list[CapturedCall]:

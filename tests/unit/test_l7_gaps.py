@@ -7,12 +7,21 @@ import json
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.export.model_metrics import ModelCallTally
+from agent.export.metrics import capture_metrics
 from agent.kernel import abi
 from agent.l7.capture import CaptureTracker, decode_capture_event
 from agent.l7.http1 import Direction, Http1Connection, MessageEnd, Undecoded, UndecodedReason
 from agent.l7.record import ConnectionDecoder
 from tests.unit.test_l7_capture import raw_event
+
+
+class _Capture:
+    """The agent's capture metrics, as AgentCollector exports them, for one tracker."""
+    def __init__(self, tracker: CaptureTracker) -> None:
+        self.tracker = tracker
+
+    def collect(self):
+        yield from capture_metrics([0] * abi.COUNTER_SLOTS, self.tracker.undecoded_counts())
 
 REQ, RESP = Direction.REQUEST, Direction.RESPONSE
 SEND, RECV, DATA, CLOSE = (abi.CaptureDirection.SEND, abi.CaptureDirection.RECV, abi.CaptureKind.DATA,
@@ -144,7 +153,7 @@ def test_tracker_counts_undecoded_connections_by_reason() -> None:
     assert t.undecoded_counts() == {"protocol_error": 1, "http2": 1, "truncated": 1}
     assert t.undecoded_bytes == 205 + 12 + 24 + 18 and len(t) == 0
     reg = CollectorRegistry()
-    reg.register(ModelCallTally(undecoded=t.undecoded_counts))
+    reg.register(_Capture(t))
     text = generate_latest(reg).decode()
     assert 'aimesh_capture_undecoded_connections_total{reason="truncated"} 1.0' in text
 
