@@ -125,10 +125,13 @@ def test_tracker_turns_uncopied_bytes_into_gaps() -> None:
 
     def ev(*a, **kw):
         calls.extend(t.on_chunk(decode_capture_event(raw_event(*a, **kw))))
-    # one send of the whole request: the kernel copies 4 chunks of 4096 and says total=len(wire)
-    for i in range(abi.CAPTURE_CHUNKS_PER_CALL):
+    # one send of the whole request: the kernel copies 4 chunks of 4096 (its byte budget), says total=len(wire),
+    # then a GAP record says it copies no more of that call
+    for i in range(4):
         ev(DATA, SEND, wire[i * 4096:(i + 1) * 4096], total=len(wire), offset=i * 4096, ts=1)
-    assert t.bytes_missing == len(wire) - 16384      # the last full chunk ends the call: no waiting for more
+    assert t.bytes_missing == 0
+    ev(abi.CaptureKind.GAP, SEND, b"", total=len(wire), offset=16384, ts=1)
+    assert t.bytes_missing == len(wire) - 16384      # the GAP ends the call: no waiting for more
     # the response in one receive, its second chunk's copy failed (len 0): an exact gap
     ev(DATA, RECV, answer[:4096], total=len(answer), offset=0, ts=2)
     ev(DATA, RECV, b"", total=len(answer), offset=4096, ts=2)
