@@ -94,7 +94,6 @@ class _Conn:
         self.pid, self.fd, self.src_id, self.dst_id, self.actual_dst_id = c.pid, c.fd, c.src_id, c.dst_id, \
             c.actual_dst_id
         self.last_ns = c.ts_ns
-        self.undecoded = False
 
 
 class CaptureTracker:

@@ -214,3 +214,14 @@ def test_tracker_flushes_a_failed_last_chunk_before_the_other_direction() -> Non
     assert [(c.record.request_model, c.record.response_model, c.record.truncated) for c in calls] == [
         ("small", "small-served", True)]
     assert t.bytes_missing == len(wire) - 4096 and t.undecoded_counts() == {}
+
+
+def test_binary_first_bytes_are_not_http1_at_once() -> None:
+    """A request starts with a method (a token): binary is refused on its first chunk, so the kernel can stop copying
+    the socket at once instead of at close."""
+    h = Http1Connection()
+    out = h.feed(Direction.REQUEST, 1, b"\x80\x01\x00\x00" + bytes(range(64)))
+    assert h.undecoded is UndecodedReason.PROTOCOL_ERROR and any(isinstance(e, Undecoded) for e in out)
+    ok = Http1Connection()
+    ok.feed(Direction.REQUEST, 1, b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert ok.undecoded is None
