@@ -18,6 +18,7 @@ import copy
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -219,7 +220,8 @@ class KubeAPI:
         return [r for r in list(self.requests) if r.query.get("watch") not in ("1", "true") and r.path.endswith(kind)]
 
     # -- server ----------------------------------------------------------------------------------------------------
-    def start(self) -> "KubeAPI":
+    def start(self, cert: Path | None = None, key: Path | None = None) -> "KubeAPI":
+        """Serve HTTP, or HTTPS with `cert`/`key` (as kube-apiserver does, on 127.0.0.1)."""
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -233,13 +235,19 @@ class KubeAPI:
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
+        self._scheme = "http"
+        if cert is not None and key is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(cert), str(key))
+            self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
+            self._scheme = "https"
         threading.Thread(target=self._server.serve_forever, name="kube-api", daemon=True).start()
         return self
 
     @property
     def url(self) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"{self._scheme}://127.0.0.1:{self._server.server_address[1]}"
 
     def stop(self) -> None:
         if self._server is not None:

@@ -264,6 +264,7 @@ class _Runner:
                     rv = self._list()
                     self.backoff.reset()
                 rv = self._watch(rv)
+                self.backoff.reset()      # ended cleanly (timeoutSeconds): resume at once
             except _Gone:
                 rv = ""
                 with self._lock:
