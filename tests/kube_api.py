@@ -306,8 +306,8 @@ class KubeAPI:
         self._list(h, kind, q, visible)
 
     def _list(self, h: BaseHTTPRequestHandler, kind: str, q: dict[str, str], visible: Callable[[Obj], bool]) -> None:
-        with self._cv:
-            items = [copy.deepcopy(o) for k, o in sorted(self.store[kind].items()) if visible(o)]
+        with self._cv:     # stored objects are replaced, never changed in place: no copy needed
+            items = [o for _, o in sorted(self.store[kind].items()) if visible(o)]
             rv = self._rv
         offset = 0
         if q.get("continue"):

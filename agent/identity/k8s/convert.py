@@ -7,6 +7,7 @@ a pod (volumes, probes, env, managedFields...) is skipped by the decoder and nev
 from __future__ import annotations
 
 from dataclasses import dataclass
+from sys import intern
 from typing import Callable, Generic, Mapping, Sequence, TypeVar, Union
 
 import msgspec
@@ -144,14 +145,20 @@ def _pod(p: _Pod) -> Pod:
     for statuses in (st.containerStatuses, st.initContainerStatuses, st.ephemeralContainerStatuses):
         for cs in statuses or ():
             ids[cs.name] = _strip_scheme(cs.containerID)
-    containers = tuple(Container(c.name, ids.get(c.name, ""))
+    containers = tuple(Container(intern(c.name), ids.get(c.name, ""))
                        for group in (spec.containers, spec.initContainers, spec.ephemeralContainers)
                        for c in group or ())
     ips = tuple(i.ip for i in st.podIPs or () if i.ip) or ((st.podIP,) if st.podIP else ())
     mirror = (md.annotations or {}).get(MIRROR_ANNOTATION, "")
-    return Pod(uid=mirror or md.uid, namespace=md.namespace, name=md.name, labels=md.labels or {},
-               service_account=spec.serviceAccountName or spec.serviceAccount, node=spec.nodeName, ips=ips,
-               phase=st.phase, containers=containers, host_network=spec.hostNetwork, mirror_of=mirror)
+    return Pod(uid=mirror or md.uid, namespace=intern(md.namespace), name=md.name, labels=_labels(md.labels),
+               service_account=intern(spec.serviceAccountName or spec.serviceAccount), node=intern(spec.nodeName),
+               ips=ips, phase=intern(st.phase), containers=containers, host_network=spec.hostNetwork, mirror_of=mirror)
+
+
+def _labels(labels: Union[dict[str, str], None]) -> dict[str, str]:
+    """Label keys and values repeat across thousands of pods: one string object each (sys.intern) instead of one
+    per pod."""
+    return {intern(k): intern(v) for k, v in labels.items()} if labels else {}
 
 
 def _namespace(n: _Namespace) -> Namespace:
