@@ -21,10 +21,11 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 DATA = Path(__file__).parent / "data" / "k8s"
@@ -220,7 +221,7 @@ class KubeAPI:
         return [r for r in list(self.requests) if r.query.get("watch") not in ("1", "true") and r.path.endswith(kind)]
 
     # -- server ----------------------------------------------------------------------------------------------------
-    def start(self, cert: Path | None = None, key: Path | None = None) -> "KubeAPI":
+    def start(self, cert: Path | None = None, key: Path | None = None) -> KubeAPI:
         """Serve HTTP, or HTTPS with `cert`/`key` (as kube-apiserver does, on 127.0.0.1)."""
         api = self
 
@@ -373,9 +374,7 @@ class KubeAPI:
                     type_ = c.type
                     if c.type == "MODIFIED" and was != now:
                         type_ = "ADDED" if now else "DELETED"
-                    elif c.type == "MODIFIED" and not now:
-                        continue
-                    elif c.type in ("ADDED", "DELETED") and not now and not was:
+                    elif c.type == "MODIFIED" and not now or c.type in ("ADDED", "DELETED") and not now and not was:
                         continue
                     obj = dict(copy.deepcopy(c.new), kind=kind_name, apiVersion=api_version)
                     send({"type": type_, "object": obj})

@@ -4,15 +4,24 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from agent.identity.k8s.convert import label_selector
 from agent.identity.k8s.model import ClusterState
-from agent.identity.k8s.watch import (Backoff, PodScope, Watch, WatchConfigError, connect, start_watch, streams_for)
+from agent.identity.k8s.watch import (
+    Backoff,
+    PodScope,
+    Watch,
+    WatchConfigError,
+    connect,
+    pod_scope,
+    start_watch,
+    streams_for,
+)
 from tests.kube_api import KubeAPI, label_match, load
 from tests.unit.collector_testlib import make_pki
 
@@ -167,7 +176,7 @@ def test_unauthorized_is_one_line_naming_the_token(api: KubeAPI, tmp_path: Path)
 
 def test_remote_pods_by_label_merge_with_local_pods(api: KubeAPI, tmp_path: Path) -> None:
     state = ClusterState()
-    scopes = [PodScope("models", label_selector({"model": "llama"})), PodScope("", label_selector({"app": "chat"}))]
+    scopes = [pod_scope("models", {"model": "llama"}), pod_scope(None, {"app": "chat"})]
     w = watch(api, tmp_path, state, need_all_pods=True, pod_scopes=scopes)
     try:
         assert w.wait_synced(10)
@@ -179,6 +188,26 @@ def test_remote_pods_by_label_merge_with_local_pods(api: KubeAPI, tmp_path: Path
         api.modify("pods", ("models", "llama-0"), lambda o: o["metadata"]["labels"].update(model="mistral"))
         until(lambda: LLAMA_UID not in state.pods)
         assert CHAT_UID in state.pods
+    finally:
+        w.stop()
+
+
+def test_streams_follow_the_config() -> None:
+    names = lambda ss: [(s.name, s.path, s.label_selector) for s in ss]
+    assert names(streams_for("n", True, [PodScope("a", "x=1"), PodScope()]))[-1] == ("remote_pods", "/api/v1/pods", "")
+    assert [s.name for s in streams_for("n", False, [PodScope("a", "x=1")])] == [
+        "pods", "namespaces", "services", "endpointslices"]                      # scopes without need_all_pods: none
+    assert [s.name for s in streams_for("n", service_names=[])] == ["pods", "namespaces"]
+    assert streams_for("n", service_names=["llama", "kube-dns", "llama"])[-1].label_selector == (
+        "kubernetes.io/service-name in (kube-dns,llama)")
+
+
+def test_endpointslices_only_of_named_services(api: KubeAPI, tmp_path: Path) -> None:
+    state = ClusterState()
+    w = watch(api, tmp_path, state, service_names=["llama"])
+    try:
+        assert w.wait_synced(10)
+        assert list(state.endpointslices) == [("models", "llama-8xk2p")]
     finally:
         w.stop()
 

@@ -6,19 +6,27 @@ a pod (volumes, probes, env, managedFields...) is skipped by the decoder and nev
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from sys import intern
-from typing import Callable, Generic, Mapping, Sequence, TypeVar, Union
+from typing import Generic, TypeVar
 
 import msgspec
 
-from agent.identity.k8s.model import Container, EndpointSlice, Namespace, Pod, Service, ServicePort
+from agent.identity.k8s.model import (
+    Container,
+    EndpointSlice,
+    Namespace,
+    Pod,
+    Service,
+    ServicePort,
+)
 
 MIRROR_ANNOTATION = "kubernetes.io/config.mirror"
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
-Record = Union[Pod, Namespace, Service, EndpointSlice]
+Record = Pod | Namespace | Service | EndpointSlice
 
 
 class _Meta(msgspec.Struct):
@@ -26,8 +34,8 @@ class _Meta(msgspec.Struct):
     namespace: str = ""
     uid: str = ""
     resourceVersion: str = ""
-    labels: Union[dict[str, str], None] = None
-    annotations: Union[dict[str, str], None] = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
 
 
 class _ListMeta(msgspec.Struct):
@@ -53,18 +61,18 @@ class _PodSpec(msgspec.Struct):
     serviceAccountName: str = ""
     serviceAccount: str = ""
     hostNetwork: bool = False
-    containers: Union[list[_Named], None] = None
-    initContainers: Union[list[_Named], None] = None
-    ephemeralContainers: Union[list[_Named], None] = None
+    containers: list[_Named] | None = None
+    initContainers: list[_Named] | None = None
+    ephemeralContainers: list[_Named] | None = None
 
 
 class _PodStatus(msgspec.Struct):
     phase: str = ""
     podIP: str = ""
-    podIPs: Union[list[_PodIP], None] = None
-    containerStatuses: Union[list[_ContainerStatus], None] = None
-    initContainerStatuses: Union[list[_ContainerStatus], None] = None
-    ephemeralContainerStatuses: Union[list[_ContainerStatus], None] = None
+    podIPs: list[_PodIP] | None = None
+    containerStatuses: list[_ContainerStatus] | None = None
+    initContainerStatuses: list[_ContainerStatus] | None = None
+    ephemeralContainerStatuses: list[_ContainerStatus] | None = None
 
 
 class _Pod(msgspec.Struct):
@@ -79,14 +87,14 @@ class _Namespace(msgspec.Struct):
 
 class _Port(msgspec.Struct):
     name: str = ""
-    port: Union[int, None] = None
+    port: int | None = None
     protocol: str = "TCP"
 
 
 class _ServiceSpec(msgspec.Struct):
     clusterIP: str = ""
-    clusterIPs: Union[list[str], None] = None
-    ports: Union[list[_Port], None] = None
+    clusterIPs: list[str] | None = None
+    ports: list[_Port] | None = None
 
 
 class _Service(msgspec.Struct):
@@ -95,18 +103,18 @@ class _Service(msgspec.Struct):
 
 
 class _Conditions(msgspec.Struct):
-    ready: Union[bool, None] = None
+    ready: bool | None = None
 
 
 class _Endpoint(msgspec.Struct):
-    addresses: Union[list[str], None] = None
+    addresses: list[str] | None = None
     conditions: _Conditions = msgspec.field(default_factory=_Conditions)
 
 
 class _EndpointSlice(msgspec.Struct):
     metadata: _Meta = msgspec.field(default_factory=_Meta)
-    endpoints: Union[list[_Endpoint], None] = None
-    ports: Union[list[_Port], None] = None
+    endpoints: list[_Endpoint] | None = None
+    ports: list[_Port] | None = None
 
 
 class _MetaOnly(msgspec.Struct):
@@ -125,7 +133,7 @@ T = TypeVar("T")
 
 class _List(msgspec.Struct, Generic[T]):
     metadata: _ListMeta = msgspec.field(default_factory=_ListMeta)
-    items: Union[list[T], None] = None
+    items: list[T] | None = None
 
 
 class _Event(msgspec.Struct):
@@ -155,7 +163,7 @@ def _pod(p: _Pod) -> Pod:
                ips=ips, phase=intern(st.phase), containers=containers, host_network=spec.hostNetwork, mirror_of=mirror)
 
 
-def _labels(labels: Union[dict[str, str], None]) -> dict[str, str]:
+def _labels(labels: dict[str, str] | None) -> dict[str, str]:
     """Label keys and values repeat across thousands of pods: one string object each (sys.intern) instead of one
     per pod."""
     return {intern(k): intern(v) for k, v in labels.items()} if labels else {}
@@ -167,7 +175,7 @@ def _namespace(n: _Namespace) -> Namespace:
     return Namespace(name=n.metadata.name, labels=labels)
 
 
-def _ports(ports: Union[list[_Port], None]) -> tuple[ServicePort, ...]:
+def _ports(ports: list[_Port] | None) -> tuple[ServicePort, ...]:
     return tuple(ServicePort(p.name, p.port or 0, p.protocol or "TCP") for p in ports or ())
 
 
@@ -224,8 +232,8 @@ class Page:
 class Event:
     type: str                 # ADDED | MODIFIED | DELETED | BOOKMARK | ERROR
     resource_version: str     # of the object ("" for ERROR)
-    record: Union[Record, None] = None      # None for BOOKMARK and ERROR
-    status: Union[Status, None] = None      # for ERROR
+    record: Record | None = None      # None for BOOKMARK and ERROR
+    status: Status | None = None      # for ERROR
 
 
 def decode_list(kind: str, data: bytes) -> Page:
@@ -262,14 +270,19 @@ def decode_status(data: bytes) -> Status:
         return Status()
 
 
+def _field(e: object, name: str) -> object:
+    return e.get(name) if isinstance(e, Mapping) else getattr(e, name, None)
+
+
 def label_selector(match_labels: Mapping[str, str] | None = None,
-                   match_expressions: Sequence[Mapping[str, object]] | None = None) -> str:
-    """A metav1.LabelSelector as the API's labelSelector query string ("a=b,tier in (web),!legacy").
+                   match_expressions: Sequence[object] | None = None) -> str:
+    """A metav1.LabelSelector as the API's labelSelector query string ("a=b,tier in (web),!legacy"). Expressions are
+    mappings ({key, operator, values}) or objects with those attributes (agent/config.py's LabelRequirement).
     Raises ValueError naming the operator it does not know."""
     parts = [f"{k}={v}" for k, v in sorted((match_labels or {}).items())]
     for e in match_expressions or ():
-        key, op = str(e["key"]), str(e["operator"])
-        values = ",".join(sorted(str(v) for v in e.get("values") or ()))   # type: ignore[union-attr]
+        key, op = str(_field(e, "key")), str(_field(e, "operator"))
+        values = ",".join(sorted(str(v) for v in _field(e, "values") or ()))   # type: ignore[union-attr]
         if op == "In":
             parts.append(f"{key} in ({values})")
         elif op == "NotIn":

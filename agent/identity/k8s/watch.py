@@ -22,14 +22,21 @@ import random
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import httpx2 as httpx
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agent.identity.k8s.convert import Record, decode_event, decode_list, decode_status
+from agent.identity.k8s.convert import (
+    SERVICE_NAME_LABEL,
+    Record,
+    decode_event,
+    decode_list,
+    decode_status,
+    label_selector,
+)
 from agent.identity.k8s.model import ClusterState
 
 log = logging.getLogger(__name__)
@@ -60,22 +67,39 @@ class Stream:
     label_selector: str = ""
 
 
+def pod_scope(namespace: str | None, match_labels: Mapping[str, str] | None = None,
+              match_expressions: Sequence[object] | None = None) -> PodScope:
+    """The watch scope of one `pods:` endpoint: its namespace (None when it selects namespaces by label: all
+    namespaces are watched and the identity side filters by namespace labels) and its podSelector."""
+    return PodScope(namespace or "", label_selector(match_labels, match_expressions))
+
+
 _PATHS = {"pods": "/api/v1/pods", "namespaces": "/api/v1/namespaces", "services": "/api/v1/services",
           "endpointslices": "/apis/discovery.k8s.io/v1/endpointslices"}
 
 
-def streams_for(node_name: str, need_all_pods: bool = False, pod_scopes: Sequence[PodScope] = ()) -> list[Stream]:
-    """The watches one agent needs. Remote pods: one watch per scope when the config's selectors name them (a
-    namespace and/or labels: the API server filters, the agent holds only matching pods), all pods of the cluster only
-    when `need_all_pods` comes without scopes."""
+def streams_for(node_name: str, need_all_pods: bool = False, pod_scopes: Sequence[PodScope] = (),
+                service_names: Sequence[str] | None = None) -> list[Stream]:
+    """The watches one agent needs.
+    Remote pods: one watch per scope when the config's selectors name them (a namespace and/or labels: the API server
+    filters, the agent holds only matching pods); all pods of the cluster when `need_all_pods` comes without scopes
+    (or one scope is everything).
+    Services and EndpointSlices: all of them (as kube-proxy watches) unless `service_names` lists the Services the
+    config's `service:` endpoints name: then EndpointSlices only with `kubernetes.io/service-name in (...)` (the
+    slices churn with every pod readiness change), and an empty list watches neither."""
     if not node_name:
         raise WatchConfigError("kubernetes.node_name: empty (set it from the downward API: spec.nodeName)")
     out = [Stream("pods", "pods", _PATHS["pods"], field_selector=f"spec.nodeName={node_name}"),
-           Stream("namespaces", "namespaces", _PATHS["namespaces"]),
-           Stream("services", "services", _PATHS["services"]),
-           Stream("endpointslices", "endpointslices", _PATHS["endpointslices"])]
+           Stream("namespaces", "namespaces", _PATHS["namespaces"])]
+    if service_names is None or service_names:
+        names = sorted(set(service_names or ()))
+        out += [Stream("services", "services", _PATHS["services"]),
+                Stream("endpointslices", "endpointslices", _PATHS["endpointslices"],
+                       label_selector=f"{SERVICE_NAME_LABEL} in ({','.join(names)})" if names else "")]
     if need_all_pods:
         scopes = list(dict.fromkeys(pod_scopes)) or [PodScope()]
+        if PodScope() in scopes:
+            scopes = [PodScope()]
         for i, s in enumerate(scopes):
             path = f"/api/v1/namespaces/{s.namespace}/pods" if s.namespace else _PATHS["pods"]
             name = "remote_pods" if len(scopes) == 1 else f"remote_pods_{i}"
@@ -305,7 +329,7 @@ def _one_line(e: BaseException) -> str:
 class WatchCollector(Collector):
     """aimesh_k8s_* metrics, read from the streams' stats at scrape time."""
 
-    def __init__(self, watch: "Watch") -> None:
+    def __init__(self, watch: Watch) -> None:
         self._watch = watch
 
     def collect(self) -> Iterator:
@@ -339,7 +363,7 @@ class Watch:
         make = backoff or (lambda: Backoff(rand=rand))
         self._runners = [_Runner(s, client, state, pods, self._stop, make(), rand) for s in streams]
 
-    def start(self) -> "Watch":
+    def start(self) -> Watch:
         for r in self._runners:
             r.thread.start()
         return self
@@ -378,7 +402,8 @@ class Watch:
 def connect(kubeconfig: str | None = None, service_account_dir: str = SERVICE_ACCOUNT_DIR) -> httpx.Client:
     """An authenticated client for the API server: in-cluster (service account token + CA, token re-read when the
     kubelet rotates it) unless `kubeconfig` names a file (development). WatchConfigError names what is missing."""
-    from lightkube.config.client_adapter import ConnectionParams, Client as _adapter_client
+    from lightkube.config.client_adapter import Client as _adapter_client
+    from lightkube.config.client_adapter import ConnectionParams
     from lightkube.config.kubeconfig import KubeConfig
     from lightkube.core.exceptions import ConfigError
 
@@ -401,8 +426,9 @@ def connect(kubeconfig: str | None = None, service_account_dir: str = SERVICE_AC
 
 
 def start_watch(state: ClusterState, node_name: str, kubeconfig: str | None = None, need_all_pods: bool = False,
-                pod_scopes: Sequence[PodScope] = ()) -> Watch:
-    """The daemon's hook: connect (in-cluster unless `kubeconfig`), start every stream, return at once (the first
-    lists happen in the threads: use `.wait_synced(t)` / `.synced()`). Raises WatchConfigError before any thread."""
-    streams = streams_for(node_name, need_all_pods, pod_scopes)
+                pod_scopes: Sequence[PodScope] = (), service_names: Sequence[str] | None = None) -> Watch:
+    """The daemon's hook: connect (in-cluster unless `kubeconfig`), start every stream (streams_for), return at once
+    (the first lists happen in the threads: use `.wait_synced(t)` / `.synced()`). Raises WatchConfigError, one line,
+    before any thread starts."""
+    streams = streams_for(node_name, need_all_pods, pod_scopes, service_names)
     return Watch(connect(kubeconfig), state, streams).start()
