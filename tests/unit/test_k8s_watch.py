@@ -308,3 +308,10 @@ def test_label_selector_strings_mean_what_kubernetes_means(labels, exprs, want, 
 def test_label_selector_unknown_operator() -> None:
     with pytest.raises(ValueError, match="operator: 'Has'"):
         label_selector({}, [{"key": "a", "operator": "Has"}])
+
+
+def test_pod_scope_from_config_objects() -> None:
+    from types import SimpleNamespace
+    req = SimpleNamespace(key="tier", operator="In", values=["web"])     # the shape of agent/config.py's LabelRequirement
+    assert pod_scope("models", {"model": "llama"}, [req]) == PodScope("models", "model=llama,tier in (web)")
+    assert pod_scope(None, {}, []) == PodScope()                              # namespaceSelector: {} and podSelector: {}
