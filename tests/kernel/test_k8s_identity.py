@@ -143,6 +143,7 @@ def test_pods_namespaces_and_services_decide_in_the_kernel(cgroups, agents, api,
         assert allowed(run_client(apiserver, port))       # the static pod, through its mirror pod
         # a cgroup whose pod the API has not told us about: unresolved, denied, until the pod arrives
         assert denied(run_client(late, port))
+        assert denied(run_client(late, vec_port, host=VEC_IP))   # even to an ungoverned end: deny = no policy at all
         api.add("pods", pod_object(chat, LATE_UID, "chat-late", {"app": "chat"}, [("app", f"containerd://{LATE_ID}")]))
         eventually(lambda: run_client(late, port), allowed, "the late pod's cgroup after its pod arrived")
         # the pod first, then its cgroup (mkdir seen by the kernel, assigned at once from the known pod)
@@ -188,3 +189,26 @@ def test_pods_namespaces_and_services_decide_in_the_kernel(cgroups, agents, api,
                  if line.startswith("aimesh_k8s_pod_resolution_seconds_count"))
     assert count >= 1          # the late pod's cgroup resolved at least once
     assert "aimesh_k8s_unresolved_assignments_total" in metrics
+
+
+@pytest.mark.parametrize("how", ["allow", "audit"])
+def test_unresolved_allow_and_audit(cgroups, agents, api, tmp_path, how):
+    """allow: not governed (an ungoverned end is reached); audit: governed in audit mode (reached, recorded as audit)."""
+    root = cgroups.root
+    late = cgroups.child(str(cgroupfs_container(root, LATE_UID, LATE_ID).relative_to(root)))
+    other_cg = cgroups.child("other")
+    cfg = {"identities": [{"name": "chat", "kind": "service",
+                           "select": {"pods": [{"namespace": "shop", "podSelector": {}}]}}],
+           "kubernetes": {"unresolved": how, "kubeconfig": str(api.kubeconfig(tmp_path / "kubeconfig")),
+                          "node_name": "node-a"}}
+    agent = agents(cfg)
+    port = free_port()
+    srv = start_server(other_cg, port, name="other", host=VEC_IP, timeout=120)
+    try:
+        assert allowed(run_client(late, port, host=VEC_IP))
+    finally:
+        srv.popen.kill()
+        srv.popen.wait()
+    seen = {(r["verdict"], r["reason"]) for r in agent.flows(wait_for=1)
+            if r["destination"]["port"] == port and r["source"]["name"] == "unresolved"}
+    assert seen == ({("audit", "no_policy_src")} if how == "audit" else {("allowed", "not_governed")})
