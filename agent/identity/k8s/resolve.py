@@ -30,6 +30,7 @@ class ClusterView:
     services: Mapping[tuple[str, str], Service] = field(default_factory=dict)
     endpointslices: Mapping[tuple[str, str], EndpointSlice] = field(default_factory=dict)
     by_mirror: Mapping[str, Pod] = field(default_factory=dict)   # a static pod's config hash -> its mirror pod
+    slices_of: Mapping[tuple[str, str], tuple[EndpointSlice, ...]] = field(default_factory=dict)  # by Service
 
     def pod(self, uid: str) -> Optional[Pod]:
         """The pod a cgroup's UID names: the API's uid, or a static pod's config hash (its mirror pod)."""
@@ -39,8 +40,12 @@ class ClusterView:
 def view_of(pods: Mapping[str, Pod], namespaces: Mapping[str, Namespace] = {},
             services: Mapping[tuple[str, str], Service] = {},
             endpointslices: Mapping[tuple[str, str], EndpointSlice] = {}) -> ClusterView:
+    slices: dict[tuple[str, str], list[EndpointSlice]] = {}
+    for s in endpointslices.values():
+        slices.setdefault((s.namespace, s.service), []).append(s)
     return ClusterView(dict(pods), dict(namespaces), dict(services), dict(endpointslices),
-                       {p.mirror_of: p for p in pods.values() if p.mirror_of})
+                       {p.mirror_of: p for p in pods.values() if p.mirror_of},
+                       {k: tuple(v) for k, v in slices.items()})
 
 
 def snapshot(state: ClusterState) -> ClusterView:
@@ -64,9 +69,7 @@ def _service_ends(e: ServiceEndpoint, view: ClusterView) -> Iterator[tuple[str, 
                 yield ip, port
         if e.ports:
             names = {p.name for p in svc.ports if p.port in e.ports}
-    for s in view.endpointslices.values():
-        if s.namespace != ns or s.service != name:
-            continue
+    for s in view.slices_of.get((ns, name), ()):
         ports = [p.port for p in s.ports if names is None or p.name in names]
         if not s.ports:
             ports = [0]
