@@ -7,7 +7,7 @@ from pathlib import Path
 
 from agent.config import UNRESOLVED, parse_config
 from agent.identity.assigner import IdentityAssigner
-from agent.identity.k8s.model import Container, Namespace, Pod
+from agent.identity.k8s.model import Container, Pod
 from agent.identity.k8s.resolve import PodResolutionStats, view_of
 from agent.policy.identities import IdentityNumbering
 

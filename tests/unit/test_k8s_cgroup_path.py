@@ -67,7 +67,7 @@ def test_every_kubelet_shape(path, want):
     f"/demo/pod{UID}/{CID}",                                   # a pod-looking name outside kubepods
     f"/kubepods/burstable/pod{U_}/{CID}",                       # cgroupfs never escapes the UID
     f"/kubepods/burstable/podnot-a-uid/{CID}",
-    f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice",
+    "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod1234.slice",
 ])
 def test_not_a_pod(path):
     assert parse(path) is None

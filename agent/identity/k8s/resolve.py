@@ -164,7 +164,7 @@ class PodResolutionStats:
         with self._lock:
             counts, total, now, s = list(self.counts), self.unresolved_total, self.unresolved_now, self.sum
         cum, acc = [], 0
-        for b, c in zip(self.buckets + (float("inf"),), counts):
+        for b, c in zip(self.buckets + (float("inf"),), counts, strict=True):
             acc += c
             cum.append(("+Inf" if b == float("inf") else repr(b), acc))
         h = HistogramMetricFamily("aimesh_k8s_pod_resolution_seconds",
