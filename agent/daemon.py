@@ -79,14 +79,24 @@ class AgentOptions:
     kubeconfig: Optional[Path] = None          # overrides config kubernetes.kubeconfig (development)
 
 
+def remote_pod_selectors(config: Config) -> list:
+    """The `pods:` endpoints' selectors (PodsSelector), in file order without repeats: what the remote-pod watches
+    ask the API server for."""
+    from agent.config import PodsEndpoint
+    out: list = []
+    for i in config.identities:
+        for e in i.k8s_endpoints:
+            if isinstance(e, PodsEndpoint) and e.pods not in out:
+                out.append(e.pods)
+    return out
+
+
 def k8s_needs(config: Optional[Config]) -> tuple:
     """What the Kubernetes watch is started with: a reload that changes it needs a restart."""
     if config is None or not config.uses_kubernetes:
         return (False,)
-    from agent.config import PodsEndpoint
     k = config.k8s
-    all_pods = any(isinstance(e, PodsEndpoint) for i in config.identities for e in i.k8s_endpoints)
-    return (True, k.kubeconfig, k.node_name, all_pods)
+    return (True, k.kubeconfig, k.node_name, tuple(s.model_dump_json() for s in remote_pod_selectors(config)))
 
 
 def preflight() -> None:
@@ -378,7 +388,8 @@ class Agent:
             return
         if self.cluster is None:
             try:
-                from agent.identity.k8s.watch import WatchConfigError, start_watch
+                from agent.identity.k8s.convert import label_selector
+                from agent.identity.k8s.watch import PodScope, WatchConfigError, start_watch
             except ImportError as e:
                 raise AgentError(f"kubernetes: the API watch is not available ({e})") from None
             k = config.k8s
@@ -387,10 +398,15 @@ class Agent:
                 raise AgentError("kubernetes.node_name: not set and NODE_NAME is empty (set it from the downward "
                                  "API: spec.nodeName)")
             kubeconfig = self.opts.kubeconfig or k.kubeconfig
+            # remote pods: one watch per `pods:` endpoint, filtered by the API server (its namespace when named, its
+            # podSelector); a namespaceSelector is applied here, over the namespaces' labels
+            scopes = [PodScope(sel.namespace or "", label_selector(sel.pod_selector.match_labels,
+                                                                   sel.pod_selector.match_expressions))
+                      for sel in remote_pod_selectors(config)]
             self.cluster = ClusterState()
             try:
                 self.watch = start_watch(self.cluster, node, str(kubeconfig) if kubeconfig else None,
-                                         need_all_pods=k8s_needs(config)[-1])
+                                         need_all_pods=bool(scopes), pod_scopes=scopes)
             except WatchConfigError as e:
                 raise AgentError(str(e)) from None
             if not self.watch.wait_synced(K8S_SYNC_WAIT_S):

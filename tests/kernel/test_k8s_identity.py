@@ -29,6 +29,8 @@ LATE_ID = "9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1a0"
 EARLY_UID = "0b1c2d3e-4f50-4617-8293-a4b5c6d7e8f9"
 EARLY_ID = "1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f809"
 VEC_IP = "127.0.0.77"
+REMOTE_IP = "127.0.0.78"                                     # a pod "on another node"
+REMOTE_UID = "5a6b7c8d-9e0f-4a1b-8c2d-3e4f5a6b7c8d"
 
 
 def _u(uid: str) -> str:
@@ -126,6 +128,8 @@ def test_pods_namespaces_and_services_decide_in_the_kernel(cgroups, agents, api,
                                   "podSelector": {"matchLabels": {"component": "kube-apiserver"}}}]}},
             {"name": "llm", "kind": "model", "select": {"cgroups": [cgroups.rel(llm_cg)]}},
             {"name": "vec", "kind": "dataset", "endpoints": [{"service": {"namespace": "models", "name": "vec"}}]},
+            {"name": "shards", "kind": "dataset",
+             "endpoints": [{"pods": {"namespace": "models", "podSelector": {"matchLabels": {"app": "shard"}}}}]},
         ],
         "policies": [{"from": ["chat", "embedder", "apiserver"], "to": "llm", "ports": [port]}],
         "kubernetes": {"unresolved": "deny", "kubeconfig": str(api.kubeconfig(tmp_path / "kubeconfig")),
@@ -135,6 +139,7 @@ def test_pods_namespaces_and_services_decide_in_the_kernel(cgroups, agents, api,
     srv = start_server(llm_cg, port, name="llm", timeout=300)
     vec_port = free_port()
     vec = start_server(other_cg, vec_port, name="vec", host=VEC_IP, timeout=300)
+    shard = start_server(other_cg, vec_port, name="shard", host=REMOTE_IP, timeout=300)
     try:
         # every runtime shape, matched by its pod
         assert allowed(run_client(chat_app, port))
@@ -173,11 +178,21 @@ def test_pods_namespaces_and_services_decide_in_the_kernel(cgroups, agents, api,
         eventually(lambda: run_client(chat_app, vec_port, host=VEC_IP), denied, "the Service's ClusterIP as vec")
         api.delete("services", ("models", "vec"))
         eventually(lambda: run_client(chat_app, vec_port, host=VEC_IP), allowed, "the Service gone")
+
+        # a `pods:` endpoint: a pod on another node (its own remote-pods watch) becomes `shards` by its IP
+        assert allowed(run_client(chat_app, vec_port, host=REMOTE_IP))
+        remote = pod_object(chat, REMOTE_UID, "shard-0", {"app": "shard"}, [("shard", "containerd://" + "e" * 64)])
+        remote["metadata"]["namespace"] = "models"
+        remote["spec"]["nodeName"] = "node-b"
+        remote["status"].update(podIP=REMOTE_IP, podIPs=[{"ip": REMOTE_IP}])
+        api.add("pods", remote)
+        eventually(lambda: run_client(chat_app, vec_port, host=REMOTE_IP), denied, "the remote pod's IP as shards")
     finally:
         srv.popen.kill()
         vec.popen.kill()
-        srv.popen.wait()
-        vec.popen.wait()
+        shard.popen.kill()
+        for p in (srv, vec, shard):
+            p.popen.wait()
 
     flows = agent.flows(wait_for=1)
     names = {(r["source"]["name"], r["verdict"]) for r in flows if r["destination"]["port"] == port}
