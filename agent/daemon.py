@@ -5,7 +5,8 @@ cgroup root (building it first with the short-lived loader when the programs cha
 leaves it in force. `aimesh uninstall` removes it; `--ephemeral` removes it at exit (development).
 
 Signals: SIGHUP re-reads the config (a bad one is rejected and the old policy stays); SIGTERM/SIGINT stop the agent
-and leave the datapath enforcing.
+and leave the datapath enforcing. With the config watch on (by default when the file is in a kubelet-mounted
+ConfigMap) a change of the file is re-read the same way, within about a second (ConfigWatch).
 """
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ class AgentOptions:
     bpf_root: Optional[Path] = None            # bpf/ sources to build from (tests of upgrades); default: the package's
     pin_base: Optional[Path] = None            # default /sys/fs/bpf/aimesh
     kubeconfig: Optional[Path] = None          # overrides config kubernetes.kubeconfig (development)
+    watch_config: Optional[bool] = None        # reload when the file changes; None: when it is kubelet-mounted
 
 
 def remote_pod_selectors(config: Config) -> list:
@@ -97,6 +99,46 @@ def k8s_needs(config: Optional[Config]) -> tuple:
         return (False,)
     k = config.k8s
     return (True, k.kubeconfig, k.node_name, tuple(s.model_dump_json() for s in remote_pod_selectors(config)))
+
+
+def kubelet_mounted(path: Path) -> bool:
+    """Is path a file of a kubelet-mounted ConfigMap or Secret volume (its directory has the `..data` symlink)?
+    kubelet updates such a volume by writing a new `..<timestamp>` directory and renaming a symlink onto `..data`:
+    every file changes at once and is never seen half-written."""
+    return (path.parent / "..data").is_symlink()
+
+
+class ConfigWatch:
+    """Notices that the config file changed, by polling (one stat per call, no inotify, no dependency).
+
+    The signature is the resolved path (kubelet's `..data` swap changes it, even for identical bytes) and the file's
+    device, inode, size and mtime (an editor's rename or an in-place write changes one of them). A file that is
+    missing for a moment (mid-swap, or removed) is no change: the policy in force stays and the next call looks again.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen = self._signature()
+
+    def _signature(self) -> Optional[tuple[str, int, int, int, int]]:
+        try:
+            real = os.path.realpath(self.path)
+            st = os.stat(real)
+        except OSError:
+            return None
+        return real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+    def changed(self) -> bool:
+        """True once per change since the last call (or the last seen_now())."""
+        sig = self._signature()
+        if sig is None or sig == self._seen:
+            return False
+        self._seen = sig
+        return True
+
+    def seen_now(self) -> None:
+        """The file as it is now is the one being loaded (a SIGHUP reload): no second reload for it."""
+        self._seen = self._signature() or self._seen
 
 
 def preflight() -> None:
@@ -181,6 +223,7 @@ class Agent:
                       "model_calls": 0}
         self._reload = False
         self._stop = False
+        self.config_watch: Optional[ConfigWatch] = None
         self._next_transition: Optional[datetime] = None
         self._mono_to_wall = time.time_ns() - time.monotonic_ns()
         self._local_addrs: set[bytes] = set()
@@ -211,6 +254,12 @@ class Agent:
         preflight()
         from agent.kernel.datapath import limit_malloc_arenas
         limit_malloc_arenas()   # before any thread starts
+        watch = self.opts.watch_config
+        if watch is None:
+            watch = kubelet_mounted(self.opts.config_path)
+        if watch:   # before the first load: a change while starting is reloaded at the first turn of the loop
+            self.config_watch = ConfigWatch(self.opts.config_path)
+            log.info("watching %s for changes (reloaded like SIGHUP)", self.opts.config_path)
         config = load_config(self.opts.config_path)
         self.limits = self.opts.limits or limits_of(config)
         self.agent_id = self.opts.agent_id or config.collector.agent_id or self.node
@@ -566,10 +615,15 @@ class Agent:
                 if datetime.now(timezone.utc) < self._installed_wall - timedelta(seconds=1):
                     log.warning("the clock stepped back: recompiling lifecycle rules for the time it says now")
                     self._next_transition = datetime.now(timezone.utc)
+                if self.config_watch is not None and self.config_watch.changed():
+                    log.info("config file %s changed: reloading", self.opts.config_path)
+                    self._reload = True
             if time.monotonic_ns() - self._udp_last >= self.config.telemetry.udp_window * 1e9:
                 self._drain_udp()
             if self._reload:
                 self._reload = False
+                if self.config_watch is not None:
+                    self.config_watch.seen_now()
                 self._reload_config()
             self._k8s_turn()
             if self._next_transition and datetime.now(timezone.utc) >= self._next_transition:
