@@ -1,15 +1,18 @@
-/* Plaintext capture: syscall tracepoints copy what a marked client socket sends and receives into capture_events.
+/* Plaintext capture: two raw tracepoints copy what a marked client socket sends and receives into capture_events.
  *
- *   syscalls:sys_enter_connect / sys_exit_connect  (tgid, fd) of a connect the connect hook marked -> capture_sockets
- *   syscalls:sys_enter_close                       forget (tgid, fd), tell the agent (a CLOSE record)
- *   syscalls:sys_enter_write, sys_enter_sendto     copy the bytes sent
- *   syscalls:sys_enter_writev, sys_enter_sendmsg   copy the bytes sent, across the first CAPTURE_IOVECS iovecs
- *   syscalls:sys_enter_read/recvfrom/readv/recvmsg + sys_exit   keep the buffer (or iovec array) per thread, copy
- *                                                  the bytes received (ret)
+ *   raw_tracepoint/sys_enter   dispatch on the syscall number (x86-64), every other syscall leaves at one compare:
+ *     connect                  (tgid, fd) of a connect the connect hook marked -> capture_connect
+ *     close                    forget (tgid, fd), tell the agent (a CLOSE record)
+ *     write, sendto            copy the bytes sent
+ *     writev, sendmsg          copy the bytes sent, across the first CAPTURE_IOVECS iovecs
+ *     read/recvfrom/readv/recvmsg   keep the buffer (or iovec array) per thread (capture_reads)
+ *   raw_tracepoint/sys_exit    (the number from pt_regs.orig_ax, the return value from args[1])
+ *     connect                  capture_connect -> capture_sockets when it succeeded
+ *     the receives             copy the bytes received (ret)
  * These programs are an optional group (agent/kernel/registry.py group "capture"): the agent links them only while
  * the live policy generation has CFG_F_LLM_CAPTURE, so with no capture identity no syscall on the node pays. While
- * linked, every send or receive that is not on a marked socket costs one capture_sockets lookup (a receive also one
- * capture_reads lookup at exit).
+ * linked, every syscall pays the compare (the exit one pt_regs read), and every send or receive that is not on a
+ * marked socket one capture_sockets lookup (a receive also one capture_reads lookup at exit).
  * What is copied: a send/receive copies chunks of CAPTURE_CHUNK bytes, at most CAPTURE_CHUNKS_PER_CALL of them, and
  * at most what is left of the per-request budget (runtime_config.capture_request_bytes for a run of sends,
  * capture_response_bytes for a run of receives; a send after a receive starts a new request). What it does not copy
@@ -264,14 +267,85 @@ static __always_inline void capture_data(const struct capture_sock_key *k, struc
 	capture_copy(k, s, dir, flags, &src, total);
 }
 
-static __always_inline int capture_send(__u32 fd, __u64 buf, __u32 iovcnt, __u64 count)
+/* ---- the two raw tracepoints: every syscall of every task passes here while the group is linked ---- */
+
+/* x86-64 syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl) of the calls capture looks at. */
+#define SYS_READ      0
+#define SYS_WRITE     1
+#define SYS_CLOSE     3
+#define SYS_READV    19
+#define SYS_WRITEV   20
+#define SYS_CONNECT  42
+#define SYS_SENDTO   44
+#define SYS_RECVFROM 45
+#define SYS_SENDMSG  46
+#define SYS_RECVMSG  47
+#define CAPTURE_SYSCALLS_MASK ((1ULL << SYS_READ) | (1ULL << SYS_WRITE) | (1ULL << SYS_CLOSE) | (1ULL << SYS_READV) | \
+			       (1ULL << SYS_WRITEV) | (1ULL << SYS_CONNECT) | (1ULL << SYS_SENDTO) | \
+			       (1ULL << SYS_RECVFROM) | (1ULL << SYS_SENDMSG) | (1ULL << SYS_RECVMSG))
+/* The calls whose exit is looked at: a receive's bytes are known there, a connect's outcome too. */
+#define CAPTURE_EXITS_MASK ((1ULL << SYS_READ) | (1ULL << SYS_READV) | (1ULL << SYS_CONNECT) | \
+			    (1ULL << SYS_RECVFROM) | (1ULL << SYS_RECVMSG))
+
+/* Offsets in the kernel's struct pt_regs (arch/x86/include/asm/ptrace.h) of the syscall arguments (di, si, dx: the
+ * first three) and of orig_ax (the syscall number, kept there for the exit). */
+#define PT_REGS_OFF_DX      96
+#define PT_REGS_OFF_SI     104
+#define PT_REGS_OFF_DI     112
+#define PT_REGS_OFF_ORIG_AX 120
+
+static __always_inline __u64 capture_reg(__u64 regs, __u32 off)
 {
-	struct capture_sock_key k;
-	struct capture_sock *s = capture_find(fd, &k);
-	if (!s || !count)
+	__u64 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), (const void *)(regs + off));
+	return v;
+}
+
+static __always_inline int capture_connect_enter(__u32 fd)
+{
+	const struct runtime_config *cfg = config_get();
+	if (!cfg || !(cfg->flags & CFG_F_LLM_CAPTURE))
 		return 0;
-	struct capture_src src = { .buf = buf, .iovcnt = iovcnt };
-	capture_syscall(&k, s, CAPTURE_DIR_SEND, &src, count);
+	__u64 id = bpf_get_current_pid_tgid();
+	struct capture_sock c = {};
+	c.fd = fd;
+	capture_connect.update(&id, &c);
+	return 0;
+}
+
+static __always_inline int capture_connect_exit(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct capture_sock *c = capture_connect.lookup(&id);
+	if (!c)
+		return 0;
+	struct capture_sock v = *c;
+	capture_connect.delete(&id);
+	struct capture_sock_key k = { .tgid = id >> 32, .fd = v.fd };
+	if (!v.ready || (ret != 0 && ret != -CAPTURE_EINPROGRESS)) {
+		capture_sockets.delete(&k);   /* an fd dup2'ed over a captured one is not that socket any more */
+		return 0;
+	}
+	v.ready = 0;
+	v.flags = 0;
+	v.direction = 0;
+	v.burst_bytes = 0;
+	if (capture_sockets.update(&k, &v))
+		counter_add(COUNTER_CAPTURE_SOCKETS_FULL);
+	return 0;
+}
+
+static __always_inline int capture_close(const struct capture_sock_key *k, const struct capture_sock *s)
+{
+	struct capture_event *h = capture_events.ringbuf_reserve(sizeof(struct capture_event));
+	if (h) {
+		capture_header(h, k, s, CAPTURE_KIND_CLOSE, 0, s->flags & CAPTURE_SOCK_F_TLS ? CAPTURE_EV_F_TLS : 0,
+			       bpf_ktime_get_ns());
+		capture_events.ringbuf_submit(h, BPF_RB_NO_WAKEUP);
+	} else {
+		counter_add(COUNTER_CAPTURE_EVENTS_LOST);
+	}
+	capture_sockets.delete(k);
 	return 0;
 }
 
@@ -291,59 +365,50 @@ static __always_inline __u64 capture_iov_total(__u64 vec, __u32 vlen)
 	return total;
 }
 
-static __always_inline int capture_sendv(__u32 fd, __u64 vec, __u64 vlen)
+/* A send or receive on a marked socket (one capture_sockets lookup for any other): a send is copied now, a receive's
+ * buffer is kept for its exit. */
+static __always_inline int capture_io_enter(__u64 regs, __u64 nr)
 {
 	struct capture_sock_key k;
-	struct capture_sock *s = capture_find(fd, &k);
-	if (!s || !vlen)
-		return 0;
-	__u32 n = vlen > 0xffff ? 0xffff : vlen;
-	if (n > CAPTURE_IOVECS)
-		capture_count(COUNTER_CAPTURE_TRUNCATED, 1);   /* iovecs past CAPTURE_IOVECS: not even their size is known */
-	__u64 total = capture_iov_total(vec, n);
-	if (!total)
-		return 0;
-	struct capture_src src = { .buf = vec, .iovcnt = n };
-	capture_syscall(&k, s, CAPTURE_DIR_SEND, &src, total);
-	return 0;
-}
-
-static __always_inline int capture_sendmsg(__u32 fd, __u64 msg)
-{
-	struct capture_sock_key k;
-	if (!capture_find(fd, &k))
-		return 0;
-	struct capture_msg_iov m;
-	if (bpf_probe_read_user(&m, sizeof(m), (const void *)(msg + CAPTURE_MSGHDR_IOV_OFFSET)))
-		return 0;
-	return capture_sendv(fd, m.iov, m.iovlen);
-}
-
-static __always_inline int capture_recv_enter(__u32 fd, __u64 buf, __u64 iovcnt)
-{
-	struct capture_sock_key k;
-	struct capture_sock *s = capture_find(fd, &k);
+	struct capture_sock *s = capture_find(capture_reg(regs, PT_REGS_OFF_DI), &k);
 	if (!s)
 		return 0;
-	if (tls_note_fd(fd, s) || (s->flags & CAPTURE_SOCK_F_SKIP)) {
-		capture_count(COUNTER_CAPTURE_NOT_CAPTURED, 1);
+	if (nr == SYS_CLOSE)
+		return capture_close(&k, s);
+	struct capture_src src = { .buf = capture_reg(regs, PT_REGS_OFF_SI), .iovcnt = 0 };
+	__u64 count = capture_reg(regs, PT_REGS_OFF_DX);
+	if (nr == SYS_SENDMSG || nr == SYS_RECVMSG) {
+		struct capture_msg_iov m;
+		if (bpf_probe_read_user(&m, sizeof(m), (const void *)(src.buf + CAPTURE_MSGHDR_IOV_OFFSET)))
+			return 0;
+		src.buf = m.iov;
+		count = m.iovlen;
+	}
+	int vector = nr == SYS_SENDMSG || nr == SYS_RECVMSG || nr == SYS_WRITEV || nr == SYS_READV;
+	if (vector) {
+		if (!count)
+			return 0;
+		src.iovcnt = count > 0xffff ? 0xffff : count;
+	}
+	if (nr == SYS_READ || nr == SYS_RECVFROM || nr == SYS_READV || nr == SYS_RECVMSG) {
+		if (tls_note_fd(k.fd, s) || (s->flags & CAPTURE_SOCK_F_SKIP)) {
+			capture_count(COUNTER_CAPTURE_NOT_CAPTURED, 1);
+			return 0;
+		}
+		__u64 id = bpf_get_current_pid_tgid();
+		struct capture_read r = { .buf = src.buf, .fd = k.fd, .iovcnt = src.iovcnt };
+		capture_reads.update(&id, &r);
 		return 0;
 	}
-	__u64 id = bpf_get_current_pid_tgid();
-	struct capture_read r = { .buf = buf, .fd = fd, .iovcnt = iovcnt > 0xffff ? 0xffff : iovcnt };
-	capture_reads.update(&id, &r);
+	__u64 total = count;
+	if (vector) {
+		if (src.iovcnt > CAPTURE_IOVECS)
+			capture_count(COUNTER_CAPTURE_TRUNCATED, 1);   /* iovecs past CAPTURE_IOVECS: not even their size is known */
+		total = capture_iov_total(src.buf, src.iovcnt);
+	}
+	if (total)
+		capture_syscall(&k, s, CAPTURE_DIR_SEND, &src, total);
 	return 0;
-}
-
-static __always_inline int capture_recvmsg_enter(__u32 fd, __u64 msg)
-{
-	struct capture_sock_key k;
-	if (!capture_find(fd, &k))
-		return 0;
-	struct capture_msg_iov m;
-	if (bpf_probe_read_user(&m, sizeof(m), (const void *)(msg + CAPTURE_MSGHDR_IOV_OFFSET)) || !m.iovlen)
-		return 0;
-	return capture_recv_enter(fd, m.iov, m.iovlen);
 }
 
 static __always_inline int capture_recv_exit(long ret)
@@ -365,70 +430,27 @@ static __always_inline int capture_recv_exit(long ret)
 	return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+/* raw_tracepoint/sys_enter: args[0] the caller's struct pt_regs, args[1] the syscall number. Every syscall but the
+ * ten above leaves at the first compare. */
+int aimesh_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 {
-	const struct runtime_config *cfg = config_get();
-	if (!cfg || !(cfg->flags & CFG_F_LLM_CAPTURE))
+	__u64 nr = ctx->args[1];
+	if (nr > SYS_RECVMSG || !((1ULL << nr) & CAPTURE_SYSCALLS_MASK))
 		return 0;
-	__u64 id = bpf_get_current_pid_tgid();
-	struct capture_sock c = {};
-	c.fd = args->fd;
-	capture_connect.update(&id, &c);
-	return 0;
+	__u64 regs = ctx->args[0];
+	if (nr == SYS_CONNECT)
+		return capture_connect_enter(capture_reg(regs, PT_REGS_OFF_DI));
+	return capture_io_enter(regs, nr);
 }
 
-TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+/* raw_tracepoint/sys_exit: args[0] the struct pt_regs (orig_ax: the syscall number), args[1] the return value. */
+int aimesh_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 {
-	__u64 id = bpf_get_current_pid_tgid();
-	struct capture_sock *c = capture_connect.lookup(&id);
-	if (!c)
+	__u64 nr = capture_reg(ctx->args[0], PT_REGS_OFF_ORIG_AX);
+	if (nr > SYS_RECVMSG || !((1ULL << nr) & CAPTURE_EXITS_MASK))
 		return 0;
-	struct capture_sock v = *c;
-	capture_connect.delete(&id);
-	struct capture_sock_key k = { .tgid = id >> 32, .fd = v.fd };
-	if (!v.ready || (args->ret != 0 && args->ret != -CAPTURE_EINPROGRESS)) {
-		capture_sockets.delete(&k);   /* an fd dup2'ed over a captured one is not that socket any more */
-		return 0;
-	}
-	v.ready = 0;
-	v.flags = 0;
-	v.direction = 0;
-	v.burst_bytes = 0;
-	if (capture_sockets.update(&k, &v))
-		counter_add(COUNTER_CAPTURE_SOCKETS_FULL);
-	return 0;
+	long ret = ctx->args[1];
+	if (nr == SYS_CONNECT)
+		return capture_connect_exit(ret);
+	return capture_recv_exit(ret);
 }
-
-TRACEPOINT_PROBE(syscalls, sys_enter_close)
-{
-	struct capture_sock_key k;
-	struct capture_sock *s = capture_find(args->fd, &k);
-	if (!s)
-		return 0;
-	struct capture_event *h = capture_events.ringbuf_reserve(sizeof(struct capture_event));
-	if (h) {
-		capture_header(h, &k, s, CAPTURE_KIND_CLOSE, 0, s->flags & CAPTURE_SOCK_F_TLS ? CAPTURE_EV_F_TLS : 0,
-			       bpf_ktime_get_ns());
-		capture_events.ringbuf_submit(h, BPF_RB_NO_WAKEUP);
-	} else {
-		counter_add(COUNTER_CAPTURE_EVENTS_LOST);
-	}
-	capture_sockets.delete(&k);
-	return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_write) { return capture_send(args->fd, (__u64)args->buf, 0, args->count); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { return capture_send(args->fd, (__u64)args->buff, 0, args->len); }
-TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return capture_sendv(args->fd, (__u64)args->vec, args->vlen); }
-TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg) { return capture_sendmsg(args->fd, (__u64)args->msg); }
-TRACEPOINT_PROBE(syscalls, sys_enter_read) { return capture_recv_enter(args->fd, (__u64)args->buf, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_read) { return capture_recv_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { return capture_recv_enter(args->fd, (__u64)args->ubuf, 0); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvfrom) { return capture_recv_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_readv)
-{
-	return args->vlen ? capture_recv_enter(args->fd, (__u64)args->vec, args->vlen) : 0;
-}
-TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return capture_recv_exit(args->ret); }
-TRACEPOINT_PROBE(syscalls, sys_enter_recvmsg) { return capture_recvmsg_enter(args->fd, (__u64)args->msg); }
-TRACEPOINT_PROBE(syscalls, sys_exit_recvmsg) { return capture_recv_exit(args->ret); }

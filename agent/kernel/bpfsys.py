@@ -27,9 +27,11 @@ CGROUP_UDP4_RECVMSG = 19
 CGROUP_UDP6_RECVMSG = 20
 CGROUP_INET4_GETPEERNAME = 29
 CGROUP_INET6_GETPEERNAME = 30
+TRACE_RAW_TP = 23
 PERF_EVENT = 41
 
 # enum bpf_link_type
+LINK_TYPE_RAW_TRACEPOINT = 1
 LINK_TYPE_CGROUP = 3
 LINK_TYPE_PERF_EVENT = 7
 
@@ -65,6 +67,7 @@ class _Lib:
         "bpf_map_create": (ct.c_int, [ct.c_int, ct.c_char_p, ct.c_uint32, ct.c_uint32, ct.c_uint32, ct.c_void_p]),
         "bpf_link_create": (ct.c_int, [ct.c_int, ct.c_int, ct.c_int, ct.c_void_p]),
         "bpf_link_update": (ct.c_int, [ct.c_int, ct.c_int, ct.c_void_p]),
+        "bpf_raw_tracepoint_open": (ct.c_int, [ct.c_char_p, ct.c_int]),
         "bpf_prog_attach": (ct.c_int, [ct.c_int, ct.c_int, ct.c_int, ct.c_uint]),
         "bpf_prog_detach2": (ct.c_int, [ct.c_int, ct.c_int, ct.c_int]),
         "bpf_prog_query": (ct.c_int, [ct.c_int, ct.c_int, ct.c_uint32, ct.POINTER(ct.c_uint32),
@@ -135,6 +138,12 @@ def map_update_batch(fd: int, keys, values, count: int) -> int:
 
 def link_create(prog_fd: int, target_fd: int, attach_type: int) -> int:
     return _check(lib.bpf_link_create(prog_fd, target_fd, attach_type, None), f"link (attach type {attach_type})")
+
+
+def raw_tracepoint_open(event: str, prog_fd: int) -> int:
+    """Link a BPF_PROG_TYPE_RAW_TRACEPOINT program to a raw tracepoint (BPF_RAW_TRACEPOINT_OPEN): the fd is a bpf
+    link (pinnable, BPF_LINK_TYPE_RAW_TRACEPOINT); it cannot be updated in place."""
+    return _check(lib.bpf_raw_tracepoint_open(event.encode(), prog_fd), f"raw tracepoint {event}")
 
 
 def link_update(link_fd: int, new_prog_fd: int) -> None:

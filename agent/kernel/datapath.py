@@ -5,10 +5,10 @@ build, writes policy generations, and puts the build's programs in force: it cre
 attachment, or swaps the program behind an existing link in one step (bpf_link_update), so at no instant does the
 cgroup have zero or two sets of aimesh programs. Closing it leaves everything in force.
 
-Programs of an optional group (registry.ProgramSpec.group, e.g. the capture tracepoints) are linked only while the
+Programs of an optional group (registry.ProgramSpec.group, e.g. the capture raw tracepoints) are linked only while the
 live generation's runtime_config flags need them (registry.groups_needed): apply() links a group before the flip that
 turns it on and unpins its links after the flip that turns it off, so a node without capture identities runs none of
-its syscall tracepoints. attach() does the same from the adopted runtime_config after an agent restart.
+its sys_enter/sys_exit programs. attach() does the same from the adopted runtime_config after an agent restart.
 """
 from __future__ import annotations
 
@@ -212,6 +212,8 @@ class Datapath:
         # new link (a tracepoint link cannot be updated: the new one is linked first, then the old pin replaced)
         if p.target == "cgroup":
             fd = bpfsys.link_create(prog_fd, cg_fd, p.attach_type)
+        elif p.target == "raw_tracepoint":
+            fd = bpfsys.raw_tracepoint_open(p.tracepoint, prog_fd)
         else:
             cat, ev = p.tracepoint.split(":")
             pfd = bpfsys.tracepoint_perf_fd(tracefs or "", cat, ev)

@@ -56,6 +56,7 @@ def status(d: DatapathDir) -> DatapathStatus:
                     pass
                 target = (f"cgroup {li.cgroup_id} {_ATTACH_NAMES.get(li.attach_type, li.attach_type)}"
                           if li.type == bpfsys.LINK_TYPE_CGROUP else
+                          "raw tracepoint" if li.type == bpfsys.LINK_TYPE_RAW_TRACEPOINT else
                           "uprobe" if p.name.startswith(uprobes.LINK_PREFIX) else "tracepoint")
                 st.links.append(LinkStatus(p.name, li.id, li.prog_id, name, target))
             finally:

@@ -20,7 +20,7 @@ HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LPM_TRIE, SOCKHASH, SK_STORAGE
 BPF_F_NO_PREALLOC = 1
 
 # enum bpf_prog_type (bcc's BPF.* constants)
-KPROBE, TRACEPOINT, CGROUP_SKB, CGROUP_SOCK, SOCK_OPS, SK_MSG, CGROUP_SOCK_ADDR = 2, 5, 8, 9, 13, 16, 18
+KPROBE, TRACEPOINT, CGROUP_SKB, CGROUP_SOCK, SOCK_OPS, SK_MSG, RAW_TRACEPOINT, CGROUP_SOCK_ADDR = 2, 5, 8, 9, 13, 16, 17, 18
 
 
 @dataclass(frozen=True)
@@ -110,10 +110,6 @@ GROUP_CAPTURE = "capture"
 GROUP_FLAGS: dict[str, int] = {GROUP_CAPTURE: abi.ConfigFlag.LLM_CAPTURE}
 # maps only a group's programs write and clean: emptied when the group is unlinked
 GROUP_MAPS: dict[str, tuple[str, ...]] = {GROUP_CAPTURE: ("capture_connect", "capture_sockets", "capture_reads")}
-CAPTURE_SYSCALLS = ("sys_enter_connect", "sys_exit_connect", "sys_enter_close", "sys_enter_write", "sys_enter_sendto",
-                    "sys_enter_writev", "sys_enter_sendmsg", "sys_enter_read", "sys_exit_read", "sys_enter_recvfrom",
-                    "sys_exit_recvfrom", "sys_enter_readv", "sys_exit_readv", "sys_enter_recvmsg",
-                    "sys_exit_recvmsg")
 
 
 @dataclass(frozen=True)
@@ -122,9 +118,9 @@ class ProgramSpec:
     name: str
     prog_type: int
     attach_type: int
-    target: str        # "cgroup" | "sockhash" | "tracepoint"
+    target: str        # "cgroup" | "sockhash" | "tracepoint" | "raw_tracepoint"
     link: str          # pin name under links/
-    tracepoint: str = ""   # category:event for tracepoints
+    tracepoint: str = ""   # category:event for tracepoints, the event for raw tracepoints
     group: str = ""        # "": always linked; else an optional group, linked only while a generation needs it
 
 
@@ -152,10 +148,12 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
                 "tp_sched_process_exec", "sched:sched_process_exec"),
     ProgramSpec("tracepoint__sched__sched_process_exit", TRACEPOINT, sys_.PERF_EVENT, "tracepoint",
                 "tp_sched_process_exit", "sched:sched_process_exit"),
-    # plaintext capture (bpf/capture.c): linked only while some identity has LLM capture on
-    *(ProgramSpec(f"tracepoint__syscalls__{ev}", TRACEPOINT, sys_.PERF_EVENT, "tracepoint", f"tp_{ev}",
-                  f"syscalls:{ev}", group=GROUP_CAPTURE)
-      for ev in CAPTURE_SYSCALLS),
+    # plaintext capture (bpf/capture.c): linked only while some identity has LLM capture on; each dispatches on the
+    # syscall number (a raw tracepoint is one program for every syscall, where the syscalls:* events are one each)
+    ProgramSpec("aimesh_sys_enter", RAW_TRACEPOINT, sys_.TRACE_RAW_TP, "raw_tracepoint", "raw_tp_sys_enter",
+                "sys_enter", group=GROUP_CAPTURE),
+    ProgramSpec("aimesh_sys_exit", RAW_TRACEPOINT, sys_.TRACE_RAW_TP, "raw_tracepoint", "raw_tp_sys_exit",
+                "sys_exit", group=GROUP_CAPTURE),
 )
 CGROUP_PROGRAMS = tuple(p for p in PROGRAMS if p.target == "cgroup")
 

@@ -243,7 +243,7 @@ def capture_config(cgroups, chat: Path, llama: Path, capture: bool, **limits) ->
 
 
 def _capture_prog_ids(root: Path) -> dict[str, int]:
-    """Program id of each capture tracepoint program of the build in force (from the pinned build)."""
+    """Program id of each capture raw tracepoint program of the build in force (from the pinned build)."""
     import os as _os
 
     from agent.identity.cgroups import cgroup_id
@@ -297,18 +297,18 @@ def test_capture_tracepoints_are_linked_only_while_an_identity_has_capture_on(cg
     chat, llama = cgroups.child("chat"), cgroups.child("llama")
     records = tmp_path / "records.jsonl"
     everyone = {p.link for p in registry.PROGRAMS if p.group == registry.GROUP_CAPTURE}
-    assert len(everyone) == 15
+    assert len(everyone) == 2        # raw_tracepoint sys_enter and sys_exit
     agent = agents(capture_config(cgroups, chat, llama, False), extra=["--records-log", str(records)])
     srv, url = start_llm_server(llama)
     try:
-        assert _capture_links(cgroups.root) == (set(), [])     # no capture identity: no syscall tracepoint
+        assert _capture_links(cgroups.root) == (set(), [])     # no capture identity: no raw tracepoint
         run_openai(chat, url)
         _, m = agent.get("/metrics")
         assert _value(m, "aimesh_capture_chunks_total") == 0
 
         agent.reload(capture_config(cgroups, chat, llama, True))
         pinned, live = _capture_links(cgroups.root)
-        assert pinned == everyone and len(live) == 15
+        assert pinned == everyone and len(live) == 2
         assert len(run_openai(chat, url)) == 2
         assert len(model_calls(records, want=2)) == 2
 
