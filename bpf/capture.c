@@ -3,16 +3,15 @@
  *   raw_tracepoint/sys_enter   dispatch on the syscall number (x86-64), every other syscall leaves at one compare:
  *     connect                  (tgid, fd) of a connect the connect hook marked -> capture_connect
  *     close                    forget (tgid, fd), tell the agent (a CLOSE record)
- *     write, sendto            copy the bytes sent
- *     writev, sendmsg          copy the bytes sent, across the first CAPTURE_IOVECS iovecs
- *     read/recvfrom/readv/recvmsg   keep the buffer (or iovec array) per thread (capture_reads)
- *   raw_tracepoint/sys_exit    (the number from pt_regs.orig_ax, the return value from args[1])
+ *   raw_tracepoint/sys_exit    (the number from pt_regs.orig_ax, the return value from args[1], the arguments from
+ *                              pt_regs: unchanged since the entry)
  *     connect                  capture_connect -> capture_sockets when it succeeded
- *     the receives             copy the bytes received (ret)
+ *     write/sendto/writev/sendmsg, read/recvfrom/readv/recvmsg   copy the ret bytes the call moved (a vector call:
+ *                              across the first CAPTURE_IOVECS iovecs), so a send's size is exact like a receive's
  * These programs are an optional group (agent/kernel/registry.py group "capture"): the agent links them only while
  * the live policy generation has CFG_F_LLM_CAPTURE, so with no capture identity no syscall on the node pays. While
  * linked, every syscall pays the compare (the exit one pt_regs read), and every send or receive that is not on a
- * marked socket one capture_sockets lookup (a receive also one capture_reads lookup at exit).
+ * marked socket one capture_sockets lookup, at its exit.
  * What is copied: a send/receive copies chunks of CAPTURE_CHUNK bytes, at most CAPTURE_CHUNKS_PER_CALL of them, and
  * at most what is left of the per-request budget (runtime_config.capture_request_bytes for a run of sends,
  * capture_response_bytes for a run of receives; a send after a receive starts a new request). What it does not copy
@@ -23,8 +22,8 @@
  * SSL_* return through capture_data (CAPTURE_EV_F_TLS), under the same budget. A first send that is a TLS handshake
  * outside any probed SSL_* call (Go, rustls, static BoringSSL) gives one TLS_HANDSHAKE record: the agent's "TLS not
  * visible" report.
- *   reads: runtime_config, capture_sockets, capture_connect, capture_reads
- *   writes: capture_connect, capture_sockets, capture_reads, capture_events, verdict_counters
+ *   reads: runtime_config, capture_sockets, capture_connect
+ *   writes: capture_connect, capture_sockets, capture_events, verdict_counters
  */
 #include "programs.h"
 #include "lib/tls.h"
@@ -280,12 +279,10 @@ static __always_inline void capture_data(const struct capture_sock_key *k, struc
 #define SYS_RECVFROM 45
 #define SYS_SENDMSG  46
 #define SYS_RECVMSG  47
-#define CAPTURE_SYSCALLS_MASK ((1ULL << SYS_READ) | (1ULL << SYS_WRITE) | (1ULL << SYS_CLOSE) | (1ULL << SYS_READV) | \
-			       (1ULL << SYS_WRITEV) | (1ULL << SYS_CONNECT) | (1ULL << SYS_SENDTO) | \
-			       (1ULL << SYS_RECVFROM) | (1ULL << SYS_SENDMSG) | (1ULL << SYS_RECVMSG))
-/* The calls whose exit is looked at: a receive's bytes are known there, a connect's outcome too. */
-#define CAPTURE_EXITS_MASK ((1ULL << SYS_READ) | (1ULL << SYS_READV) | (1ULL << SYS_CONNECT) | \
-			    (1ULL << SYS_RECVFROM) | (1ULL << SYS_RECVMSG))
+/* The calls whose exit is looked at: a send's or receive's byte count is known there, a connect's outcome too. */
+#define CAPTURE_EXITS_MASK ((1ULL << SYS_READ) | (1ULL << SYS_WRITE) | (1ULL << SYS_READV) | (1ULL << SYS_WRITEV) | \
+			    (1ULL << SYS_CONNECT) | (1ULL << SYS_SENDTO) | (1ULL << SYS_RECVFROM) | \
+			    (1ULL << SYS_SENDMSG) | (1ULL << SYS_RECVMSG))
 
 /* Offsets in the kernel's struct pt_regs (arch/x86/include/asm/ptrace.h) of the syscall arguments (di, si, dx: the
  * first three) and of orig_ax (the syscall number, kept there for the exit). */
@@ -349,108 +346,63 @@ static __always_inline int capture_close(const struct capture_sock_key *k, const
 	return 0;
 }
 
-/* The bytes a vector send moves: the sum of the first CAPTURE_IOVECS iovec lengths (the rest are a gap). */
-static __always_inline __u64 capture_iov_total(__u64 vec, __u32 vlen)
+/* A send or receive returned `ret` bytes: if its fd is a marked socket (one capture_sockets lookup for any other),
+ * copy them. The arguments are read back from the caller's pt_regs (di, si, dx hold them until the return to user
+ * space), so nothing is kept between enter and exit: the exact count is known only here, for a send as for a
+ * receive (a partial send copies what the kernel took; the application sends the rest again). */
+static __always_inline int capture_io_exit(__u64 regs, __u64 nr, long ret)
 {
-	__u64 total = 0;
-#pragma unroll
-	for (__u32 i = 0; i < CAPTURE_IOVECS; i++) {
-		if (i >= vlen)
-			break;
-		struct capture_iovec v;
-		if (bpf_probe_read_user(&v, sizeof(v), (const void *)(vec + i * sizeof(v))))
-			break;
-		total += v.len;
-	}
-	return total;
-}
-
-/* A send or receive on a marked socket (one capture_sockets lookup for any other): a send is copied now, a receive's
- * buffer is kept for its exit. */
-static __always_inline int capture_io_enter(__u64 regs, __u64 nr)
-{
+	if (ret <= 0)
+		return 0;
 	struct capture_sock_key k;
 	struct capture_sock *s = capture_find(capture_reg(regs, PT_REGS_OFF_DI), &k);
 	if (!s)
 		return 0;
-	if (nr == SYS_CLOSE)
-		return capture_close(&k, s);
 	struct capture_src src = { .buf = capture_reg(regs, PT_REGS_OFF_SI), .iovcnt = 0 };
-	__u64 count = capture_reg(regs, PT_REGS_OFF_DX);
 	if (nr == SYS_SENDMSG || nr == SYS_RECVMSG) {
 		struct capture_msg_iov m;
-		if (bpf_probe_read_user(&m, sizeof(m), (const void *)(src.buf + CAPTURE_MSGHDR_IOV_OFFSET)))
+		if (bpf_probe_read_user(&m, sizeof(m), (const void *)(src.buf + CAPTURE_MSGHDR_IOV_OFFSET)) || !m.iovlen)
 			return 0;
 		src.buf = m.iov;
-		count = m.iovlen;
-	}
-	int vector = nr == SYS_SENDMSG || nr == SYS_RECVMSG || nr == SYS_WRITEV || nr == SYS_READV;
-	if (vector) {
-		if (!count)
+		src.iovcnt = m.iovlen > 0xffff ? 0xffff : m.iovlen;
+	} else if (nr == SYS_WRITEV || nr == SYS_READV) {
+		__u64 vlen = capture_reg(regs, PT_REGS_OFF_DX);
+		if (!vlen)
 			return 0;
-		src.iovcnt = count > 0xffff ? 0xffff : count;
+		src.iovcnt = vlen > 0xffff ? 0xffff : vlen;
 	}
-	if (nr == SYS_READ || nr == SYS_RECVFROM || nr == SYS_READV || nr == SYS_RECVMSG) {
-		if (tls_note_fd(k.fd, s) || (s->flags & CAPTURE_SOCK_F_SKIP)) {
-			capture_count(COUNTER_CAPTURE_NOT_CAPTURED, 1);
-			return 0;
-		}
-		__u64 id = bpf_get_current_pid_tgid();
-		struct capture_read r = { .buf = src.buf, .fd = k.fd, .iovcnt = src.iovcnt };
-		capture_reads.update(&id, &r);
-		return 0;
-	}
-	__u64 total = count;
-	if (vector) {
-		if (src.iovcnt > CAPTURE_IOVECS)
-			capture_count(COUNTER_CAPTURE_TRUNCATED, 1);   /* iovecs past CAPTURE_IOVECS: not even their size is known */
-		total = capture_iov_total(src.buf, src.iovcnt);
-	}
-	if (total)
-		capture_syscall(&k, s, CAPTURE_DIR_SEND, &src, total);
+	__u8 dir = nr == SYS_WRITE || nr == SYS_SENDTO || nr == SYS_WRITEV || nr == SYS_SENDMSG ? CAPTURE_DIR_SEND
+												 : CAPTURE_DIR_RECV;
+	capture_syscall(&k, s, dir, &src, ret);
 	return 0;
 }
 
-static __always_inline int capture_recv_exit(long ret)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	struct capture_read *p = capture_reads.lookup(&id);
-	if (!p)
-		return 0;
-	struct capture_read r = *p;
-	capture_reads.delete(&id);
-	if (ret <= 0)
-		return 0;
-	struct capture_sock_key k;
-	struct capture_sock *s = capture_find(r.fd, &k);
-	if (s) {
-		struct capture_src src = { .buf = r.buf, .iovcnt = r.iovcnt };
-		capture_syscall(&k, s, CAPTURE_DIR_RECV, &src, ret);
-	}
-	return 0;
-}
-
-/* raw_tracepoint/sys_enter: args[0] the caller's struct pt_regs, args[1] the syscall number. Every syscall but the
- * ten above leaves at the first compare. */
+/* raw_tracepoint/sys_enter: args[0] the caller's struct pt_regs, args[1] the syscall number. Every syscall but
+ * connect and close leaves at the first compare. */
 int aimesh_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 {
 	__u64 nr = ctx->args[1];
-	if (nr > SYS_RECVMSG || !((1ULL << nr) & CAPTURE_SYSCALLS_MASK))
+	if (nr != SYS_CONNECT && nr != SYS_CLOSE)
 		return 0;
-	__u64 regs = ctx->args[0];
+	__u32 fd = capture_reg(ctx->args[0], PT_REGS_OFF_DI);
 	if (nr == SYS_CONNECT)
-		return capture_connect_enter(capture_reg(regs, PT_REGS_OFF_DI));
-	return capture_io_enter(regs, nr);
+		return capture_connect_enter(fd);
+	/* at the entry, while the fd still names the socket: after it another thread may reuse the number */
+	struct capture_sock_key k;
+	struct capture_sock *s = capture_find(fd, &k);
+	return s ? capture_close(&k, s) : 0;
 }
 
-/* raw_tracepoint/sys_exit: args[0] the struct pt_regs (orig_ax: the syscall number), args[1] the return value. */
+/* raw_tracepoint/sys_exit: args[0] the struct pt_regs (orig_ax: the syscall number), args[1] the return value. Every
+ * syscall but connect and the eight sends and receives leaves at the first compare. */
 int aimesh_sys_exit(struct bpf_raw_tracepoint_args *ctx)
 {
-	__u64 nr = capture_reg(ctx->args[0], PT_REGS_OFF_ORIG_AX);
+	__u64 regs = ctx->args[0];
+	__u64 nr = capture_reg(regs, PT_REGS_OFF_ORIG_AX);
 	if (nr > SYS_RECVMSG || !((1ULL << nr) & CAPTURE_EXITS_MASK))
 		return 0;
 	long ret = ctx->args[1];
 	if (nr == SYS_CONNECT)
 		return capture_connect_exit(ret);
-	return capture_recv_exit(ret);
+	return capture_io_exit(regs, nr, ret);
 }

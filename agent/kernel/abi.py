@@ -328,11 +328,6 @@ class CaptureSock(ct.Structure):
                 ("flags", ct.c_uint32), ("direction", ct.c_uint8), ("pad", ct.c_uint8 * 7)]
 
 
-class CaptureRead(ct.Structure):
-    """struct capture_read { __u64 buf; __u32 fd; __u32 iovcnt; };"""
-    _fields_ = [("buf", ct.c_uint64), ("fd", ct.c_uint32), ("iovcnt", ct.c_uint32)]
-
-
 class CaptureCursor(ct.Structure):
     """struct capture_cursor { __u64 seg, seg_len, seg_off, done; __u32 iov; __u32 pad; };"""
     _fields_ = [("seg", ct.c_uint64), ("seg_len", ct.c_uint64), ("seg_off", ct.c_uint64), ("done", ct.c_uint64),
@@ -386,7 +381,6 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "decision_count_key": DecisionCountKey,
     "capture_sock_key": CaptureSockKey,
     "capture_sock": CaptureSock,
-    "capture_read": CaptureRead,
     "capture_cursor": CaptureCursor,
     "capture_event": CaptureEvent,
     "tls_call": TlsCall,

@@ -93,8 +93,6 @@ MAPS: tuple[MapSpec, ...] = (
             owner="kernel"),
     MapSpec("capture_sockets", HASH, abi.CaptureSockKey, abi.CaptureSock, lambda lim: lim.max_capture_sockets,
             owner="kernel"),
-    MapSpec("capture_reads", LRU_HASH, ct.c_uint64, abi.CaptureRead, lambda lim: lim.max_capture_sockets,
-            owner="kernel"),
     MapSpec("capture_cursor", PERCPU_ARRAY, ct.c_uint32, abi.CaptureCursor, lambda lim: 1, owner="kernel"),
     MapSpec("capture_events", RINGBUF, None, None, lambda lim: lim.capture_ringbuf_pages * 4096, owner="kernel"),
     MapSpec("tls_calls", LRU_HASH, ct.c_uint64, abi.TlsCall, lambda lim: lim.max_capture_sockets, owner="kernel"),
@@ -109,7 +107,7 @@ RINGS = ("decision_events", "flow_events", "agent_events", "capture_events")
 GROUP_CAPTURE = "capture"
 GROUP_FLAGS: dict[str, int] = {GROUP_CAPTURE: abi.ConfigFlag.LLM_CAPTURE}
 # maps only a group's programs write and clean: emptied when the group is unlinked
-GROUP_MAPS: dict[str, tuple[str, ...]] = {GROUP_CAPTURE: ("capture_connect", "capture_sockets", "capture_reads")}
+GROUP_MAPS: dict[str, tuple[str, ...]] = {GROUP_CAPTURE: ("capture_connect", "capture_sockets")}
 
 
 @dataclass(frozen=True)

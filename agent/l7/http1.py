@@ -168,7 +168,7 @@ class _Message:
 
     def __init__(self, headers: Headers, cap: int) -> None:
         self.body = _BodyDecoder(header(headers, "content-encoding"), cap)
-        self.gap_bytes = 0      # bytes the capture missed (a bound, for requests)
+        self.gap_bytes = 0      # bytes the capture missed
         self.filling = False    # the bytes being read are filler for a gap: not passed on
 
 
@@ -232,16 +232,14 @@ class Http1Connection:
         return out
 
     def gap(self, direction: Direction, ts_ns: int, n: int) -> list[HttpEvent]:
-        """Up to `n` bytes of this direction, after what was fed, were moved by the application but not captured (a
-        send or receive over the kernel's copy limit, a failed copy). Decoding goes on where it can:
+        """`n` bytes of this direction, after what was fed, were moved by the application but not captured (a send
+        or receive over the kernel's copy limit, a failed copy, a chunk lost to a full ring). `n` is exact in both
+        directions: the kernel copies a send at its exit, with the count the kernel took, like a receive. Decoding
+        goes on where it can:
 
-        * a response body: `n` is exact (a receive's size is known at its exit); the hole is filled with spaces, so
-          h11's framing (Content-Length, a chunk's data) and a JSON scan (a hole inside a string or between tokens)
-          survive, and the message is counted truncated;
-        * a request body: a send's size is taken at its entry, before the kernel says how much it took, so `n` is
-          only a bound. The bytes that follow are passed on as the rest of the body (in order, with holes) until the
-          response head shows that the request had ended (clients do not pipeline); the request direction then starts
-          afresh with the next request;
+        * in a body (request or response): the hole is filled with spaces, so h11's framing (Content-Length, a
+          chunk's data) and a JSON scan (a hole inside a string or between tokens) survive; the hole counts in the
+          message's bytes on the wire and the message is counted truncated;
         * anywhere else (a head, between messages) the framing is lost: decoding stops (`Undecoded(GAP)`)."""
         out: list[HttpEvent] = []
         if n <= 0:
@@ -255,9 +253,6 @@ class Http1Connection:
             self.undecoded_bytes += n
             return out
         msg.gap_bytes += n
-        if direction is Direction.REQUEST:
-            self._req_resync = True
-            return out
         if msg.body.compressed:
             msg.body.broken = True      # a hole in a deflate stream: nothing after it can be inflated
         left = n

@@ -51,7 +51,7 @@ class ModelCallRecord:
     time_per_output_chunk_ns: int | None   # mean gap between stream events after the first
     output_chunks: int
     finish_reasons: tuple[str, ...]
-    request_bytes: int                  # on the wire, head included (what was captured, when truncated)
+    request_bytes: int                  # on the wire, head included (with the holes the capture missed)
     response_bytes: int
     tls: bool                           # the bytes came from the TLS uprobes (set by the caller)
     truncated: bool                     # a body went past the capture cap, or could not be decoded

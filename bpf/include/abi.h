@@ -506,13 +506,6 @@ struct tls_ssl_key {
 	__u32 pad;
 };
 
-/* capture_reads value: a receive on a captured socket in progress (sys_enter -> sys_exit). */
-struct capture_read {
-	__u64 buf;           /* the buffer, or (iovcnt > 0) the struct iovec array */
-	__u32 fd;
-	__u32 iovcnt;        /* 0: read/recvfrom into buf; else readv/recvmsg with this many iovecs */
-};
-
 /* capture_cursor value: how far the copy of the send/receive in progress on this CPU got (bpf/capture.c). */
 struct capture_cursor {
 	__u64 seg;           /* the buffer (or iovec) being copied */

@@ -2,8 +2,8 @@
 #ifndef AIMESH_LIB_CAPTURE_H
 #define AIMESH_LIB_CAPTURE_H
 
-/* Called by the connect hook for an allowed TCP connect. sys_enter_connect left the fd in capture_connect (only while
- * CFG_F_LLM_CAPTURE is set); mark it ready so sys_exit_connect moves it to capture_sockets. Sources without an
+/* Called by the connect hook for an allowed TCP connect. sys_enter (connect) left the fd in capture_connect (only while
+ * CFG_F_LLM_CAPTURE is set); mark it ready so sys_exit (connect) moves it to capture_sockets. Sources without an
  * identity (unmanaged) are never captured. */
 static __always_inline void capture_mark_connect(const struct runtime_config *cfg, __u64 cookie, __u32 src, __u32 dst,
 						 __u32 actual_dst)

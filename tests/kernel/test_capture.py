@@ -205,17 +205,38 @@ elif mode == "h2":   # the HTTP/2 preface: the agent gives up, the kernel stops 
     for _ in range(5):
         s.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
     s.close()
+elif mode == "partial":   # non-blocking, a small send buffer: the kernel takes each send in part
+    import select
+    s = conn(url)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    head, body = request("partial-model", " pad" * 225000)   # 900 KB: more than the peer takes at once
+    data, off, sends, short = head + body, 0, 0, 0
+    s.setblocking(False)
+    while off < len(data):
+        try:
+            n = s.send(data[off:])
+        except BlockingIOError:
+            select.select([], [s], [], 5)
+            continue
+        sends += 1
+        short += n < len(data) - off
+        off += n
+    s.setblocking(True)
+    r = read_with(lambda: s.recv(65536))
+    s.close()
+    out = {"model": r["model"], "bytes": len(data), "sends": sends, "short": short}
 elif mode == "budget":   # model first (as curl users write it), a body past a 4 KiB request budget
     s = conn(url)
     head, body = request("budget-model", " pad" * 3000)
     s.sendall(head)
     s.sendall(body)
+    first = len(head) + len(body)
     r = read_with(lambda: s.recv(65536))
     head, body = request("after-budget")     # the next request on the connection is still decoded
     s.sendall(head + body)
     r2 = read_with(lambda: s.recv(65536))
     s.close()
-    out = {"models": [r["model"], r2["model"]]}
+    out = {"models": [r["model"], r2["model"]], "bytes": first}
 print(json.dumps(out), flush=True)
 '''
 
@@ -355,6 +376,17 @@ def test_iovecs_tls_undecoded_and_the_request_budget(cgroups, agents, tmp_path):
         assert [c["response_model"] for c in calls[1:]] == ["vec-1-served", "vec-2-served"]
         assert calls[1]["cookie"] == calls[2]["cookie"] and not calls[2]["truncated"]
 
+        # partial sends (non-blocking, a 4 KiB send buffer, through the TCP stack: the fast path's sk_msg takes a
+        # send whole): each copies what the kernel took, so the request is whole, in order, and request_bytes is its
+        # exact size on the wire
+        agent.reload({**capture_config(cgroups, chat, llama, True), "fast_path": False})
+        seen = run_raw(chat, "partial", url)
+        agent.reload(capture_config(cgroups, chat, llama, True))
+        assert seen["short"] >= 1, seen       # the kernel did take some sends in part
+        calls = model_calls(records, want=4)
+        assert calls[3]["request_model"] == "partial-model" and calls[3]["response_model"] == "partial-model-served"
+        assert not calls[3]["truncated"] and calls[3]["request_bytes"] == seen["bytes"], calls[3]
+
         # a TLS record: flagged and never copied
         _, m = agent.get("/metrics")
         chunks, skipped = _value(m, "aimesh_capture_chunks_total"), _value(m, "aimesh_capture_not_captured_calls_total")
@@ -395,11 +427,13 @@ def test_iovecs_tls_undecoded_and_the_request_budget(cgroups, agents, tmp_path):
         # a 4 KiB request budget (a runtime setting: a reload): the rest is a counted gap, the record says truncated,
         # and the next request on the connection is decoded again
         agent.reload(capture_config(cgroups, chat, llama, True, capture_max_request_bytes=4096))
-        assert run_raw(chat, "budget", url)["models"] == ["budget-model-served", "after-budget-served"]
-        calls = model_calls(records, want=5)
-        assert [c["request_model"] for c in calls[3:]] == ["budget-model", "after-budget"], calls
-        assert calls[3]["truncated"] and calls[3]["response_model"] == "budget-model-served"
-        assert not calls[4]["truncated"] and calls[4]["response_model"] == "after-budget-served"
+        seen = run_raw(chat, "budget", url)
+        assert seen["models"] == ["budget-model-served", "after-budget-served"]
+        calls = model_calls(records, want=6)
+        assert [c["request_model"] for c in calls[4:]] == ["budget-model", "after-budget"], calls
+        assert calls[4]["truncated"] and calls[4]["response_model"] == "budget-model-served"
+        assert calls[4]["request_bytes"] == seen["bytes"]     # the hole is exact: counted on the wire
+        assert not calls[5]["truncated"] and calls[5]["response_model"] == "after-budget-served"
         _, m = agent.get("/metrics")
         assert _value(m, "aimesh_capture_truncated_calls_total") >= 1
         assert _value(m, "aimesh_capture_truncated_bytes_total") >= 12_000 - 4096

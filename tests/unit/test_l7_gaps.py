@@ -47,18 +47,20 @@ SMALL_ANSWER = json.dumps({"model": "small-served", "choices": [{"finish_reason"
                            "usage": {"prompt_tokens": 1, "completion_tokens": 2}}).encode()
 
 
-def test_request_gap_reads_through_to_the_response_and_the_next_request_decodes() -> None:
-    """A send over the kernel's copy limit: its head and tail pieces are seen, the middle is not (a bound only)."""
+def test_request_gap_is_exact_keeps_the_framing_and_the_next_request_decodes() -> None:
+    """A send over the kernel's copy limit: its head and tail pieces are seen, the middle is not. The kernel copies a
+    send at its exit, so the hole is the exact count of bytes the kernel took and not copied: filled like a response
+    hole, counted on the wire."""
     wire = post(BIG)
     dec = ConnectionDecoder("gap")
     recs = dec.feed(REQ, 1, wire[:16384])
-    recs += dec.gap(REQ, 1, len(wire) - 16384)          # what the kernel says the send asked for, not what it took
+    recs += dec.gap(REQ, 1, len(wire) - 16384 - 2000)    # exactly what was not copied
     recs += dec.feed(REQ, 2, wire[-2000:])               # sendall's last partial send: the model is in it
     recs += dec.feed(RESP, 3, reply(ANSWER))
     recs += dec.feed(REQ, 4, post(SMALL)) + dec.feed(RESP, 5, reply(SMALL_ANSWER)) + dec.close(6)
     assert [(r.request_model, r.response_model, r.input_tokens, r.truncated, r.incomplete) for r in recs] == [
         ("big-m", "big-m-served", 10000, True, False), ("small", "small-served", 1, False, False)]
-    assert recs[0].request_bytes == 16384 + 2000 and recs[1].sequence == 1
+    assert recs[0].request_bytes == len(wire) and recs[1].sequence == 1
     assert dec.counters.undecoded is None
 
 
