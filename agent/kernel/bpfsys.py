@@ -239,6 +239,20 @@ def prog_fd_by_id(prog_id: int) -> int:
     return _check(lib.bpf_prog_get_fd_by_id(prog_id), f"open program {prog_id}")
 
 
+def same_code(prog_id: int, new: ProgInfo) -> bool:
+    """Whether the loaded program prog_id is new's code on new's maps (ProgInfo.code): an upgrade keeps its link."""
+    if prog_id == new.id:
+        return True
+    try:
+        fd = prog_fd_by_id(prog_id)
+    except BpfError:
+        return False
+    try:
+        return prog_info(fd).code == new.code
+    finally:
+        os.close(fd)
+
+
 class PerfEventAttr(ct.Structure):
     """struct perf_event_attr, the fields a tracepoint needs (PERF_ATTR_SIZE_VER5 = 112 bytes, zero-padded)."""
     _fields_ = [("type", ct.c_uint32), ("size", ct.c_uint32), ("config", ct.c_uint64),

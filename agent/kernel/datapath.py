@@ -200,7 +200,7 @@ class Datapath:
         if link_fd >= 0:
             try:
                 cur_id = bpfsys.link_info(link_fd).prog_id
-                if cur_id == new.id or _same_code(cur_id, new):
+                if bpfsys.same_code(cur_id, new):
                     rep.kept.append(p.link)   # an upgrade swaps only the programs that changed
                     return cur_id
                 if p.target == "cgroup":
@@ -379,17 +379,6 @@ class Datapath:
             os.close(fd)
         self.map_fds.clear()
         self.maps.clear()
-
-
-def _same_code(prog_id: int, new: bpfsys.ProgInfo) -> bool:
-    try:
-        fd = bpfsys.prog_fd_by_id(prog_id)
-    except bpfsys.BpfError:
-        return False
-    try:
-        return bpfsys.prog_info(fd).code == new.code
-    finally:
-        os.close(fd)
 
 
 def detach_orphans(root: Path, cg_fd: int, ours: Iterable[int]) -> list[str]:

@@ -157,12 +157,12 @@ class TlsProbes:
         self.stats = TlsAttachStats()
         self._done: set[tuple[int, int]] = set()     # attached, or failed (not retried)
         self._prog_fds: dict[str, int] = {}
-        self._prog_ids: dict[str, int] = {}
+        self._progs: dict[str, bpfsys.ProgInfo] = {}
         try:
             for name in registry.UPROBE_PROGRAMS:
                 fd = bpfsys.obj_get(str(progs_dir / name))
                 self._prog_fds[name] = fd
-                self._prog_ids[name] = bpfsys.prog_info(fd).id
+                self._progs[name] = bpfsys.prog_info(fd)
         except bpfsys.BpfError:
             self.close()
             raise
@@ -200,7 +200,8 @@ class TlsProbes:
             try:
                 fd = bpfsys.obj_get(str(pin))
                 try:
-                    if bpfsys.link_info(fd).prog_id == self._prog_ids[spec.name]:
+                    # the same code on the same maps (an upgrade that changed another program): keep the link
+                    if bpfsys.same_code(bpfsys.link_info(fd).prog_id, self._progs[spec.name]):
                         self.stats.links_kept += 1
                         return
                 finally:
