@@ -30,11 +30,9 @@
 
 #define CAPTURE_EINPROGRESS 115
 
-/* The record reserved in capture_events: the header of abi.h, then the data. */
-struct capture_record {
-	struct capture_event h;
-	__u8 data[CAPTURE_CHUNK];
-};
+/* Data bytes of the three record sizes of capture_events (never more than CAPTURE_CHUNK). */
+#define CAPTURE_CLASS_S (CAPTURE_CHUNK < 256 ? CAPTURE_CHUNK : 256)
+#define CAPTURE_CLASS_M (CAPTURE_CHUNK < 1024 ? CAPTURE_CHUNK : 1024)
 
 /* User memory layouts the syscalls hand us (x86_64): struct iovec, and the part of struct user_msghdr from
  * msg_iov on. */
@@ -176,6 +174,47 @@ static __always_inline void capture_gap(const struct capture_sock_key *k, const 
 	capture_events.ringbuf_submit(h, BPF_RB_NO_WAKEUP);
 }
 
+#define CAPTURE_ERR_LOST 1
+#define CAPTURE_ERR_READ 2
+
+/* One DATA record of n (1..size) bytes at user address p, in a record of `size` data bytes: size is a constant in
+ * each caller (its own reserve and its own bounded read, verified apart). */
+static __always_inline int capture_chunk_sized(const struct capture_sock_key *k, const struct capture_sock *s,
+					       __u8 dir, __u8 flags, __u64 ts, __u64 total, __u64 offset, __u64 p,
+					       __u64 n, const __u32 size)
+{
+	struct capture_event *h = capture_events.ringbuf_reserve(sizeof(struct capture_event) + size);
+	if (!h)
+		return CAPTURE_ERR_LOST;
+	if (n > size)
+		n = size;
+	capture_header(h, k, s, CAPTURE_KIND_DATA, dir, flags, ts);
+	h->total = total;
+	h->offset = offset;
+	/* exactly n bytes: n is 0..size on a 64-bit register, which this kernel's verifier accepts (a fixed-size read
+	 * would copy past the caller's buffer and fault at the end of a mapping) */
+	if (bpf_probe_read_user((__u8 *)(h + 1), n, (const void *)p) != 0) {
+		capture_events.ringbuf_discard(h, BPF_RB_NO_WAKEUP);
+		return CAPTURE_ERR_READ;
+	}
+	h->len = n;
+	capture_events.ringbuf_submit(h, BPF_RB_NO_WAKEUP);
+	return 0;
+}
+
+/* Ring space by size class: a record reserves the smallest of CAPTURE_CLASS_S, CAPTURE_CLASS_M and CAPTURE_CHUNK
+ * data bytes that holds the chunk, so a 200-byte SSE event takes 256 + the header, not a whole chunk. */
+static __always_inline int capture_chunk_out(const struct capture_sock_key *k, const struct capture_sock *s,
+					     __u8 dir, __u8 flags, __u64 ts, __u64 total, __u64 offset, __u64 p,
+					     __u64 n)
+{
+	if (n <= CAPTURE_CLASS_S)
+		return capture_chunk_sized(k, s, dir, flags, ts, total, offset, p, n, CAPTURE_CLASS_S);
+	if (n <= CAPTURE_CLASS_M)
+		return capture_chunk_sized(k, s, dir, flags, ts, total, offset, p, n, CAPTURE_CLASS_M);
+	return capture_chunk_sized(k, s, dir, flags, ts, total, offset, p, n, CAPTURE_CHUNK);
+}
+
 /* Copy what the budget allows of the `total` bytes a call moved, as a prefix: one buffer, or the iovecs in order.
  * One bounded loop; each turn copies one chunk of the current segment or steps to the next iovec. Where it is lives
  * in capture_cursor (this CPU), not in registers: the verifier does not follow values through map memory, so the
@@ -220,23 +259,12 @@ static __always_inline void capture_copy(const struct capture_sock_key *k, struc
 		__u64 n = seg_len - seg_off;
 		if (n > CAPTURE_CHUNK)
 			n = CAPTURE_CHUNK;
-		struct capture_record *r = capture_events.ringbuf_reserve(sizeof(struct capture_record));
-		if (!r) {
-			capture_count(COUNTER_CAPTURE_EVENTS_LOST, 1);
+		int err = capture_chunk_out(k, s, dir, flags, ts, total, done,
+					    *(volatile __u64 *)&c->seg + seg_off, n);
+		if (err) {
+			capture_count(err == CAPTURE_ERR_LOST ? COUNTER_CAPTURE_EVENTS_LOST : COUNTER_CAPTURE_READ_FAILED, 1);
 			break;
 		}
-		capture_header(&r->h, k, s, CAPTURE_KIND_DATA, dir, flags, ts);
-		r->h.total = total;
-		r->h.offset = done;
-		/* exactly n bytes: n is 0..CAPTURE_CHUNK on a 64-bit register, which this kernel's verifier accepts (a
-		 * fixed CAPTURE_CHUNK read would copy past the caller's buffer and fault at the end of a mapping) */
-		if (bpf_probe_read_user(r->data, n, (const void *)(*(volatile __u64 *)&c->seg + seg_off)) != 0) {
-			capture_events.ringbuf_discard(r, BPF_RB_NO_WAKEUP);
-			capture_count(COUNTER_CAPTURE_READ_FAILED, 1);
-			break;
-		}
-		r->h.len = n;
-		capture_events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 		capture_count(COUNTER_CAPTURE_CHUNKS, 1);
 		c->seg_off = seg_off + n;
 		c->done = done + n;

@@ -335,7 +335,8 @@ class CaptureCursor(ct.Structure):
 
 
 class CaptureEvent(ct.Structure):
-    """struct capture_event: the header of one capture_events record; Limits.capture_chunk data bytes follow."""
+    """struct capture_event: the header of one capture_events record; a data area of 256, 1024 or Limits.capture_chunk
+    bytes follows (len of them valid)."""
     _fields_ = [
         ("ts_ns", ct.c_uint64), ("cookie", ct.c_uint64), ("tgid", ct.c_uint32), ("fd", ct.c_uint32),
         ("src_id", ct.c_uint32), ("dst_id", ct.c_uint32), ("actual_dst_id", ct.c_uint32), ("total", ct.c_uint32),

@@ -516,9 +516,10 @@ struct capture_cursor {
 	__u32 pad;
 };
 
-/* One capture_events record: this header, then CAPTURE_CHUNK data bytes of which the first len are valid (the record
- * size is fixed; the agent slices). A syscall that moved more than one chunk gives several records (offset). CLOSE
- * and GAP records are the header alone. */
+/* One capture_events record: this header, then a data area of 256, 1024 or CAPTURE_CHUNK bytes (the smallest that
+ * holds the chunk: bpf/capture.c CAPTURE_CLASS_*) of which the first len are valid; the agent reads len and ignores
+ * the record's size. A syscall that moved more than one chunk gives several records (offset). CLOSE and GAP records
+ * are the header alone. */
 struct capture_event {
 	__u64 ts_ns;
 	__u64 cookie;

@@ -13,6 +13,11 @@ from agent.l7.http1 import Direction
 from tests.llm_server import LLMServer
 
 CHUNK = 4096
+CLASSES = (256, 1024, CHUNK)    # the data areas bpf/capture.c reserves (CAPTURE_CLASS_S, _M, CAPTURE_CHUNK)
+
+
+def data_area(n: int) -> int:
+    return next(c for c in CLASSES if n <= c)
 
 
 def raw_event(kind: int, direction: int, data: bytes, cookie: int = 7, ts: int = 1, total: int | None = None,
@@ -20,7 +25,7 @@ def raw_event(kind: int, direction: int, data: bytes, cookie: int = 7, ts: int =
     h = abi.CaptureEvent(ts_ns=ts, cookie=cookie, tgid=42, fd=3, src_id=src, dst_id=dst, actual_dst_id=dst,
                          total=len(data) if total is None else total, offset=offset, len=len(data), kind=kind,
                          direction=direction)
-    return bytes(h) + data + b"\0" * (CHUNK - len(data)) if kind == abi.CaptureKind.DATA else bytes(h)
+    return bytes(h) + data + b"\0" * (data_area(len(data)) - len(data)) if kind == abi.CaptureKind.DATA else bytes(h)
 
 
 def events_of(log) -> list[bytes]:
@@ -31,6 +36,16 @@ def events_of(log) -> list[bytes]:
             out.append(raw_event(abi.CaptureKind.DATA, direction, b[off:off + CHUNK], ts=ts, total=len(b),
                                  offset=off))
     return out
+
+
+@pytest.mark.parametrize("n", [1, 200, 256, 257, 1000, 1024, 1025, 4096])
+def test_decode_reads_len_bytes_of_any_record_size(n):
+    data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    raw = raw_event(abi.CaptureKind.DATA, abi.CaptureDirection.RECV, data, total=n)
+    assert len(raw) == ct.sizeof(abi.CaptureEvent) + data_area(n)
+    c = decode_capture_event(raw)
+    assert c.data == data and c.total == n
+    assert decode_capture_event(raw[:ct.sizeof(abi.CaptureEvent) + n]).data == data    # no padding at all
 
 
 def test_decode_rejects_bad_records():
