@@ -67,9 +67,15 @@ static __always_inline struct capture_sock *capture_find(__u32 fd, struct captur
 	return capture_sockets.lookup(k);
 }
 
+/* Fill a reserved record's header. It takes the socket's lost byte counts with it (the agent makes them holes before
+ * this record); capture_unheader gives them back when the record is discarded. */
 static __always_inline void capture_header(struct capture_event *h, const struct capture_sock_key *k,
-					   const struct capture_sock *s, __u8 kind, __u8 dir, __u8 flags, __u64 ts)
+					   struct capture_sock *s, __u8 kind, __u8 dir, __u8 flags, __u64 ts)
 {
+	h->lost_send = s->lost_send;
+	h->lost_recv = s->lost_recv;
+	s->lost_send = 0;
+	s->lost_recv = 0;
 	h->ts_ns = ts;
 	h->cookie = s->cookie;
 	h->tgid = k->tgid;
@@ -84,6 +90,23 @@ static __always_inline void capture_header(struct capture_event *h, const struct
 	h->direction = dir;
 	h->flags = flags;
 	__builtin_memset(h->pad, 0, sizeof(h->pad));
+}
+
+static __always_inline void capture_unheader(const struct capture_event *h, struct capture_sock *s)
+{
+	s->lost_send += h->lost_send;
+	s->lost_recv += h->lost_recv;
+}
+
+/* Bytes of one call that no record will tell of (their chunks and their GAP record were dropped by the full ring):
+ * the socket's next record carries them. */
+static __always_inline void capture_lost(struct capture_sock *s, __u8 dir, __u64 n)
+{
+	capture_count(COUNTER_CAPTURE_LOST_BYTES, n);
+	if (dir == CAPTURE_DIR_SEND)
+		s->lost_send += n;
+	else
+		s->lost_recv += n;
 }
 
 /* The first bytes of a call (first iovec for the vector calls), for the TLS check. */
@@ -101,7 +124,7 @@ static __always_inline int capture_peek(const struct capture_src *src, __u8 firs
 
 /* A header-only record (GAP, TLS_HANDSHAKE); a full ring is counted. */
 static __always_inline struct capture_event *capture_mark(const struct capture_sock_key *k,
-							  const struct capture_sock *s, __u8 kind, __u8 dir,
+							  struct capture_sock *s, __u8 kind, __u8 dir,
 							  __u8 flags, __u64 ts)
 {
 	struct capture_event *h = capture_events.ringbuf_reserve(sizeof(struct capture_event));
@@ -161,14 +184,16 @@ static __always_inline __u64 capture_budget(struct capture_sock *s, __u8 dir, __
 	return budget - used < total ? budget - used : total;
 }
 
-static __always_inline void capture_gap(const struct capture_sock_key *k, const struct capture_sock *s, __u8 dir,
+static __always_inline void capture_gap(const struct capture_sock_key *k, struct capture_sock *s, __u8 dir,
 					__u8 flags, __u64 ts, __u64 total, __u64 copied)
 {
 	capture_count(COUNTER_CAPTURE_TRUNCATED, 1);
 	capture_count(COUNTER_CAPTURE_TRUNCATED_BYTES, total - copied);
 	struct capture_event *h = capture_mark(k, s, CAPTURE_KIND_GAP, dir, flags, ts);
-	if (!h)
+	if (!h) {
+		capture_lost(s, dir, total - copied);
 		return;
+	}
 	h->total = total;
 	h->offset = copied;
 	capture_events.ringbuf_submit(h, BPF_RB_NO_WAKEUP);
@@ -179,7 +204,7 @@ static __always_inline void capture_gap(const struct capture_sock_key *k, const 
 
 /* One DATA record of n (1..size) bytes at user address p, in a record of `size` data bytes: size is a constant in
  * each caller (its own reserve and its own bounded read, verified apart). */
-static __always_inline int capture_chunk_sized(const struct capture_sock_key *k, const struct capture_sock *s,
+static __always_inline int capture_chunk_sized(const struct capture_sock_key *k, struct capture_sock *s,
 					       __u8 dir, __u8 flags, __u64 ts, __u64 total, __u64 offset, __u64 p,
 					       __u64 n, const __u32 size)
 {
@@ -194,6 +219,7 @@ static __always_inline int capture_chunk_sized(const struct capture_sock_key *k,
 	/* exactly n bytes: n is 0..size on a 64-bit register, which this kernel's verifier accepts (a fixed-size read
 	 * would copy past the caller's buffer and fault at the end of a mapping) */
 	if (bpf_probe_read_user((__u8 *)(h + 1), n, (const void *)p) != 0) {
+		capture_unheader(h, s);
 		capture_events.ringbuf_discard(h, BPF_RB_NO_WAKEUP);
 		return CAPTURE_ERR_READ;
 	}
@@ -204,7 +230,7 @@ static __always_inline int capture_chunk_sized(const struct capture_sock_key *k,
 
 /* Ring space by size class: a record reserves the smallest of CAPTURE_CLASS_S, CAPTURE_CLASS_M and CAPTURE_CHUNK
  * data bytes that holds the chunk, so a 200-byte SSE event takes 256 + the header, not a whole chunk. */
-static __always_inline int capture_chunk_out(const struct capture_sock_key *k, const struct capture_sock *s,
+static __always_inline int capture_chunk_out(const struct capture_sock_key *k, struct capture_sock *s,
 					     __u8 dir, __u8 flags, __u64 ts, __u64 total, __u64 offset, __u64 p,
 					     __u64 n)
 {
@@ -355,12 +381,14 @@ static __always_inline int capture_connect_exit(long ret)
 	v.flags = 0;
 	v.direction = 0;
 	v.burst_bytes = 0;
+	v.lost_send = 0;
+	v.lost_recv = 0;
 	if (capture_sockets.update(&k, &v))
 		counter_add(COUNTER_CAPTURE_SOCKETS_FULL);
 	return 0;
 }
 
-static __always_inline int capture_close(const struct capture_sock_key *k, const struct capture_sock *s)
+static __always_inline int capture_close(const struct capture_sock_key *k, struct capture_sock *s)
 {
 	struct capture_event *h = capture_events.ringbuf_reserve(sizeof(struct capture_event));
 	if (h) {

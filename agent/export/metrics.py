@@ -147,6 +147,8 @@ CAPTURE_COUNTERS: tuple[tuple[int, str, str], ...] = (
      "Bytes of those sends/receives that were not copied"),
     (abi.COUNTER_CAPTURE_EVENTS_LOST, "aimesh_capture_ring_lost",
      "Capture records (chunks, gaps, closes) dropped because the capture_events ring was full"),
+    (abi.COUNTER_CAPTURE_LOST_BYTES, "aimesh_capture_ring_lost_bytes",
+     "Bytes of sends/receives whose chunks and gap record the full ring dropped (told in the socket's next record)"),
     (abi.COUNTER_CAPTURE_READ_FAILED, "aimesh_capture_read_failures",
      "Reads of a captured call's user memory that failed (the rest of that call was not copied)"),
     (abi.COUNTER_CAPTURE_SOCKETS_FULL, "aimesh_capture_sockets_full",

@@ -154,6 +154,7 @@ COUNTER_CAPTURE_CHUNKS = 50
 COUNTER_CAPTURE_READ_FAILED = 51
 COUNTER_CAPTURE_TLS_SOCKETS = 52
 COUNTER_CAPTURE_TRUNCATED_BYTES = 53
+COUNTER_CAPTURE_LOST_BYTES = 54
 COUNTER_SLOTS = 64
 
 Addr16 = ct.c_uint8 * 16
@@ -321,11 +322,12 @@ class CaptureSockKey(ct.Structure):
 
 
 class CaptureSock(ct.Structure):
-    """struct capture_sock { __u64 cookie, burst_bytes; __u32 src_id, dst_id, actual_dst_id, fd, ready, flags;
-    __u8 direction; __u8 pad[7]; };"""
+    """struct capture_sock { __u64 cookie, burst_bytes; __u32 src_id, dst_id, actual_dst_id, fd, ready, flags,
+    lost_send, lost_recv; __u8 direction; __u8 pad[7]; };"""
     _fields_ = [("cookie", ct.c_uint64), ("burst_bytes", ct.c_uint64), ("src_id", ct.c_uint32),
                 ("dst_id", ct.c_uint32), ("actual_dst_id", ct.c_uint32), ("fd", ct.c_uint32), ("ready", ct.c_uint32),
-                ("flags", ct.c_uint32), ("direction", ct.c_uint8), ("pad", ct.c_uint8 * 7)]
+                ("flags", ct.c_uint32), ("lost_send", ct.c_uint32), ("lost_recv", ct.c_uint32),
+                ("direction", ct.c_uint8), ("pad", ct.c_uint8 * 7)]
 
 
 class CaptureCursor(ct.Structure):
@@ -340,8 +342,8 @@ class CaptureEvent(ct.Structure):
     _fields_ = [
         ("ts_ns", ct.c_uint64), ("cookie", ct.c_uint64), ("tgid", ct.c_uint32), ("fd", ct.c_uint32),
         ("src_id", ct.c_uint32), ("dst_id", ct.c_uint32), ("actual_dst_id", ct.c_uint32), ("total", ct.c_uint32),
-        ("offset", ct.c_uint32), ("len", ct.c_uint32), ("kind", ct.c_uint8), ("direction", ct.c_uint8),
-        ("flags", ct.c_uint8), ("pad", ct.c_uint8 * 5),
+        ("offset", ct.c_uint32), ("len", ct.c_uint32), ("lost_send", ct.c_uint32), ("lost_recv", ct.c_uint32),
+        ("kind", ct.c_uint8), ("direction", ct.c_uint8), ("flags", ct.c_uint8), ("pad", ct.c_uint8 * 5),
     ]
 
 
@@ -429,6 +431,7 @@ CONSTANTS: dict[str, int] = {
     "COUNTER_CAPTURE_READ_FAILED": COUNTER_CAPTURE_READ_FAILED,
     "COUNTER_CAPTURE_TLS_SOCKETS": COUNTER_CAPTURE_TLS_SOCKETS,
     "COUNTER_CAPTURE_TRUNCATED_BYTES": COUNTER_CAPTURE_TRUNCATED_BYTES,
+    "COUNTER_CAPTURE_LOST_BYTES": COUNTER_CAPTURE_LOST_BYTES,
     "COUNTER_SLOTS": COUNTER_SLOTS,
 }
 

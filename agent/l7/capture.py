@@ -4,7 +4,8 @@
 `ConnectionDecoder` per socket cookie (bounded, least recently used first out; idle ones closed by `expire`) and
 feeds it in ring order: what the client sent is the request direction, what it received the response direction.
 A TLS_HANDSHAKE chunk (a socket whose TLS aimesh cannot read) makes no decoder. A GAP chunk (bytes the kernel did not copy: the per-request budget, the per-call chunk limit) becomes a gap in the
-decoder (the call is marked truncated). A CLOSE chunk closes the decoder (a call in flight becomes an incomplete
+decoder (the call is marked truncated). Bytes whose chunks and GAP record a full ring dropped arrive as the next
+record's lost_send / lost_recv: gaps in those directions before that record (its own direction's first). A CLOSE chunk closes the decoder (a call in flight becomes an incomplete
 record). When a decoder gives up (not HTTP/1) the tracker counts the connection undecoded, once, and queues its
 (pid, fd) in `take_skips()` so the agent can tell the kernel to stop copying it.
 """
@@ -43,6 +44,8 @@ class CaptureChunk:
     offset: int                       # of data within them (GAP: the first byte not copied)
     data: bytes
     tls: bool = False                 # plaintext of an SSL_* call (bpf/tls.c), not a syscall's bytes
+    lost_send: int = 0                # bytes sent before this record that the full ring dropped untold (a hole)
+    lost_recv: int = 0                # the same, received
 
     @property
     def missing(self) -> int:
@@ -70,7 +73,7 @@ def decode_capture_event(raw: bytes) -> CaptureChunk:
             raise CaptureDecodeError(f"capture event says {h.len} data bytes, carries {len(raw) - HEADER}")
     data = bytes(raw[HEADER:HEADER + h.len]) if kind is abi.CaptureKind.DATA else b""
     return CaptureChunk(h.ts_ns, h.cookie, h.tgid, h.fd, h.src_id, h.dst_id, h.actual_dst_id, kind, direction,
-                        h.total, h.offset, data, bool(h.flags & abi.CaptureEventFlag.TLS))
+                        h.total, h.offset, data, bool(h.flags & abi.CaptureEventFlag.TLS), h.lost_send, h.lost_recv)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +110,8 @@ class CaptureTracker:
         self._conns: OrderedDict[int, _Conn] = OrderedDict()
         self.evicted = 0       # decoders closed because the table was full
         self.chunks = 0
-        self.bytes_missing = 0   # bytes a syscall moved that the kernel did not copy (truncation, failed reads)
+        self.bytes_missing = 0   # bytes a syscall moved that the kernel did not copy (truncation, failed reads, ring)
+        self.bytes_lost = 0      # of them, bytes the full ring dropped with no GAP record (lost_send / lost_recv)
         self.undecoded: dict[str, int] = {}   # connections the decoder gave up on, by UndecodedReason value
         self.undecoded_bytes = 0              # their bytes not decoded, added when the connection ends
         self._skips: list[tuple[int, int]] = []     # (pid, fd) of undecoded sockets, for the kernel to stop copying
@@ -118,6 +122,11 @@ class CaptureTracker:
     def on_chunk(self, c: CaptureChunk) -> list[CapturedCall]:
         self.chunks += 1
         conn = self._conns.get(c.cookie)
+        if (c.lost_send or c.lost_recv) and conn is not None:
+            return self._lost(conn, c) + self._on_chunk(c, conn)
+        return self._on_chunk(c, conn)
+
+    def _on_chunk(self, c: CaptureChunk, conn: Optional[_Conn]) -> list[CapturedCall]:
         if c.kind is abi.CaptureKind.CLOSE:
             if conn is None:
                 return []
@@ -165,6 +174,20 @@ class CaptureTracker:
             pending[d] = (max(at, end), c.total)       # the rest follows, or a GAP record says it never will
         elif d in pending:
             del pending[d]
+        self._note_undecoded(conn)
+        return out
+
+    def _lost(self, conn: _Conn, c: CaptureChunk) -> list[CapturedCall]:
+        """Holes the full ring left untold, before c: the call of that direction in progress (its GAP record was among
+        what was dropped) ends there. The record's own direction first: the other moved after it (when both)."""
+        out: list[CapturedCall] = []
+        own = c.direction or Direction.REQUEST
+        for d in (own, Direction.RESPONSE if own is Direction.REQUEST else Direction.REQUEST):
+            n = c.lost_send if d is Direction.REQUEST else c.lost_recv
+            if n:
+                conn.calls.pop(d, None)     # what it still waited for is these bytes
+                self.bytes_lost += n
+                out.extend(self._gap(conn, d, c.ts_ns, n))
         self._note_undecoded(conn)
         return out
 

@@ -172,7 +172,9 @@ enum aimesh_reason {
 #define COUNTER_CAPTURE_READ_FAILED    51   /* bpf_probe_read_user failed: the rest of that call is a gap */
 #define COUNTER_CAPTURE_TLS_SOCKETS    52   /* captured sockets whose first send was a TLS handshake record */
 #define COUNTER_CAPTURE_TRUNCATED_BYTES 53  /* bytes of the sends/receives counted in COUNTER_CAPTURE_TRUNCATED not copied */
-#define COUNTER_SLOTS                  64   /* 54..63 free */
+#define COUNTER_CAPTURE_LOST_BYTES     54   /* bytes of sends/receives whose chunks and GAP record the full ring dropped: the
+                                             * socket's next record tells the agent (capture_event.lost_*) */
+#define COUNTER_SLOTS                  64   /* 55..63 free */
 _Static_assert(HOOK__MAX <= COUNTER_DECISION_HOOKS, "a new hook needs its own block of decision counter slots");
 _Static_assert(VERDICT__MAX <= COUNTER_DECISION_VERDICTS, "a new verdict does not fit the decision counter stride");
 _Static_assert(COUNTER_DECISION_BASE + COUNTER_DECISION_HOOKS * COUNTER_DECISION_VERDICTS <= COUNTER_DECISION_EVENTS_LOST,
@@ -480,6 +482,9 @@ struct capture_sock {
 	__u32 fd;            /* capture_connect: the fd sys_enter_connect saw */
 	__u32 ready;         /* capture_connect: the connect hook asked for capture */
 	__u32 flags;         /* CAPTURE_SOCK_F_* */
+	__u32 lost_send;     /* bytes sent that the full ring dropped (chunks and their GAP record) since the last
+	                      * record of this socket that made it: the next one carries them (capture_event.lost_send) */
+	__u32 lost_recv;     /* the same for bytes received */
 	__u8  direction;     /* enum capture_direction of the current burst; 0 before the first */
 	__u8  pad[7];
 };
@@ -531,6 +536,9 @@ struct capture_event {
 	__u32 total;         /* bytes the syscall moved */
 	__u32 offset;        /* of this chunk within them (GAP: the first byte not copied) */
 	__u32 len;           /* valid data bytes after the header */
+	__u32 lost_send;     /* bytes sent on this socket before this record that the full ring dropped, no record
+	                      * telling of them: a hole in the request direction, before this record */
+	__u32 lost_recv;     /* the same, received: a hole in the response direction */
 	__u8  kind;          /* enum capture_kind */
 	__u8  direction;     /* enum capture_direction */
 	__u8  flags;         /* CAPTURE_EV_F_* */

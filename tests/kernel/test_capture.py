@@ -437,7 +437,8 @@ def test_iovecs_tls_undecoded_and_the_request_budget(cgroups, agents, tmp_path):
         _, m = agent.get("/metrics")
         assert _value(m, "aimesh_capture_truncated_calls_total") >= 1
         assert _value(m, "aimesh_capture_truncated_bytes_total") >= 12_000 - 4096
-        for name in ("aimesh_capture_ring_lost_total", "aimesh_capture_read_failures_total",
+        for name in ("aimesh_capture_ring_lost_total", "aimesh_capture_ring_lost_bytes_total",
+                     "aimesh_capture_read_failures_total",
                      "aimesh_capture_sockets_full_total"):
             assert name in m and _value(m, name) == 0, name
     finally:

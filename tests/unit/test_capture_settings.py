@@ -36,7 +36,7 @@ def test_bad_capture_settings_name_the_field(text, field):
 def test_every_kernel_capture_counter_is_a_metric_with_help():
     slots = {abi.COUNTER_CAPTURE_CHUNKS, abi.COUNTER_CAPTURE_TRUNCATED, abi.COUNTER_CAPTURE_TRUNCATED_BYTES,
              abi.COUNTER_CAPTURE_EVENTS_LOST, abi.COUNTER_CAPTURE_READ_FAILED, abi.COUNTER_CAPTURE_SOCKETS_FULL,
-             abi.COUNTER_CAPTURE_TLS_SOCKETS, abi.COUNTER_CAPTURE_NOT_CAPTURED}
+             abi.COUNTER_CAPTURE_TLS_SOCKETS, abi.COUNTER_CAPTURE_NOT_CAPTURED, abi.COUNTER_CAPTURE_LOST_BYTES}
     assert {slot for slot, _, _ in CAPTURE_COUNTERS} == slots
     counters = [0] * abi.COUNTER_SLOTS
     for slot in slots:

@@ -21,10 +21,10 @@ def data_area(n: int) -> int:
 
 
 def raw_event(kind: int, direction: int, data: bytes, cookie: int = 7, ts: int = 1, total: int | None = None,
-              offset: int = 0, src: int = 16, dst: int = 17) -> bytes:
+              offset: int = 0, src: int = 16, dst: int = 17, lost_send: int = 0, lost_recv: int = 0) -> bytes:
     h = abi.CaptureEvent(ts_ns=ts, cookie=cookie, tgid=42, fd=3, src_id=src, dst_id=dst, actual_dst_id=dst,
                          total=len(data) if total is None else total, offset=offset, len=len(data), kind=kind,
-                         direction=direction)
+                         direction=direction, lost_send=lost_send, lost_recv=lost_recv)
     return bytes(h) + data + b"\0" * (data_area(len(data)) - len(data)) if kind == abi.CaptureKind.DATA else bytes(h)
 
 
@@ -114,6 +114,32 @@ def _response(model: str) -> bytes:
 def _send(t: CaptureTracker, data: bytes, ts: int, direction=abi.CaptureDirection.SEND, total=None, offset=0):
     return t.on_chunk(decode_capture_event(raw_event(abi.CaptureKind.DATA, direction, data, ts=ts, total=total,
                                                      offset=offset)))
+
+
+def test_bytes_the_full_ring_dropped_untold_are_a_hole_before_the_next_record():
+    """A request's second chunk and its GAP record were dropped (ring full): the response's first record says how many
+    request bytes were lost; the request ends there, truncated, and the connection goes on decoding."""
+    t = CaptureTracker()
+    req = _request("first", pad=9000)
+    kept = 4096
+    out = _send(t, req[:kept], 1, total=len(req))
+    resp = _response("first-served")
+    rec = decode_capture_event(raw_event(abi.CaptureKind.DATA, abi.CaptureDirection.RECV, resp, ts=2,
+                                         lost_send=len(req) - kept))
+    assert rec.lost_send == len(req) - kept and rec.lost_recv == 0
+    out += t.on_chunk(rec)
+    out += _send(t, _request("second"), 3)
+    # a response whose tail was lost untold: the next send says so, the response is cut there (the JSON body ends
+    # in a hole), the next call is decoded
+    second = _response("second-served")
+    out += _send(t, second[:-20], 4, abi.CaptureDirection.RECV, total=len(second))
+    out += t.on_chunk(decode_capture_event(raw_event(abi.CaptureKind.DATA, abi.CaptureDirection.SEND,
+                                                     _request("third"), ts=5, lost_recv=20)))
+    out += _send(t, _response("third-served"), 6, abi.CaptureDirection.RECV)
+    assert [(c.record.request_model, c.record.response_model, c.record.truncated) for c in out] == [
+        ("first", "first-served", True), ("second", "second-served", True), ("third", "third-served", False)]
+    assert out[0].record.request_bytes == len(req)
+    assert t.bytes_lost == len(req) - kept + 20 and t.bytes_missing == t.bytes_lost and not t.undecoded
 
 
 def test_a_gap_marks_the_call_truncated_and_the_next_request_is_still_decoded():
