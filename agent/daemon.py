@@ -817,7 +817,8 @@ class Agent:
             comm = self._comms(c.pid)
             for sink in self.call_sinks.sinks:
                 try:
-                    sink.emit_call(c.record, source, actual, c.pid, comm, dialed=dialed)
+                    sink.emit_call(c.record, source, actual, c.pid, comm, dialed=dialed,
+                                   server_address=c.server_address, server_port=c.server_port)
                 except Exception:  # noqa: BLE001 - one sink's bug must not keep the call from the others
                     self.state["decode_errors"] += 1
                     log.exception("model-call sink %s failed", type(sink).__name__)

@@ -5,7 +5,8 @@
  *     close                    forget (tgid, fd), tell the agent (a CLOSE record)
  *   raw_tracepoint/sys_exit    (the number from pt_regs.orig_ax, the return value from args[1], the arguments from
  *                              pt_regs: unchanged since the entry)
- *     connect                  capture_connect -> capture_sockets when it succeeded
+ *     connect                  capture_connect -> capture_sockets when it succeeded; an OPEN record (the address
+ *                              as dialed)
  *     write/sendto/writev/sendmsg, read/recvfrom/readv/recvmsg   copy the ret bytes the call moved (a vector call:
  *                              across the first CAPTURE_IOVECS iovecs), so a send's size is exact like a receive's
  * These programs are an optional group (agent/kernel/registry.py group "capture"): the agent links them only while
@@ -383,8 +384,25 @@ static __always_inline int capture_connect_exit(long ret)
 	v.burst_bytes = 0;
 	v.lost_send = 0;
 	v.lost_recv = 0;
-	if (capture_sockets.update(&k, &v))
+	if (capture_sockets.update(&k, &v)) {
 		counter_add(COUNTER_CAPTURE_SOCKETS_FULL);
+		return 0;
+	}
+	/* the address as dialed, for the agent's records (server.address/port); lost to a full ring: counted */
+	struct capture_open_record {
+		struct capture_event h;
+		struct capture_open o;
+	} *r = capture_events.ringbuf_reserve(sizeof(struct capture_open_record));
+	if (!r) {
+		counter_add(COUNTER_CAPTURE_EVENTS_LOST);
+		return 0;
+	}
+	capture_header(&r->h, &k, &v, CAPTURE_KIND_OPEN, 0, 0, bpf_ktime_get_ns());
+	r->h.len = sizeof(r->o);
+	__builtin_memcpy(r->o.addr, v.dialed_addr, 16);
+	r->o.port = v.dialed_port;
+	__builtin_memset(r->o.pad, 0, sizeof(r->o.pad));
+	capture_events.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
 	return 0;
 }
 

@@ -122,7 +122,7 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 				bpf_get_current_comm(fo->comm, sizeof(fo->comm));
 			}
 			if (hook == HOOK_CONNECT)
-				capture_mark_connect(cfg, cookie, src, dst, actual_dst);
+				capture_mark_connect(cfg, cookie, src, dst, actual_dst, &dialed);
 		} else if (proto == IPPROTO_UDP) {
 			/* the cgroup_skb programs count bytes into this entry; one decision event per entry and verdict */
 			struct socket_peer_key uk = { .cookie = cookie, .port = t->port };

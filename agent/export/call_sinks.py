@@ -68,12 +68,14 @@ class CommCache:
 
 
 def call_json(call: ModelCallRecord, source: IdentityData, destination: IdentityData, pid: int, comm: str,
-              dialed: Optional[IdentityData], wall: Callable[[int], str]) -> dict:
-    """One JSON line of the records log: the record's fields and who called whom (destination: as dialed; actual:
-    as reached)."""
+              dialed: Optional[IdentityData], wall: Callable[[int], str], server_address: str = "",
+              server_port: int = 0) -> dict:
+    """One JSON line of the records log: the record's fields and who called whom (destination: as dialed, with the
+    address and port dialed when known; actual: as reached)."""
     out: dict = {"kind": "model_call", "time": wall(call.start_ns),
                  "source": {"name": source.name, "kind": source.kind, "pid": pid, "comm": comm},
-                 "destination": {"name": (dialed or destination).name, "kind": (dialed or destination).kind},
+                 "destination": {"name": (dialed or destination).name, "kind": (dialed or destination).kind,
+                                 **({"address": server_address, "port": server_port} if server_address else {})},
                  "actual": {"name": destination.name, "kind": destination.kind},
                  "cookie": call.conn_key}
     for f in dataclasses.fields(call):
@@ -93,7 +95,7 @@ class ModelCallLogSink:
 
     def emit_call(self, call: ModelCallRecord, source: IdentityData, destination: IdentityData, pid: int, comm: str,
                   *, server_address: str = "", server_port: int = 0, dialed: IdentityData | None = None) -> None:
-        self.log.write(call_json(call, source, destination, pid, comm, dialed, self._wall))
+        self.log.write(call_json(call, source, destination, pid, comm, dialed, self._wall, server_address, server_port))
 
 
 @dataclass

@@ -101,6 +101,7 @@ class CaptureKind(enum.IntEnum):
     CLOSE = 2
     GAP = 3
     TLS_HANDSHAKE = 4
+    OPEN = 5
 
 
 class CaptureDirection(enum.IntEnum):
@@ -323,11 +324,17 @@ class CaptureSockKey(ct.Structure):
 
 class CaptureSock(ct.Structure):
     """struct capture_sock { __u64 cookie, burst_bytes; __u32 src_id, dst_id, actual_dst_id, fd, ready, flags,
-    lost_send, lost_recv; __u8 direction; __u8 pad[7]; };"""
+    lost_send, lost_recv; __u8 dialed_addr[16]; __u16 dialed_port; __u8 direction; __u8 pad[5]; };"""
     _fields_ = [("cookie", ct.c_uint64), ("burst_bytes", ct.c_uint64), ("src_id", ct.c_uint32),
                 ("dst_id", ct.c_uint32), ("actual_dst_id", ct.c_uint32), ("fd", ct.c_uint32), ("ready", ct.c_uint32),
                 ("flags", ct.c_uint32), ("lost_send", ct.c_uint32), ("lost_recv", ct.c_uint32),
-                ("direction", ct.c_uint8), ("pad", ct.c_uint8 * 7)]
+                ("dialed_addr", ct.c_uint8 * 16), ("dialed_port", ct.c_uint16), ("direction", ct.c_uint8),
+                ("pad", ct.c_uint8 * 5)]
+
+
+class CaptureOpen(ct.Structure):
+    """struct capture_open { __u8 addr[16]; __u16 port; __u8 pad[6]; }: the data of a CAPTURE_KIND_OPEN record."""
+    _fields_ = [("addr", ct.c_uint8 * 16), ("port", ct.c_uint16), ("pad", ct.c_uint8 * 6)]
 
 
 class CaptureCursor(ct.Structure):
@@ -386,6 +393,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "capture_sock": CaptureSock,
     "capture_cursor": CaptureCursor,
     "capture_event": CaptureEvent,
+    "capture_open": CaptureOpen,
     "tls_call": TlsCall,
     "tls_ssl_key": TlsSslKey,
 }

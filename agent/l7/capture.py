@@ -3,6 +3,7 @@
 `decode_capture_event` turns one capture_events record into a `CaptureChunk`. `CaptureTracker` keeps one
 `ConnectionDecoder` per socket cookie (bounded, least recently used first out; idle ones closed by `expire`) and
 feeds it in ring order: what the client sent is the request direction, what it received the response direction.
+An OPEN chunk (the connect) gives the address as dialed, kept for the connection's records (server_address/port).
 A TLS_HANDSHAKE chunk (a socket whose TLS aimesh cannot read) makes no decoder. A GAP chunk (bytes the kernel did not copy: the per-request budget, the per-call chunk limit) becomes a gap in the
 decoder (the call is marked truncated). Bytes whose chunks and GAP record a full ring dropped arrive as the next
 record's lost_send / lost_recv: gaps in those directions before that record (its own direction's first). A CLOSE chunk closes the decoder (a call in flight becomes an incomplete
@@ -16,11 +17,13 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional
 
+from agent.flows.decode import format_addr
 from agent.kernel import abi
 from agent.l7.http1 import Direction, UndecodedReason
 from agent.l7.record import ConnectionDecoder, ModelCallRecord
 
 HEADER = ct.sizeof(abi.CaptureEvent)
+OPEN_SIZE = ct.sizeof(abi.CaptureOpen)
 DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_IDLE_NS = 300 * 10**9
 
@@ -39,13 +42,21 @@ class CaptureChunk:
     dst_id: int
     actual_dst_id: int
     kind: abi.CaptureKind
-    direction: Optional[Direction]   # None for CLOSE
+    direction: Optional[Direction]   # None for CLOSE and OPEN
     total: int                        # bytes the syscall moved
     offset: int                       # of data within them (GAP: the first byte not copied)
     data: bytes
     tls: bool = False                 # plaintext of an SSL_* call (bpf/tls.c), not a syscall's bytes
     lost_send: int = 0                # bytes sent before this record that the full ring dropped untold (a hole)
     lost_recv: int = 0                # the same, received
+
+    @property
+    def dialed(self) -> tuple[str, int]:
+        """OPEN: (address, port) the client dialed."""
+        if self.kind is not abi.CaptureKind.OPEN:
+            return "", 0
+        o = abi.CaptureOpen.from_buffer_copy(self.data[:OPEN_SIZE])
+        return format_addr(bytes(o.addr)), o.port
 
     @property
     def missing(self) -> int:
@@ -62,7 +73,10 @@ def decode_capture_event(raw: bytes) -> CaptureChunk:
     except ValueError:
         raise CaptureDecodeError(f"capture event with unknown kind {h.kind}") from None
     direction = None
-    if kind is not abi.CaptureKind.CLOSE:
+    if kind is abi.CaptureKind.OPEN:
+        if h.len < OPEN_SIZE or HEADER + h.len > len(raw):
+            raise CaptureDecodeError(f"capture open event carries {len(raw) - HEADER} bytes, expected {OPEN_SIZE}")
+    elif kind is not abi.CaptureKind.CLOSE:
         if h.direction == abi.CaptureDirection.SEND:
             direction = Direction.REQUEST
         elif h.direction == abi.CaptureDirection.RECV:
@@ -71,7 +85,7 @@ def decode_capture_event(raw: bytes) -> CaptureChunk:
             raise CaptureDecodeError(f"capture event with unknown direction {h.direction}")
         if kind is abi.CaptureKind.DATA and HEADER + h.len > len(raw):
             raise CaptureDecodeError(f"capture event says {h.len} data bytes, carries {len(raw) - HEADER}")
-    data = bytes(raw[HEADER:HEADER + h.len]) if kind is abi.CaptureKind.DATA else b""
+    data = bytes(raw[HEADER:HEADER + h.len]) if kind is abi.CaptureKind.DATA or kind is abi.CaptureKind.OPEN else b""
     return CaptureChunk(h.ts_ns, h.cookie, h.tgid, h.fd, h.src_id, h.dst_id, h.actual_dst_id, kind, direction,
                         h.total, h.offset, data, bool(h.flags & abi.CaptureEventFlag.TLS), h.lost_send, h.lost_recv)
 
@@ -85,10 +99,13 @@ class CapturedCall:
     src_id: int
     dst_id: int
     actual_dst_id: int
+    server_address: str = ""     # the peer as dialed (the connect's OPEN record); "" when it was not seen
+    server_port: int = 0
 
 
 class _Conn:
-    __slots__ = ("decoder", "pid", "fd", "src_id", "dst_id", "actual_dst_id", "last_ns", "undecoded", "calls")
+    __slots__ = ("decoder", "pid", "fd", "src_id", "dst_id", "actual_dst_id", "last_ns", "undecoded", "calls",
+                 "server")
 
     def __init__(self, decoder: ConnectionDecoder, c: CaptureChunk) -> None:
         self.decoder = decoder
@@ -97,6 +114,7 @@ class _Conn:
         self.pid, self.fd, self.src_id, self.dst_id, self.actual_dst_id = c.pid, c.fd, c.src_id, c.dst_id, \
             c.actual_dst_id
         self.last_ns = c.ts_ns
+        self.server: tuple[str, int] = ("", 0)
 
 
 class CaptureTracker:
@@ -115,6 +133,7 @@ class CaptureTracker:
         self.undecoded: dict[str, int] = {}   # connections the decoder gave up on, by UndecodedReason value
         self.undecoded_bytes = 0              # their bytes not decoded, added when the connection ends
         self._skips: list[tuple[int, int]] = []     # (pid, fd) of undecoded sockets, for the kernel to stop copying
+        self._opened: OrderedDict[int, tuple[str, int]] = OrderedDict()   # cookie -> dialed, until its first data
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -127,8 +146,14 @@ class CaptureTracker:
         return self._on_chunk(c, conn)
 
     def _on_chunk(self, c: CaptureChunk, conn: Optional[_Conn]) -> list[CapturedCall]:
+        if c.kind is abi.CaptureKind.OPEN:
+            self._opened[c.cookie] = c.dialed
+            while len(self._opened) > self._max:
+                self._opened.popitem(last=False)
+            return []
         if c.kind is abi.CaptureKind.CLOSE:
             if conn is None:
+                self._opened.pop(c.cookie, None)
                 return []
             del self._conns[c.cookie]
             return self._end(conn, c.ts_ns)
@@ -141,6 +166,7 @@ class CaptureTracker:
                 self.evicted += 1
                 out.extend(self._end(old, old.last_ns))
             conn = _Conn(ConnectionDecoder(c.cookie, capture_content=self._content(c.dst_id), tls=c.tls), c)
+            conn.server = self._opened.pop(c.cookie, ("", 0))
             self._conns[c.cookie] = conn
         else:
             self._conns.move_to_end(c.cookie)
@@ -242,7 +268,7 @@ class CaptureTracker:
 
     @staticmethod
     def _wrap(conn: _Conn, recs: list[ModelCallRecord]) -> list[CapturedCall]:
-        return [CapturedCall(r, int(r.conn_key), conn.pid, conn.src_id, conn.dst_id, conn.actual_dst_id)
+        return [CapturedCall(r, int(r.conn_key), conn.pid, conn.src_id, conn.dst_id, conn.actual_dst_id, *conn.server)
                 for r in recs]
 
 

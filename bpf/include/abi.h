@@ -452,6 +452,15 @@ enum capture_kind {
 	                           * iovec limit, failed read); follows the call's DATA records, in stream order */
 	CAPTURE_KIND_TLS_HANDSHAKE = 4,   /* no data: the first send was a TLS handshake record outside any probed SSL_*
 	                                   * call; the socket is flagged TLS and its syscalls are not copied */
+	CAPTURE_KIND_OPEN  = 5,   /* the connect of a captured socket went through (or is in progress): the data is one
+	                           * struct capture_open, the address as dialed; no direction */
+};
+
+/* CAPTURE_KIND_OPEN data: where the client connected to, as it dialed it (before any redirect). */
+struct capture_open {
+	__u8  addr[16];      /* IPv6, or IPv4-mapped */
+	__u16 port;          /* host order */
+	__u8  pad[6];
 };
 
 enum capture_direction {
@@ -485,8 +494,10 @@ struct capture_sock {
 	__u32 lost_send;     /* bytes sent that the full ring dropped (chunks and their GAP record) since the last
 	                      * record of this socket that made it: the next one carries them (capture_event.lost_send) */
 	__u32 lost_recv;     /* the same for bytes received */
+	__u8  dialed_addr[16];   /* capture_connect: the address the connect asked for (lib/capture.h), for the OPEN record */
+	__u16 dialed_port;   /* host order */
 	__u8  direction;     /* enum capture_direction of the current burst; 0 before the first */
-	__u8  pad[7];
+	__u8  pad[5];
 };
 
 /* capture_event.flags (mirror: abi.py CaptureEventFlag) */

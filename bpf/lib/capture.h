@@ -3,10 +3,10 @@
 #define AIMESH_LIB_CAPTURE_H
 
 /* Called by the connect hook for an allowed TCP connect. sys_enter (connect) left the fd in capture_connect (only while
- * CFG_F_LLM_CAPTURE is set); mark it ready so sys_exit (connect) moves it to capture_sockets. Sources without an
- * identity (unmanaged) are never captured. */
+ * CFG_F_LLM_CAPTURE is set); mark it ready, with the address as dialed, so sys_exit (connect) moves it to
+ * capture_sockets and tells the agent (an OPEN record). Sources without an identity (unmanaged) are never captured. */
 static __always_inline void capture_mark_connect(const struct runtime_config *cfg, __u64 cookie, __u32 src, __u32 dst,
-						 __u32 actual_dst)
+						 __u32 actual_dst, const struct dialed *dialed)
 {
 	if (!(cfg->flags & CFG_F_LLM_CAPTURE) || src < ID_FIRST_USER)
 		return;
@@ -21,6 +21,8 @@ static __always_inline void capture_mark_connect(const struct runtime_config *cf
 	c->src_id = src;
 	c->dst_id = dst;
 	c->actual_dst_id = actual_dst;
+	__builtin_memcpy(c->dialed_addr, dialed->addr, 16);
+	c->dialed_port = dialed->port;
 	c->ready = 1;
 }
 

@@ -100,6 +100,9 @@ def test_openai_sdk_calls_become_model_call_records(cgroups, agents, tmp_path):
         assert [c["response_model"] for c in calls] == ["llama-3.1-8b-served", "llama-3.1-8b-s-served"]
         for c in calls:
             assert c["source"]["name"] == "chat" and c["destination"]["name"] == "llama"
+            # the address as dialed, from the connect's OPEN record
+            assert (c["destination"]["address"], c["destination"]["port"]) == \
+                (llama_url.rsplit("/", 1)[-1].split(":")[0], int(llama_url.rsplit(":", 1)[-1])), c["destination"]
             assert c["source"]["pid"] > 0 and c["cookie"] > 0
             assert c["protocol"] == "openai" and c["operation"] == "chat" and c["status"] == 200
             assert not c["incomplete"] and not c["truncated"] and c["finish_reasons"] == ["stop"]

@@ -48,6 +48,27 @@ def test_decode_reads_len_bytes_of_any_record_size(n):
     assert decode_capture_event(raw[:ct.sizeof(abi.CaptureEvent) + n]).data == data    # no padding at all
 
 
+def test_the_open_record_gives_every_call_of_the_connection_the_dialed_address():
+    import ipaddress
+    o = abi.CaptureOpen(port=8443)
+    o.addr[:] = ipaddress.IPv6Address("::ffff:127.0.0.7").packed
+    raw = bytes(abi.CaptureEvent(ts_ns=1, cookie=7, tgid=42, fd=3, src_id=16, dst_id=17, actual_dst_id=17,
+                                 len=ct.sizeof(o), kind=abi.CaptureKind.OPEN)) + bytes(o)
+    opened = decode_capture_event(raw)
+    assert opened.kind is abi.CaptureKind.OPEN and opened.direction is None and opened.dialed == ("127.0.0.7", 8443)
+    with pytest.raises(CaptureDecodeError, match="open"):
+        decode_capture_event(raw[:-4])
+    t = CaptureTracker()
+    assert t.on_chunk(opened) == []
+    out = _send(t, _request("m"), 2) + _send(t, _response("m-served"), 3, abi.CaptureDirection.RECV)
+    out += _send(t, _request("m2"), 4) + _send(t, _response("m2-served"), 5, abi.CaptureDirection.RECV)
+    assert [(c.server_address, c.server_port) for c in out] == [("127.0.0.7", 8443)] * 2
+    other = CaptureTracker()     # no OPEN seen (lost, or the connect came before the agent): not known
+    assert [(c.server_address, c.server_port) for c in
+            _send(other, _request("m"), 2) + _send(other, _response("m-served"), 3, abi.CaptureDirection.RECV)] \
+        == [("", 0)]
+
+
 def test_decode_rejects_bad_records():
     with pytest.raises(CaptureDecodeError, match="bytes"):
         decode_capture_event(b"\0" * 8)
