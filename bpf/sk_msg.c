@@ -74,17 +74,22 @@ int aimesh_sk_msg(struct sk_msg_md *msg)
 		return SK_PASS;
 	__u32 size = msg->size;
 	long verdict = fastpath_sockets.msg_redirect_hash(msg, &peer, BPF_F_INGRESS);
-	if (verdict == SK_PASS) {
-		__sync_fetch_and_add(&st->bytes_sent, size);
-		struct fastpath_state *ps = fastpath_state.lookup(&peer);
-		if (ps)
-			__sync_fetch_and_add(&ps->bytes_received, size);
-		counter_add(COUNTER_FASTPATH_MESSAGES);
-		fastpath_interim(msg, &own, st, msg->family);
-		__u32 slot = COUNTER_FASTPATH_BYTES;
-		__u64 *c = verdict_counters.lookup(&slot);
-		if (c)
-			*c += size;
+	if (verdict != SK_PASS) {
+		/* the peer left fastpath_sockets (it closed): SK_DROP would fail this send with EACCES, which the
+		 * application never sees without the fast path. The TCP stack gives what it would have (the send
+		 * goes out, the peer answers RST, the next send gets EPIPE), for the rest of this socket's life. */
+		st->mode = FASTPATH_NORMAL;
+		return SK_PASS;
 	}
-	return verdict;
+	__sync_fetch_and_add(&st->bytes_sent, size);
+	struct fastpath_state *ps = fastpath_state.lookup(&peer);
+	if (ps)
+		__sync_fetch_and_add(&ps->bytes_received, size);
+	counter_add(COUNTER_FASTPATH_MESSAGES);
+	fastpath_interim(msg, &own, st, msg->family);
+	__u32 slot = COUNTER_FASTPATH_BYTES;
+	__u64 *c = verdict_counters.lookup(&slot);
+	if (c)
+		*c += size;
+	return SK_PASS;
 }

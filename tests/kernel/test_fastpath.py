@@ -158,3 +158,47 @@ def test_unwatched_peer_falls_back_and_is_counted(cgroups, agents):
         assert _metric(agent, "aimesh_fastpath_messages_total") == 0
     finally:
         outside.cleanup()
+
+
+_CLOSING_SERVER = r'''
+import socket, sys
+ls = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+print("ready", flush=True)
+c, _ = ls.accept()
+c.recv(65536)
+c.close()
+'''
+_SEND_AFTER_CLOSE = r'''
+import errno, json, socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"x" * 100)
+assert s.recv(100) == b""      # the server closed
+out = []
+for _ in range(3):
+    try:
+        s.sendall(b"y" * 1000)
+        out.append("ok")
+    except OSError as e:
+        out.append(errno.errorcode[e.errno])
+    time.sleep(0.05)
+print(json.dumps(out))
+'''
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fastpath", "normal"])
+def test_a_send_after_the_peer_closed_fails_as_without_the_fast_path(cgroups, agents, fast_path):
+    """kcap saw sendall fail with a permission error once the server had closed: the sk_msg verdict dropped the send
+    (EACCES) because the peer had left the sockhash. An allowed connection's sends end the way TCP ends them."""
+    port = free_port()
+    agents(base_config(cgroups, port, fast_path=fast_path))
+    srv = subprocess.Popen([sys.executable, "-c", _CLOSING_SERVER, str(port)], stdout=subprocess.PIPE, text=True,
+                           preexec_fn=_enter_cgroup(cgroups.child("llama")))
+    try:
+        assert srv.stdout.readline().strip() == "ready"
+        cli = subprocess.run([sys.executable, "-c", _SEND_AFTER_CLOSE, str(port)], capture_output=True, text=True,
+                             timeout=30, preexec_fn=_enter_cgroup(cgroups.child("chat")))
+        assert cli.returncode == 0, cli.stderr
+        assert json.loads(cli.stdout) == ["ok", "EPIPE", "EPIPE"]   # the RST the first send drew, then EPIPE
+    finally:
+        srv.kill()
+        srv.wait()
