@@ -421,8 +421,8 @@ class Deprecation(_Strict):
 
 class LlmCapture(_Strict):
     """What aimesh records of the LLM API calls made to this identity (plaintext capture, bpf/capture.c)."""
-    protocol: Literal["auto", "openai", "anthropic", "ollama", "off"] = "auto"
-    capture_content: bool = False      # prompt and completion text, redacted, up to a cap
+    protocol: Literal["auto", "openai", "anthropic", "ollama", "off"] = "auto"   # auto: recognised by method, path
+    capture_content: Optional[bool] = None   # prompt and completion text, redacted, up to a cap; None: the global llm:
 
     @property
     def enabled(self) -> bool:
@@ -718,6 +718,25 @@ def _endpoint_slot(net: Network, port: int) -> tuple[bytes, int, int]:
     return net.network_address.packed, net.prefixlen, port
 
 
+class LlmSettings(_Strict):
+    """Node-wide model-call settings: content capture's default, its size cap and the redaction rules (applied in the
+    agent before any text leaves the node; the built-in rules for API keys and e-mail addresses always apply)."""
+    capture_content: bool = False
+    content_max_chars: int = Field(default=16384, ge=0, le=1 << 20)   # of prompt and of completion text, each
+    redact: list[str] = Field(default_factory=list, max_length=64)    # Python regular expressions
+
+    @field_validator("redact")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for i, r in enumerate(v):
+            _text(r, f"redact.{i}", 512)
+            try:
+                re.compile(r)
+            except re.error as e:
+                raise ValueError(f"redact.{i}: {show(r)} is not a regular expression ({e})") from None
+        return v
+
+
 class Config(_Strict):
     mode: Literal["enforce", "audit"] = "enforce"
     dns: Literal["allow", "deny"] = "allow"
@@ -729,6 +748,12 @@ class Config(_Strict):
     telemetry: Telemetry = Field(default_factory=Telemetry)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     kubernetes: Optional[KubernetesSettings] = None
+    llm: LlmSettings = Field(default_factory=LlmSettings)
+
+    def capture_content(self, ident: "Identity") -> bool:
+        """Content capture for calls to `ident`: its own llm.capture_content, else the global llm.capture_content."""
+        own = ident.llm_capture.capture_content
+        return self.llm.capture_content if own is None else own
 
     @property
     def uses_kubernetes(self) -> bool:

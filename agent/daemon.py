@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ from agent.export.genai_metrics import IdentityCompute
 from agent.export.model_metrics import ModelCallTally
 from agent.identity.cgroups import walk as cgroup_walk
 from agent.l7.capture import CaptureDecodeError, CaptureTracker, decode_capture_event
+from agent.l7.llm import Protocol as LlmProtocol
+from agent.l7.record import DecoderOptions
 from agent.l7.tls_visibility import NotVisible, TlsNotVisibleTally, TlsVisibility, describe_not_visible
 from agent.policy.capacity import check_capacity
 from agent.policy.compile import compile_image
@@ -235,7 +238,8 @@ class Agent:
         self._read_pos: dict[str, int] = {}      # per ring: read up to here, saved and released up to consumer_pos
         self._write_failures_seen = 0
         self._udp_last = time.monotonic_ns()
-        self.capture = CaptureTracker(self._capture_content)
+        self._decoder_cache: tuple = (None, {})
+        self.capture = CaptureTracker(options=self._decoder_options)
         self.model_calls = ModelCallTally()
         self.call_sinks: Optional[CallSinks] = None
         self._comms = CommCache()
@@ -787,10 +791,27 @@ class Agent:
                 self.tls_probes.scan_pid(ev.pid)
 
     # ---- plaintext capture ----
-    def _capture_content(self, dst_id: int) -> bool:
-        meta = self.identities.get(dst_id)
-        ident = self.config.identity(meta.name) if meta is not None and self.config is not None else None
-        return bool(ident and ident.llm_capture.capture_content)
+    def _decoder_options(self, dst_id: int) -> DecoderOptions:
+        """How calls to identity number dst_id are decoded, from the config in force (cached per config)."""
+        config = self.config
+        cache = self._decoder_cache
+        if cache[0] is not config:
+            cache = self._decoder_cache = (config, {})
+        opts = cache[1].get(dst_id)
+        if opts is None:
+            meta = self.identities.get(dst_id)
+            ident = config.identity(meta.name) if meta is not None and config is not None else None
+            if ident is None or config is None:
+                opts = DecoderOptions()
+            else:
+                llm = ident.llm_capture
+                opts = DecoderOptions(capture_content=config.capture_content(ident),
+                                      redact=tuple(re.compile(r) for r in config.llm.redact),
+                                      content_cap=config.llm.content_max_chars,
+                                      protocol=None if llm.protocol in ("auto", "off") else LlmProtocol(llm.protocol))
+            if len(cache[1]) < 65536:
+                cache[1][dst_id] = opts
+        return opts
 
     def _on_capture(self, data: bytes) -> None:
         self.state["ring_events"]["capture_events"] += 1

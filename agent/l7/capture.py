@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Optional
 
 from agent.kernel import abi
 from agent.l7.http1 import Direction, UndecodedReason
-from agent.l7.record import ConnectionDecoder, ModelCallRecord
+from agent.l7.record import ConnectionDecoder, DecoderOptions, ModelCallRecord
 
 HEADER = ct.sizeof(abi.CaptureEvent)
 DEFAULT_MAX_CONNECTIONS = 4096
@@ -97,11 +97,14 @@ class _Conn:
 
 
 class CaptureTracker:
-    """One ConnectionDecoder per cookie. `capture_content(dst_id)` says whether the destination asked for text."""
+    """One ConnectionDecoder per cookie. `options(dst_id)` says how the destination's calls are decoded (content
+    capture, redaction, protocol); `capture_content(dst_id)` is the short form for content capture alone."""
 
     def __init__(self, capture_content: Callable[[int], bool] = lambda _id: False,
+                 options: Optional[Callable[[int], DecoderOptions]] = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_ns: int = DEFAULT_IDLE_NS) -> None:
-        self._content = capture_content
+        self._options = options if options is not None else \
+            (lambda dst_id: DecoderOptions(capture_content=capture_content(dst_id)))
         self._max = max_connections
         self._idle_ns = idle_ns
         self._conns: OrderedDict[int, _Conn] = OrderedDict()
@@ -131,7 +134,7 @@ class CaptureTracker:
                 _, old = self._conns.popitem(last=False)
                 self.evicted += 1
                 out.extend(self._end(old, old.last_ns))
-            conn = _Conn(ConnectionDecoder(c.cookie, capture_content=self._content(c.dst_id), tls=c.tls), c)
+            conn = _Conn(self._options(c.dst_id).decoder(c.cookie, tls=c.tls), c)
             self._conns[c.cookie] = conn
         else:
             self._conns.move_to_end(c.cookie)
