@@ -1,0 +1,176 @@
+"""The agent's Kubernetes identity source: the one object the daemon starts, ticks and stops.
+
+It owns the ClusterState and the API watch that fills it (agent/identity/k8s/watch.py), turns watch changes (flags set
+from the watch threads) into work on the agent loop's thread: pod cgroups assigned again after pod or namespace
+changes, the endpoint map re-applied after cluster changes (debounced), and says what a reload may not change
+(`needs`).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from agent.config import Config, PodsEndpoint, PodsSelector
+from agent.errors import AgentError
+from agent.identity.k8s.model import ClusterState
+from agent.identity.k8s.resolve import (
+    ClusterView,
+    Debouncer,
+    PodResolutionStats,
+    resolve_endpoints,
+    snapshot,
+)
+
+log = logging.getLogger("aimesh.k8s")
+
+ENDPOINTS_DEBOUNCE_S = 0.2   # cluster changes re-apply the endpoint map at most this often
+SYNC_WAIT_S = 5.0            # at start, how long the first lists may take before cgroups are assigned
+
+
+def remote_pod_selectors(config: Config) -> list[PodsSelector]:
+    """The `pods:` endpoints' selectors, in file order without repeats: what the remote-pod watches ask for."""
+    out: list[PodsSelector] = []
+    for i in config.identities:
+        for e in i.k8s_endpoints:
+            if isinstance(e, PodsEndpoint) and e.pods not in out:
+                out.append(e.pods)
+    return out
+
+
+def needs(config: Config | None, kubeconfig: Path | None = None, node_name: str | None = None) -> tuple:
+    """What the watch is started with (settings, remote-pod scopes, named Services): a reload that changes it needs
+    a restart. The flags override the config as at start."""
+    if config is None or not config.uses_kubernetes:
+        return (False,)
+    k = config.k8s
+    return (True, kubeconfig or k.kubeconfig, node_name or k.node_name,
+            tuple(s.model_dump_json() for s in remote_pod_selectors(config)))
+
+
+class PodAssigner(Protocol):
+    """What the source needs of agent/identity/assigner.IdentityAssigner."""
+    view: ClusterView
+    pod_cgroups: dict
+
+    def on_cluster_change(self, view: ClusterView) -> int: ...
+
+
+class StartWatch(Protocol):
+    def __call__(self, state: ClusterState, node_name: str, kubeconfig: str | None = None,
+                 need_all_pods: bool = False, pod_scopes: Sequence = (),
+                 service_names: Sequence[str] | None = None): ...
+
+
+class KubernetesSource:
+    """cluster: a ClusterState someone else fills (tests); else start() starts the agent's own watch.
+    kubeconfig, node_name: the command line's, over the config's."""
+
+    def __init__(self, cluster: ClusterState | None = None, kubeconfig: Path | None = None,
+                 node_name: str | None = None, stats: PodResolutionStats | None = None,
+                 ) -> None:
+        self.cluster = cluster
+        self.kubeconfig, self.node_name = kubeconfig, node_name
+        self.stats = stats or PodResolutionStats()
+        self.watch = None                  # agent/identity/k8s/watch.Watch when start() started one
+        self.assigner: PodAssigner | None = None
+        self.apply_failures = 0
+        self._pods_changed = False         # set from the watch threads; turn() re-assigns
+        self._endpoints_changed = Debouncer(ENDPOINTS_DEBOUNCE_S)
+
+    @property
+    def active(self) -> bool:
+        return self.cluster is not None
+
+    def needs(self, config: Config | None) -> tuple:
+        return needs(config, self.kubeconfig, self.node_name)
+
+    # ---- start / stop ----
+    def start(self, config: Config, sync_wait_s: float = SYNC_WAIT_S,
+              start_watch: StartWatch | None = None) -> None:
+        """When the config uses Kubernetes: the ClusterState (the agent's own watch unless one was given) and the
+        change hook. The first lists get sync_wait_s before cgroups are assigned (fewer `unresolved`). AgentError,
+        one line, when the watch cannot be set up."""
+        if not config.uses_kubernetes:
+            return
+        if self.cluster is None:
+            try:
+                from agent.identity.k8s.watch import WatchConfigError, pod_scope
+                from agent.identity.k8s.watch import start_watch as default_start
+            except ImportError as e:
+                raise AgentError(f"kubernetes: the API watch is not available ({e})") from None
+            k = config.k8s
+            node = self.node_name or k.node()
+            if not node:
+                raise AgentError("kubernetes.node_name: not set, no --node-name and NODE_NAME is empty (set it from "
+                                 "the downward API: spec.nodeName)")
+            kubeconfig = self.kubeconfig or k.kubeconfig
+            # remote pods: one watch per `pods:` endpoint, filtered by the API server (its namespace when named, its
+            # podSelector); a namespaceSelector is applied here, over the namespaces' labels
+            sels = remote_pod_selectors(config)
+            scopes = [pod_scope(s.namespace, s.pod_selector.match_labels, s.pod_selector.match_expressions)
+                      for s in sels]
+            cluster = ClusterState()
+            try:
+                self.watch = (start_watch or default_start)(
+                    cluster, node, str(kubeconfig) if kubeconfig else None, need_all_pods=bool(sels),
+                    pod_scopes=scopes)
+            except WatchConfigError as e:
+                raise AgentError(str(e)) from None
+            self.cluster = cluster
+            if not self.watch.wait_synced(sync_wait_s):
+                log.warning("kubernetes: the first lists took over %.0fs; pods not known yet are `unresolved` "
+                            "(kubernetes.unresolved: %s)", sync_wait_s, k.unresolved)
+        prev = self.cluster.on_change
+        self.cluster.on_change = lambda kind: (prev(kind), self._on_change(kind))
+
+    def stop(self) -> None:
+        if self.watch is not None:
+            self.watch.stop()
+
+    def collectors(self) -> list:
+        """Prometheus collectors: the resolution stats, and the watch's when it runs."""
+        return [self.stats, *([self.watch.collector()] if self.watch is not None else [])]
+
+    # ---- the loop's side ----
+    def _on_change(self, kind: str) -> None:
+        """Called from the watch threads: only flags; turn() acts."""
+        if kind in ("pods", "namespaces"):
+            self._pods_changed = True
+        self._endpoints_changed.poke()
+
+    def view(self) -> ClusterView:
+        return snapshot(self.cluster) if self.cluster is not None else ClusterView()
+
+    def resolve(self, config: Config, view: ClusterView | None = None) -> tuple:
+        """The remote ends of the config's service/pods endpoints now (empty without Kubernetes)."""
+        if not config.uses_kubernetes:
+            return ()
+        return resolve_endpoints(config, view if view is not None else self.view())
+
+    def installed(self, assigner: PodAssigner, view: ClusterView) -> None:
+        """A full install (start, reload) assigned with this view."""
+        self.assigner = assigner
+
+    def turn(self, config: Config | None, applied: tuple, apply: Callable[[Config, tuple], None]) -> None:
+        """One loop turn: re-assign pod cgroups after pod/namespace changes; re-apply the endpoint map after cluster
+        changes, debounced, when it resolves to something else than `applied` (apply(config, resolved) raises
+        AgentError, ValueError or OSError to keep the previous map)."""
+        if self.cluster is None or config is None or self.assigner is None:
+            return
+        if self._pods_changed:
+            self._pods_changed = False
+            n = self.assigner.on_cluster_change(self.view())
+            if n:
+                log.info("kubernetes: %d cgroups re-assigned", n)
+        if self._endpoints_changed.due() and any(i.k8s_endpoints for i in config.identities):
+            resolved = resolve_endpoints(config, self.view())
+            if resolved != applied:
+                try:
+                    apply(config, resolved)
+                except (AgentError, ValueError, OSError) as e:
+                    self.apply_failures += 1
+                    log.error("kubernetes: the endpoint map was not updated, the previous one stays: %s", e)
+                    return
+                log.info("kubernetes: %d remote endpoints applied", len(resolved))
