@@ -77,6 +77,7 @@ class AgentOptions:
     bpf_root: Optional[Path] = None            # bpf/ sources to build from (tests of upgrades); default: the package's
     pin_base: Optional[Path] = None            # default /sys/fs/bpf/aimesh
     kubeconfig: Optional[Path] = None          # overrides config kubernetes.kubeconfig (development)
+    node_name: Optional[str] = None            # overrides config kubernetes.node_name (default: $NODE_NAME)
     watch_config: Optional[bool] = None        # reload when the file changes; None: when it is kubelet-mounted
 
 
@@ -143,7 +144,7 @@ class Agent:
         """cluster: a ClusterState someone else fills (tests); default: one the agent's own watch fills when the
         config uses Kubernetes (agent/identity/k8s/source.py)."""
         self.opts = opts
-        self.k8s = KubernetesSource(cluster, opts.kubeconfig)
+        self.k8s = KubernetesSource(cluster, opts.kubeconfig, opts.node_name)
         self.resolved: tuple = ()                   # the remote ends the live generation was compiled with
         self.numbering = IdentityNumbering()
         self.identities: dict[int, IdentityMeta] = {}
@@ -402,10 +403,9 @@ class Agent:
             if self.config is not None and config.collector != self.config.collector:
                 raise ConfigError(f"{self.opts.config_path}: collector: changed; the exporter is set up at start, so "
                                   "this reload changes nothing: restart the agent to apply it")
-            if self.config is not None and self.k8s.needs(config) != self.k8s.needs(self.config):
-                raise ConfigError(f"{self.opts.config_path}: kubernetes: what the agent watches changed (the "
-                                  "kubernetes section, or pod selectors/endpoints appearing or going); the watch is "
-                                  "set up at start, so this reload changes nothing: restart the agent to apply it")
+            refusal = self.k8s.reload_refusal(self.config, config)
+            if refusal:
+                raise ConfigError(f"{self.opts.config_path}: {refusal}")
             changed = self.config.telemetry.sinks_differ(config.telemetry) if self.config is not None else None
             if changed:
                 raise ConfigError(f"{self.opts.config_path}: telemetry.{changed}: changed; the model-call sinks are "

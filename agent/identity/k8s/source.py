@@ -12,7 +12,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from agent.config import Config, PodsEndpoint, PodsSelector
+from agent.config import (
+    DNS_SUBDOMAIN_RE,
+    Config,
+    PodsEndpoint,
+    PodsSelector,
+    ServiceEndpoint,
+)
 from agent.errors import AgentError
 from agent.identity.k8s.model import ClusterState
 from agent.identity.k8s.resolve import (
@@ -39,14 +45,34 @@ def remote_pod_selectors(config: Config) -> list[PodsSelector]:
     return out
 
 
+def service_names(config: Config) -> list[str]:
+    """The Services the `service:` endpoints name (sorted, without repeats): only their EndpointSlices are watched."""
+    return sorted({e.service.name for i in config.identities for e in i.k8s_endpoints
+                   if isinstance(e, ServiceEndpoint)})
+
+
 def needs(config: Config | None, kubeconfig: Path | None = None, node_name: str | None = None) -> tuple:
     """What the watch is started with (settings, remote-pod scopes, named Services): a reload that changes it needs
     a restart. The flags override the config as at start."""
     if config is None or not config.uses_kubernetes:
         return (False,)
     k = config.k8s
-    return (True, kubeconfig or k.kubeconfig, node_name or k.node_name,
-            tuple(s.model_dump_json() for s in remote_pod_selectors(config)))
+    return (True, str(kubeconfig or k.kubeconfig or ""), node_name or k.node_name or "",
+            tuple(s.model_dump_json() for s in remote_pod_selectors(config)), tuple(service_names(config)))
+
+
+_NEEDS = ("the kubernetes section", "kubernetes.kubeconfig (or --kubeconfig)", "kubernetes.node_name (or --node-name)",
+          "the pods: endpoints (one remote-pod watch each)",
+          "the service: endpoints (only their Services' EndpointSlices are watched)")
+
+
+def needs_changed(old: tuple, new: tuple) -> str | None:
+    """What differs between two needs() tuples, in words; None when nothing does."""
+    if old == new:
+        return None
+    if old[0] != new[0]:
+        return "whether the agent watches Kubernetes (" + _NEEDS[0] + ", pod selectors or endpoints)"
+    return ", ".join(w for w, a, b in zip(_NEEDS[1:], old[1:], new[1:], strict=True) if a != b)
 
 
 class PodAssigner(Protocol):
@@ -86,6 +112,14 @@ class KubernetesSource:
     def needs(self, config: Config | None) -> tuple:
         return needs(config, self.kubeconfig, self.node_name)
 
+    def reload_refusal(self, old: Config | None, new: Config) -> str | None:
+        """Why `new` cannot be applied by a reload (the watch is set up at start), in one line; None when it can."""
+        what = needs_changed(self.needs(old), self.needs(new)) if old is not None else None
+        if what is None:
+            return None
+        return (f"kubernetes: what the agent watches changed ({what}); the watch is set up at start, so this reload "
+                "changes nothing: restart the agent to apply it")
+
     # ---- start / stop ----
     def start(self, config: Config, sync_wait_s: float = SYNC_WAIT_S,
               start_watch: StartWatch | None = None) -> None:
@@ -105,6 +139,9 @@ class KubernetesSource:
             if not node:
                 raise AgentError("kubernetes.node_name: not set, no --node-name and NODE_NAME is empty (set it from "
                                  "the downward API: spec.nodeName)")
+            if not DNS_SUBDOMAIN_RE.fullmatch(node) or len(node) > 253:
+                raise AgentError(f"node name {node!r} (--node-name, kubernetes.node_name or NODE_NAME) is not a "
+                                 "Kubernetes name")
             kubeconfig = self.kubeconfig or k.kubeconfig
             # remote pods: one watch per `pods:` endpoint, filtered by the API server (its namespace when named, its
             # podSelector); a namespaceSelector is applied here, over the namespaces' labels
@@ -115,7 +152,7 @@ class KubernetesSource:
             try:
                 self.watch = (start_watch or default_start)(
                     cluster, node, str(kubeconfig) if kubeconfig else None, need_all_pods=bool(sels),
-                    pod_scopes=scopes)
+                    pod_scopes=scopes, service_names=service_names(config))
             except WatchConfigError as e:
                 raise AgentError(str(e)) from None
             self.cluster = cluster
