@@ -37,7 +37,7 @@ from agent.errors import AgentError
 from agent.flows.denials import DenialAggregator, denial_record
 from agent.flows.decode import DecodeError, decode_agent_event, decode_decision, to_json, wall_time
 from agent.flows.records import (UdpWindow, decision_record, decode_flow_event, flow_record, identity_data,
-                                 udp_aggregate)
+                                 udp_aggregate, with_workload)
 from agent.kernel import abi
 from agent.export.call_sinks import CallSinks, CommCache, build_call_sinks
 from agent.collector.channel import ConfigError as ChannelError
@@ -145,6 +145,7 @@ class Agent:
         config uses Kubernetes (agent/identity/k8s/source.py)."""
         self.opts = opts
         self.k8s = KubernetesSource(cluster, opts.kubeconfig, opts.node_name)
+        self._workloads = None                      # cgroup id -> WorkloadData, when Kubernetes is on
         self.resolved: tuple = ()                   # the remote ends the live generation was compiled with
         self.numbering = IdentityNumbering()
         self.identities: dict[int, IdentityMeta] = {}
@@ -286,7 +287,9 @@ class Agent:
                                    lambda: self.identities, self._metrics_state)
         compute = IdentityCompute(self._identity_cgroups, mount)
         try:
+            self.k8s.mount = mount
             self.k8s.start(config)
+            self._workloads = self.k8s.workload if self.k8s.active else None   # records name the pod where known
         except AgentError:
             dp.close()
             raise
@@ -510,6 +513,7 @@ class Agent:
                 self._mono_to_wall = time.time_ns() - time.monotonic_ns()
                 self.assigner.prune_processes(lambda pid: os.path.exists(f"/proc/{pid}"))
                 self.assigner.prune_pod_cgroups()
+                self.k8s.housekeeping(lambda pid: os.path.exists(f"/proc/{pid}"))
                 m = self.datapath.maps["local_endpoint_identity"]
                 n = self.assigner.prune_local_endpoints(list(m.keys()), m.delete)
                 if n:
@@ -600,13 +604,14 @@ class Agent:
         if d.verdict == abi.Verdict.DENIED and self.denials.add(d):
             # no connection follows, so no connection record: the collector gets the decision itself — the first of
             # a quiet key at once, the rest aggregated per key and interval (one hostile loop cannot flood it)
-            self._emit_record(decision_record(d, self.identities, self._mono_to_wall, self.agent_id, self.node),
-                              False)
+            self._emit_record(decision_record(d, self.identities, self._mono_to_wall, self.agent_id, self.node,
+                                              workloads=self._workloads), False)
 
     def _flush_denials(self, now_ns: int) -> None:
         aggs = self.denials.flush(now_ns)
         for agg in aggs:
-            self._emit_record(denial_record(agg, self.identities, self._mono_to_wall, self.agent_id, self.node), False)
+            self._emit_record(denial_record(agg, self.identities, self._mono_to_wall, self.agent_id, self.node,
+                                            self._workloads), False)
         if aggs and self.exporter is not None and self.exporter.config.durable:
             self.exporter.persist()
 
@@ -614,7 +619,7 @@ class Agent:
         ev = self._decoded("flow_events", decode_flow_event, data)
         if ev is None:
             return
-        rec = flow_record(ev, self.identities, self._mono_to_wall, self.agent_id, self.node)
+        rec = flow_record(ev, self.identities, self._mono_to_wall, self.agent_id, self.node, self._workloads)
         # metrics count a connection once: on its client's side, or on the server's when the client is remote
         self._emit_record(rec, ev.side == abi.Side.CLIENT or not self._is_local(bytes(ev.remote_addr)))
 
@@ -630,7 +635,7 @@ class Agent:
         now = time.monotonic_ns()
         entries = list(self.datapath.maps["udp_flows"].items())
         records = udp_aggregate(entries, self._udp_window, self.identities, self._mono_to_wall, self._udp_last, now,
-                                self.agent_id, self.node)
+                                self.agent_id, self.node, self._workloads)
         for rec in records:
             self._emit_record(rec, True)
         idle = 3 * self.config.telemetry.udp_window * 1e9
@@ -682,6 +687,9 @@ class Agent:
         for c in calls:
             self.state["model_calls"] += 1
             source = identity_data(self.identities, c.src_id)
+            w = self.k8s.workload_of_pid(c.pid) if self._workloads is not None else None
+            if w is not None:
+                source = with_workload(source, w)
             dialed = identity_data(self.identities, c.dst_id)
             actual = identity_data(self.identities, c.actual_dst_id) if c.actual_dst_id else dialed
             comm = self._comms(c.pid)

@@ -169,3 +169,27 @@ def test_a_failed_apply_keeps_the_previous_map_and_is_counted():
     state.upsert("services", Service("models", "llama", ("10.96.0.10",), ()))
     src.turn(cfg, (), refuse)
     assert src.apply_failures == 1
+
+
+def test_workload_of_a_cgroup_from_the_assigners_pod_lookup(tmp_path, monkeypatch):
+    """cgroup id -> (namespace, pod, container, service account), from what the assigner matched; a cgroup of an
+    unknown pod has none until the pod arrives (the cache is dropped when pods change)."""
+    from agent.flows.model import WorkloadData
+    from agent.identity.k8s.model import Container
+    from tests.unit.test_k8s_assigner import APP, CFG as ACFG, UID1, setup
+    a, ids, _clock, _stats, _numbering = setup(tmp_path, monkeypatch)
+    state = ClusterState()
+    src = KubernetesSource(cluster=state)
+    src.start(ACFG)
+    a.view = src.view()
+    a.resync(ACFG)
+    src.installed(a, a.view)
+    assert src.workload(ids["app"]) is None and src.workload(12345) is None
+    state.upsert("pods", Pod(UID1, "shop", "chat-7d9", {"app": "chat"}, "chat-sa", "n1", ("10.1.0.5",), "Running",
+                             (Container("app", APP),)))
+    src.turn(ACFG, (), lambda c, r: None)
+    assert src.workload(ids["app"]) == WorkloadData("shop", "chat-7d9", "app", "chat-sa")
+    assert src.workload(ids["pod1"]) == WorkloadData("shop", "chat-7d9", "", "chat-sa")   # the pod level
+    assert src.workload(ids["side"]) == WorkloadData("shop", "chat-7d9", "", "chat-sa")   # not in the status
+    src.housekeeping(lambda pid: True)
+    assert ids["app"] in src._workloads

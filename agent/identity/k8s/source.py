@@ -3,7 +3,8 @@
 It owns the ClusterState and the API watch that fills it (agent/identity/k8s/watch.py), turns watch changes (flags set
 from the watch threads) into work on the agent loop's thread: pod cgroups assigned again after pod or namespace
 changes, the endpoint map re-applied after cluster changes (debounced), and says what a reload may not change
-(`needs`).
+(`needs`). It also answers "which pod container is this cgroup" for records (`workload`), from the assigner's pod
+lookup, cached per cgroup id.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from agent.config import (
     ServiceEndpoint,
 )
 from agent.errors import AgentError
-from agent.identity.k8s.model import ClusterState
+from agent.flows.model import WorkloadData
+from agent.identity import cgroups
+from agent.identity.k8s.model import ClusterState, Pod
 from agent.identity.k8s.resolve import (
     ClusterView,
     Debouncer,
@@ -28,11 +31,14 @@ from agent.identity.k8s.resolve import (
     resolve_endpoints,
     snapshot,
 )
+from agent.identity.k8s.selectors import container_name
 
 log = logging.getLogger("aimesh.k8s")
 
 ENDPOINTS_DEBOUNCE_S = 0.2   # cluster changes re-apply the endpoint map at most this often
 SYNC_WAIT_S = 5.0            # at start, how long the first lists may take before cgroups are assigned
+MAX_WORKLOADS = 65536        # cached cgroup -> workload entries (the cgroup_identity map's default capacity)
+MAX_PIDS = 16384             # cached pid -> cgroup id entries (model calls name a pid, not a cgroup)
 
 
 def remote_pod_selectors(config: Config) -> list[PodsSelector]:
@@ -59,6 +65,12 @@ def needs(config: Config | None, kubeconfig: Path | None = None, node_name: str 
     k = config.k8s
     return (True, str(kubeconfig or k.kubeconfig or ""), node_name or k.node_name or "",
             tuple(s.model_dump_json() for s in remote_pod_selectors(config)), tuple(service_names(config)))
+
+
+def workload_of(pod: Pod, container_id: str | None) -> WorkloadData:
+    name, _known = container_name(pod, container_id)
+    return WorkloadData(namespace=pod.namespace, pod=pod.name, container=name or "",
+                        service_account=pod.service_account)
 
 
 _NEEDS = ("the kubernetes section", "kubernetes.kubeconfig (or --kubeconfig)", "kubernetes.node_name (or --node-name)",
@@ -95,15 +107,18 @@ class KubernetesSource:
 
     def __init__(self, cluster: ClusterState | None = None, kubeconfig: Path | None = None,
                  node_name: str | None = None, stats: PodResolutionStats | None = None,
-                 ) -> None:
+                 mount: Path | None = None) -> None:
         self.cluster = cluster
         self.kubeconfig, self.node_name = kubeconfig, node_name
         self.stats = stats or PodResolutionStats()
+        self.mount = mount                 # the cgroup2 mount, to find a pid's cgroup
         self.watch = None                  # agent/identity/k8s/watch.Watch when start() started one
         self.assigner: PodAssigner | None = None
         self.apply_failures = 0
         self._pods_changed = False         # set from the watch threads; turn() re-assigns
         self._endpoints_changed = Debouncer(ENDPOINTS_DEBOUNCE_S)
+        self._workloads: dict[int, WorkloadData | None] = {}
+        self._pid_cgroups: dict[int, int | None] = {}
 
     @property
     def active(self) -> bool:
@@ -187,8 +202,9 @@ class KubernetesSource:
         return resolve_endpoints(config, view if view is not None else self.view())
 
     def installed(self, assigner: PodAssigner, view: ClusterView) -> None:
-        """A full install (start, reload) assigned with this view."""
+        """A full install (start, reload) assigned with this view: records' workloads are looked up again."""
         self.assigner = assigner
+        self._workloads.clear()
 
     def turn(self, config: Config | None, applied: tuple, apply: Callable[[Config, tuple], None]) -> None:
         """One loop turn: re-assign pod cgroups after pod/namespace changes; re-apply the endpoint map after cluster
@@ -198,6 +214,7 @@ class KubernetesSource:
             return
         if self._pods_changed:
             self._pods_changed = False
+            self._workloads.clear()
             n = self.assigner.on_cluster_change(self.view())
             if n:
                 log.info("kubernetes: %d cgroups re-assigned", n)
@@ -211,3 +228,55 @@ class KubernetesSource:
                     log.error("kubernetes: the endpoint map was not updated, the previous one stays: %s", e)
                     return
                 log.info("kubernetes: %d remote endpoints applied", len(resolved))
+
+    # ---- records ----
+    def workload(self, cgroup_id: int) -> WorkloadData | None:
+        """The pod container a cgroup belongs to (namespace, pod, container, service account), when the assigner
+        matched it to a known pod; cached per cgroup id until pods change."""
+        try:
+            return self._workloads[cgroup_id]
+        except KeyError:
+            pass
+        w: WorkloadData | None = None
+        a = self.assigner
+        entry = a.pod_cgroups.get(cgroup_id) if a is not None else None
+        if entry is not None:
+            pod = a.view.pod(entry[1].pod_uid)
+            if pod is not None:
+                w = workload_of(pod, entry[1].container_id)
+        if len(self._workloads) >= MAX_WORKLOADS:
+            self._workloads.clear()
+        self._workloads[cgroup_id] = w
+        return w
+
+    def workload_of_pid(self, pid: int) -> WorkloadData | None:
+        """workload() of a process's cgroup (model calls name a pid); the pid's cgroup id is cached."""
+        if self.cluster is None or self.mount is None:
+            return None
+        try:
+            cid = self._pid_cgroups[pid]
+        except KeyError:
+            cid = _pid_cgroup_id(self.mount, pid)
+            if len(self._pid_cgroups) >= MAX_PIDS:
+                self._pid_cgroups.clear()
+            self._pid_cgroups[pid] = cid
+        return self.workload(cid) if cid is not None else None
+
+    def housekeeping(self, alive: Callable[[int], bool]) -> None:
+        """Forget exited pids and cgroups the assigner no longer holds."""
+        for pid in [p for p in self._pid_cgroups if not alive(p)]:
+            del self._pid_cgroups[pid]
+        held = self.assigner.pod_cgroups if self.assigner is not None else {}
+        for cid in [c for c in self._workloads if c not in held]:
+            del self._workloads[cid]
+
+
+def _pid_cgroup_id(mount: Path, pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    return cgroups.cgroup_id(mount / line[3:].strip().lstrip("/"))
+    except (OSError, ValueError):
+        return None
+    return None
