@@ -317,3 +317,7 @@ def test_records_name_the_pod_and_a_services_ends_are_judged(cgroups, agents, ap
     assert {r.query.get("fieldSelector") for r in api.watches("pods") + api.lists("pods")} == {"spec.nodeName=node-a"}
     assert {r.query.get("labelSelector") for r in api.watches("endpointslices")} == {
         "kubernetes.io/service-name in (vec)"}
+    # Prometheus labels stay identity names: one series per identity, never per pod
+    status, metrics = agent.get("/metrics")
+    assert status == 200 and 'source="chat"' in metrics
+    assert "chat-frontend-7d9c8b6f5d-x2k4q" not in metrics and "chat-late" not in metrics

@@ -9,7 +9,12 @@ import pytest
 from agent.config import parse_config
 from agent.errors import AgentError
 from agent.identity.k8s.model import ClusterState, Pod, Service, ServicePort
-from agent.identity.k8s.source import KubernetesSource, needs, needs_changed, service_names
+from agent.identity.k8s.source import (
+    KubernetesSource,
+    needs,
+    needs_changed,
+    service_names,
+)
 from agent.identity.k8s.watch import PodScope
 
 CFG = """
@@ -176,7 +181,8 @@ def test_workload_of_a_cgroup_from_the_assigners_pod_lookup(tmp_path, monkeypatc
     unknown pod has none until the pod arrives (the cache is dropped when pods change)."""
     from agent.flows.model import WorkloadData
     from agent.identity.k8s.model import Container
-    from tests.unit.test_k8s_assigner import APP, CFG as ACFG, UID1, setup
+    from tests.unit.test_k8s_assigner import APP, UID1, setup
+    from tests.unit.test_k8s_assigner import CFG as ACFG
     a, ids, _clock, _stats, _numbering = setup(tmp_path, monkeypatch)
     state = ClusterState()
     src = KubernetesSource(cluster=state)
