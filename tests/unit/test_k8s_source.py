@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.config import parse_config
 from agent.errors import AgentError
@@ -72,7 +73,7 @@ def test_the_watch_is_started_with_one_scope_per_pods_endpoint_and_the_named_ser
     assert call["scopes"] == [PodScope("models", "model=llama"), PodScope("", "app")]
     assert call["services"] == ["llama", "qdrant"]
     assert src.active and call["state"] is src.cluster
-    assert src.collectors()[1] == "watch-collector"
+    assert src.collectors()[-1] == "watch-collector"
     src.stop()
     assert src.watch.stopped
 
@@ -103,7 +104,7 @@ def test_a_plain_config_starts_nothing():
     rec = Recorder()
     src = KubernetesSource()
     src.start(parse_config("identities: [{name: a, kind: service, select: {cgroups: ['/a']}}]"), start_watch=rec)
-    assert rec.calls == [] and not src.active and src.collectors() == [src.stats]
+    assert rec.calls == [] and not src.active and src.collectors()[0] is src.stats and len(src.collectors()) == 2
 
 
 def test_a_reload_that_changes_what_is_watched_is_refused_in_one_line():
@@ -174,6 +175,10 @@ def test_a_failed_apply_keeps_the_previous_map_and_is_counted():
     state.upsert("services", Service("models", "llama", ("10.96.0.10",), ()))
     src.turn(cfg, (), refuse)
     assert src.apply_failures == 1
+    reg = CollectorRegistry()
+    for c in src.collectors():
+        reg.register(c)
+    assert "aimesh_k8s_endpoint_apply_failures_total 1.0" in generate_latest(reg).decode()
 
 
 def test_workload_of_a_cgroup_from_the_assigners_pod_lookup(tmp_path, monkeypatch):

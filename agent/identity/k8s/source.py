@@ -9,9 +9,11 @@ lookup, cached per cgroup id.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
+
+from prometheus_client.core import CounterMetricFamily
 
 from agent.config import (
     DNS_SUBDOMAIN_RE,
@@ -182,8 +184,8 @@ class KubernetesSource:
             self.watch.stop()
 
     def collectors(self) -> list:
-        """Prometheus collectors: the resolution stats, and the watch's when it runs."""
-        return [self.stats, *([self.watch.collector()] if self.watch is not None else [])]
+        """Prometheus collectors: the resolution stats, the endpoint applies, and the watch's when it runs."""
+        return [self.stats, _SourceCollector(self), *([self.watch.collector()] if self.watch is not None else [])]
 
     # ---- the loop's side ----
     def _on_change(self, kind: str) -> None:
@@ -280,3 +282,16 @@ def _pid_cgroup_id(mount: Path, pid: int) -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+class _SourceCollector:
+    """aimesh_k8s_endpoint_apply_failures_total, read at scrape time."""
+
+    def __init__(self, source: KubernetesSource) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator:
+        c = CounterMetricFamily("aimesh_k8s_endpoint_apply_failures",
+                                "Cluster changes whose endpoint map could not be applied (the previous map stayed)")
+        c.add_metric([], self._source.apply_failures)
+        yield c
