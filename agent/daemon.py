@@ -675,6 +675,8 @@ class Agent:
             self.state["decode_errors"] += 1
             log.warning("capture_events: %s", e)
             return
+        if self._workloads is not None:
+            self.k8s.note_pid(chunk.pid)   # the caller's cgroup while it surely runs (its call may end after it exits)
         self._model_calls(self.capture.on_chunk(chunk))
         for pid, fd in self.capture.take_skips():   # not HTTP/1: the kernel stops copying it
             self.datapath.capture_skip(pid, fd)

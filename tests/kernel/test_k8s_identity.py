@@ -321,3 +321,35 @@ def test_records_name_the_pod_and_a_services_ends_are_judged(cgroups, agents, ap
     status, metrics = agent.get("/metrics")
     assert status == 200 and 'source="chat"' in metrics
     assert "chat-frontend-7d9c8b6f5d-x2k4q" not in metrics and "chat-late" not in metrics
+
+
+def test_model_calls_from_a_pod_name_it(cgroups, agents, api, tmp_path):
+    """The openai SDK in a pod's container calls a local model server: the model-call record's source names the
+    pod's namespace, name, container and service account (found from the caller's pid)."""
+    from tests.kernel.test_capture import model_calls, run_openai, start_llm_server
+    root = cgroups.root
+    chat_app = cgroups.child(str(systemd_container(root, CHAT_UID, CHAT_APP).relative_to(root)))
+    llama = cgroups.child("llama")
+    cfg = {"mode": "enforce",
+           "identities": [
+               {"name": "chat", "kind": "service",
+                "select": {"pods": [{"namespace": "shop", "podSelector": {"matchLabels": {"app": "chat"}}}]}},
+               {"name": "llama", "kind": "model", "select": {"cgroups": [cgroups.rel(llama)]}}],
+           "policies": [{"from": "chat", "to": "llama"}],
+           "kubernetes": {"unresolved": "deny"}}
+    records = tmp_path / "records.jsonl"
+    agents(cfg, extra=["--records-log", str(records), "--node-name", "node-a",
+                       "--kubeconfig", str(api.kubeconfig(tmp_path / "kubeconfig"))])
+    srv, url = start_llm_server(llama)
+    try:
+        assert len(run_openai(chat_app, url)) == 2
+        calls = model_calls(records, want=2)
+    finally:
+        srv.kill()
+        srv.wait()
+    assert len(calls) == 2, calls
+    for c in calls:
+        s = c["source"]
+        assert (s["name"], s["namespace"], s["pod"], s["container"], s["service_account"]) == (
+            "chat", "shop", "chat-frontend-7d9c8b6f5d-x2k4q", "app", "chat")
+        assert c["destination"]["name"] == "llama"

@@ -253,16 +253,22 @@ class KubernetesSource:
 
     def workload_of_pid(self, pid: int) -> WorkloadData | None:
         """workload() of a process's cgroup (model calls name a pid); the pid's cgroup id is cached."""
+        cid = self.note_pid(pid)
+        return self.workload(cid) if cid is not None else None
+
+    def note_pid(self, pid: int) -> int | None:
+        """The cgroup id of a process, read once and cached (call it early: a process that exited has none)."""
         if self.cluster is None or self.mount is None:
             return None
         try:
-            cid = self._pid_cgroups[pid]
+            return self._pid_cgroups[pid]
         except KeyError:
-            cid = _pid_cgroup_id(self.mount, pid)
-            if len(self._pid_cgroups) >= MAX_PIDS:
-                self._pid_cgroups.clear()
-            self._pid_cgroups[pid] = cid
-        return self.workload(cid) if cid is not None else None
+            pass
+        cid = _pid_cgroup_id(self.mount, pid)
+        if len(self._pid_cgroups) >= MAX_PIDS:
+            self._pid_cgroups.clear()
+        self._pid_cgroups[pid] = cid
+        return cid
 
     def housekeeping(self, alive: Callable[[int], bool]) -> None:
         """Forget exited pids and cgroups the assigner no longer holds."""
