@@ -16,7 +16,8 @@ def _agent(args: argparse.Namespace) -> int:
     opts = AgentOptions(config_path=Path(args.config), cgroup_root=args.cgroup_root,
                         metrics_addr=args.metrics_addr, flow_log=args.flow_log, records_log=args.records_log,
                         collector=args.collector, agent_id=args.agent_id, ephemeral=args.ephemeral,
-                        bpf_root=args.bpf_root, watch_config={"auto": None, "on": True, "off": False}[args.watch_config])
+                        bpf_root=args.bpf_root, watch_config={"auto": None, "on": True, "off": False}[args.watch_config],
+                        kubeconfig=args.kubeconfig, node_name=args.node_name)
     return Agent(opts).run()
 
 
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-read the config when the file changes, as SIGHUP does (checked every second); auto "
                    "(default): on when the file is in a kubelet-mounted ConfigMap (its directory has ..data), whose "
                    "updates are atomic; off elsewhere, where an editor may save a file in several writes")
+    a.add_argument("--kubeconfig", type=Path, default=None,
+                   help="kubeconfig file for the Kubernetes API (development; overrides kubernetes.kubeconfig); "
+                   "default: the pod's service account (in-cluster)")
+    a.add_argument("--node-name", default=None,
+                   help="this node's Kubernetes name: only its pods are watched (overrides kubernetes.node_name; "
+                   "default: the NODE_NAME environment variable, set from the downward API spec.nodeName)")
     a.add_argument("--bpf-root", type=Path, default=None, help=argparse.SUPPRESS)   # tests: build from a copy of bpf/
     a.set_defaults(func=_agent)
 

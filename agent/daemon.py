@@ -29,15 +29,16 @@ from agent.flows.sink import RecordSink, RecordsLogSink
 from agent.identity.assigner import IdentityAssigner
 from agent.identity.cgroups import cgroup2_mount, cgroup_id
 from agent.identity.host import local_address_keys
+from agent.config_watch import ConfigWatch, kubelet_mounted
 from agent.identity.k8s.model import ClusterState
-from agent.identity.k8s.resolve import ClusterView, Debouncer, PodResolutionStats, resolve_endpoints, snapshot
+from agent.identity.k8s.source import KubernetesSource
 from agent.kernel.pins import FORMAT as PIN_FORMAT
 from agent.kernel.pins import DatapathDir, PinError, RootLock, check_format, prune_dir, read_manifest, write_manifest
 from agent.errors import AgentError
 from agent.flows.denials import DenialAggregator, denial_record
 from agent.flows.decode import DecodeError, decode_agent_event, decode_decision, to_json, wall_time
 from agent.flows.records import (UdpWindow, decision_record, decode_flow_event, flow_record, identity_data,
-                                 udp_aggregate)
+                                 udp_aggregate, with_workload)
 from agent.kernel import abi
 from agent.export.call_sinks import CallSinks, CommCache, build_call_sinks
 from agent.collector.channel import ConfigError as ChannelError
@@ -63,8 +64,6 @@ DRAIN_TIME_S = 0.05   # ... and at most this long per turn, so signals, reloads 
 FULL_LOG_EVERY_S = 60  # a full map is logged at once, then at most this often
 MAX_WRITE_BACKLOG = 64  # spool batches queued for the disk before the loop stops reading the rings
 HOUSEKEEPING_S = 15   # prune exited processes and ports no socket holds; refresh the clock offset
-K8S_ENDPOINTS_DEBOUNCE_S = 0.2   # cluster changes re-apply the endpoint map at most this often
-K8S_SYNC_WAIT_S = 5.0            # at start, how long the first lists may take before cgroups are assigned
 
 
 @dataclass
@@ -81,67 +80,8 @@ class AgentOptions:
     bpf_root: Optional[Path] = None            # bpf/ sources to build from (tests of upgrades); default: the package's
     pin_base: Optional[Path] = None            # default /sys/fs/bpf/aimesh
     kubeconfig: Optional[Path] = None          # overrides config kubernetes.kubeconfig (development)
+    node_name: Optional[str] = None            # overrides config kubernetes.node_name (default: $NODE_NAME)
     watch_config: Optional[bool] = None        # reload when the file changes; None: when it is kubelet-mounted
-
-
-def remote_pod_selectors(config: Config) -> list:
-    """The `pods:` endpoints' selectors (PodsSelector), in file order without repeats: what the remote-pod watches
-    ask the API server for."""
-    from agent.config import PodsEndpoint
-    out: list = []
-    for i in config.identities:
-        for e in i.k8s_endpoints:
-            if isinstance(e, PodsEndpoint) and e.pods not in out:
-                out.append(e.pods)
-    return out
-
-
-def k8s_needs(config: Optional[Config]) -> tuple:
-    """What the Kubernetes watch is started with: a reload that changes it needs a restart."""
-    if config is None or not config.uses_kubernetes:
-        return (False,)
-    k = config.k8s
-    return (True, k.kubeconfig, k.node_name, tuple(s.model_dump_json() for s in remote_pod_selectors(config)))
-
-
-def kubelet_mounted(path: Path) -> bool:
-    """Is path a file of a kubelet-mounted ConfigMap or Secret volume (its directory has the `..data` symlink)?
-    kubelet updates such a volume by writing a new `..<timestamp>` directory and renaming a symlink onto `..data`:
-    every file changes at once and is never seen half-written."""
-    return (path.parent / "..data").is_symlink()
-
-
-class ConfigWatch:
-    """Notices that the config file changed, by polling (one stat per call, no inotify, no dependency).
-
-    The signature is the resolved path (kubelet's `..data` swap changes it, even for identical bytes) and the file's
-    device, inode, size and mtime (an editor's rename or an in-place write changes one of them). A file that is
-    missing for a moment (mid-swap, or removed) is no change: the policy in force stays and the next call looks again.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._seen = self._signature()
-
-    def _signature(self) -> Optional[tuple[str, int, int, int, int]]:
-        try:
-            real = os.path.realpath(self.path)
-            st = os.stat(real)
-        except OSError:
-            return None
-        return real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-    def changed(self) -> bool:
-        """True once per change since the last call (or the last seen_now())."""
-        sig = self._signature()
-        if sig is None or sig == self._seen:
-            return False
-        self._seen = sig
-        return True
-
-    def seen_now(self) -> None:
-        """The file as it is now is the one being loaded (a SIGHUP reload): no second reload for it."""
-        self._seen = self._signature() or self._seen
 
 
 def preflight() -> None:
@@ -205,13 +145,10 @@ def exporter_config(config: Config, opts: AgentOptions):
 class Agent:
     def __init__(self, opts: AgentOptions, cluster: Optional[ClusterState] = None) -> None:
         """cluster: a ClusterState someone else fills (tests); default: one the agent's own watch fills when the
-        config uses Kubernetes (agent/identity/k8s/watch.py)."""
+        config uses Kubernetes (agent/identity/k8s/source.py)."""
         self.opts = opts
-        self.cluster = cluster
-        self.watch = None                           # agent/identity/k8s/watch.Watch when the agent started one
-        self.k8s_stats = PodResolutionStats()
-        self._pods_changed = False                  # set from the watch threads; the loop re-assigns
-        self._endpoints_changed = Debouncer(K8S_ENDPOINTS_DEBOUNCE_S)
+        self.k8s = KubernetesSource(cluster, opts.kubeconfig, opts.node_name)
+        self._workloads = None                      # cgroup id -> WorkloadData, when Kubernetes is on
         self.resolved: tuple = ()                   # the remote ends the live generation was compiled with
         self.numbering = IdentityNumbering()
         self.identities: dict[int, IdentityMeta] = {}
@@ -354,15 +291,17 @@ class Agent:
                                    lambda: self.identities, self._metrics_state)
         compute = IdentityCompute(self._identity_cgroups, mount)
         try:
-            self._start_kubernetes(config)
+            self.k8s.mount = mount
+            self.k8s.start(config)
+            self._workloads = self.k8s.workload if self.k8s.active else None   # records name the pod where known
         except AgentError:
             dp.close()
             raise
         try:
             metrics = MetricsServer(self.opts.metrics_addr,
                                     build_registry(collector, [self.flow_tally, *self.call_sinks.collectors(),
-                                                               self.tls_not_visible, compute, self.k8s_stats,
-                                                               *([self.watch.collector()] if self.watch else [])]),
+                                                               self.tls_not_visible, compute,
+                                                               *self.k8s.collectors()]),
                                     lambda: self.healthy,
                                     health=lambda: (not self.degraded, sorted(self.degraded)),
                                     loop_age_s=lambda: time.monotonic() - self.last_tick if self.healthy else 0.0)
@@ -377,7 +316,7 @@ class Agent:
         self.call_sinks.start()
         for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._on_signal)
-        self.assigner = IdentityAssigner(dp, self.numbering, mount, root, self._on_map_full, stats=self.k8s_stats)
+        self.assigner = IdentityAssigner(dp, self.numbering, mount, root, self._on_map_full, stats=self.k8s.stats)
         # what a previous agent left in the kernel, so the resync also clears what no longer matches
         self.assigner.cgroups = dp.identity_entries("cgroup_identity")
         self.assigner.processes = dp.identity_entries("process_identity")
@@ -414,8 +353,7 @@ class Agent:
                          st.sent_records, st.spool_batches, st.dropped)
             if self.tls_probes is not None:
                 self.tls_probes.close()
-            if self.watch is not None:
-                self.watch.stop()
+            self.k8s.stop()
             try:
                 self.call_sinks.close()
             except Exception:  # noqa: BLE001 - stopping goes on: the datapath and logs are closed below
@@ -433,77 +371,13 @@ class Agent:
             log.info("agent stopped")
         return 0
 
-    # ---- Kubernetes ----
-    def _start_kubernetes(self, config: Config) -> None:
-        """When the config uses Kubernetes: the ClusterState (the agent's own watch unless one was given) and the
-        change hook. The first lists get K8S_SYNC_WAIT_S before cgroups are assigned (fewer `unresolved`)."""
-        if not config.uses_kubernetes:
-            return
-        if self.cluster is None:
-            try:
-                from agent.identity.k8s.convert import label_selector
-                from agent.identity.k8s.watch import PodScope, WatchConfigError, start_watch
-            except ImportError as e:
-                raise AgentError(f"kubernetes: the API watch is not available ({e})") from None
-            k = config.k8s
-            node = k.node()
-            if not node:
-                raise AgentError("kubernetes.node_name: not set and NODE_NAME is empty (set it from the downward "
-                                 "API: spec.nodeName)")
-            kubeconfig = self.opts.kubeconfig or k.kubeconfig
-            # remote pods: one watch per `pods:` endpoint, filtered by the API server (its namespace when named, its
-            # podSelector); a namespaceSelector is applied here, over the namespaces' labels
-            scopes = [PodScope(sel.namespace or "", label_selector(sel.pod_selector.match_labels,
-                                                                   sel.pod_selector.match_expressions))
-                      for sel in remote_pod_selectors(config)]
-            self.cluster = ClusterState()
-            try:
-                self.watch = start_watch(self.cluster, node, str(kubeconfig) if kubeconfig else None,
-                                         need_all_pods=bool(scopes), pod_scopes=scopes)
-            except WatchConfigError as e:
-                raise AgentError(str(e)) from None
-            if not self.watch.wait_synced(K8S_SYNC_WAIT_S):
-                log.warning("kubernetes: the first lists took over %.0fs; pods not known yet are `unresolved` "
-                            "(kubernetes.unresolved: %s)", K8S_SYNC_WAIT_S, k.unresolved)
-        prev = self.cluster.on_change
-        self.cluster.on_change = lambda kind: (prev(kind), self._on_cluster_change(kind))
-
-    def _on_cluster_change(self, kind: str) -> None:
-        """Called from the watch threads: only flags; the loop acts."""
-        if kind in ("pods", "namespaces"):
-            self._pods_changed = True
-        self._endpoints_changed.poke()
-
-    def _view(self) -> ClusterView:
-        return snapshot(self.cluster) if self.cluster is not None else ClusterView()
-
-    def _k8s_turn(self) -> None:
-        """One loop turn's Kubernetes work: re-assign pod cgroups after pod/namespace changes; re-apply the endpoint
-        map after cluster changes, debounced."""
-        if self.cluster is None or self.config is None:
-            return
-        if self._pods_changed:
-            self._pods_changed = False
-            n = self.assigner.on_cluster_change(self._view())
-            if n:
-                log.info("kubernetes: %d cgroups re-assigned", n)
-        if self._endpoints_changed.due() and any(i.k8s_endpoints for i in self.config.identities):
-            resolved = resolve_endpoints(self.config, self._view())
-            if resolved != self.resolved:
-                try:
-                    self._apply(self.config, resolved)
-                except (AgentError, ValueError, OSError) as e:
-                    self.state["k8s_endpoint_applies_failed"] = self.state.get("k8s_endpoint_applies_failed", 0) + 1
-                    log.error("kubernetes: the endpoint map was not updated, the previous one stays: %s", e)
-                    return
-                log.info("kubernetes: %d remote endpoints applied", len(resolved))
-
     def _install(self, config: Config) -> None:
         """Compile config into the inactive generation, flip to it, and re-assign workload identities."""
-        view = self._view()
-        self._apply(config, resolve_endpoints(config, view) if config.uses_kubernetes else ())
+        view = self.k8s.view()
+        self._apply(config, self.k8s.resolve(config, view))
         self.assigner.view = view
         self.assigner.resync(config)
+        self.k8s.installed(self.assigner, view)
 
     def _apply(self, config: Config, resolved: tuple) -> None:
         """Compile config and the cluster's remote ends into the inactive generation and flip to it."""
@@ -536,10 +410,9 @@ class Agent:
             if self.config is not None and config.collector != self.config.collector:
                 raise ConfigError(f"{self.opts.config_path}: collector: changed; the exporter is set up at start, so "
                                   "this reload changes nothing: restart the agent to apply it")
-            if self.config is not None and k8s_needs(config) != k8s_needs(self.config):
-                raise ConfigError(f"{self.opts.config_path}: kubernetes: what the agent watches changed (the "
-                                  "kubernetes section, or pod selectors/endpoints appearing or going); the watch is "
-                                  "set up at start, so this reload changes nothing: restart the agent to apply it")
+            refusal = self.k8s.reload_refusal(self.config, config)
+            if refusal:
+                raise ConfigError(f"{self.opts.config_path}: {refusal}")
             changed = self.config.telemetry.sinks_differ(config.telemetry) if self.config is not None else None
             if changed:
                 raise ConfigError(f"{self.opts.config_path}: telemetry.{changed}: changed; the model-call sinks are "
@@ -629,7 +502,7 @@ class Agent:
                 if self.config_watch is not None:
                     self.config_watch.seen_now()
                 self._reload_config()
-            self._k8s_turn()
+            self.k8s.turn(self.config, self.resolved, self._apply)
             if self._next_transition and datetime.now(timezone.utc) >= self._next_transition:
                 log.info("a sunset date passed: recompiling lifecycle rules")
                 try:
@@ -644,6 +517,7 @@ class Agent:
                 self._mono_to_wall = time.time_ns() - time.monotonic_ns()
                 self.assigner.prune_processes(lambda pid: os.path.exists(f"/proc/{pid}"))
                 self.assigner.prune_pod_cgroups()
+                self.k8s.housekeeping(lambda pid: os.path.exists(f"/proc/{pid}"))
                 m = self.datapath.maps["local_endpoint_identity"]
                 n = self.assigner.prune_local_endpoints(list(m.keys()), m.delete)
                 if n:
@@ -734,13 +608,14 @@ class Agent:
         if d.verdict == abi.Verdict.DENIED and self.denials.add(d):
             # no connection follows, so no connection record: the collector gets the decision itself — the first of
             # a quiet key at once, the rest aggregated per key and interval (one hostile loop cannot flood it)
-            self._emit_record(decision_record(d, self.identities, self._mono_to_wall, self.agent_id, self.node),
-                              False)
+            self._emit_record(decision_record(d, self.identities, self._mono_to_wall, self.agent_id, self.node,
+                                              workloads=self._workloads), False)
 
     def _flush_denials(self, now_ns: int) -> None:
         aggs = self.denials.flush(now_ns)
         for agg in aggs:
-            self._emit_record(denial_record(agg, self.identities, self._mono_to_wall, self.agent_id, self.node), False)
+            self._emit_record(denial_record(agg, self.identities, self._mono_to_wall, self.agent_id, self.node,
+                                            self._workloads), False)
         if aggs and self.exporter is not None and self.exporter.config.durable:
             self.exporter.persist()
 
@@ -748,7 +623,7 @@ class Agent:
         ev = self._decoded("flow_events", decode_flow_event, data)
         if ev is None:
             return
-        rec = flow_record(ev, self.identities, self._mono_to_wall, self.agent_id, self.node)
+        rec = flow_record(ev, self.identities, self._mono_to_wall, self.agent_id, self.node, self._workloads)
         # metrics count a connection once: on its client's side, or on the server's when the client is remote
         self._emit_record(rec, ev.side == abi.Side.CLIENT or not self._is_local(bytes(ev.remote_addr)))
 
@@ -764,7 +639,7 @@ class Agent:
         now = time.monotonic_ns()
         entries = list(self.datapath.maps["udp_flows"].items())
         records = udp_aggregate(entries, self._udp_window, self.identities, self._mono_to_wall, self._udp_last, now,
-                                self.agent_id, self.node)
+                                self.agent_id, self.node, self._workloads)
         for rec in records:
             self._emit_record(rec, True)
         idle = 3 * self.config.telemetry.udp_window * 1e9
@@ -821,6 +696,8 @@ class Agent:
             self.state["decode_errors"] += 1
             log.warning("capture_events: %s", e)
             return
+        if self._workloads is not None:
+            self.k8s.note_pid(chunk.pid)   # the caller's cgroup while it surely runs (its call may end after it exits)
         self._model_calls(self.capture.on_chunk(chunk))
         for pid, fd in self.capture.take_skips():   # not HTTP/1: the kernel stops copying it
             self.datapath.capture_skip(pid, fd)
@@ -833,6 +710,9 @@ class Agent:
         for c in calls:
             self.state["model_calls"] += 1
             source = identity_data(self.identities, c.src_id)
+            w = self.k8s.workload_of_pid(c.pid) if self._workloads is not None else None
+            if w is not None:
+                source = with_workload(source, w)
             dialed = identity_data(self.identities, c.dst_id)
             actual = identity_data(self.identities, c.actual_dst_id) if c.actual_dst_id else dialed
             comm = self._comms(c.pid)

@@ -76,6 +76,9 @@ def call_json(call: ModelCallRecord, source: IdentityData, destination: Identity
                  "destination": {"name": (dialed or destination).name, "kind": (dialed or destination).kind},
                  "actual": {"name": destination.name, "kind": destination.kind},
                  "cookie": call.conn_key}
+    if source.pod:   # the caller's Kubernetes workload, where known
+        out["source"].update(namespace=source.namespace, pod=source.pod, container=source.container,
+                             service_account=source.service_account)
     for f in dataclasses.fields(call):
         if f.name == "conn_key":
             continue
