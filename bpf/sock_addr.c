@@ -11,7 +11,7 @@
  *           decision_events (not for plain allows unless CFG_F_ALL_DECISIONS)
  * L7 gateway: an allowed TCP connect whose policy carries POLICY_F_GATEWAY goes to runtime_config.gw_*, never
  *   from the gateway's own identity (ID_F_GATEWAY); with no reachable gateway it is denied. A destination with
- *   ID_F_GW_ORIGINATE takes direct connections from the gateway only (REASON_GATEWAY_ONLY).
+ *   ID_F_GW_ORIGINATE takes direct connections from the gateway only (else REASON_NO_POLICY_DST).
  * getpeername / recvmsg: put back the address the client dialed (reads dialed_address, udp_reverse_nat).
  */
 #include "programs.h"
@@ -79,8 +79,8 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 				d.verdict = VERDICT_REDIRECTED;
 			gateway_pending_put(cookie, dialed.addr, dialed.port, src, dst, gen, d.policy_flags);
 		} else {
-			d.verdict = VERDICT_DENIED;
-			d.reason = REASON_GATEWAY_ONLY;
+			d.verdict = VERDICT_DENIED;   /* never past the gateway: no gateway this socket can reach */
+			d.reason = REASON_FAMILY;
 		}
 	}
 
@@ -114,7 +114,7 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 	if (!to_gateway && d.verdict != VERDICT_DENIED && !(sf & ID_F_GATEWAY) &&
 	    ((identity_flags(dst, gen) | identity_flags(actual_dst, gen)) & ID_F_GW_ORIGINATE)) {
 		d.verdict = VERDICT_DENIED;
-		d.reason = REASON_GATEWAY_ONLY;
+		d.reason = REASON_NO_POLICY_DST;   /* no policy allows it directly: through the gateway only */
 	}
 
 	if (d.verdict != VERDICT_DENIED && t->rewritten) {

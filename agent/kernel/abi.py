@@ -56,7 +56,6 @@ class Reason(enum.IntEnum):
     SUNSET = 7
     FAMILY = 8
     REPLY = 9
-    GATEWAY_ONLY = 10
 
 
 class EventFlag(enum.IntFlag):

@@ -118,8 +118,6 @@ enum aimesh_reason {
 	REASON_SUNSET         = 7,  /* destination deprecated past its sunset, no successor to redirect to */
 	REASON_FAMILY         = 8,  /* redirect skipped: backend family cannot be reached from this socket */
 	REASON_REPLY          = 9,  /* UDP sent from a port the sender's identity serves: a reply, not a new flow */
-	REASON_GATEWAY_ONLY   = 10, /* destination has tls: originate: only the L7 gateway may connect to it directly
-	                             * (also: a connection that needs the gateway could not be handed to it) */
 };
 
 /* decision_event.flags (mirror: abi.py EventFlag; flow.proto FlowRecord deprecated/lifecycle/redirected) */
@@ -136,10 +134,12 @@ enum aimesh_reason {
 #define ID_F_LLM_CAPTURE 0x10  /* connections to it are captured (llm.protocol not off): bpf/capture.c */
 #define ID_F_GATEWAY     0x20  /* the reserved `gateway` identity (the L7 gateway's cgroup): its connects are never
                                 * handed to the gateway again */
-#define ID_F_GW_ORIGINATE 0x40 /* llm.tls: originate: only ID_F_GATEWAY sources may connect to it without the gateway */
+#define ID_F_GW_ORIGINATE 0x40 /* llm.tls: originate: only ID_F_GATEWAY sources may connect to it without the gateway;
+                                * a direct connect from anyone else is denied with REASON_NO_POLICY_DST */
 
 /* policy_value.flags (mirror: abi.py PolicyFlag) */
-#define POLICY_F_GATEWAY 0x01  /* the pair needs L7 policy: the connect is rewritten to the gateway (runtime_config.gw_*) */
+#define POLICY_F_GATEWAY 0x01  /* the pair needs L7 policy: the connect is rewritten to the gateway (runtime_config.gw_*);
+                                * a socket that cannot reach the gateway is denied with REASON_FAMILY */
 #define POLICY_F_TLS     0x02  /* the client speaks TLS to the destination (llm.tls: intercept): gateway_origin.flags */
 
 /* gateway_origin.flags (mirror: abi.py GatewayOriginFlag) */
@@ -199,7 +199,7 @@ struct runtime_config {
 	__u32 capture_request_bytes;    /* capture: bytes copied per request (sends until the next receive) */
 	__u32 capture_response_bytes;   /* capture: bytes copied per response (receives until the next send) */
 	__u8  gw_addr[16];  /* where connects that need the L7 gateway go (gateway.redirect_address), 16-byte form */
-	__u16 gw_port;      /* host order; 0: no gateway, such connects are denied (REASON_GATEWAY_ONLY) */
+	__u16 gw_port;      /* host order; 0: no gateway, such connects are denied (REASON_FAMILY) */
 	__u16 gw_pad;
 	__u32 pad;
 };
