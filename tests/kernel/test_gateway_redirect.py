@@ -19,7 +19,8 @@ from agent.kernel.pins import DatapathDir, read_manifest
 from tests.kernel.harness import REPO, _enter_cgroup, free_port, run_client, start_server
 
 
-def _cfg(cg, gw: str, up: str, up_port: int, plain: str, plain_port: int, tls: str | None = None) -> dict:
+def _cfg(cg, gw: str, gw_port: int, up: str, up_port: int, plain: str, plain_port: int,
+         tls: str | None = None) -> dict:
     def ep(host: str, port: int) -> str:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     llm = {"protocol": "openai", "gateway": "enforce", **({"tls": tls} if tls else {})}
@@ -36,7 +37,7 @@ def _cfg(cg, gw: str, up: str, up_port: int, plain: str, plain_port: int, tls: s
             {"from": "chat", "to": "openai", "ports": [up_port], "protocol": "tcp", "models": ["gpt-4o*"]},
             {"from": "chat", "to": "local-llm", "ports": [plain_port]},
         ],
-        "gateway": {"listen": ep(gw, 0).rsplit(":", 1)[0] + f":{_cfg.gw_port}"},
+        "gateway": {"listen": ep(gw, gw_port)},
     }
 
 
@@ -102,13 +103,13 @@ def _ids(root: Path) -> dict[str, int]:
 def test_connect_is_handed_to_the_gateway_with_its_origin(cgroups, agents, gw, up, client_host):
     fam = socket.AF_INET6 if ":" in up else socket.AF_INET
     up_port, plain_port = free_port(family=fam), free_port(family=fam)
-    _cfg.gw_port = free_port(family=socket.AF_INET6 if ":" in gw else socket.AF_INET)
+    gw_port = free_port(family=socket.AF_INET6 if ":" in gw else socket.AF_INET)
     chat, gwcg = cgroups.child("chat"), cgroups.child("aimesh-gateway")
     plain = up   # the kernel-path destination listens on the same loopback address, its own port
-    agent = agents(_cfg(cgroups, gw, up, up_port, plain, plain_port))
+    agent = agents(_cfg(cgroups, gw, gw_port, up, up_port, plain, plain_port))
     upstream = start_server(None, up_port, name="upstream", host=up, timeout=30)
     direct = start_server(None, plain_port, name="plain", host=plain, timeout=30)
-    gateway = StandIn(gwcg, gw, _cfg.gw_port, _pin(cgroups.root, "gateway_origin"), count=2)
+    gateway = StandIn(gwcg, gw, gw_port, _pin(cgroups.root, "gateway_origin"), count=2)
     try:
         ids = _ids(cgroups.root)
         # 1. chat's connect to openai lands on the gateway; the client still sees the address it dialed
@@ -124,12 +125,12 @@ def test_connect_is_handed_to_the_gateway_with_its_origin(cgroups, agents, gw, u
         assert seen["second"] is False, "a lookup takes the entry: the second finds nothing"
 
         # 2. a client connecting straight to the gateway port (from outside the governed tree) has no origin
-        with socket.create_connection((gw, _cfg.gw_port), timeout=5) as s:
+        with socket.create_connection((gw, gw_port), timeout=5) as s:
             assert s.recv(16) == b"gateway"
         seen = gateway.next()
         assert seen["origin"] is None and seen["second"] is False
         # a governed workload may not reach the gateway port itself: no policy names it
-        res = run_client(chat, _cfg.gw_port, host=gw)
+        res = run_client(chat, gw_port, host=gw)
         assert res["ok"] == 0 and res["errors"] == {"EPERM": 1}, res
 
         # 3. the gateway's own connect to the real endpoint is not redirected
@@ -150,9 +151,9 @@ def test_connect_is_handed_to_the_gateway_with_its_origin(cgroups, agents, gw, u
 
 def test_originate_destination_is_reached_by_the_gateway_only(cgroups, agents):
     up_port, other_port = free_port(), free_port()
-    _cfg.gw_port = free_port()
+    gw_port = free_port()
     chat, gwcg = cgroups.child("chat"), cgroups.child("aimesh-gateway")
-    cfg = _cfg(cgroups, "127.0.0.1", "127.0.0.3", up_port, "127.0.0.5", free_port(), tls="originate")
+    cfg = _cfg(cgroups, "127.0.0.1", gw_port, "127.0.0.3", up_port, "127.0.0.5", free_port(), tls="originate")
     # openai is every port of 127.0.0.3; chat may reach it on up_port (through the gateway: tls: originate needs L7)
     # and, without model fields, on other_port: still through the gateway, never directly
     cfg["identities"][1]["endpoints"] = ["127.0.0.3"]
@@ -162,7 +163,7 @@ def test_originate_destination_is_reached_by_the_gateway_only(cgroups, agents):
     upstream = start_server(None, up_port, name="upstream", host="127.0.0.3", timeout=30)
     third = free_port()
     raw = start_server(None, third, name="raw", host="127.0.0.3", timeout=30)
-    gateway = StandIn(gwcg, "127.0.0.1", _cfg.gw_port, _pin(cgroups.root, "gateway_origin"), count=2)
+    gateway = StandIn(gwcg, "127.0.0.1", gw_port, _pin(cgroups.root, "gateway_origin"), count=2)
     try:
         for port in (up_port, other_port):
             res = run_client(chat, port, host="127.0.0.3")

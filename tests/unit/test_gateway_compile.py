@@ -77,7 +77,7 @@ def test_gateway_identity_runtime_address_and_allow_list():
 
 
 def test_no_gateway_destination_means_no_gateway_identity_and_no_redirect_address():
-    img, ids = _img(cfg_text("{protocol: openai}", "protocol: tcp"))
+    img, _ = _img(cfg_text("{protocol: openai}", "protocol: tcp"))
     assert "gateway" not in {m.name for m in img.identities.values()}
     assert img.gw_port == 0 and img.gw_addr == bytes(16)
     assert all(v.flags == 0 for _, v in img.policies)
@@ -202,3 +202,20 @@ def test_gateway_is_a_reserved_name():
     assert "identities.0.name: name 'gateway' is reserved" in _error(
         "identities: [{name: gateway, kind: service}]")
     assert "unknown identity 'gateway'" in _error(cfg_text(extra="").replace("to: llama}", "to: gateway}"))
+
+
+def test_origin_keys_and_values_as_the_kernel_writes_them():
+    import socket
+
+    from agent.gateway.origin import client_key, origin_of
+    assert bytes(client_key("127.0.0.1", 40000).addr) == addr16(__import__("ipaddress").ip_address("127.0.0.1"))
+    assert bytes(client_key("::ffff:127.0.0.1", 40000).addr) == bytes(client_key("127.0.0.1", 40000).addr)
+    assert bytes(client_key("::1", 1).addr) == bytes(15) + b"\x01" and client_key("::1", 1).port == 1
+    with pytest.raises(ValueError):
+        client_key("127.0.0.1", 0)
+    v = abi.GatewayOrigin(port=8443, family=2, flags=abi.GatewayOriginFlag.TLS, src_id=16, dst_id=17, policy_gen=1,
+                          cookie=99, ts_ns=5)
+    v.addr[:] = bytes(client_key("127.0.0.3", 1).addr)
+    o = origin_of(v)
+    assert (o.address, o.port, o.family, o.src_id, o.dst_id, o.tls_expected, o.cookie, o.ts_ns, o.policy_gen) == \
+        ("127.0.0.3", 8443, socket.AF_INET, 16, 17, True, 99, 5, 1)
