@@ -33,6 +33,7 @@ from agent.l7.record import ModelCallRecord
 from agent.l7.sink import ModelCallSink
 
 COMM_CACHE_ENTRIES = 4096
+IDENTITY_CACHE_ENTRIES = 65536
 
 
 class CommCache:
@@ -71,8 +72,8 @@ class CommCache:
 
 class CallDispatch:
     """The agent's per-call step: each CapturedCall to every sink, with its source, destination (as reached) and
-    dialed identity and the caller's comm. `identities()` is the current id -> IdentityMeta map (replaced on a
-    reload: the per-id IdentityData cache follows it), `sinks()` the current sinks; `on_error(sink, exc)` hears of
+    dialed identity and the caller's comm. `identities()` is the current id -> IdentityMeta map (an entry's
+    IdentityData is made once per IdentityMeta object: a reload that changes it is seen), `sinks()` the current sinks; `on_error(sink, exc)` hears of
     a sink that raised (the others still get the call)."""
 
     def __init__(self, identities: Callable[[], Mapping[int, object]], comm: Callable[[int], str],
@@ -82,17 +83,18 @@ class CallDispatch:
         self._comm = comm
         self._sinks = sinks
         self._on_error = on_error
-        self._meta: object = None
-        self._cache: dict[int, IdentityData] = {}
+        self._cache: dict[int, tuple[object, IdentityData]] = {}   # id -> (the IdentityMeta it was made from, it)
         self.calls = 0
 
     def identity(self, iid: int) -> IdentityData:
-        meta = self._identities()
-        if meta is not self._meta:
-            self._meta, self._cache = meta, {}
-        d = self._cache.get(iid)
-        if d is None:
-            d = self._cache[iid] = identity_data(meta, iid)   # type: ignore[arg-type]
+        m = self._identities().get(iid)
+        hit = self._cache.get(iid)
+        if hit is not None and hit[0] is m:
+            return hit[1]
+        d = identity_data({iid: m} if m is not None else {}, iid)   # type: ignore[dict-item]
+        if len(self._cache) >= IDENTITY_CACHE_ENTRIES:
+            self._cache.clear()
+        self._cache[iid] = (m, d)
         return d
 
     def __call__(self, calls: Iterable[CapturedCall]) -> None:
