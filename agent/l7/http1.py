@@ -42,6 +42,9 @@ DEFAULT_BODY_CAP = 4 << 20          # decoded body bytes passed on per message
 DEFAULT_HEADER_BYTES = 64 << 10     # largest header block (and largest early response held) before giving up
 _H2_SCAN_BYTES = 64 << 10           # how far into an HTTP/2 connection we look for the first HEADERS frame
 _GAP_PIECE = 64 << 10               # a capture gap is filled in pieces of this size
+# what we "send" on our mirror connections, built once (h11 events are immutable; their bytes are thrown away)
+_EMPTY_200 = h11.Response(status_code=200, headers=[("content-length", "0")])
+_END = h11.EndOfMessage()
 
 
 class Direction(enum.Enum):
@@ -189,6 +192,7 @@ class Http1Connection:
         self._closed = False
         self._sniffed = False
         self._h2_scan = b""
+        self._mirror: tuple[tuple, h11.Request] | None = None    # the last request mirrored, by what it was made of
         self.undecoded: UndecodedReason | None = None
         self.undecoded_bytes = 0
         self.requests = 0
@@ -371,8 +375,8 @@ class Http1Connection:
                 self._end(Direction.REQUEST, c, ts_ns, out)
                 # answer it with an empty response nobody sees, so h11 reads the next request of the connection
                 # (an Upgrade request is thereby "denied" here; a 101 on the response side ends decoding instead)
-                c.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
-                c.send(h11.EndOfMessage())
+                c.send(_EMPTY_200)
+                c.send(_END)
                 if c.our_state is h11.DONE and c.their_state is h11.DONE:
                     c.start_next_cycle()
             elif isinstance(ev, h11.ConnectionClosed):
@@ -386,9 +390,12 @@ class Http1Connection:
         conn = header(head.headers, "connection")
         if conn is not None:
             hdrs.append(("connection", conn))
+        key = (head.method, head.target, tuple(hdrs))
         try:
-            self._resp.send(h11.Request(method=head.method, target=head.target or "/", headers=hdrs))
-            self._resp.send(h11.EndOfMessage())
+            if self._mirror is None or self._mirror[0] != key:   # keep-alive calls mostly repeat the same line
+                self._mirror = (key, h11.Request(method=head.method, target=head.target or "/", headers=hdrs))
+            self._resp.send(self._mirror[1])
+            self._resp.send(_END)
         except h11.LocalProtocolError as e:
             self._fail(ts_ns, UndecodedReason.PROTOCOL_ERROR, f"request not replayable: {e}", out)
             return
@@ -396,11 +403,27 @@ class Http1Connection:
         self._pump_responses(ts_ns, out)
 
     def _pump_responses(self, ts_ns: int, out: list[HttpEvent]) -> None:
+        """Read the response events h11 has. Body data of consecutive h11 Data events (the chunks of one read all
+        carry its timestamp) is passed on as one Body: the body stream and its times are the same."""
         c = self._resp
+        data: list[bytes] = []
+        try:
+            self._pump_responses_into(c, ts_ns, out, data)
+        finally:
+            if data:
+                self._body(Direction.RESPONSE, ts_ns, b"".join(data), out)
+
+    def _pump_responses_into(self, c: h11.Connection, ts_ns: int, out: list[HttpEvent], data: list[bytes]) -> None:
         while self.undecoded is None and self._resp_armed:
             ev = c.next_event()
             if ev is h11.NEED_DATA or ev is h11.PAUSED:
                 return
+            if type(ev) is h11.Data:
+                data.append(ev.data)
+                continue
+            if data:
+                self._body(Direction.RESPONSE, ts_ns, b"".join(data), out)
+                data.clear()
             if isinstance(ev, h11.InformationalResponse):
                 continue    # 100 Continue and friends: the real response follows
             if isinstance(ev, h11.Response):
@@ -412,8 +435,6 @@ class Http1Connection:
                 out.append(head)
                 if ev.status_code == 101:
                     self._fail(ts_ns, UndecodedReason.UPGRADE, "101 switching protocols", out)
-            elif isinstance(ev, h11.Data):
-                self._body(Direction.RESPONSE, ts_ns, ev.data, out)
             elif isinstance(ev, h11.EndOfMessage):
                 self._end(Direction.RESPONSE, c, ts_ns, out)
                 self._pending.pop(0)

@@ -304,22 +304,10 @@ class ResponseParse:
         del self._events[:]
 
     def _feed_lines(self, ts_ns: int, data: bytes) -> None:
-        start = 0
-        while True:
-            nl = data.find(b"\n", start)
-            if nl < 0:
-                rest = data[start:]
-                if self._skipping:
-                    self._dropped += len(rest)
-                elif len(self._line) + len(rest) > _MAX_EVENT:
-                    self._dropped += len(self._line) + len(rest)
-                    self._line.clear()
-                    self._skipping = True
-                else:
-                    self._line += rest
-                return
-            piece = data[start:nl]
-            start = nl + 1
+        lines = data.split(b"\n")
+        rest = lines.pop()      # what follows the last newline (b"" when the piece ends with one)
+        on_line = self._on_line
+        for piece in lines:
             if self._skipping:
                 self._dropped += len(piece) + 1
                 self._skipping = False
@@ -330,22 +318,35 @@ class ResponseParse:
                 self._line.clear()
             else:
                 line = piece
-            self._on_line(ts_ns, line.rstrip(b"\r"))
+            on_line(ts_ns, line.rstrip(b"\r"))
+        if self._skipping:
+            self._dropped += len(rest)
+        elif len(self._line) + len(rest) > _MAX_EVENT:
+            self._dropped += len(self._line) + len(rest)
+            self._line.clear()
+            self._skipping = True
+        elif rest:
+            self._line += rest
 
     def _on_line(self, ts_ns: int, line: bytes) -> None:
-        text = line.decode("utf-8", "replace")
         if self._shape is _Shape.NDJSON:
+            text = line.decode("utf-8", "replace")
             if text.strip():
                 self._on_event(ts_ns, "", text)
             return
-        if not text:                                   # blank line: dispatch the event
+        if not line:                                   # blank line: dispatch the event
             if self._sse_data:
-                self._on_event(ts_ns, self._sse_event, "\n".join(self._sse_data))
-            self._sse_event, self._sse_data = "", []
+                data = self._sse_data
+                self._on_event(ts_ns, self._sse_event, data[0] if len(data) == 1 else "\n".join(data))
+                data.clear()
+            self._sse_event = ""
             return
-        if text.startswith(":"):
+        if line.startswith(b"data: "):                 # the common field, spelled the common way
+            self._sse_data.append(line[6:].decode("utf-8", "replace"))
+            return
+        if line.startswith(b":"):
             return                                     # comment / keep-alive
-        field, _, value = text.partition(":")
+        field, _, value = line.decode("utf-8", "replace").partition(":")
         value = value[1:] if value.startswith(" ") else value
         if field == "data":
             self._sse_data.append(value)
