@@ -267,6 +267,7 @@ class ResponseParse:
         self._lp_sum = 0.0
         self._lp_min: float | None = None
         self._text = _Text(text_cap) if capture_text else None
+        self._trie = _TRIE if capture_text else _TRIE_NO_TEXT   # without text capture the text paths do nothing
         self._etype = ""
 
     # -- feeding -------------------------------------------------------------------------------------------------
@@ -375,12 +376,13 @@ class ResponseParse:
             err = obj.get("error")
             self._error = (err.get("type") if isinstance(err, dict) and isinstance(err.get("type"), str)
                            else "error")
-        self._absorb_tree(obj, _TRIE)
+        self._absorb_tree(obj, self._trie)
 
     def _absorb_tree(self, obj: Any, node: dict) -> None:
         """_absorb every leaf of a parsed event whose path `_absorb` can use, in document order: the walk follows
         only keys in _TRIE (every path _absorb reads, spelled as ijson spells them), so the rest of the event costs
-        one dict lookup per key at the levels it shares with them (see _leaves: the same leaves, the same order)."""
+        one dict lookup per key at the levels it shares with them (see _leaves: the same leaves, the same order;
+        nulls, which _absorb ignores, are skipped)."""
         for k, v in obj.items():
             step = node.get(k)
             if step is None:
@@ -393,7 +395,7 @@ class ResponseParse:
                 item = child.get("item") if child else None
                 if item is not None:
                     self._absorb_items(v, item)
-            elif path is not None:
+            elif path is not None and v is not None:    # _absorb does nothing with null
                 self._absorb(path, v)
 
     def _absorb_items(self, items: list, step: tuple) -> None:
@@ -406,7 +408,7 @@ class ResponseParse:
                 item = child.get("item") if child else None
                 if item is not None:
                     self._absorb_items(v, item)
-            elif path is not None:
+            elif path is not None and v is not None:    # _absorb does nothing with null
                 self._absorb(path, v)
 
     # -- what the leaves mean ------------------------------------------------------------------------------------
@@ -498,6 +500,7 @@ def _trie(paths: frozenset[str]) -> dict:
 _ABSORBED = (_MODEL | _INPUT | _OUTPUT | _CACHED | _FINISH_APPEND | _FINISH_SET | _LOGPROB | _COMPLETION
              | {"error", "error.type", "error.code", "delta"})
 _TRIE = _trie(_ABSORBED)
+_TRIE_NO_TEXT = _trie(_ABSORBED - _COMPLETION - {"delta"})   # _absorb reads these only to capture text
 
 
 def _leaves(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:

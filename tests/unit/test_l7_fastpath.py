@@ -49,8 +49,8 @@ def test_decoded_chunk_fields() -> None:
 
 
 class _Recorder(llm.ResponseParse):
-    def __init__(self) -> None:
-        super().__init__(llm.Protocol.OPENAI, llm.Operation.CHAT, 200, "text/event-stream", True, 1000)
+    def __init__(self, text: bool) -> None:
+        super().__init__(llm.Protocol.OPENAI, llm.Operation.CHAT, 200, "text/event-stream", text, 1000)
         self.seen: list[tuple[str, object]] = []
 
     def _absorb(self, path: str, value: object) -> None:
@@ -68,8 +68,11 @@ EVENTS = [
 ]
 
 
+@pytest.mark.parametrize("text", [True, False])
 @pytest.mark.parametrize("event", EVENTS)
-def test_leaf_walk_absorbs_what_every_leaf_gives(event: dict) -> None:
-    r = _Recorder()
-    r._absorb_tree(json.loads(json.dumps(event)), llm._TRIE)
-    assert r.seen == [(p, v) for p, v in llm._leaves(event, "") if p in llm._ABSORBED]
+def test_leaf_walk_absorbs_what_every_leaf_gives(event: dict, text: bool) -> None:
+    r = _Recorder(text)
+    r._absorb_tree(json.loads(json.dumps(event)), r._trie)
+    used = llm._ABSORBED if text else llm._ABSORBED - llm._COMPLETION - {"delta"}
+    assert r.seen == [(p, v) for p, v in llm._leaves(event, "") if p in used and v is not None]
+    assert r.seen    # every event above has something to absorb
