@@ -42,6 +42,24 @@ DEFAULT_BODY_CAP = 4 << 20          # decoded body bytes passed on per message
 DEFAULT_HEADER_BYTES = 64 << 10     # largest header block (and largest early response held) before giving up
 _H2_SCAN_BYTES = 64 << 10           # how far into an HTTP/2 connection we look for the first HEADERS frame
 _GAP_PIECE = 64 << 10               # a capture gap is filled in pieces of this size
+
+
+def _h11_reader_usable() -> bool:
+    """Whether this h11 has the pieces the chunked-body fast path uses (see Http1Connection._chunks)."""
+    try:
+        from h11._readers import ChunkedReader
+        probe = h11.Connection(h11.CLIENT)
+        return (all(hasattr(probe, a) for a in ("_reader", "_receive_buffer", "_receive_buffer_closed"))
+                and callable(getattr(probe, "_process_event", None)) and callable(ChunkedReader))
+    except (ImportError, AttributeError):
+        return False
+
+
+_H11_CHUNKED = None
+if _h11_reader_usable():
+    from h11._readers import ChunkedReader as _H11_CHUNKED   # noqa: N811
+H11_FAST_CHUNKS = _H11_CHUNKED is not None
+
 # what we "send" on our mirror connections, built once (h11 events are immutable; their bytes are thrown away)
 _EMPTY_200 = h11.Response(status_code=200, headers=[("content-length", "0")])
 _END = h11.EndOfMessage()
@@ -193,6 +211,7 @@ class Http1Connection:
         self._sniffed = False
         self._h2_scan = b""
         self._mirror: tuple[tuple, h11.Request] | None = None    # the last request mirrored, by what it was made of
+        self.fast_chunks = H11_FAST_CHUNKS          # chunked response bodies read by h11's reader directly (_chunk)
         self.undecoded: UndecodedReason | None = None
         self.undecoded_bytes = 0
         self.requests = 0
@@ -415,7 +434,12 @@ class Http1Connection:
 
     def _pump_responses_into(self, c: h11.Connection, ts_ns: int, out: list[HttpEvent], data: list[bytes]) -> None:
         while self.undecoded is None and self._resp_armed:
-            ev = c.next_event()
+            if self.fast_chunks and c.their_state is h11.SEND_BODY and type(c._reader) is _H11_CHUNKED:
+                ev = self._chunk(c)
+                if ev is None:
+                    return
+            else:
+                ev = c.next_event()
             if ev is h11.NEED_DATA or ev is h11.PAUSED:
                 return
             if type(ev) is h11.Data:
@@ -447,6 +471,22 @@ class Http1Connection:
                     return      # MUST_CLOSE: anything more on this connection is an error h11 will report
             elif isinstance(ev, h11.ConnectionClosed):
                 return
+
+    @staticmethod
+    def _chunk(c: h11.Connection) -> object:
+        """The next event of a chunked response body, read by h11's own ChunkedReader as next_event reads it, without
+        next_event's per-event state-machine round for Data (which leaves every state as it is in SEND_BODY). The
+        end of the body goes through the state machine as next_event would send it; None: the reader needs more
+        bytes. Errors are raised as next_event raises them (the connection is given up on either way)."""
+        try:
+            ev = c._reader(c._receive_buffer)        # type: ignore[misc]
+            if ev is None:
+                return c.next_event() if c._receive_buffer_closed else None   # EOF: let h11 say what it means
+            if type(ev) is not h11.Data:
+                c._process_event(c.their_role, ev)   # EndOfMessage
+            return ev
+        except h11.LocalProtocolError as e:
+            raise h11.RemoteProtocolError(str(e)) from None
 
     # -- shared --------------------------------------------------------------------------------------------------
     def _body(self, d: Direction, ts_ns: int, data: bytes, out: list[HttpEvent]) -> None:
