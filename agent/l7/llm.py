@@ -363,10 +363,10 @@ class ResponseParse:
         self._last = ts_ns
         self._chunks += 1
         try:
-            obj = json.loads(data)
+            obj = _loads(data)
         except ValueError:
             return
-        if not isinstance(obj, dict):
+        if type(obj) is not dict:
             return
         etype = obj.get("type") if isinstance(obj.get("type"), str) else event
         self._etype = etype
@@ -383,8 +383,9 @@ class ResponseParse:
         only keys in _TRIE (every path _absorb reads, spelled as ijson spells them), so the rest of the event costs
         one dict lookup per key at the levels it shares with them (see _leaves: the same leaves, the same order;
         nulls, which _absorb ignores, are skipped)."""
+        get = node.get
         for k, v in obj.items():
-            step = node.get(k)
+            step = get(k)
             if step is None:
                 continue
             path, child = step
@@ -480,6 +481,22 @@ class ResponseParse:
             confidence_mean=self._lp_sum / self._lp_n if self._lp_n else None, confidence_min=self._lp_min,
             completion_text=self._text.value() if self._text else None,
             completion_cut=bool(self._text and self._text.cut), event_bytes_dropped=self._dropped)
+
+
+_SCAN = json.JSONDecoder().scan_once
+_JSON_SPACE = " \t\n\r"
+
+
+def _loads(s: str) -> Any:
+    """json.loads(s), without its wrappers for the common case (a value with nothing after it): the same C scanner
+    json.loads ends in. Anything else (leading space, trailing text, invalid) goes to json.loads itself."""
+    try:
+        obj, end = _SCAN(s, 0)
+    except StopIteration:
+        return json.loads(s)
+    if end != len(s) and s[end:].strip(_JSON_SPACE):
+        return json.loads(s)    # raises "Extra data" as it always did
+    return obj
 
 
 def _trie(paths: frozenset[str]) -> dict:
