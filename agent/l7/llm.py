@@ -308,6 +308,7 @@ class ResponseParse:
         lines = data.split(b"\n")
         rest = lines.pop()      # what follows the last newline (b"" when the piece ends with one)
         on_line = self._on_line
+        sse = self._shape is _Shape.SSE
         for piece in lines:
             if self._skipping:
                 self._dropped += len(piece) + 1
@@ -319,7 +320,11 @@ class ResponseParse:
                 self._line.clear()
             else:
                 line = piece
-            on_line(ts_ns, line.rstrip(b"\r"))
+            line = line.rstrip(b"\r")
+            if sse and line.startswith(b"data: "):      # _on_line's common case, without the call
+                self._sse_data.append(line[6:].decode("utf-8", "replace"))
+            else:
+                on_line(ts_ns, line)
         if self._skipping:
             self._dropped += len(rest)
         elif len(self._line) + len(rest) > _MAX_EVENT:
@@ -355,7 +360,7 @@ class ResponseParse:
             self._sse_event = value
 
     def _on_event(self, ts_ns: int, event: str, data: str) -> None:
-        if data.strip() == "[DONE]":
+        if "[DONE]" in data and data.strip() == "[DONE]":
             self._terminal = True
             return
         if self._first is None:
