@@ -323,6 +323,9 @@ class ResponseParse:
             line = line.rstrip(b"\r")
             if sse and line.startswith(b"data: "):      # _on_line's common case, without the call
                 self._sse_data.append(line[6:].decode("utf-8", "replace"))
+            elif sse and not line and len(self._sse_data) == 1:     # and the blank line after one data line
+                self._on_event(ts_ns, self._sse_event, self._sse_data.pop())
+                self._sse_event = ""
             else:
                 on_line(ts_ns, line)
         if self._skipping:
