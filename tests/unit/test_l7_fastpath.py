@@ -76,3 +76,65 @@ def test_leaf_walk_absorbs_what_every_leaf_gives(event: dict, text: bool) -> Non
     used = llm._ABSORBED if text else llm._ABSORBED - llm._COMPLETION - {"delta"}
     assert r.seen == [(p, v) for p, v in llm._leaves(event, "") if p in used and v is not None]
     assert r.seen    # every event above has something to absorb
+
+
+def _records(fast: bool, cuts: list[int]) -> list:
+    from agent.l7.record import ConnectionDecoder
+    from bench.decode_micro import llm_request, llm_response
+    req, resp = llm_request(4096), b"".join(llm_response(20))
+    dec = ConnectionDecoder("c")
+    dec._http.fast_chunks = fast
+    out = []
+    for n in range(2):
+        out += dec.feed(Direction.REQUEST, 10 * n + 1, req)
+        at = 0
+        for i, cut in enumerate(sorted(set(cuts)) + [len(resp)]):
+            out += dec.feed(Direction.RESPONSE, 10 * n + 2 + i, resp[at:cut])
+            at = cut
+    return out + dec.close(99)
+
+
+@pytest.mark.parametrize("cuts", [[], [1, 2, 3], [100, 101, 2000, 4096], list(range(0, 5000, 97))])
+def test_chunked_fast_path_gives_what_next_event_gives(cuts: list[int]) -> None:
+    fast, slow = _records(True, cuts), _records(False, cuts)
+    assert len(fast) == 2 and fast == slow
+    assert fast[0].output_tokens == 20 and fast[0].output_chunks == 22 and not fast[0].incomplete
+
+
+def test_chunked_fast_path_refuses_a_bad_chunk_like_h11() -> None:
+    from agent.l7.http1 import Http1Connection, Undecoded
+    from bench.decode_micro import llm_request
+    events = {}
+    for fast in (True, False):
+        h = Http1Connection()
+        h.fast_chunks = fast
+        h.feed(Direction.REQUEST, 1, llm_request(300))
+        out = h.feed(Direction.RESPONSE, 2, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\nzz\r\n")
+        events[fast] = [e for e in out if isinstance(e, Undecoded)]
+    assert events[True] and [e.reason for e in events[True]] == [e.reason for e in events[False]]
+
+
+def test_call_dispatch_follows_a_reload_and_survives_a_sink() -> None:
+    from agent.export.call_sinks import CallDispatch
+    from agent.policy.identities import IdentityMeta
+
+    class Sink:
+        def __init__(self, fail: bool) -> None:
+            self.fail, self.got = fail, []
+
+        def emit_call(self, call, source, destination, pid, comm, *, server_address="", server_port=0, dialed=None):
+            if self.fail:
+                raise RuntimeError("boom")
+            self.got.append((source.name, destination.name, dialed.name, comm))
+
+    ids = {1: IdentityMeta(1, "a", "service"), 2: IdentityMeta(2, "m", "model")}
+    bad, good, errors = Sink(True), Sink(False), []
+    d = CallDispatch(lambda: ids, lambda pid: f"p{pid}", lambda: [bad, good], lambda s, e: errors.append(str(e)))
+
+    class Call:
+        record, cookie, pid, src_id, dst_id, actual_dst_id = None, 1, 7, 1, 2, 0
+    d([Call()])
+    ids = {1: IdentityMeta(1, "a2", "service"), 2: IdentityMeta(2, "m", "model")}
+    d([Call()])
+    assert good.got == [("a", "m", "m", "p7"), ("a2", "m", "m", "p7")]
+    assert errors == ["boom", "boom"] and d.calls == 2
