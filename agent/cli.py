@@ -16,7 +16,7 @@ def _agent(args: argparse.Namespace) -> int:
     opts = AgentOptions(config_path=Path(args.config), cgroup_root=args.cgroup_root,
                         metrics_addr=args.metrics_addr, flow_log=args.flow_log, records_log=args.records_log,
                         collector=args.collector, agent_id=args.agent_id, ephemeral=args.ephemeral,
-                        bpf_root=args.bpf_root)
+                        bpf_root=args.bpf_root, watch_config={"auto": None, "on": True, "off": False}[args.watch_config])
     return Agent(opts).run()
 
 
@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--agent-id", default=None, help="this agent's id in exported batches (default: host name)")
     a.add_argument("--ephemeral", action="store_true",
                    help="remove the datapath when the agent exits (development); by default it stays in force")
+    a.add_argument("--watch-config", choices=["auto", "on", "off"], default="auto",
+                   help="re-read the config when the file changes, as SIGHUP does (checked every second); auto "
+                   "(default): on when the file is in a kubelet-mounted ConfigMap (its directory has ..data), whose "
+                   "updates are atomic; off elsewhere, where an editor may save a file in several writes")
     a.add_argument("--bpf-root", type=Path, default=None, help=argparse.SUPPRESS)   # tests: build from a copy of bpf/
     a.set_defaults(func=_agent)
 

@@ -15,10 +15,11 @@ import re
 import stat
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from agent.kernel import abi
 
@@ -30,7 +31,8 @@ from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
 from yaml.resolver import Resolver
 
-RESERVED_IDENTITIES = ("unmanaged", "world")
+RESERVED_IDENTITIES = ("unmanaged", "world", "unresolved")
+UNRESOLVED = "unresolved"   # a cgroup under the kubepods hierarchy whose pod is not known yet (kubernetes.unresolved)
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")    # used with fullmatch: `$` would accept a trailing newline
 HOST_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 MAX_BACKENDS_PER_REDIRECT = abi.BACKENDS_PER_SERVICE
@@ -185,9 +187,205 @@ class ProcessSelector(_Strict):
         return self
 
 
+# ---- Kubernetes (issue 11): names and label syntax as the API server validates them
+
+DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")                     # RFC 1123 label, <= 63
+DNS_SUBDOMAIN_RE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")   # <= 253
+LABEL_NAME_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")          # a label key's name, a value
+
+
+def _dns_label(v: str, what: str) -> str:
+    if not isinstance(v, str) or not DNS_LABEL_RE.fullmatch(v):
+        raise ValueError(f"{what} {show(v)} is not a Kubernetes name (lower-case letters, digits and '-', at most 63)")
+    return v
+
+
+def _dns_subdomain(v: str, what: str) -> str:
+    if not isinstance(v, str) or len(v) > 253 or not DNS_SUBDOMAIN_RE.fullmatch(v):
+        raise ValueError(f"{what} {show(v)} is not a Kubernetes name (DNS subdomain, at most 253 characters)")
+    return v
+
+
+def label_key(v: str) -> str:
+    prefix, slash, name = v.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not DNS_SUBDOMAIN_RE.fullmatch(prefix)):
+        raise ValueError(f"label key {show(v)}: the prefix must be a DNS subdomain")
+    if not LABEL_NAME_RE.fullmatch(name):
+        raise ValueError(f"label key {show(v)} is not a label name (letters, digits, '-', '_', '.', at most 63, "
+                         "alphanumeric at both ends)")
+    return v
+
+
+def label_value(v: str) -> str:
+    if v and not LABEL_NAME_RE.fullmatch(v):
+        raise ValueError(f"label value {show(v)} is not valid (empty, or letters, digits, '-', '_', '.', at most 63, "
+                         "alphanumeric at both ends)")
+    return v
+
+
+class LabelRequirement(_Strict):
+    """One matchExpressions entry: In/NotIn need values, Exists/DoesNotExist take none (as the API server says)."""
+    key: str
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[str] = Field(default_factory=list)
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, v: str) -> str:
+        return label_key(v)
+
+    @field_validator("values")
+    @classmethod
+    def _values(cls, v: list[str]) -> list[str]:
+        for x in v:
+            label_value(x)
+        return v
+
+    @model_validator(mode="after")
+    def _arity(self) -> "LabelRequirement":
+        if self.operator in ("In", "NotIn") and not self.values:
+            raise ValueError(f"operator {self.operator} needs at least one value")
+        if self.operator in ("Exists", "DoesNotExist") and self.values:
+            raise ValueError(f"operator {self.operator} takes no values")
+        return self
+
+
+class LabelSelector(_Strict):
+    """A Kubernetes LabelSelector: matchLabels and matchExpressions ANDed; {} matches everything."""
+    match_labels: dict[str, str] = Field(default_factory=dict, alias="matchLabels")
+    match_expressions: list[LabelRequirement] = Field(default_factory=list, alias="matchExpressions")
+
+    @field_validator("match_labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, x in v.items():
+            label_key(k)
+            label_value(x)
+        return v
+
+
+class _NamespaceChoice(_Strict):
+    namespace: Optional[str] = None
+    namespace_selector: Optional[LabelSelector] = Field(default=None, alias="namespaceSelector")
+
+    @field_validator("namespace")
+    @classmethod
+    def _ns(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _dns_label(v, "namespace")
+
+    @model_validator(mode="after")
+    def _one(self) -> "_NamespaceChoice":
+        if (self.namespace is None) == (self.namespace_selector is None):
+            raise ValueError("give exactly one of namespace and namespaceSelector (namespaceSelector: {} is every "
+                             "namespace)")
+        return self
+
+
+class PodSelector(_NamespaceChoice):
+    """An entry of select.pods (local pods): every given field must match. podSelector is required: {} is every pod
+    of the namespace(s), as in a NetworkPolicy."""
+    pod_selector: LabelSelector = Field(alias="podSelector")
+    service_account: Optional[str] = Field(default=None, alias="serviceAccount")
+    container: Optional[str] = None     # one container of the pod (others, and the pod level, do not match)
+
+    @field_validator("service_account")
+    @classmethod
+    def _sa(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _dns_subdomain(v, "serviceAccount")
+
+    @field_validator("container")
+    @classmethod
+    def _container(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _dns_label(v, "container")
+
+
+class PodsSelector(_NamespaceChoice):
+    """The pods of an endpoint (any node)."""
+    pod_selector: LabelSelector = Field(alias="podSelector")
+
+
+class ServiceRef(_Strict):
+    namespace: str
+    name: str
+
+    @field_validator("namespace", "name")
+    @classmethod
+    def _names(cls, v: str) -> str:
+        return _dns_label(v, "the name")
+
+
+def _endpoint_ports(v: list[int]) -> list[int]:
+    for p in v:
+        if not 1 <= p <= 65535:
+            raise ValueError(f"port {show(p)} must be 1-65535")
+    return v
+
+
+class ServiceEndpoint(_Strict):
+    """A Service's ClusterIPs and the ready addresses of its EndpointSlices. ports: service ports (the endpoints'
+    target ports follow by port name); empty = every port of the Service."""
+    service: ServiceRef
+    ports: list[int] = Field(default_factory=list)
+    _ports = field_validator("ports")(_endpoint_ports)
+
+
+class PodsEndpoint(_Strict):
+    """The IPs of the matching pods on every node; ports empty = any port."""
+    pods: PodsSelector
+    ports: list[int] = Field(default_factory=list)
+    _ports = field_validator("ports")(_endpoint_ports)
+
+
+def _endpoint_kind(v: Any) -> Optional[str]:
+    """A CIDR string, or a mapping with `service` or `pods`: picked by its key, never guessed."""
+    if isinstance(v, str):
+        return "cidr"
+    if isinstance(v, dict) and ("service" in v) != ("pods" in v):
+        return "service" if "service" in v else "pods"
+    if isinstance(v, (ServiceEndpoint, PodsEndpoint)):
+        return "service" if isinstance(v, ServiceEndpoint) else "pods"
+    return None
+
+
+def _cidr(v: str) -> str:
+    parse_endpoint(v)
+    return v
+
+
+_ENDPOINT_TAGS = ("cidr", "service", "pods")
+Endpoint = Annotated[Union[Annotated[str, AfterValidator(_cidr), Tag("cidr")], Annotated[ServiceEndpoint, Tag("service")],
+                           Annotated[PodsEndpoint, Tag("pods")]],
+                     Discriminator(_endpoint_kind, custom_error_type="endpoint",
+                                   custom_error_message="an endpoint is a CIDR string or a mapping with exactly one of "
+                                                        "service and pods")]
+
+
+class KubernetesSettings(_Strict):
+    unresolved: Literal["deny", "allow", "audit"] = "deny"
+    kubeconfig: Optional[Path] = Field(default=None, strict=False)   # default: in-cluster config
+    node_name: Optional[str] = None                                  # default: the NODE_NAME environment variable
+
+    @field_validator("kubeconfig")
+    @classmethod
+    def _kubeconfig(cls, v: Optional[Path]) -> Optional[Path]:
+        return _path(v, "kubeconfig")
+
+    @field_validator("node_name")
+    @classmethod
+    def _node(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _dns_subdomain(v, "node_name")
+
+    def node(self, environ: Optional[dict] = None) -> Optional[str]:
+        return self.node_name or (os.environ if environ is None else environ).get("NODE_NAME") or None
+
+
 class Select(_Strict):
+    """Which local workloads are this identity. A process selector wins over the cgroup of the process (the kernel
+    looks up process_identity first); for a cgroup, a pod selector wins over a cgroup glob; within each kind the
+    first identity in file order wins."""
     cgroups: list[str] = Field(default_factory=list)   # globs over cgroup v2 paths relative to the cgroup2 mount
     processes: list[ProcessSelector] = Field(default_factory=list)
+    pods: list[PodSelector] = Field(default_factory=list)
 
     @field_validator("cgroups")
     @classmethod
@@ -223,8 +421,8 @@ class Deprecation(_Strict):
 
 class LlmCapture(_Strict):
     """What aimesh records of the LLM API calls made to this identity (plaintext capture, bpf/capture.c)."""
-    protocol: Literal["auto", "openai", "anthropic", "ollama", "off"] = "auto"
-    capture_content: bool = False      # prompt and completion text, redacted, up to a cap
+    protocol: Literal["auto", "openai", "anthropic", "ollama", "off"] = "auto"   # auto: recognised by method, path
+    capture_content: Optional[bool] = None   # prompt and completion text, redacted, up to a cap; None: the global llm:
 
     @property
     def enabled(self) -> bool:
@@ -242,7 +440,7 @@ class Identity(_Strict):
     mode: Optional[Literal["enforce", "audit"]] = None
     governed: Optional[bool] = None
     select: Select = Field(default_factory=Select)
-    endpoints: list[str] = Field(default_factory=list)
+    endpoints: list[Endpoint] = Field(default_factory=list)
     deprecated: Optional[Deprecation] = None
     llm: Optional[LlmCapture] = None   # default: auto for kinds model and external, off otherwise
 
@@ -265,12 +463,13 @@ class Identity(_Strict):
             _text(v, "version", MAX_VERSION_LEN)
         return v
 
-    @field_validator("endpoints")
-    @classmethod
-    def _endpoints(cls, v: list[str]) -> list[str]:
-        for e in v:
-            parse_endpoint(e)
-        return v
+    @property
+    def cidr_endpoints(self) -> list[str]:
+        return [e for e in self.endpoints if isinstance(e, str)]
+
+    @property
+    def k8s_endpoints(self) -> list[Union[ServiceEndpoint, PodsEndpoint]]:
+        return [e for e in self.endpoints if not isinstance(e, str)]
 
     @property
     def is_governed(self) -> bool:
@@ -467,6 +666,10 @@ class Telemetry(_Strict):
 
 
 _D = abi.Limits()
+DEFAULT_CAPTURE_REQUEST_BYTES = 1 << 20
+DEFAULT_CAPTURE_RESPONSE_BYTES = 4 << 20
+MAX_CAPTURE_BUDGET = (1 << 32) - 1   # a __u32 in runtime_config
+RUNTIME_LIMITS = ("capture_max_request_bytes", "capture_max_response_bytes")   # limits: keys that are not capacities
 _MAP = {"ge": 1, "le": MAX_MAP_ENTRIES}
 _RING = {"ge": 1, "le": MAX_RINGBUF_PAGES}
 
@@ -491,7 +694,14 @@ class LimitSettings(_Strict):
     flow_ringbuf_pages: int = Field(default=_D.flow_ringbuf_pages, **_RING)
     max_capture_sockets: int = Field(default=_D.max_capture_sockets, **_MAP)
     capture_ringbuf_pages: int = Field(default=_D.capture_ringbuf_pages, **_RING)
-    capture_chunk: int = Field(default=_D.capture_chunk, ge=64, le=16384)   # bytes per captured chunk
+    # bytes per capture_events record (compiled in: -DCAPTURE_CHUNK); one send/receive copies at most
+    # abi.CAPTURE_CHUNKS_PER_CALL (256) chunks, so 1 MiB at the default: the rest of that call is a counted gap
+    capture_chunk: int = Field(default=_D.capture_chunk, ge=64, le=16384)
+    # Runtime settings (runtime_config, changed by a reload; not map capacities): bytes the capture copies per request
+    # (a run of sends) and per response (a run of receives) on one connection; past them bytes are counted, not
+    # copied, and the record says truncated.
+    capture_max_request_bytes: int = Field(default=DEFAULT_CAPTURE_REQUEST_BYTES, ge=1, le=MAX_CAPTURE_BUDGET)
+    capture_max_response_bytes: int = Field(default=DEFAULT_CAPTURE_RESPONSE_BYTES, ge=1, le=MAX_CAPTURE_BUDGET)
 
     @field_validator("ringbuf_pages", "flow_ringbuf_pages", "capture_ringbuf_pages")
     @classmethod
@@ -508,6 +718,25 @@ def _endpoint_slot(net: Network, port: int) -> tuple[bytes, int, int]:
     return net.network_address.packed, net.prefixlen, port
 
 
+class LlmSettings(_Strict):
+    """Node-wide model-call settings: content capture's default, its size cap and the redaction rules (applied in the
+    agent before any text leaves the node; the built-in rules for API keys and e-mail addresses always apply)."""
+    capture_content: bool = False
+    content_max_chars: int = Field(default=16384, ge=0, le=1 << 20)   # of prompt and of completion text, each
+    redact: list[str] = Field(default_factory=list, max_length=64)    # Python regular expressions
+
+    @field_validator("redact")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for i, r in enumerate(v):
+            _text(r, f"redact.{i}", 512)
+            try:
+                re.compile(r)
+            except re.error as e:
+                raise ValueError(f"redact.{i}: {show(r)} is not a regular expression ({e})") from None
+        return v
+
+
 class Config(_Strict):
     mode: Literal["enforce", "audit"] = "enforce"
     dns: Literal["allow", "deny"] = "allow"
@@ -518,6 +747,23 @@ class Config(_Strict):
     collector: CollectorSettings = Field(default_factory=CollectorSettings)
     telemetry: Telemetry = Field(default_factory=Telemetry)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    kubernetes: Optional[KubernetesSettings] = None
+    llm: LlmSettings = Field(default_factory=LlmSettings)
+
+    def capture_content(self, ident: "Identity") -> bool:
+        """Content capture for calls to `ident`: its own llm.capture_content, else the global llm.capture_content."""
+        own = ident.llm_capture.capture_content
+        return self.llm.capture_content if own is None else own
+
+    @property
+    def uses_kubernetes(self) -> bool:
+        """A kubernetes section, a pod selector or a Service/pods endpoint: the agent watches the API server and
+        kubepods cgroups of pods not known yet get the reserved identity `unresolved`."""
+        return self.kubernetes is not None or any(i.select.pods or i.k8s_endpoints for i in self.identities)
+
+    @property
+    def k8s(self) -> KubernetesSettings:
+        return self.kubernetes or KubernetesSettings()
 
     @model_validator(mode="after")
     def _references(self) -> "Config":
@@ -526,7 +772,7 @@ class Config(_Strict):
             if ident.name in seen:
                 raise ValueError(f"identities.{i}.name: {ident.name!r} is defined twice")
             seen.add(ident.name)
-        known = seen | set(RESERVED_IDENTITIES)
+        known = seen | {n for n in RESERVED_IDENTITIES if n != UNRESOLVED or self.uses_kubernetes}
         self._check_successors(seen)
         for i, p in enumerate(self.policies):
             for field, refs in (("from", p.from_), ("to", p.to)):
@@ -574,6 +820,8 @@ class Config(_Strict):
         owner: dict[tuple[bytes, int, int], tuple[str, str]] = {}
         for i, ident in enumerate(self.identities):
             for j, e in enumerate(ident.endpoints):
+                if not isinstance(e, str):
+                    continue   # resolved from the cluster at run time (agent/identity/k8s/resolve.py)
                 slot = _endpoint_slot(*parse_endpoint(e))
                 if slot in owner:
                     where, first = owner[slot]
@@ -609,8 +857,9 @@ class Config(_Strict):
 
 
 def limits_of(config: Config) -> abi.Limits:
-    """The map capacities the config asks for (its `limits:` section, abi.Limits defaults for what it leaves out)."""
-    return abi.Limits(**config.limits.model_dump())
+    """The map capacities the config asks for (its `limits:` section, abi.Limits defaults for what it leaves out).
+    The runtime settings of `limits:` (RUNTIME_LIMITS) are not capacities: the datapath takes them at each reload."""
+    return abi.Limits(**config.limits.model_dump(exclude=set(RUNTIME_LIMITS)))
 
 
 # ---------------------------------------------------------------- YAML
@@ -734,7 +983,11 @@ def _parse_yaml(text: str, loader_type: Optional[type] = None) -> Any:
 def _format(err: ValidationError) -> str:
     errors = err.errors()
     e = errors[0]
-    loc = ".".join(str(p) if str(p).isprintable() and len(str(p)) <= MAX_SHOWN else show(p) for p in e["loc"])
+    raw = e["loc"]
+    # an endpoint's union tag (endpoints.<i>.<tag>...) is ours, not a field of the file
+    raw = [p for j, p in enumerate(raw)
+           if not (j >= 2 and raw[j - 2] == "endpoints" and isinstance(raw[j - 1], int) and p in _ENDPOINT_TAGS)]
+    loc = ".".join(str(p) if str(p).isprintable() and len(str(p)) <= MAX_SHOWN else show(p) for p in raw)
     msg = e["msg"].removeprefix("Value error, ")
     value = e.get("input")
     if isinstance(value, (dict, list)) and e["type"] in ("value_error", "missing"):

@@ -5,12 +5,14 @@ cgroup root (building it first with the short-lived loader when the programs cha
 leaves it in force. `aimesh uninstall` removes it; `--ephemeral` removes it at exit (development).
 
 Signals: SIGHUP re-reads the config (a bad one is rejected and the old policy stays); SIGTERM/SIGINT stop the agent
-and leave the datapath enforcing.
+and leave the datapath enforcing. With the config watch on (by default when the file is in a kubelet-mounted
+ConfigMap) a change of the file is re-read the same way, within about a second (ConfigWatch).
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -27,6 +29,8 @@ from agent.flows.sink import RecordSink, RecordsLogSink
 from agent.identity.assigner import IdentityAssigner
 from agent.identity.cgroups import cgroup2_mount, cgroup_id
 from agent.identity.host import local_address_keys
+from agent.identity.k8s.model import ClusterState
+from agent.identity.k8s.resolve import ClusterView, Debouncer, PodResolutionStats, resolve_endpoints, snapshot
 from agent.kernel.pins import FORMAT as PIN_FORMAT
 from agent.kernel.pins import DatapathDir, PinError, RootLock, check_format, prune_dir, read_manifest, write_manifest
 from agent.errors import AgentError
@@ -42,6 +46,8 @@ from agent.export.genai_metrics import IdentityCompute
 from agent.export.model_metrics import ModelCallTally
 from agent.identity.cgroups import walk as cgroup_walk
 from agent.l7.capture import CaptureDecodeError, CaptureTracker, decode_capture_event
+from agent.l7.llm import Protocol as LlmProtocol
+from agent.l7.record import DecoderOptions
 from agent.l7.tls_visibility import NotVisible, TlsNotVisibleTally, TlsVisibility, describe_not_visible
 from agent.policy.capacity import check_capacity
 from agent.policy.compile import compile_image
@@ -57,6 +63,8 @@ DRAIN_TIME_S = 0.05   # ... and at most this long per turn, so signals, reloads 
 FULL_LOG_EVERY_S = 60  # a full map is logged at once, then at most this often
 MAX_WRITE_BACKLOG = 64  # spool batches queued for the disk before the loop stops reading the rings
 HOUSEKEEPING_S = 15   # prune exited processes and ports no socket holds; refresh the clock offset
+K8S_ENDPOINTS_DEBOUNCE_S = 0.2   # cluster changes re-apply the endpoint map at most this often
+K8S_SYNC_WAIT_S = 5.0            # at start, how long the first lists may take before cgroups are assigned
 
 
 @dataclass
@@ -72,6 +80,68 @@ class AgentOptions:
     ephemeral: bool = False                    # remove the datapath at exit (development); default: leave it in force
     bpf_root: Optional[Path] = None            # bpf/ sources to build from (tests of upgrades); default: the package's
     pin_base: Optional[Path] = None            # default /sys/fs/bpf/aimesh
+    kubeconfig: Optional[Path] = None          # overrides config kubernetes.kubeconfig (development)
+    watch_config: Optional[bool] = None        # reload when the file changes; None: when it is kubelet-mounted
+
+
+def remote_pod_selectors(config: Config) -> list:
+    """The `pods:` endpoints' selectors (PodsSelector), in file order without repeats: what the remote-pod watches
+    ask the API server for."""
+    from agent.config import PodsEndpoint
+    out: list = []
+    for i in config.identities:
+        for e in i.k8s_endpoints:
+            if isinstance(e, PodsEndpoint) and e.pods not in out:
+                out.append(e.pods)
+    return out
+
+
+def k8s_needs(config: Optional[Config]) -> tuple:
+    """What the Kubernetes watch is started with: a reload that changes it needs a restart."""
+    if config is None or not config.uses_kubernetes:
+        return (False,)
+    k = config.k8s
+    return (True, k.kubeconfig, k.node_name, tuple(s.model_dump_json() for s in remote_pod_selectors(config)))
+
+
+def kubelet_mounted(path: Path) -> bool:
+    """Is path a file of a kubelet-mounted ConfigMap or Secret volume (its directory has the `..data` symlink)?
+    kubelet updates such a volume by writing a new `..<timestamp>` directory and renaming a symlink onto `..data`:
+    every file changes at once and is never seen half-written."""
+    return (path.parent / "..data").is_symlink()
+
+
+class ConfigWatch:
+    """Notices that the config file changed, by polling (one stat per call, no inotify, no dependency).
+
+    The signature is the resolved path (kubelet's `..data` swap changes it, even for identical bytes) and the file's
+    device, inode, size and mtime (an editor's rename or an in-place write changes one of them). A file that is
+    missing for a moment (mid-swap, or removed) is no change: the policy in force stays and the next call looks again.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen = self._signature()
+
+    def _signature(self) -> Optional[tuple[str, int, int, int, int]]:
+        try:
+            real = os.path.realpath(self.path)
+            st = os.stat(real)
+        except OSError:
+            return None
+        return real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+    def changed(self) -> bool:
+        """True once per change since the last call (or the last seen_now())."""
+        sig = self._signature()
+        if sig is None or sig == self._seen:
+            return False
+        self._seen = sig
+        return True
+
+    def seen_now(self) -> None:
+        """The file as it is now is the one being loaded (a SIGHUP reload): no second reload for it."""
+        self._seen = self._signature() or self._seen
 
 
 def preflight() -> None:
@@ -133,8 +203,16 @@ def exporter_config(config: Config, opts: AgentOptions):
 
 
 class Agent:
-    def __init__(self, opts: AgentOptions) -> None:
+    def __init__(self, opts: AgentOptions, cluster: Optional[ClusterState] = None) -> None:
+        """cluster: a ClusterState someone else fills (tests); default: one the agent's own watch fills when the
+        config uses Kubernetes (agent/identity/k8s/watch.py)."""
         self.opts = opts
+        self.cluster = cluster
+        self.watch = None                           # agent/identity/k8s/watch.Watch when the agent started one
+        self.k8s_stats = PodResolutionStats()
+        self._pods_changed = False                  # set from the watch threads; the loop re-assigns
+        self._endpoints_changed = Debouncer(K8S_ENDPOINTS_DEBOUNCE_S)
+        self.resolved: tuple = ()                   # the remote ends the live generation was compiled with
         self.numbering = IdentityNumbering()
         self.identities: dict[int, IdentityMeta] = {}
         self.config: Optional[Config] = None
@@ -148,6 +226,7 @@ class Agent:
                       "model_calls": 0}
         self._reload = False
         self._stop = False
+        self.config_watch: Optional[ConfigWatch] = None
         self._next_transition: Optional[datetime] = None
         self._mono_to_wall = time.time_ns() - time.monotonic_ns()
         self._local_addrs: set[bytes] = set()
@@ -159,7 +238,8 @@ class Agent:
         self._read_pos: dict[str, int] = {}      # per ring: read up to here, saved and released up to consumer_pos
         self._write_failures_seen = 0
         self._udp_last = time.monotonic_ns()
-        self.capture = CaptureTracker(self._capture_content)
+        self._decoder_cache: tuple = (None, {})
+        self.capture = CaptureTracker(options=self._decoder_options)
         self.model_calls = ModelCallTally()
         self.call_sinks: Optional[CallSinks] = None
         self._comms = CommCache()
@@ -182,6 +262,12 @@ class Agent:
         preflight()
         from agent.kernel.datapath import limit_malloc_arenas
         limit_malloc_arenas()   # before any thread starts
+        watch = self.opts.watch_config
+        if watch is None:
+            watch = kubelet_mounted(self.opts.config_path)
+        if watch:   # before the first load: a change while starting is reloaded at the first turn of the loop
+            self.config_watch = ConfigWatch(self.opts.config_path)
+            log.info("watching %s for changes (reloaded like SIGHUP)", self.opts.config_path)
         config = load_config(self.opts.config_path)
         self.limits = self.opts.limits or limits_of(config)
         self.agent_id = self.opts.agent_id or config.collector.agent_id or self.node
@@ -259,8 +345,7 @@ class Agent:
             ([RecordsLogSink(self.records_log)] if self.records_log.enabled else []) + \
             ([self.exporter] if self.exporter else [])
         dp.all_decisions = self.flow_log.enabled   # the flow log wants every decision; metrics read the kernel's counts
-        self.model_calls = ModelCallTally(lambda: dp.counters() if self.healthy else [0] * abi.COUNTER_SLOTS,
-                                          self.capture.undecoded_counts)
+        self.model_calls = ModelCallTally()   # the kernel's capture counters are in AgentCollector
         try:
             self.call_sinks = build_call_sinks(config.telemetry, flow_export, node=self.node,
                                                mono_to_wall_ns=lambda: self._mono_to_wall,
@@ -273,9 +358,15 @@ class Agent:
                                    lambda: self.identities, self._metrics_state)
         compute = IdentityCompute(self._identity_cgroups, mount)
         try:
+            self._start_kubernetes(config)
+        except AgentError:
+            dp.close()
+            raise
+        try:
             metrics = MetricsServer(self.opts.metrics_addr,
                                     build_registry(collector, [self.flow_tally, *self.call_sinks.collectors(),
-                                                               self.tls_not_visible, compute]),
+                                                               self.tls_not_visible, compute, self.k8s_stats,
+                                                               *([self.watch.collector()] if self.watch else [])]),
                                     lambda: self.healthy,
                                     health=lambda: (not self.degraded, sorted(self.degraded)),
                                     loop_age_s=lambda: time.monotonic() - self.last_tick if self.healthy else 0.0)
@@ -290,7 +381,7 @@ class Agent:
         self.call_sinks.start()
         for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._on_signal)
-        self.assigner = IdentityAssigner(dp, self.numbering, mount, root, self._on_map_full)
+        self.assigner = IdentityAssigner(dp, self.numbering, mount, root, self._on_map_full, stats=self.k8s_stats)
         # what a previous agent left in the kernel, so the resync also clears what no longer matches
         self.assigner.cgroups = dp.identity_entries("cgroup_identity")
         self.assigner.processes = dp.identity_entries("process_identity")
@@ -327,6 +418,8 @@ class Agent:
                          st.sent_records, st.spool_batches, st.dropped)
             if self.tls_probes is not None:
                 self.tls_probes.close()
+            if self.watch is not None:
+                self.watch.stop()
             try:
                 self.call_sinks.close()
             except Exception:  # noqa: BLE001 - stopping goes on: the datapath and logs are closed below
@@ -344,10 +437,84 @@ class Agent:
             log.info("agent stopped")
         return 0
 
+    # ---- Kubernetes ----
+    def _start_kubernetes(self, config: Config) -> None:
+        """When the config uses Kubernetes: the ClusterState (the agent's own watch unless one was given) and the
+        change hook. The first lists get K8S_SYNC_WAIT_S before cgroups are assigned (fewer `unresolved`)."""
+        if not config.uses_kubernetes:
+            return
+        if self.cluster is None:
+            try:
+                from agent.identity.k8s.convert import label_selector
+                from agent.identity.k8s.watch import PodScope, WatchConfigError, start_watch
+            except ImportError as e:
+                raise AgentError(f"kubernetes: the API watch is not available ({e})") from None
+            k = config.k8s
+            node = k.node()
+            if not node:
+                raise AgentError("kubernetes.node_name: not set and NODE_NAME is empty (set it from the downward "
+                                 "API: spec.nodeName)")
+            kubeconfig = self.opts.kubeconfig or k.kubeconfig
+            # remote pods: one watch per `pods:` endpoint, filtered by the API server (its namespace when named, its
+            # podSelector); a namespaceSelector is applied here, over the namespaces' labels
+            scopes = [PodScope(sel.namespace or "", label_selector(sel.pod_selector.match_labels,
+                                                                   sel.pod_selector.match_expressions))
+                      for sel in remote_pod_selectors(config)]
+            self.cluster = ClusterState()
+            try:
+                self.watch = start_watch(self.cluster, node, str(kubeconfig) if kubeconfig else None,
+                                         need_all_pods=bool(scopes), pod_scopes=scopes)
+            except WatchConfigError as e:
+                raise AgentError(str(e)) from None
+            if not self.watch.wait_synced(K8S_SYNC_WAIT_S):
+                log.warning("kubernetes: the first lists took over %.0fs; pods not known yet are `unresolved` "
+                            "(kubernetes.unresolved: %s)", K8S_SYNC_WAIT_S, k.unresolved)
+        prev = self.cluster.on_change
+        self.cluster.on_change = lambda kind: (prev(kind), self._on_cluster_change(kind))
+
+    def _on_cluster_change(self, kind: str) -> None:
+        """Called from the watch threads: only flags; the loop acts."""
+        if kind in ("pods", "namespaces"):
+            self._pods_changed = True
+        self._endpoints_changed.poke()
+
+    def _view(self) -> ClusterView:
+        return snapshot(self.cluster) if self.cluster is not None else ClusterView()
+
+    def _k8s_turn(self) -> None:
+        """One loop turn's Kubernetes work: re-assign pod cgroups after pod/namespace changes; re-apply the endpoint
+        map after cluster changes, debounced."""
+        if self.cluster is None or self.config is None:
+            return
+        if self._pods_changed:
+            self._pods_changed = False
+            n = self.assigner.on_cluster_change(self._view())
+            if n:
+                log.info("kubernetes: %d cgroups re-assigned", n)
+        if self._endpoints_changed.due() and any(i.k8s_endpoints for i in self.config.identities):
+            resolved = resolve_endpoints(self.config, self._view())
+            if resolved != self.resolved:
+                try:
+                    self._apply(self.config, resolved)
+                except (AgentError, ValueError, OSError) as e:
+                    self.state["k8s_endpoint_applies_failed"] = self.state.get("k8s_endpoint_applies_failed", 0) + 1
+                    log.error("kubernetes: the endpoint map was not updated, the previous one stays: %s", e)
+                    return
+                log.info("kubernetes: %d remote endpoints applied", len(resolved))
+
     def _install(self, config: Config) -> None:
         """Compile config into the inactive generation, flip to it, and re-assign workload identities."""
-        image = compile_image(config, self.numbering, self.datapath.next_gen(), datetime.now(timezone.utc))
+        view = self._view()
+        self._apply(config, resolve_endpoints(config, view) if config.uses_kubernetes else ())
+        self.assigner.view = view
+        self.assigner.resync(config)
+
+    def _apply(self, config: Config, resolved: tuple) -> None:
+        """Compile config and the cluster's remote ends into the inactive generation and flip to it."""
+        image = compile_image(config, self.numbering, self.datapath.next_gen(), datetime.now(timezone.utc), resolved)
         self.datapath.interim_ns = int(config.telemetry.interim_interval * 1e9)
+        self.datapath.set_capture_budget(config.limits.capture_max_request_bytes,
+                                         config.limits.capture_max_response_bytes)
         for w in image.warnings:
             log.warning("%s", w)
         # Both generations live in the maps during the flip: what is live plus the new image must fit. Checked before
@@ -360,8 +527,8 @@ class Agent:
         self._installed_wall = datetime.now(timezone.utc)
         self.identities = image.identities
         self.config = config
+        self.resolved = resolved
         self._next_transition = image.next_transition
-        self.assigner.resync(config)
 
     def _reload_config(self) -> None:
         try:
@@ -373,6 +540,10 @@ class Agent:
             if self.config is not None and config.collector != self.config.collector:
                 raise ConfigError(f"{self.opts.config_path}: collector: changed; the exporter is set up at start, so "
                                   "this reload changes nothing: restart the agent to apply it")
+            if self.config is not None and k8s_needs(config) != k8s_needs(self.config):
+                raise ConfigError(f"{self.opts.config_path}: kubernetes: what the agent watches changed (the "
+                                  "kubernetes section, or pod selectors/endpoints appearing or going); the watch is "
+                                  "set up at start, so this reload changes nothing: restart the agent to apply it")
             changed = self.config.telemetry.sinks_differ(config.telemetry) if self.config is not None else None
             if changed:
                 raise ConfigError(f"{self.opts.config_path}: telemetry.{changed}: changed; the model-call sinks are "
@@ -454,11 +625,17 @@ class Agent:
                 if datetime.now(timezone.utc) < self._installed_wall - timedelta(seconds=1):
                     log.warning("the clock stepped back: recompiling lifecycle rules for the time it says now")
                     self._next_transition = datetime.now(timezone.utc)
+                if self.config_watch is not None and self.config_watch.changed():
+                    log.info("config file %s changed: reloading", self.opts.config_path)
+                    self._reload = True
             if time.monotonic_ns() - self._udp_last >= self.config.telemetry.udp_window * 1e9:
                 self._drain_udp()
             if self._reload:
                 self._reload = False
+                if self.config_watch is not None:
+                    self.config_watch.seen_now()
                 self._reload_config()
+            self._k8s_turn()
             if self._next_transition and datetime.now(timezone.utc) >= self._next_transition:
                 log.info("a sunset date passed: recompiling lifecycle rules")
                 try:
@@ -472,6 +649,7 @@ class Agent:
                 last_housekeeping = now
                 self._mono_to_wall = time.time_ns() - time.monotonic_ns()
                 self.assigner.prune_processes(lambda pid: os.path.exists(f"/proc/{pid}"))
+                self.assigner.prune_pod_cgroups()
                 m = self.datapath.maps["local_endpoint_identity"]
                 n = self.assigner.prune_local_endpoints(list(m.keys()), m.delete)
                 if n:
@@ -624,10 +802,27 @@ class Agent:
                 self.tls_probes.scan_pid(ev.pid)
 
     # ---- plaintext capture ----
-    def _capture_content(self, dst_id: int) -> bool:
-        meta = self.identities.get(dst_id)
-        ident = self.config.identity(meta.name) if meta is not None and self.config is not None else None
-        return bool(ident and ident.llm_capture.capture_content)
+    def _decoder_options(self, dst_id: int) -> DecoderOptions:
+        """How calls to identity number dst_id are decoded, from the config in force (cached per config)."""
+        config = self.config
+        cache = self._decoder_cache
+        if cache[0] is not config:
+            cache = self._decoder_cache = (config, {})
+        opts = cache[1].get(dst_id)
+        if opts is None:
+            meta = self.identities.get(dst_id)
+            ident = config.identity(meta.name) if meta is not None and config is not None else None
+            if ident is None or config is None:
+                opts = DecoderOptions()
+            else:
+                llm = ident.llm_capture
+                opts = DecoderOptions(capture_content=config.capture_content(ident),
+                                      redact=tuple(re.compile(r) for r in config.llm.redact),
+                                      content_cap=config.llm.content_max_chars,
+                                      protocol=None if llm.protocol in ("auto", "off") else LlmProtocol(llm.protocol))
+            if len(cache[1]) < 65536:
+                cache[1][dst_id] = opts
+        return opts
 
     def _on_capture(self, data: bytes) -> None:
         self.state["ring_events"]["capture_events"] += 1
@@ -638,6 +833,10 @@ class Agent:
             log.warning("capture_events: %s", e)
             return
         self._model_calls(self.capture.on_chunk(chunk))
+        for pid, fd in self.capture.take_skips():   # not HTTP/1: the kernel stops copying it
+            self.datapath.capture_skip(pid, fd)
+        if chunk.kind is abi.CaptureKind.TLS_HANDSHAKE:   # seen in the kernel, nothing of it copied
+            self.tls_visibility.on_handshake(chunk.cookie, chunk.pid, chunk.src_id, chunk.ts_ns)
         self._tls_not_visible(self.tls_visibility.on_chunk(chunk))
 
     def _model_calls(self, calls) -> None:
@@ -710,6 +909,7 @@ class Agent:
         st["maps"]["cgroup_identity"] = (len(self.assigner.cgroups), self.limits.max_cgroups)
         st["maps"]["process_identity"] = (len(self.assigner.processes), self.limits.max_processes)
         st["flow_log_records"] = self.flow_log.written
+        st["capture_undecoded"] = dict(self.capture.undecoded)
         lim = self.limits
         st["ring_capacity"] = {"decision_events": lim.ringbuf_pages * 4096, "flow_events": lim.flow_ringbuf_pages * 4096,
                                "agent_events": 16 * 4096, "capture_events": lim.capture_ringbuf_pages * 4096}

@@ -267,8 +267,10 @@ def run_latency(run: Run, say: Callable[[str], None]) -> dict:
 
 # ---- part 2: decode rate ----
 def loss_counts(m: dict[str, float]) -> dict[str, float]:
-    reasons = ("ring_full", "truncated", "not_captured_syscall", "socket_table_full", "read_failed")
-    return {r: total(m, "aimesh_capture_losses_total", reason=r) for r in reasons}
+    names = {"ring_full": "aimesh_capture_ring_lost_total", "truncated": "aimesh_capture_truncated_calls_total",
+             "not_captured_syscall": "aimesh_capture_not_captured_calls_total",
+             "socket_table_full": "aimesh_capture_sockets_full_total", "read_failed": "aimesh_capture_read_failures_total"}
+    return {r: total(m, name) for r, name in names.items()}
 
 
 def decode_step(run: Run, port: int, rate: float, say: Callable[[str], None]) -> dict:

@@ -55,7 +55,7 @@ static __always_inline int tls_exit(struct pt_regs *ctx)
 	tls_calls.delete(&id);
 	if (!c.direction || !c.has_fd)
 		return 0;
-	long ret = PT_REGS_RC(ctx);
+	long ret = (int)PT_REGS_RC(ctx);   /* SSL_read/SSL_write return an int: -1 comes back as 0xffffffff in rax */
 	__u64 n = 0;
 	if (c.len_ptr) {
 		if (ret != 1 || bpf_probe_read_user(&n, sizeof(n), (const void *)c.len_ptr))

@@ -84,6 +84,7 @@ class AgentCollector(Collector):
                                   value=c[abi.COUNTER_FASTPATH_BYTES])
         yield CounterMetricFamily("aimesh_flows_untracked", "TCP connections established with no connect-time origin",
                                   value=c[abi.COUNTER_FLOWS_UNTRACKED])
+        yield from capture_metrics(c, st.get("capture_undecoded", {}))
 
         meta = self._identities()
         decisions, deprecated = decision_tally(self._decisions())   # counted in the kernel, read now
@@ -134,6 +135,39 @@ class AgentCollector(Collector):
             agg.add_metric(["aggregated"], den.events - den.immediate)
             agg.add_metric(["overflow_bucket"], den.overflowed)
             yield agg
+
+
+# kernel capture counter slot -> (metric name, HELP); each is a counter (exposed with _total)
+CAPTURE_COUNTERS: tuple[tuple[int, str, str], ...] = (
+    (abi.COUNTER_CAPTURE_CHUNKS, "aimesh_capture_chunks",
+     "Chunks of captured socket bytes the kernel copied into the capture_events ring"),
+    (abi.COUNTER_CAPTURE_TRUNCATED, "aimesh_capture_truncated_calls",
+     "Sends/receives on captured sockets not copied whole (per-request byte budget, chunks per call, iovecs)"),
+    (abi.COUNTER_CAPTURE_TRUNCATED_BYTES, "aimesh_capture_truncated_bytes",
+     "Bytes of those sends/receives that were not copied"),
+    (abi.COUNTER_CAPTURE_EVENTS_LOST, "aimesh_capture_ring_lost",
+     "Capture records (chunks, gaps, closes) dropped because the capture_events ring was full"),
+    (abi.COUNTER_CAPTURE_READ_FAILED, "aimesh_capture_read_failures",
+     "Reads of a captured call's user memory that failed (the rest of that call was not copied)"),
+    (abi.COUNTER_CAPTURE_SOCKETS_FULL, "aimesh_capture_sockets_full",
+     "Connections to a captured identity not captured because the capture_sockets map was full"),
+    (abi.COUNTER_CAPTURE_TLS_SOCKETS, "aimesh_capture_tls_sockets",
+     "Captured sockets whose first send was a TLS handshake: their syscall bytes are not copied"),
+    (abi.COUNTER_CAPTURE_NOT_CAPTURED, "aimesh_capture_not_captured_calls",
+     "Sends/receives on captured sockets skipped: TLS, or the agent's decoder gave up on the connection"),
+)
+
+
+def capture_metrics(c: list[int], undecoded: Mapping[str, int]) -> Iterable:
+    """The kernel's capture counters (read at scrape time) and the connections the agent's decoder gave up on."""
+    for slot, name, help_text in CAPTURE_COUNTERS:
+        yield CounterMetricFamily(name, help_text, value=c[slot])
+    und = CounterMetricFamily("aimesh_capture_undecoded_connections",
+                              "Captured connections the agent could not decode as HTTP/1 (the kernel stops copying "
+                              "them), by reason", labels=["reason"])
+    for reason, n in sorted(undecoded.items()):
+        und.add_metric([reason], n)
+    yield und
 
 
 def build_registry(collector: Collector, extra: Optional[Iterable[Collector]] = None) -> CollectorRegistry:

@@ -1,4 +1,4 @@
-"""Prometheus metrics from model-call records (plaintext capture), and the kernel's capture counters.
+"""aimesh_model_calls_total from model-call records.
 
 Labels are identity names, protocol, operation and status class only: bounded by the config and the decoder's enums,
 never by model names (a client inventing model names cannot grow the series).
@@ -6,30 +6,25 @@ never by model names (a client inventing model names cannot grow the series).
 from __future__ import annotations
 
 import threading
-from typing import Callable, Iterable, Optional
+from typing import Iterable
 
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from agent.flows.model import IdentityData
-from agent.kernel import abi
 from agent.l7.capture import status_class
 from agent.l7.record import ModelCallRecord
 
 CALL_LABELS = ["source", "destination", "protocol", "operation", "status_class"]
-KERNEL_LOSSES = {"ring_full": abi.COUNTER_CAPTURE_EVENTS_LOST, "truncated": abi.COUNTER_CAPTURE_TRUNCATED,
-                 "not_captured_syscall": abi.COUNTER_CAPTURE_NOT_CAPTURED,
-                 "socket_table_full": abi.COUNTER_CAPTURE_SOCKETS_FULL,
-                 "read_failed": abi.COUNTER_CAPTURE_READ_FAILED}
 
 
 class ModelCallTally(Collector):
-    def __init__(self, counters: Optional[Callable[[], list[int]]] = None,
-                 undecoded: Optional[Callable[[], dict[str, int]]] = None) -> None:
+    """aimesh_model_calls_total. The kernel's capture counters and the undecoded connections are exported by
+    agent/export/metrics.py (capture_metrics), once."""
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._calls: dict[tuple[str, ...], int] = {}
-        self._counters = counters
-        self._undecoded = undecoded    # connections the decoder gave up on, by reason (CaptureTracker.undecoded_counts)
 
     def emit_call(self, call: ModelCallRecord, source: IdentityData, destination: IdentityData, pid: int, comm: str,
                   *, server_address: str = "", server_port: int = 0, dialed: IdentityData | None = None) -> None:
@@ -49,20 +44,3 @@ class ModelCallTally(Collector):
         for k, n in sorted(calls.items()):
             f.add_metric(list(k), n)
         yield f
-        if self._undecoded is not None:
-            u = CounterMetricFamily("aimesh_capture_undecoded_connections",
-                                    "Captured connections not decoded (HTTP/2, gRPC, garbage, cut short), by reason",
-                                    labels=["reason"])
-            for reason, n in sorted(self._undecoded().items()):
-                u.add_metric([reason], n)
-            yield u
-        if self._counters is None:
-            return
-        c = self._counters()
-        yield CounterMetricFamily("aimesh_capture_chunks", "Chunks the kernel copied into capture_events",
-                                  value=c[abi.COUNTER_CAPTURE_CHUNKS])
-        lost = CounterMetricFamily("aimesh_capture_losses", "Sends, receives and chunks the capture did not copy whole",
-                                   labels=["reason"])
-        for reason, slot in KERNEL_LOSSES.items():
-            lost.add_metric([reason], c[slot])
-        yield lost

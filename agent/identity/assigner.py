@@ -6,12 +6,16 @@ against a dict in unit tests.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
-from agent.config import Config
+from agent.config import UNRESOLVED, Config
 from agent.identity import cgroups, processes
 from agent.identity.host import listeners
+from agent.identity.k8s import cgroup_path
+from agent.identity.k8s.resolve import ClusterView, PodResolutionStats
+from agent.identity.k8s.selectors import pod_identity
 from agent.identity.selectors import cgroup_match, process_match
 from agent.kernel import abi
 from agent.kernel.maps import MapError
@@ -33,24 +37,94 @@ def _raise(name: str, err: Exception) -> None:
 
 
 class IdentityAssigner:
-    """on_full(map name, error) is told when the kernel refuses an entry (a full map); the default re-raises."""
+    """on_full(map name, error) is told when the kernel refuses an entry (a full map); the default re-raises.
+
+    Kubernetes: when an identity selects pods, a cgroup inside a pod's cgroup (agent/identity/k8s/cgroup_path.py)
+    is matched by its pod (self.view, replaced by on_cluster_change) before any cgroup glob; while its pod is not
+    known it is `unresolved` (compiled from kubernetes.unresolved), and it is assigned again when the pod arrives or
+    changes. How long that took goes to `stats`."""
 
     def __init__(self, maps: IdentityMaps, numbering: IdentityNumbering, mount: Path, root: Path,
-                 on_full: Callable[[str, Exception], None] = _raise) -> None:
+                 on_full: Callable[[str, Exception], None] = _raise, view: Optional[ClusterView] = None,
+                 stats: Optional[PodResolutionStats] = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.maps, self.numbering, self.mount, self.root = maps, numbering, mount, root
         self.on_full = on_full
         self.cgroups: dict[int, int] = {}     # cgroup id -> identity id, as written
         self.processes: dict[int, int] = {}   # pid -> identity id, as written
         self.config: Optional[Config] = None
+        self.view = view or ClusterView()
+        self.stats = stats or PodResolutionStats()
+        self.clock = clock
+        self.pod_cgroups: dict[int, tuple[str, cgroup_path.PodCgroup]] = {}   # cgroup id -> (path, its pod)
+        self.waiting: dict[int, float] = {}   # cgroup id -> when it was first given `unresolved`
+
+    def cgroup_identity(self, rel: str, cid: int) -> Optional[str]:
+        """Pods win over cgroup globs; a pod cgroup whose pod is not known is UNRESOLVED. Bookkeeping for the
+        re-assignment and the resolution latency happens here."""
+        cfg = self.config
+        name: Optional[str] = None
+        if cfg is not None and any(i.select.pods for i in cfg.identities):
+            pc = cgroup_path.parse(rel)
+            if pc is not None:
+                self.pod_cgroups[cid] = (rel, pc)
+                pod = self.view.pod(pc.pod_uid)
+                name = UNRESOLVED if pod is None else pod_identity(pod, pc.container_id, cfg.identities,
+                                                                     self.view.namespaces)
+        if name == UNRESOLVED:
+            if cid not in self.waiting:
+                self.waiting[cid] = self.clock()
+                self.stats.assigned_unresolved()
+        else:
+            t0 = self.waiting.pop(cid, None)
+            if t0 is not None:
+                self.stats.resolved(max(0.0, self.clock() - t0))
+        self.stats.unresolved_now = len(self.waiting)
+        if name is not None:
+            return name
+        return cgroup_match(rel, cfg.identities) if cfg is not None else None
+
+    def on_cluster_change(self, view: ClusterView) -> int:
+        """Pods or namespaces changed: assign every known pod cgroup again; returns how many entries changed."""
+        self.view = view
+        if self.config is None:
+            return 0
+        changed = 0
+        for cid, (rel, _pc) in list(self.pod_cgroups.items()):
+            name = self.cgroup_identity(rel, cid)
+            want = self.numbering.id_of(name) if name else None
+            if want == self.cgroups.get(cid):
+                continue
+            changed += 1
+            if want is None:
+                self.maps.clear_cgroup_identity(cid)
+                del self.cgroups[cid]
+            elif self._guard("cgroup_identity", self.maps.set_cgroup_identity)(cid, want):
+                self.cgroups[cid] = want
+                log.info("cgroup %s -> %s", rel, name)
+        return changed
+
+    def prune_pod_cgroups(self) -> None:
+        """Forget pod cgroups that were removed (kubelet deletes them with the pod)."""
+        for cid, (rel, _pc) in list(self.pod_cgroups.items()):
+            if not (self.mount / rel.lstrip("/")).is_dir():
+                del self.pod_cgroups[cid]
+                self.waiting.pop(cid, None)
+        self.stats.unresolved_now = len(self.waiting)
 
     # ---- full passes (start, reload) ----
     def resync(self, config: Config) -> None:
         self.config = config
         seen: dict[int, int] = {}
+        self.pod_cgroups = {}
+        walked: set[int] = set()
         for rel, cid in cgroups.walk(self.mount, self.root):
-            name = cgroup_match(rel, config.identities)
+            walked.add(cid)
+            name = self.cgroup_identity(rel, cid)
             if name:
                 seen[cid] = self.numbering.id_of(name)
+        for cid in [c for c in self.waiting if c not in walked]:
+            del self.waiting[cid]
+        self.stats.unresolved_now = len(self.waiting)
         self._diff(self.cgroups, seen, self._guard("cgroup_identity", self.maps.set_cgroup_identity),
                    self.maps.clear_cgroup_identity)
         procs: dict[int, int] = {}
@@ -112,7 +186,7 @@ class IdentityAssigner:
             full.relative_to(self.root)
         except ValueError:
             return None  # outside the subtree we govern
-        name = cgroup_match(rel_path, self.config.identities)
+        name = self.cgroup_identity(rel_path, cgroup_id)
         if name:
             ident = self.numbering.id_of(name)
             if self._guard("cgroup_identity", self.maps.set_cgroup_identity)(cgroup_id, ident):

@@ -18,7 +18,8 @@ ID_FIRST_USER = 16
 
 BACKENDS_PER_SERVICE = 16
 AGENT_EV_PATH_LEN = 256
-CAPTURE_CHUNKS_PER_CALL = 4
+CAPTURE_CHUNKS_PER_CALL = 256
+CAPTURE_IOVECS = 8
 
 
 class Verdict(enum.IntEnum):
@@ -98,6 +99,8 @@ class AgentEventKind(enum.IntEnum):
 class CaptureKind(enum.IntEnum):
     DATA = 1
     CLOSE = 2
+    GAP = 3
+    TLS_HANDSHAKE = 4
 
 
 class CaptureDirection(enum.IntEnum):
@@ -106,7 +109,10 @@ class CaptureDirection(enum.IntEnum):
 
 
 class CaptureSockFlag(enum.IntFlag):
-    TLS = 0x1
+    """capture_sock.flags (CAPTURE_SOCK_F_*)."""
+    TLS = 0x01
+    SENT = 0x02
+    SKIP = 0x04
 
 
 class CaptureEventFlag(enum.IntFlag):
@@ -146,14 +152,18 @@ COUNTER_CAPTURE_TRUNCATED = 48
 COUNTER_CAPTURE_NOT_CAPTURED = 49
 COUNTER_CAPTURE_CHUNKS = 50
 COUNTER_CAPTURE_READ_FAILED = 51
+COUNTER_CAPTURE_TLS_SOCKETS = 52
+COUNTER_CAPTURE_TRUNCATED_BYTES = 53
 COUNTER_SLOTS = 64
 
 Addr16 = ct.c_uint8 * 16
 
 
 class RuntimeConfig(ct.Structure):
-    """struct runtime_config { __u32 active_gen; __u32 flags; __u64 interim_ns; };"""
-    _fields_ = [("active_gen", ct.c_uint32), ("flags", ct.c_uint32), ("interim_ns", ct.c_uint64)]
+    """struct runtime_config { __u32 active_gen; __u32 flags; __u64 interim_ns; __u32 capture_request_bytes;
+    __u32 capture_response_bytes; };"""
+    _fields_ = [("active_gen", ct.c_uint32), ("flags", ct.c_uint32), ("interim_ns", ct.c_uint64),
+                ("capture_request_bytes", ct.c_uint32), ("capture_response_bytes", ct.c_uint32)]
 
 
 class EndpointKey(ct.Structure):
@@ -311,15 +321,22 @@ class CaptureSockKey(ct.Structure):
 
 
 class CaptureSock(ct.Structure):
-    """struct capture_sock { __u64 cookie; __u32 src_id, dst_id, actual_dst_id, fd, ready; __u8 flags, pad[3]; };"""
-    _fields_ = [("cookie", ct.c_uint64), ("src_id", ct.c_uint32), ("dst_id", ct.c_uint32),
-                ("actual_dst_id", ct.c_uint32), ("fd", ct.c_uint32), ("ready", ct.c_uint32), ("flags", ct.c_uint8),
-                ("pad", ct.c_uint8 * 3)]
+    """struct capture_sock { __u64 cookie, burst_bytes; __u32 src_id, dst_id, actual_dst_id, fd, ready, flags;
+    __u8 direction; __u8 pad[7]; };"""
+    _fields_ = [("cookie", ct.c_uint64), ("burst_bytes", ct.c_uint64), ("src_id", ct.c_uint32),
+                ("dst_id", ct.c_uint32), ("actual_dst_id", ct.c_uint32), ("fd", ct.c_uint32), ("ready", ct.c_uint32),
+                ("flags", ct.c_uint32), ("direction", ct.c_uint8), ("pad", ct.c_uint8 * 7)]
 
 
 class CaptureRead(ct.Structure):
-    """struct capture_read { __u64 buf; __u32 fd; __u32 pad; };"""
-    _fields_ = [("buf", ct.c_uint64), ("fd", ct.c_uint32), ("pad", ct.c_uint32)]
+    """struct capture_read { __u64 buf; __u32 fd; __u32 iovcnt; };"""
+    _fields_ = [("buf", ct.c_uint64), ("fd", ct.c_uint32), ("iovcnt", ct.c_uint32)]
+
+
+class CaptureCursor(ct.Structure):
+    """struct capture_cursor { __u64 seg, seg_len, seg_off, done; __u32 iov; __u32 pad; };"""
+    _fields_ = [("seg", ct.c_uint64), ("seg_len", ct.c_uint64), ("seg_off", ct.c_uint64), ("done", ct.c_uint64),
+                ("iov", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
 class CaptureEvent(ct.Structure):
@@ -370,6 +387,7 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "capture_sock_key": CaptureSockKey,
     "capture_sock": CaptureSock,
     "capture_read": CaptureRead,
+    "capture_cursor": CaptureCursor,
     "capture_event": CaptureEvent,
     "tls_call": TlsCall,
     "tls_ssl_key": TlsSslKey,
@@ -393,13 +411,13 @@ UNNAMED_IN_C: frozenset[str] = frozenset({"Side.UNKNOWN"})
 
 # Prefix of a #define family in abi.h -> Python mirror (EV_F_DEPRECATED is EventFlag.DEPRECATED).
 FLAGS: dict[str, type[enum.IntFlag]] = {"EV_F_": EventFlag, "ID_F_": IdentityFlag, "CFG_F_": ConfigFlag,
-                                      "CAPTURE_SOCK_F_": CaptureSockFlag, "CAPTURE_EV_F_": CaptureEventFlag}
+                                        "CAPTURE_SOCK_F_": CaptureSockFlag, "CAPTURE_EV_F_": CaptureEventFlag}
 
 # Every other value abi.h defines (the limits are Limits' defaults), by its C name.
 CONSTANTS: dict[str, int] = {
     "ID_NONE": ID_NONE, "ID_UNMANAGED": ID_UNMANAGED, "ID_WORLD": ID_WORLD, "ID_FIRST_USER": ID_FIRST_USER,
     "BACKENDS_PER_SERVICE": BACKENDS_PER_SERVICE, "AGENT_EV_PATH_LEN": AGENT_EV_PATH_LEN,
-    "CAPTURE_CHUNKS_PER_CALL": CAPTURE_CHUNKS_PER_CALL,
+    "CAPTURE_CHUNKS_PER_CALL": CAPTURE_CHUNKS_PER_CALL, "CAPTURE_IOVECS": CAPTURE_IOVECS,
     "VERDICT__MAX": VERDICT_MAX, "HOOK__MAX": HOOK_MAX,
     "COUNTER_DECISION_BASE": COUNTER_DECISION_BASE, "COUNTER_DECISION_HOOKS": COUNTER_DECISION_HOOKS,
     "COUNTER_DECISION_VERDICTS": COUNTER_DECISION_VERDICTS,
@@ -414,6 +432,8 @@ CONSTANTS: dict[str, int] = {
     "COUNTER_CAPTURE_EVENTS_LOST": COUNTER_CAPTURE_EVENTS_LOST, "COUNTER_CAPTURE_TRUNCATED": COUNTER_CAPTURE_TRUNCATED,
     "COUNTER_CAPTURE_NOT_CAPTURED": COUNTER_CAPTURE_NOT_CAPTURED, "COUNTER_CAPTURE_CHUNKS": COUNTER_CAPTURE_CHUNKS,
     "COUNTER_CAPTURE_READ_FAILED": COUNTER_CAPTURE_READ_FAILED,
+    "COUNTER_CAPTURE_TLS_SOCKETS": COUNTER_CAPTURE_TLS_SOCKETS,
+    "COUNTER_CAPTURE_TRUNCATED_BYTES": COUNTER_CAPTURE_TRUNCATED_BYTES,
     "COUNTER_SLOTS": COUNTER_SLOTS,
 }
 

@@ -4,6 +4,11 @@ The datapath lives in bpffs (pins.py), built by the loader (loader.py). This cla
 build, writes policy generations, and puts the build's programs in force: it creates one pinned bpf link per
 attachment, or swaps the program behind an existing link in one step (bpf_link_update), so at no instant does the
 cgroup have zero or two sets of aimesh programs. Closing it leaves everything in force.
+
+Programs of an optional group (registry.ProgramSpec.group, e.g. the capture tracepoints) are linked only while the
+live generation's runtime_config flags need them (registry.groups_needed): apply() links a group before the flip that
+turns it on and unpins its links after the flip that turns it off, so a node without capture identities runs none of
+its syscall tracepoints. attach() does the same from the adopted runtime_config after an agent restart.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from agent.policy.compile import MapImage
 
 log = logging.getLogger("aimesh.kernel")
 
+_BPF_EXIST = 2
 _BATCH = {registry.HASH, registry.ARRAY, registry.PERCPU_ARRAY, registry.LRU_HASH}
 
 
@@ -60,6 +66,7 @@ class AttachReport:
     replaced: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     orphans_detached: list[str] = field(default_factory=list)
+    unlinked: list[str] = field(default_factory=list)     # optional programs whose link was unpinned
 
 
 class Datapath:
@@ -91,47 +98,95 @@ class Datapath:
         self.attached_count = 0
         self.fail_closed = bool(self.config_flags & abi.ConfigFlag.UNMANAGED_CLOSED)
         self.all_decisions = False   # a ring event for plain allows too: set by the agent when a flow log is on
+        self.capture_request_bytes = cfg.capture_request_bytes if cfg else 0
+        self.capture_response_bytes = cfg.capture_response_bytes if cfg else 0
+        self._progs: Optional[Path] = None      # the build whose programs attach() put in force
+        self.groups_linked: frozenset[str] = frozenset()
 
     # ---- putting a build in force ----
     def attach(self, root: Path, progs_dir: Path) -> AttachReport:
-        """Link every program of the build at progs_dir: create missing links, swap changed ones, keep the rest."""
+        """Link every program of the build at progs_dir: create missing links, swap changed ones, keep the rest.
+        Optional groups: linked when the live flags need them, their links unpinned when not."""
         rep = AttachReport()
+        want = registry.groups_needed(self.config_flags)
         try:
             cg_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
             raise AgentError(f"cannot open cgroup {root}: {e.strerror}") from None
         try:
-            tracefs = None
             ours: set[int] = set()
             for p in registry.PROGRAMS:
-                try:
-                    prog_fd = bpfsys.obj_get(str(progs_dir / p.name))
-                except bpfsys.BpfError as e:
-                    raise AgentError(f"pinned program {progs_dir / p.name}: {e.strerror}") from None
-                try:
-                    new = bpfsys.prog_info(prog_fd)
-                    ours.add(new.id)
-                    if p.target == "sockhash":
-                        # the map holds the verdict program; attaching again replaces it in one step
-                        bpfsys.prog_attach(prog_fd, self.map_fds["fastpath_sockets"], p.attach_type, 0)
-                        rep.kept.append(p.link)
-                        continue
-                    if p.target == "tracepoint" and tracefs is None:
-                        tracefs = bpfsys.tracefs_dir()
-                    kept_id = self._link(p, prog_fd, new, cg_fd, tracefs, rep)
-                    if kept_id:
-                        ours.add(kept_id)
-                finally:
-                    os.close(prog_fd)
+                if p.group and p.group not in want:
+                    self._unlink(p, rep)
+                    continue
+                kept_id = self._put_in_force(p, progs_dir, cg_fd, rep)
+                ours.update(x for x in kept_id if x)
             rep.orphans_detached = detach_orphans(root, cg_fd, ours)
         except bpfsys.BpfError as e:
             raise AgentError(f"attaching the datapath to {root} failed: {e.strerror}") from None
         finally:
             os.close(cg_fd)
+        self._progs = progs_dir
+        self.groups_linked = want
         self.attached_count = len(registry.CGROUP_PROGRAMS)
-        log.info("datapath in force on %s: %d links created, %d swapped, %d kept%s", root, len(rep.created),
+        log.info("datapath in force on %s: %d links created, %d swapped, %d kept%s%s", root, len(rep.created),
                  len(rep.replaced), len(rep.kept),
+                 f", {len(rep.unlinked)} optional unlinked" if rep.unlinked else "",
                  f"; detached {len(rep.orphans_detached)} orphaned programs" if rep.orphans_detached else "")
+        return rep
+
+    def _put_in_force(self, p: registry.ProgramSpec, progs_dir: Path, cg_fd: int, rep: AttachReport) -> tuple[int, int]:
+        """Link one program of the build; returns (its id, the id of an older program kept in its place or 0)."""
+        try:
+            prog_fd = bpfsys.obj_get(str(progs_dir / p.name))
+        except bpfsys.BpfError as e:
+            raise AgentError(f"pinned program {progs_dir / p.name}: {e.strerror}") from None
+        try:
+            new = bpfsys.prog_info(prog_fd)
+            if p.target == "sockhash":
+                # the map holds the verdict program; attaching again replaces it in one step
+                bpfsys.prog_attach(prog_fd, self.map_fds["fastpath_sockets"], p.attach_type, 0)
+                rep.kept.append(p.link)
+                return new.id, 0
+            tracefs = bpfsys.tracefs_dir() if p.target == "tracepoint" else None
+            return new.id, self._link(p, prog_fd, new, cg_fd, tracefs, rep)
+        finally:
+            os.close(prog_fd)
+
+    def _unlink(self, p: registry.ProgramSpec, rep: AttachReport) -> None:
+        """Unpin the link of an optional program: the kernel detaches it with its last reference."""
+        path = self.dir.links / p.link
+        try:
+            os.unlink(path)
+            rep.unlinked.append(p.link)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise AgentError(f"unpinning {path} failed: {e.strerror}") from None
+
+    def link_groups(self, want: frozenset[str]) -> AttachReport:
+        """Link the optional groups in `want`, unlink the others (no-op before attach()). Unlinking a group empties
+        the maps only its programs keep (registry.GROUP_MAPS): nothing would remove their entries any more."""
+        rep = AttachReport()
+        if self._progs is None or want == self.groups_linked:
+            return rep
+        try:
+            for p in registry.PROGRAMS:
+                if not p.group:
+                    continue
+                if p.group in want and p.group not in self.groups_linked:
+                    self._put_in_force(p, self._progs, -1, rep)
+                elif p.group not in want and p.group in self.groups_linked:
+                    self._unlink(p, rep)
+        except bpfsys.BpfError as e:
+            raise AgentError(f"linking the optional programs failed: {e.strerror}") from None
+        for g in self.groups_linked - want:
+            for name in registry.GROUP_MAPS.get(g, ()):
+                m = self.maps[name]
+                m.delete_many(list(m.keys()))
+        log.info("optional programs: %s linked%s", ", ".join(sorted(want)) or "none",
+                 f" ({len(rep.created) + len(rep.kept)} links in force, {len(rep.unlinked)} unpinned)")
+        self.groups_linked = want
         return rep
 
     def _link(self, p: registry.ProgramSpec, prog_fd: int, new: bpfsys.ProgInfo, cg_fd: int,
@@ -196,6 +251,8 @@ class Datapath:
             self._delete_keys(written)  # the live generation was never touched
             raise
         old_gen, old = self.active_gen, self._live
+        want = registry.groups_needed(image.config_flags)
+        self.link_groups(self.groups_linked | want)   # linked before the flip that needs them
         self.set_runtime(image.gen, image.config_flags)
         self._live = written
         time.sleep(settle_s)  # a program that read the old generation finishes within microseconds
@@ -203,6 +260,7 @@ class Datapath:
             self._delete_keys(old)
         else:
             self._delete_gen(old_gen)
+        self.link_groups(want)                         # unlinked after the flip that stopped needing them
         release_free_memory()
 
     @staticmethod
@@ -235,8 +293,25 @@ class Datapath:
         flags &= ~(abi.ConfigFlag.UNMANAGED_CLOSED | abi.ConfigFlag.ALL_DECISIONS)
         live = flags | (abi.ConfigFlag.UNMANAGED_CLOSED if self.fail_closed else 0) | \
             (abi.ConfigFlag.ALL_DECISIONS if self.all_decisions else 0)
-        self.maps["runtime_config"].update(ct.c_uint32(0), abi.RuntimeConfig(gen, int(live), self.interim_ns))
+        self.maps["runtime_config"].update(ct.c_uint32(0), abi.RuntimeConfig(
+            gen, int(live), self.interim_ns, self.capture_request_bytes, self.capture_response_bytes))
         self.active_gen, self.config_flags = gen, int(flags)
+
+    def set_capture_budget(self, request_bytes: int, response_bytes: int) -> None:
+        """Bytes the capture copies per request and per response (runtime_config); applied at the next set_runtime."""
+        self.capture_request_bytes, self.capture_response_bytes = int(request_bytes), int(response_bytes)
+
+    # ---- plaintext capture ----
+    def capture_skip(self, tgid: int, fd: int) -> bool:
+        """Flag one captured socket CAPTURE_SOCK_F_SKIP: the kernel copies nothing more of it (its close is still
+        reported). False when the socket is no longer in capture_sockets."""
+        m = self.maps["capture_sockets"]
+        key = abi.CaptureSockKey(tgid, fd)
+        v = m.lookup(key)
+        if v is None:
+            return False
+        v.flags |= abi.CaptureSockFlag.SKIP
+        return bpfsys.map_update(m.fd, key, v, _BPF_EXIST) == 0   # not re-created if closed meanwhile
 
     def set_fail_closed(self, on: bool) -> None:
         """Unmanaged counts as governed and enforced (CFG_F_UNMANAGED_CLOSED) while a workload-identity map is full."""

@@ -95,6 +95,7 @@ MAPS: tuple[MapSpec, ...] = (
             owner="kernel"),
     MapSpec("capture_reads", LRU_HASH, ct.c_uint64, abi.CaptureRead, lambda lim: lim.max_capture_sockets,
             owner="kernel"),
+    MapSpec("capture_cursor", PERCPU_ARRAY, ct.c_uint32, abi.CaptureCursor, lambda lim: 1, owner="kernel"),
     MapSpec("capture_events", RINGBUF, None, None, lambda lim: lim.capture_ringbuf_pages * 4096, owner="kernel"),
     MapSpec("tls_calls", LRU_HASH, ct.c_uint64, abi.TlsCall, lambda lim: lim.max_capture_sockets, owner="kernel"),
     MapSpec("tls_ssl_fd", LRU_HASH, abi.TlsSslKey, ct.c_uint32, lambda lim: lim.max_capture_sockets,
@@ -102,6 +103,17 @@ MAPS: tuple[MapSpec, ...] = (
 )
 MAP_BY_NAME = {m.name: m for m in MAPS}
 RINGS = ("decision_events", "flow_events", "agent_events", "capture_events")
+
+
+# Optional program groups: name -> the runtime_config flag (abi.ConfigFlag) of a generation that needs them linked.
+GROUP_CAPTURE = "capture"
+GROUP_FLAGS: dict[str, int] = {GROUP_CAPTURE: abi.ConfigFlag.LLM_CAPTURE}
+# maps only a group's programs write and clean: emptied when the group is unlinked
+GROUP_MAPS: dict[str, tuple[str, ...]] = {GROUP_CAPTURE: ("capture_connect", "capture_sockets", "capture_reads")}
+CAPTURE_SYSCALLS = ("sys_enter_connect", "sys_exit_connect", "sys_enter_close", "sys_enter_write", "sys_enter_sendto",
+                    "sys_enter_writev", "sys_enter_sendmsg", "sys_enter_read", "sys_exit_read", "sys_enter_recvfrom",
+                    "sys_exit_recvfrom", "sys_enter_readv", "sys_exit_readv", "sys_enter_recvmsg",
+                    "sys_exit_recvmsg")
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,7 @@ class ProgramSpec:
     target: str        # "cgroup" | "sockhash" | "tracepoint"
     link: str          # pin name under links/
     tracepoint: str = ""   # category:event for tracepoints
+    group: str = ""        # "": always linked; else an optional group, linked only while a generation needs it
 
 
 PROGRAMS: tuple[ProgramSpec, ...] = (
@@ -139,14 +152,17 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
                 "tp_sched_process_exec", "sched:sched_process_exec"),
     ProgramSpec("tracepoint__sched__sched_process_exit", TRACEPOINT, sys_.PERF_EVENT, "tracepoint",
                 "tp_sched_process_exit", "sched:sched_process_exit"),
-    # plaintext capture (bpf/capture.c)
+    # plaintext capture (bpf/capture.c): linked only while some identity has LLM capture on
     *(ProgramSpec(f"tracepoint__syscalls__{ev}", TRACEPOINT, sys_.PERF_EVENT, "tracepoint", f"tp_{ev}",
-                  f"syscalls:{ev}")
-      for ev in ("sys_enter_connect", "sys_exit_connect", "sys_enter_close", "sys_enter_write", "sys_enter_sendto",
-                 "sys_enter_read", "sys_exit_read", "sys_enter_recvfrom", "sys_exit_recvfrom", "sys_enter_writev",
-                 "sys_enter_readv", "sys_enter_sendmsg", "sys_enter_recvmsg")),
+                  f"syscalls:{ev}", group=GROUP_CAPTURE)
+      for ev in CAPTURE_SYSCALLS),
 )
 CGROUP_PROGRAMS = tuple(p for p in PROGRAMS if p.target == "cgroup")
+
+
+def groups_needed(config_flags: int) -> frozenset[str]:
+    """The optional program groups a policy generation with these runtime_config flags needs linked."""
+    return frozenset(g for g, flag in GROUP_FLAGS.items() if config_flags & flag)
 
 
 @dataclass(frozen=True)

@@ -3,19 +3,22 @@
 `decode_capture_event` turns one capture_events record into a `CaptureChunk`. `CaptureTracker` keeps one
 `ConnectionDecoder` per socket cookie (bounded, least recently used first out; idle ones closed by `expire`) and
 feeds it in ring order: what the client sent is the request direction, what it received the response direction.
-A CLOSE chunk closes the decoder (a call in flight becomes an incomplete record).
+A TLS_HANDSHAKE chunk (a socket whose TLS aimesh cannot read) makes no decoder. A GAP chunk (bytes the kernel did not copy: the per-request budget, the per-call chunk limit) becomes a gap in the
+decoder (the call is marked truncated). A CLOSE chunk closes the decoder (a call in flight becomes an incomplete
+record). When a decoder gives up (not HTTP/1) the tracker counts the connection undecoded, once, and queues its
+(pid, fd) in `take_skips()` so the agent can tell the kernel to stop copying it.
 """
 from __future__ import annotations
 
 import ctypes as ct
 import struct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple, Optional
 
 from agent.kernel import abi
 from agent.l7.http1 import Direction, UndecodedReason
-from agent.l7.record import ConnectionDecoder, ModelCallRecord
+from agent.l7.record import ConnectionDecoder, DecoderOptions, ModelCallRecord
 
 HEADER = ct.sizeof(abi.CaptureEvent)
 
@@ -78,9 +81,14 @@ class CaptureChunk(NamedTuple):
     kind: abi.CaptureKind
     direction: Optional[Direction]   # None for CLOSE
     total: int                        # bytes the syscall moved
-    offset: int
+    offset: int                       # of data within them (GAP: the first byte not copied)
     data: bytes
     tls: bool = False                 # plaintext of an SSL_* call (bpf/tls.c), not a syscall's bytes
+
+    @property
+    def missing(self) -> int:
+        """GAP: bytes of the syscall the kernel did not copy."""
+        return max(self.total - self.offset, 0) if self.kind is abi.CaptureKind.GAP else 0
 
 
 def decode_capture_event(raw: bytes) -> CaptureChunk:
@@ -91,15 +99,15 @@ def decode_capture_event(raw: bytes) -> CaptureChunk:
     if kind is None:
         raise CaptureDecodeError(f"capture event with unknown kind {h[_KIND]}")
     n = h[_LEN]
-    if kind is abi.CaptureKind.DATA:
+    direction, data = None, b""
+    if kind is not abi.CaptureKind.CLOSE:
         direction = _DIRECTIONS.get(h[_DIR])
         if direction is None:
             raise CaptureDecodeError(f"capture event with unknown direction {h[_DIR]}")
-        if HEADER + n > len(raw):
-            raise CaptureDecodeError(f"capture event says {n} data bytes, carries {len(raw) - HEADER}")
-        data = bytes(raw[HEADER:HEADER + n])
-    else:
-        direction, data = None, b""
+        if kind is abi.CaptureKind.DATA:
+            if HEADER + n > len(raw):
+                raise CaptureDecodeError(f"capture event says {n} data bytes, carries {len(raw) - HEADER}")
+            data = bytes(raw[HEADER:HEADER + n])
     return CaptureChunk(h[_TS], h[_COOKIE], h[_TGID], h[_FD], h[_SRC], h[_DST], h[_ADST], kind, direction,
                         h[_TOTAL], h[_OFFSET], data, bool(h[_FLAGS] & _TLS))
 
@@ -116,22 +124,26 @@ class CapturedCall:
 
 
 class _Conn:
-    __slots__ = ("decoder", "pid", "src_id", "dst_id", "actual_dst_id", "last_ns", "undecoded", "calls")
+    __slots__ = ("decoder", "pid", "fd", "src_id", "dst_id", "actual_dst_id", "last_ns", "undecoded", "calls")
 
     def __init__(self, decoder: ConnectionDecoder, c: CaptureChunk) -> None:
         self.decoder = decoder
         self.undecoded: Optional[UndecodedReason] = None    # as counted in CaptureTracker.undecoded
         self.calls: dict[Direction, tuple[int, int]] = {}   # per direction, the syscall in progress: (copied up to, total)
-        self.pid, self.src_id, self.dst_id, self.actual_dst_id = c.pid, c.src_id, c.dst_id, c.actual_dst_id
+        self.pid, self.fd, self.src_id, self.dst_id, self.actual_dst_id = c.pid, c.fd, c.src_id, c.dst_id, \
+            c.actual_dst_id
         self.last_ns = c.ts_ns
 
 
 class CaptureTracker:
-    """One ConnectionDecoder per cookie. `capture_content(dst_id)` says whether the destination asked for text."""
+    """One ConnectionDecoder per cookie. `options(dst_id)` says how the destination's calls are decoded (content
+    capture, redaction, protocol); `capture_content(dst_id)` is the short form for content capture alone."""
 
     def __init__(self, capture_content: Callable[[int], bool] = lambda _id: False,
+                 options: Optional[Callable[[int], DecoderOptions]] = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_ns: int = DEFAULT_IDLE_NS) -> None:
-        self._content = capture_content
+        self._options = options if options is not None else \
+            (lambda dst_id: DecoderOptions(capture_content=capture_content(dst_id)))
         self._max = max_connections
         self._idle_ns = idle_ns
         self._conns: OrderedDict[int, _Conn] = OrderedDict()
@@ -140,6 +152,7 @@ class CaptureTracker:
         self.bytes_missing = 0   # bytes a syscall moved that the kernel did not copy (truncation, failed reads)
         self.undecoded: dict[str, int] = {}   # connections the decoder gave up on, by UndecodedReason value
         self.undecoded_bytes = 0              # their bytes not decoded, added when the connection ends
+        self._skips: list[tuple[int, int]] = []     # (pid, fd) of undecoded sockets, for the kernel to stop copying
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -152,13 +165,15 @@ class CaptureTracker:
                 return []
             del self._conns[c.cookie]
             return self._end(conn, c.ts_ns)
+        if c.kind is abi.CaptureKind.TLS_HANDSHAKE:
+            return []      # ciphertext nobody decrypts for us: nothing to decode (agent/l7/tls_visibility.py reports it)
         out: list[CapturedCall] = []
         if conn is None:
             while len(self._conns) >= self._max:
                 _, old = self._conns.popitem(last=False)
                 self.evicted += 1
                 out.extend(self._end(old, old.last_ns))
-            conn = _Conn(ConnectionDecoder(c.cookie, capture_content=self._content(c.dst_id), tls=c.tls), c)
+            conn = _Conn(self._options(c.dst_id).decoder(c.cookie, tls=c.tls), c)
             self._conns[c.cookie] = conn
         else:
             self._conns.move_to_end(c.cookie)
@@ -176,6 +191,12 @@ class CaptureTracker:
                 out.extend(self._flush(conn, other, c.ts_ns))
             if c.offset == 0 and d in pending:
                 out.extend(self._flush(conn, d, c.ts_ns))
+        if c.kind is abi.CaptureKind.GAP:      # the kernel copied no more of this call: offset..total are missing
+            at = pending.pop(d)[0] if d in pending else c.offset
+            if c.total > at:
+                out.extend(self._gap(conn, d, c.ts_ns, c.total - at))
+            self._note_undecoded(conn)
+            return out
         at = pending[d][0] if d in pending else c.offset
         if c.offset > at:       # a chunk in between was lost (a failed copy)
             out.extend(self._gap(conn, d, c.ts_ns, c.offset - at))
@@ -183,13 +204,21 @@ class CaptureTracker:
             out.extend(self._wrap(conn, conn.decoder.feed(d, c.ts_ns, c.data)))
         end = c.offset + len(c.data)
         if end < c.total:
-            pending[d] = (max(at, end), c.total)
-            if c.data and c.offset == (abi.CAPTURE_CHUNKS_PER_CALL - 1) * len(c.data):
-                out.extend(self._flush(conn, d, c.ts_ns))      # the kernel copies no more of this call
+            pending[d] = (max(at, end), c.total)       # the rest follows, or a GAP record says it never will
         elif d in pending:
             del pending[d]
+        self._note_undecoded(conn)
+        return out
+
+    def _note_undecoded(self, conn: _Conn) -> None:
         if conn.decoder.undecoded is not conn.undecoded:
+            if conn.undecoded is None:
+                self._skips.append((conn.pid, conn.fd))    # first time: the kernel can stop copying this socket
             self._count_undecoded(conn)
+
+    def take_skips(self) -> list[tuple[int, int]]:
+        """(pid, fd) of the sockets whose decoder gave up since the last call: copying them is wasted."""
+        out, self._skips = self._skips, []
         return out
 
     def _flush(self, conn: _Conn, d: Direction, ts_ns: int) -> list[CapturedCall]:

@@ -38,6 +38,7 @@ import h11
 import hpack
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")   # RFC 9110 tchar
 DEFAULT_BODY_CAP = 4 << 20          # decoded body bytes passed on per message
 DEFAULT_HEADER_BYTES = 64 << 10     # largest header block (and largest early response held) before giving up
 _H2_SCAN_BYTES = 64 << 10           # how far into an HTTP/2 connection we look for the first HEADERS frame
@@ -322,6 +323,10 @@ class Http1Connection:
         if self._prefix[:n] != H2_PREFACE[:n]:
             self._sniffed = True
             data, self._prefix = self._prefix, b""
+            if data[0] not in _TOKEN:     # a request starts with its method, a token: binary is not HTTP/1
+                self.undecoded_bytes += len(data)
+                self._fail(ts_ns, UndecodedReason.PROTOCOL_ERROR, "request: the first byte is not a method's", out)
+                return b""
             return data
         if n < len(H2_PREFACE):
             return b""     # could still be the preface: wait (at most 24 bytes)

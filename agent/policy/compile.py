@@ -8,13 +8,22 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Optional
+from typing import Optional, Sequence, Union
 
-from agent.config import Config, Identity, parse_backend, parse_endpoint
+from agent.config import UNRESOLVED, Config, Identity, parse_backend, parse_endpoint
 from agent.kernel import abi
 from agent.policy.identities import UNMANAGED, WORLD, IdentityMeta, IdentityNumbering
 
 PROTOCOLS = {"tcp": (6,), "udp": (17,), "any": (6, 17)}
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedEndpoint:
+    """A remote end found in the cluster (a Service's ClusterIP, a ready endpoint, a pod IP): an input of the
+    compile, made by agent/identity/k8s/resolve.py from the config's service/pods endpoints and a ClusterState."""
+    identity: str
+    network: Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+    port: int                      # 0 = any port
 
 
 @dataclass
@@ -74,7 +83,7 @@ def _concrete_backends(cfg: Config, name: str) -> list[tuple[str, int]]:
             return [(b.address, b.weight) for b in r.backends if b.weight > 0]
     ident = cfg.identity(name)
     out = []
-    for e in ident.endpoints if ident else []:
+    for e in ident.cidr_endpoints if ident else []:
         net, port = parse_endpoint(e)
         if net.num_addresses == 1 and port:
             host = str(net.network_address)
@@ -103,7 +112,44 @@ class _Backends:
         self.image.redirects.append((key, v))
 
 
-def compile_image(cfg: Config, ids: IdentityNumbering, gen: int, now: datetime) -> MapImage:
+def unresolved_flags(cfg: Config) -> int:
+    """kubernetes.unresolved as identity flags: deny = governed (no policy: every connect refused unless a policy
+    names `unresolved`), enforced unless the agent's mode is audit; audit = governed, recorded, allowed; allow = not
+    governed (the other end's policies still apply)."""
+    how = cfg.k8s.unresolved
+    if how == "allow":
+        return 0
+    flags = abi.IdentityFlag.GOVERNED
+    if how == "deny" and cfg.mode == "enforce":
+        flags |= abi.IdentityFlag.ENFORCE
+    return int(flags)
+
+
+def _resolved_endpoints(image: MapImage, cfg: Config, ids: IdentityNumbering,
+                        resolved: Sequence[ResolvedEndpoint]) -> None:
+    """Configured CIDRs first, then the resolved ends in the order given (the config's identity order): an entry
+    already taken keeps its first owner (counted in one warning)."""
+    taken = {(k.prefixlen, k.port, bytes(k.addr)) for k, _ in image.endpoints}
+    known = {i.name for i in cfg.identities}
+    dropped = 0
+    for r in resolved:
+        if r.identity not in known:
+            continue
+        k = endpoint_key(image.gen, r.network, r.port)
+        slot = (k.prefixlen, k.port, bytes(k.addr))
+        if slot in taken:
+            dropped += 1
+            continue
+        taken.add(slot)
+        image.endpoints.append((k, ids.id_of(r.identity)))
+    if dropped:
+        image.warnings.append(f"{dropped} Kubernetes endpoints were already an endpoint of a configured CIDR or of "
+                              "an earlier identity: the first one keeps them")
+
+
+def compile_image(cfg: Config, ids: IdentityNumbering, gen: int, now: datetime,
+                  resolved: Sequence[ResolvedEndpoint] = ()) -> MapImage:
+    """One generation from the config and the remote ends resolved from the cluster (empty without Kubernetes)."""
     image = MapImage(gen=gen)
     image.identities[UNMANAGED.id] = UNMANAGED
     image.identities[WORLD.id] = WORLD
@@ -120,7 +166,7 @@ def compile_image(cfg: Config, ids: IdentityNumbering, gen: int, now: datetime) 
         iid = ids.id_of(ident.name)
         image.identities[iid] = IdentityMeta(iid, ident.name, ident.kind, ident.version)
         image.identity_info.append((abi.IdentityKey(iid, gen), abi.IdentityInfo(identity_flags(ident, cfg, now), 0)))
-        for e in ident.endpoints:
+        for e in ident.cidr_endpoints:
             net, port = parse_endpoint(e)
             image.endpoints.append((endpoint_key(gen, net, port), iid))
         if ident.deprecated and ident.deprecated.sunset > now:
@@ -130,6 +176,11 @@ def compile_image(cfg: Config, ids: IdentityNumbering, gen: int, now: datetime) 
     for meta in (UNMANAGED, WORLD):
         mode_flag = abi.IdentityFlag.ENFORCE if cfg.mode == "enforce" else 0
         image.identity_info.append((abi.IdentityKey(meta.id, gen), abi.IdentityInfo(int(mode_flag), 0)))
+    if cfg.uses_kubernetes:
+        uid = ids.id_of(UNRESOLVED)
+        image.identities[uid] = IdentityMeta(uid, UNRESOLVED, "reserved")
+        image.identity_info.append((abi.IdentityKey(uid, gen), abi.IdentityInfo(unresolved_flags(cfg), 0)))
+    _resolved_endpoints(image, cfg, ids, resolved)
 
     for rule_id, p in enumerate(cfg.policies):
         value = abi.PolicyValue(rule_id)

@@ -69,7 +69,10 @@
 #ifndef CAPTURE_CHUNK
 #define CAPTURE_CHUNK 4096          /* data bytes per capture_events record */
 #endif
-#define CAPTURE_CHUNKS_PER_CALL 4   /* mirror: abi.py CAPTURE_CHUNKS_PER_CALL. a send/receive copies at most this many chunks */
+#define CAPTURE_CHUNKS_PER_CALL 256 /* mirror: abi.py CAPTURE_CHUNKS_PER_CALL. turns of the copy loop per send/receive:
+                                     * each copies one chunk or steps to the next iovec (1 MiB at the default
+                                     * CAPTURE_CHUNK, the default request budget); the rest of that call is a gap */
+#define CAPTURE_IOVECS 8            /* mirror: abi.py CAPTURE_IOVECS. writev/readv/sendmsg/recvmsg: iovecs looked at */
 #define BACKENDS_PER_SERVICE 16    /* mirror: abi.py BACKENDS_PER_SERVICE. weighted split: at most this many backends per redirect */
 
 /* Reserved identities (mirror: abi.py ID_*). User identities start at ID_FIRST_USER. */
@@ -162,11 +165,14 @@ enum aimesh_reason {
 #define COUNTER_DECISION_KEYS_FULL     45   /* decision_counts full: the decision is in its hook/verdict slot only */
 #define COUNTER_CAPTURE_SOCKETS_FULL   46   /* capture_sockets full: a connection to a captured identity is not captured */
 #define COUNTER_CAPTURE_EVENTS_LOST    47   /* capture_events full: a chunk (or a close) was lost */
-#define COUNTER_CAPTURE_TRUNCATED      48   /* a send/receive moved more than CAPTURE_CHUNKS_PER_CALL * CAPTURE_CHUNK bytes */
-#define COUNTER_CAPTURE_NOT_CAPTURED   49   /* writev/readv/sendmsg/recvmsg on a captured socket: not copied */
+#define COUNTER_CAPTURE_TRUNCATED      48   /* sends/receives not copied whole: past the per-request byte budget, past
+                                             * CAPTURE_CHUNKS_PER_CALL chunks, or past CAPTURE_IOVECS iovecs (a GAP record) */
+#define COUNTER_CAPTURE_NOT_CAPTURED   49   /* sends/receives on a captured socket the agent or the TLS check said to skip */
 #define COUNTER_CAPTURE_CHUNKS         50   /* chunks put in capture_events */
-#define COUNTER_CAPTURE_READ_FAILED    51   /* bpf_probe_read_user failed: the chunk was sent with len 0 */
-#define COUNTER_SLOTS                  64   /* 52..63 free */
+#define COUNTER_CAPTURE_READ_FAILED    51   /* bpf_probe_read_user failed: the rest of that call is a gap */
+#define COUNTER_CAPTURE_TLS_SOCKETS    52   /* captured sockets whose first send was a TLS handshake record */
+#define COUNTER_CAPTURE_TRUNCATED_BYTES 53  /* bytes of the sends/receives counted in COUNTER_CAPTURE_TRUNCATED not copied */
+#define COUNTER_SLOTS                  64   /* 54..63 free */
 _Static_assert(HOOK__MAX <= COUNTER_DECISION_HOOKS, "a new hook needs its own block of decision counter slots");
 _Static_assert(VERDICT__MAX <= COUNTER_DECISION_VERDICTS, "a new verdict does not fit the decision counter stride");
 _Static_assert(COUNTER_DECISION_BASE + COUNTER_DECISION_HOOKS * COUNTER_DECISION_VERDICTS <= COUNTER_DECISION_EVENTS_LOST,
@@ -176,6 +182,8 @@ struct runtime_config {
 	__u32 active_gen;   /* 0 or 1: which generation of the policy maps is live */
 	__u32 flags;        /* CFG_F_* */
 	__u64 interim_ns;   /* a still-open TCP connection reports at most this often (0: only at close) */
+	__u32 capture_request_bytes;    /* capture: bytes copied per request (sends until the next receive) */
+	__u32 capture_response_bytes;   /* capture: bytes copied per response (receives until the next send) */
 };
 
 /* endpoint_identity (LPM trie): prefixlen counts gen(8)+pad(8)+port(16) = 32 bits, then address bits. port 0 = any. */
@@ -438,12 +446,23 @@ struct agent_event {
 enum capture_kind {
 	CAPTURE_KIND_DATA  = 1,   /* bytes a send or a receive moved */
 	CAPTURE_KIND_CLOSE = 2,   /* the socket's fd was closed: no data */
+	CAPTURE_KIND_GAP   = 3,   /* no data: bytes offset..total of that send/receive were not copied (budget, chunk or
+	                           * iovec limit, failed read); follows the call's DATA records, in stream order */
+	CAPTURE_KIND_TLS_HANDSHAKE = 4,   /* no data: the first send was a TLS handshake record outside any probed SSL_*
+	                                   * call; the socket is flagged TLS and its syscalls are not copied */
 };
 
 enum capture_direction {
-	CAPTURE_DIR_SEND = 1,     /* write, sendto: the client's request bytes */
-	CAPTURE_DIR_RECV = 2,     /* read, recvfrom: the server's response bytes */
+	CAPTURE_DIR_SEND = 1,     /* write, sendto, writev, sendmsg: the client's request bytes */
+	CAPTURE_DIR_RECV = 2,     /* read, recvfrom, readv, recvmsg: the server's response bytes */
 };
+
+/* capture_sock.flags (mirror: abi.py CaptureSockFlag) */
+#define CAPTURE_SOCK_F_TLS  0x01   /* the socket carries TLS: its syscalls' (cipher) bytes are never copied. Set when an
+                                    * SSL_* call used it (lib/tls.h; bpf/tls.c copies its plaintext) or when its first
+                                    * send was a TLS handshake record (a TLS_HANDSHAKE record tells the agent) */
+#define CAPTURE_SOCK_F_SENT 0x02   /* the first send was looked at (the handshake check is done) */
+#define CAPTURE_SOCK_F_SKIP 0x04   /* the agent's decoder gave up (not HTTP/1): copy nothing more; close still reported */
 
 /* capture_sockets key: a socket as the syscalls name it. */
 struct capture_sock_key {
@@ -454,17 +473,16 @@ struct capture_sock_key {
 /* capture_sockets value, and capture_connect value while a connect is in progress. */
 struct capture_sock {
 	__u64 cookie;
+	__u64 burst_bytes;   /* bytes moved in the current direction since it last flipped (the per-request budget) */
 	__u32 src_id;
 	__u32 dst_id;
 	__u32 actual_dst_id;
 	__u32 fd;            /* capture_connect: the fd sys_enter_connect saw */
 	__u32 ready;         /* capture_connect: the connect hook asked for capture */
-	__u8  flags;         /* CAPTURE_SOCK_F_* */
-	__u8  pad[3];
+	__u32 flags;         /* CAPTURE_SOCK_F_* */
+	__u8  direction;     /* enum capture_direction of the current burst; 0 before the first */
+	__u8  pad[7];
 };
-
-/* capture_sock.flags (mirror: abi.py CaptureSockFlag) */
-#define CAPTURE_SOCK_F_TLS 0x1   /* the socket carries TLS: its syscalls' (cipher) bytes are never copied */
 
 /* capture_event.flags (mirror: abi.py CaptureEventFlag) */
 #define CAPTURE_EV_F_TLS   0x1   /* the data is the plaintext of an OpenSSL SSL_* call (bpf/tls.c), not a syscall's */
@@ -490,13 +508,24 @@ struct tls_ssl_key {
 
 /* capture_reads value: a receive on a captured socket in progress (sys_enter -> sys_exit). */
 struct capture_read {
-	__u64 buf;
+	__u64 buf;           /* the buffer, or (iovcnt > 0) the struct iovec array */
 	__u32 fd;
+	__u32 iovcnt;        /* 0: read/recvfrom into buf; else readv/recvmsg with this many iovecs */
+};
+
+/* capture_cursor value: how far the copy of the send/receive in progress on this CPU got (bpf/capture.c). */
+struct capture_cursor {
+	__u64 seg;           /* the buffer (or iovec) being copied */
+	__u64 seg_len;       /* bytes of it to copy */
+	__u64 seg_off;       /* of them copied */
+	__u64 done;          /* bytes of the call copied */
+	__u32 iov;           /* iovecs taken */
 	__u32 pad;
 };
 
 /* One capture_events record: this header, then CAPTURE_CHUNK data bytes of which the first len are valid (the record
- * size is fixed; the agent slices). A syscall that moved more than one chunk gives several records (offset). */
+ * size is fixed; the agent slices). A syscall that moved more than one chunk gives several records (offset). CLOSE
+ * and GAP records are the header alone. */
 struct capture_event {
 	__u64 ts_ns;
 	__u64 cookie;
@@ -506,7 +535,7 @@ struct capture_event {
 	__u32 dst_id;
 	__u32 actual_dst_id;
 	__u32 total;         /* bytes the syscall moved */
-	__u32 offset;        /* of this chunk within them */
+	__u32 offset;        /* of this chunk within them (GAP: the first byte not copied) */
 	__u32 len;           /* valid data bytes after the header */
 	__u8  kind;          /* enum capture_kind */
 	__u8  direction;     /* enum capture_direction */

@@ -57,6 +57,7 @@ AIMESH_RINGBUF(flow_events, FLOW_RINGBUF_PAGES);                                
 AIMESH_MAP("lru_hash", __u64, struct capture_sock, capture_connect, MAX_CAPTURE_SOCKETS);      /* pid_tgid -> connect in progress (fd, then what to capture) */
 AIMESH_MAP("hash", struct capture_sock_key, struct capture_sock, capture_sockets, MAX_CAPTURE_SOCKETS); /* (tgid, fd) -> captured socket; not LRU: full is counted; the agent drops entries of exited processes */
 AIMESH_MAP("lru_hash", __u64, struct capture_read, capture_reads, MAX_CAPTURE_SOCKETS);        /* pid_tgid -> receive in progress on a captured socket */
+AIMESH_MAP("percpu_array", __u32, struct capture_cursor, capture_cursor, 1);                /* 0 -> where the copy of the call in progress is (this CPU) */
 AIMESH_RINGBUF(capture_events, CAPTURE_RINGBUF_PAGES);                                         /* struct capture_event + CAPTURE_CHUNK bytes */
 AIMESH_MAP("lru_hash", __u64, struct tls_call, tls_calls, MAX_CAPTURE_SOCKETS);             /* pid_tgid -> SSL_* call in progress (bpf/tls.c) */
 AIMESH_MAP("lru_hash", struct tls_ssl_key, __u32, tls_ssl_fd, MAX_CAPTURE_SOCKETS);          /* (tgid, SSL *) -> fd of its captured socket */

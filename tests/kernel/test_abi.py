@@ -297,6 +297,13 @@ class _WrongEventFlag(enum.IntFlag):
     REDIRECTED = 0x04
 
 
+class _WrongCaptureSockFlag(enum.IntFlag):
+    """CAPTURE_SOCK_F_TLS where CAPTURE_SOCK_F_SKIP is: bpf/tls.c and the agent would read each other's flag."""
+    TLS = 0x04
+    SENT = 0x02
+    SKIP = 0x01
+
+
 def _with(m: Mirror, **kw) -> Mirror:
     return replace(m, **kw)
 
@@ -306,6 +313,7 @@ def _with(m: Mirror, **kw) -> Mirror:
     ({"structs": {"policy_key": _NarrowPortKey}}, "struct policy_key size"),
     ({"enums": {**abi.ENUMS, "aimesh_verdict": ("VERDICT_", _WrongVerdict)}}, "enum aimesh_verdict VERDICT_DENIED"),
     ({"flags": {**abi.FLAGS, "EV_F_": _WrongEventFlag}}, "#define EV_F_LIFECYCLE"),
+    ({"flags": {**abi.FLAGS, "CAPTURE_SOCK_F_": _WrongCaptureSockFlag}}, "#define CAPTURE_SOCK_F_TLS"),
     ({"constants": {**abi.CONSTANTS, "COUNTER_FASTPATH_BYTES": 45}}, "#define COUNTER_FASTPATH_BYTES"),
     ({"limits": {**real_mirror().limits, "MAX_POLICIES": 1024}}, "#define MAX_POLICIES"),
 ])

@@ -402,13 +402,13 @@ def test_fifty_concurrent_streams_over_keep_alive(mesh: Mesh) -> None:
 
 
 def test_large_prompt_still_yields_the_model(mesh: Mesh) -> None:
-    cut_before = mesh.metric("aimesh_capture_losses_total", reason="truncated")
+    cut_before = mesh.metric("aimesh_capture_truncated_calls_total")
     mesh.run("big")
     sent = mesh.llama.sent()["big-prompt"]
     got = {c["response_model"]: c for c in mesh.calls()}.get("big-prompt-served")   # the request model may be lost
     assert got is not None, "a 200 KB prompt gave no record"
     assert got["status"] == 200 and got["input_tokens"] == sent["input_tokens"] and not got["incomplete"]
-    if mesh.metric("aimesh_capture_losses_total", reason="truncated") > cut_before:
+    if mesh.metric("aimesh_capture_truncated_calls_total") > cut_before:
         # the decoder reads through the hole (the record is there, marked truncated); the kernel is what cuts
         assert got["truncated"]
         pytest.xfail(f"the kernel copied {got['request_bytes']} of the request's bytes (at most "
@@ -463,7 +463,8 @@ import socket, sys
 port = int(sys.argv[1])
 H2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 cases = [
-    [b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(range(256)) * 4],              # binary (a TLS hello)
+    [b"\x80\x01\x00\x00" + bytes(range(256)) * 4],                                           # binary
+    [b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(range(256)) * 4],              # a TLS hello, in the clear
     [b"GARBAGE \x00\xff not http\r\n\r\n" * 3],                                               # garbage
     [H2],                                                                                      # HTTP/2 preface
     [b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{\"messages\": ["],  # cut body
@@ -486,6 +487,7 @@ print("[]")
 def test_garbage_binary_and_truncated_traffic_is_counted_not_decoded(mesh: Mesh) -> None:
     before = {r: mesh.metric("aimesh_capture_undecoded_connections_total", reason=r)
               for r in ("protocol_error", "http2", "truncated")}
+    tls_before = mesh.metric("aimesh_capture_tls_sockets_total")
     p = subprocess.run([sys.executable, "-c", RAW, str(mesh.llama.port)], capture_output=True, text=True, timeout=60,
                        preexec_fn=_enter_cgroup(mesh.chat))
     assert p.returncode == 0, p.stderr
@@ -495,4 +497,5 @@ def test_garbage_binary_and_truncated_traffic_is_counted_not_decoded(mesh: Mesh)
     assert after["protocol_error"] - before["protocol_error"] == 2, (before, after)    # binary, garbage
     assert after["http2"] - before["http2"] == 1, (before, after)
     assert after["truncated"] - before["truncated"] == 2, (before, after)              # cut body, cut head
+    assert mesh.metric("aimesh_capture_tls_sockets_total") - tls_before == 1       # flagged in the kernel, not copied
     assert "decode error" not in mesh.agent.log().lower() and "Traceback" not in mesh.agent.log()

@@ -13,7 +13,7 @@ def test_total_sums_the_samples_whose_labels_match():
          'aimesh_model_calls_created{destination="fast",source="load"}': 99.0}
     assert calls.total(m, "aimesh_model_calls_total", destination="fast") == 7.0
     assert calls.total(m, "aimesh_model_calls_total") == 12.0
-    assert calls.total(m, "aimesh_capture_losses_total", reason="ring_full") == 0.0
+    assert calls.total(m, "aimesh_capture_ring_lost_total") == 0.0
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():

@@ -75,3 +75,74 @@ def test_tracker_is_bounded_and_closes_in_flight_calls():
     assert len(t) == 2 and t.evicted == 1
     out = t.expire(100)
     assert len(t) == 0 and {c.cookie for c in out} == {2, 3} and all(c.record.incomplete for c in out)
+
+
+def _body(model: str, pad: int = 0) -> bytes:
+    import json
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": "x" * pad}]}).encode()
+
+
+def _request(model: str, pad: int = 0) -> bytes:
+    b = _body(model, pad)
+    return b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(b) + b
+
+
+def _response(model: str) -> bytes:
+    import json
+    b = json.dumps({"id": "c", "object": "chat.completion", "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}).encode()
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(b) + b
+
+
+def _send(t: CaptureTracker, data: bytes, ts: int, direction=abi.CaptureDirection.SEND, total=None, offset=0):
+    return t.on_chunk(decode_capture_event(raw_event(abi.CaptureKind.DATA, direction, data, ts=ts, total=total,
+                                                     offset=offset)))
+
+
+def test_a_gap_marks_the_call_truncated_and_the_next_request_is_still_decoded():
+    t = CaptureTracker()
+    req = _request("first", pad=9000)
+    kept = 4096
+    out = _send(t, req[:kept], 1, total=len(req))
+    gap = decode_capture_event(raw_event(abi.CaptureKind.GAP, abi.CaptureDirection.SEND, b"", ts=1, total=len(req),
+                                         offset=kept))
+    assert gap.kind is abi.CaptureKind.GAP and gap.missing == len(req) - kept and gap.data == b""
+    out += t.on_chunk(gap)
+    out += _send(t, _response("first-served"), 2, abi.CaptureDirection.RECV)
+    out += _send(t, _request("second"), 3)
+    out += _send(t, _response("second-served"), 4, abi.CaptureDirection.RECV)
+    assert [(c.record.request_model, c.record.response_model, c.record.truncated) for c in out] == [
+        ("first", "first-served", True), ("second", "second-served", False)]
+    assert out[0].record.request_bytes == kept       # a request hole is only a bound: what was captured (record.py)
+    assert t.bytes_missing == len(req) - kept and not t.undecoded and t.take_skips() == []
+
+
+def test_a_response_gap_keeps_the_head_and_marks_it_truncated():
+    t = CaptureTracker()
+    resp = _response("m-served")
+    out = _send(t, _request("m"), 1)
+    out += _send(t, resp[:-10], 2, abi.CaptureDirection.RECV, total=len(resp))
+    out += t.on_chunk(decode_capture_event(raw_event(abi.CaptureKind.GAP, abi.CaptureDirection.RECV, b"", ts=2,
+                                                     total=len(resp), offset=len(resp) - 10)))
+    assert len(out) == 1 and out[0].record.status == 200 and out[0].record.truncated
+
+
+@pytest.mark.parametrize("first,reason", [(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "http2"),
+                                          (b"\x00\x01garbage\r\n\r\n", "protocol_error")])
+def test_a_connection_the_decoder_gives_up_on_is_counted_once_and_queued_for_skipping(first, reason):
+    t = CaptureTracker()
+    _send(t, first, 1)
+    _send(t, b"more bytes", 2)
+    assert t.undecoded == {reason: 1}
+    assert t.take_skips() == [(42, 3)] and t.take_skips() == []
+    _send(t, _request("m"), 3)
+    assert t.undecoded == {reason: 1}
+
+
+def test_a_tls_handshake_record_makes_no_decoder():
+    t = CaptureTracker()
+    hs = decode_capture_event(raw_event(abi.CaptureKind.TLS_HANDSHAKE, abi.CaptureDirection.SEND, b"", total=517))
+    assert hs.kind is abi.CaptureKind.TLS_HANDSHAKE and hs.data == b"" and hs.missing == 0
+    assert t.on_chunk(hs) == [] and len(t) == 0 and not t.undecoded

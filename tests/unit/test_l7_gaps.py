@@ -7,12 +7,21 @@ import json
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.export.model_metrics import ModelCallTally
+from agent.export.metrics import capture_metrics
 from agent.kernel import abi
 from agent.l7.capture import CaptureTracker, decode_capture_event
 from agent.l7.http1 import Direction, Http1Connection, MessageEnd, Undecoded, UndecodedReason
 from agent.l7.record import ConnectionDecoder
 from tests.unit.test_l7_capture import raw_event
+
+
+class _Capture:
+    """The agent's capture metrics, as AgentCollector exports them, for one tracker."""
+    def __init__(self, tracker: CaptureTracker) -> None:
+        self.tracker = tracker
+
+    def collect(self):
+        yield from capture_metrics([0] * abi.COUNTER_SLOTS, self.tracker.undecoded_counts())
 
 REQ, RESP = Direction.REQUEST, Direction.RESPONSE
 SEND, RECV, DATA, CLOSE = (abi.CaptureDirection.SEND, abi.CaptureDirection.RECV, abi.CaptureKind.DATA,
@@ -116,10 +125,13 @@ def test_tracker_turns_uncopied_bytes_into_gaps() -> None:
 
     def ev(*a, **kw):
         calls.extend(t.on_chunk(decode_capture_event(raw_event(*a, **kw))))
-    # one send of the whole request: the kernel copies 4 chunks of 4096 and says total=len(wire)
-    for i in range(abi.CAPTURE_CHUNKS_PER_CALL):
+    # one send of the whole request: the kernel copies 4 chunks of 4096 (its byte budget), says total=len(wire),
+    # then a GAP record says it copies no more of that call
+    for i in range(4):
         ev(DATA, SEND, wire[i * 4096:(i + 1) * 4096], total=len(wire), offset=i * 4096, ts=1)
-    assert t.bytes_missing == len(wire) - 16384      # the last full chunk ends the call: no waiting for more
+    assert t.bytes_missing == 0
+    ev(abi.CaptureKind.GAP, SEND, b"", total=len(wire), offset=16384, ts=1)
+    assert t.bytes_missing == len(wire) - 16384      # the GAP ends the call: no waiting for more
     # the response in one receive, its second chunk's copy failed (len 0): an exact gap
     ev(DATA, RECV, answer[:4096], total=len(answer), offset=0, ts=2)
     ev(DATA, RECV, b"", total=len(answer), offset=4096, ts=2)
@@ -144,7 +156,7 @@ def test_tracker_counts_undecoded_connections_by_reason() -> None:
     assert t.undecoded_counts() == {"protocol_error": 1, "http2": 1, "truncated": 1}
     assert t.undecoded_bytes == 205 + 12 + 24 + 18 and len(t) == 0
     reg = CollectorRegistry()
-    reg.register(ModelCallTally(undecoded=t.undecoded_counts))
+    reg.register(_Capture(t))
     text = generate_latest(reg).decode()
     assert 'aimesh_capture_undecoded_connections_total{reason="truncated"} 1.0' in text
 
@@ -202,3 +214,14 @@ def test_tracker_flushes_a_failed_last_chunk_before_the_other_direction() -> Non
     assert [(c.record.request_model, c.record.response_model, c.record.truncated) for c in calls] == [
         ("small", "small-served", True)]
     assert t.bytes_missing == len(wire) - 4096 and t.undecoded_counts() == {}
+
+
+def test_binary_first_bytes_are_not_http1_at_once() -> None:
+    """A request starts with a method (a token): binary is refused on its first chunk, so the kernel can stop copying
+    the socket at once instead of at close."""
+    h = Http1Connection()
+    out = h.feed(Direction.REQUEST, 1, b"\x80\x01\x00\x00" + bytes(range(64)))
+    assert h.undecoded is UndecodedReason.PROTOCOL_ERROR and any(isinstance(e, Undecoded) for e in out)
+    ok = Http1Connection()
+    ok.feed(Direction.REQUEST, 1, b"POST /v1/chat/completions HTTP/1.1\r\n")
+    assert ok.undecoded is None
