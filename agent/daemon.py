@@ -40,7 +40,7 @@ from agent.flows.decode import DecodeError, decode_agent_event, decode_decision,
 from agent.flows.records import (UdpWindow, decision_record, decode_flow_event, flow_record, identity_data,
                                  udp_aggregate, with_workload)
 from agent.kernel import abi
-from agent.export.call_sinks import CallSinks, CommCache, build_call_sinks
+from agent.export.call_sinks import CallDispatch, CallSinks, CommCache, build_call_sinks
 from agent.collector.channel import ConfigError as ChannelError
 from agent.export.collector_client import FlowExporter
 from agent.export.genai_metrics import IdentityCompute
@@ -180,6 +180,10 @@ class Agent:
         self.model_calls = ModelCallTally()
         self.call_sinks: Optional[CallSinks] = None
         self._comms = CommCache()
+        self._drain_cut = False     # the last drain stopped at its budget or time limit: no sleep before the next
+        self._dispatch = CallDispatch(lambda: self.identities, self._comms,
+                                      lambda: self.call_sinks.sinks if self.call_sinks is not None else (),
+                                      self._sink_failed, workload=self._caller_workload)
         self.tls_probes = None                      # agent/kernel/uprobes.TlsProbes once the datapath is in force
         self.tls_visibility = TlsVisibility()
         self.tls_not_visible = TlsNotVisibleTally()
@@ -480,7 +484,9 @@ class Agent:
         from agent.kernel.ringbuf import wait_readable
         while not self._stop:
             self.last_tick = time.monotonic()
-            wait_readable([self.datapath.rings["agent_events"]], POLL_MS)   # agent events wake us; the rest is polled
+            # agent events wake us; the rest is polled: after a drain that stopped at its budget or time limit (a
+            # ring still holds records; capture records do not wake us) only look, do not sleep
+            wait_readable([self.datapath.rings["agent_events"]], 0 if self._drain_cut else POLL_MS)
             self._drain()
             now_ns = time.monotonic_ns()
             if self.denials.due(now_ns):
@@ -558,13 +564,17 @@ class Agent:
         # the final drain (at stop) reads what is there, for at most 2 s: a flood must not keep the agent from stopping
         deadline = time.monotonic() + (2.0 if final else DRAIN_TIME_S)
         total = 0
+        cut = False
         while True:
             n = 0
             for name, fn in handlers:
                 ring = self.datapath.rings[name]
                 saved = durable and name not in ("agent_events", "capture_events")   # capture: decoded in memory
                 left = DRAIN_BUDGET
-                while left > 0 and time.monotonic() < deadline:
+                while True:
+                    if left <= 0 or time.monotonic() >= deadline:
+                        cut = True      # stopped with records possibly left: the loop comes back at once
+                        break
                     if saved and exp.write_backlog() > MAX_WRITE_BACKLOG:
                         break   # the disk is behind: the ring holds the rest
                     start = self._read_pos.get(name, 0) if saved else 0
@@ -587,6 +597,7 @@ class Agent:
                     left -= max(len(recs), 1)
             total += n
             if not final or n == 0 or time.monotonic() >= deadline:
+                self._drain_cut = cut
                 return total
 
     def _decoded(self, ring: str, decode, data: bytes):
@@ -707,21 +718,17 @@ class Agent:
 
     def _model_calls(self, calls) -> None:
         """Every decoded call to every model-call sink (self.call_sinks, built from the config at start)."""
-        for c in calls:
-            self.state["model_calls"] += 1
-            source = identity_data(self.identities, c.src_id)
-            w = self.k8s.workload_of_pid(c.pid) if self._workloads is not None else None
-            if w is not None:
-                source = with_workload(source, w)
-            dialed = identity_data(self.identities, c.dst_id)
-            actual = identity_data(self.identities, c.actual_dst_id) if c.actual_dst_id else dialed
-            comm = self._comms(c.pid)
-            for sink in self.call_sinks.sinks:
-                try:
-                    sink.emit_call(c.record, source, actual, c.pid, comm, dialed=dialed)
-                except Exception:  # noqa: BLE001 - one sink's bug must not keep the call from the others
-                    self.state["decode_errors"] += 1
-                    log.exception("model-call sink %s failed", type(sink).__name__)
+        if calls:
+            self.state["model_calls"] += len(calls)
+            self._dispatch(calls)
+
+    def _caller_workload(self, pid: int):
+        """The caller's pod/container, when Kubernetes is on and the pid's cgroup is a known pod's."""
+        return self.k8s.workload_of_pid(pid) if self._workloads is not None else None
+
+    def _sink_failed(self, sink, _exc: Exception) -> None:
+        self.state["decode_errors"] += 1
+        log.exception("model-call sink %s failed", type(sink).__name__)
 
     def _identity_cgroups(self) -> dict[str, list[str]]:
         """{identity name: its cgroups (relative to the cgroup2 mount)}, for IdentityCompute at scrape time: the
