@@ -86,14 +86,14 @@ class NodeCA:
     def cert_pem(self) -> bytes:
         return self._cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, name: str) -> tuple[bytes, bytes]:
-        """(leaf cert + CA chain PEM, leaf key PEM) for a DNS name or an IP address."""
+    def issue(self, name: str, *more: str) -> tuple[bytes, bytes]:
+        """(leaf cert + CA chain PEM, leaf key PEM) for DNS names or IP addresses (the first is the subject)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = _dt.datetime.now(_dt.timezone.utc)
         cert = (x509.CertificateBuilder().subject_name(_name(name[:64])).issuer_name(self._cert.subject)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(now - _dt.timedelta(hours=1)).not_valid_after(now + _dt.timedelta(days=_LEAF_DAYS))
-                .add_extension(x509.SubjectAlternativeName([_san(name)]), critical=False)
+                .add_extension(x509.SubjectAlternativeName([_san(n) for n in (name, *more)]), critical=False)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
                 .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),

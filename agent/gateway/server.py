@@ -198,6 +198,7 @@ class Gateway:
     async def start(self) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self._web = web.Server(self._handle, loop=loop)
+        self._records.attach(loop)
         self._session = aiohttp.ClientSession(
             auto_decompress=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.upstream_connect_timeout_s),
