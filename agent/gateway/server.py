@@ -30,6 +30,7 @@ from typing import Any, Callable, Protocol
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from agent.gateway.budget import BudgetBook, Exceeded, Limits, Reservation
@@ -100,14 +101,17 @@ class GatewayCounters:
     refused: int = 0
     would_deny: int = 0
     upstream_errors: int = 0
+    bad_requests: int = 0          # refused by the HTTP parser (smuggling, oversized heads, bad framing)
 
 
 class _Conn(RequestHandler):
     """aiohttp's connection handler, carrying the origin, with a timer for a request head that comes too slowly."""
 
     def __init__(self, *a: Any, origin: GatewayOrigin, server_name: str | None, tls: bool, head_timeout: float,
+                 on_error: Callable[["_Conn", web.BaseRequest, int, BaseException | None], web.Response],
                  **kw: Any) -> None:
         super().__init__(*a, **kw)
+        self.on_error = on_error
         self.origin = origin
         self.server_name = server_name
         self.client_tls = tls
@@ -134,6 +138,16 @@ class _Conn(RequestHandler):
         if not self.in_request and self.transport is not None:
             log.debug("closing a connection whose request head did not arrive in %.1fs", self._head_timeout)
             self.transport.abort()
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """aiohttp's parser refused the request (or the handler failed): JSON in the SDK's shape, never plain text;
+        the connection is closed after it, as aiohttp does."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        resp = self.on_error(self, request, status, exc)
+        resp.force_close()
+        return resp
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._timer is not None:
@@ -251,7 +265,7 @@ class Gateway:
         s = self.settings
         assert self._web is not None
         h = _Conn(self._web, loop=asyncio.get_running_loop(), origin=origin, server_name=server_name, tls=tls,
-                  head_timeout=s.header_timeout_s, keepalive_timeout=s.keepalive_s, max_line_size=s.max_line,
+                  head_timeout=s.header_timeout_s, on_error=self._bad_request, keepalive_timeout=s.keepalive_s, max_line_size=s.max_line,
                   max_field_size=s.max_field, lingering_time=0.5)
         transport.set_protocol(h)
         h.connection_made(transport)
@@ -276,6 +290,26 @@ class Gateway:
         sslobj = tls.get_extra_info("ssl_object")
         name = self._ca.name_of(sslobj.context) if sslobj is not None else None
         self._hand(tls, origin, name if name and name != origin.address else None, True, bytes(pending.data))
+
+    def _bad_request(self, conn: _Conn, request: web.BaseRequest, status: int,
+                     exc: BaseException | None) -> web.Response:
+        dest = self.policy.destinations.get(conn.origin.destination)
+        protocol = dest.protocol if dest is not None else "openai"
+        if isinstance(exc, LineTooLong):
+            status = 431
+        if status >= 500:
+            log.error("request from %s failed in the gateway", conn.origin.source, exc_info=exc)
+            ref = Refusal(status, "api_error", "gateway_error", "aimesh gateway: internal error")
+        else:
+            ref = Refusal(status, "invalid_request_error", "bad_http_request",
+                          f"aimesh gateway: malformed HTTP request ({type(exc).__name__ if exc else status})")
+        self.counters.bad_requests += 1
+        self.counters.refused += 1
+        self._records.send({"gateway": True, "ts": self._clock(), "source": conn.origin.source,
+                            "destination": conn.origin.destination, "protocol": protocol, "decision": "refused",
+                            "reason": f"bad_http: {type(exc).__name__ if exc else status}", "status": status,
+                            "error_type": ref.error_type, "policy": None, "request_model": None, "sent_model": None})
+        return web.Response(status=status, body=ref.body(protocol), content_type="application/json")
 
     # -- one request -----------------------------------------------------------------------------------------------
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
