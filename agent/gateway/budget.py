@@ -93,10 +93,10 @@ class BudgetBook:
             verdict: Exceeded | None = None
             if limits.tokens_per_day is not None and d.used + d.reserved + tokens > limits.tokens_per_day:
                 verdict = Exceeded("tokens_per_day", 86400.0 - (now - day * 86400))
+            elif limits.tokens_per_minute is not None and tokens > limits.tokens_per_minute:
+                verdict = Exceeded("request_too_large", to_minute)      # would never fit: not worth a retry
             elif limits.requests_per_minute is not None and m.requests + 1 > limits.requests_per_minute:
                 verdict = Exceeded("requests_per_minute", to_minute)
-            elif limits.tokens_per_minute is not None and tokens > limits.tokens_per_minute:
-                verdict = Exceeded("request_too_large", to_minute)
             elif limits.tokens_per_minute is not None and m.used + m.reserved + tokens > limits.tokens_per_minute:
                 verdict = Exceeded("tokens_per_minute", to_minute)
             if verdict is not None:
