@@ -132,14 +132,14 @@ class GatewayPolicy:
         dests: dict[str, Destination] = {}
         for i, ident in enumerate(cfg.get("identities") or []):
             llm = ident.get("llm")
-            if not llm:
+            if llm is None and ident.get("kind") in ("model", "external"):
+                llm = {"protocol": "auto"}           # the config's default for these kinds
+            if not llm or llm.get("protocol") == "off":
                 continue
             name = _str(ident, "name", f"identities[{i}]")
-            eps = []
-            for e in ident.get("endpoints") or []:
-                eps.append(e if isinstance(e, str) else f"{e.get('address') or e.get('cidr')}:{e.get('port')}")
+            eps = [e for e in ident.get("endpoints") or [] if isinstance(e, str)]   # CIDR[:port] endpoints
             dests[name] = Destination(
-                name=name, protocol=str(llm.get("protocol") or "openai"),
+                name=name, protocol=_protocol(llm.get("protocol")),
                 tls=_tls(llm.get("tls"), eps, f"identities[{i}].llm.tls"),
                 upstream_ca=llm.get("upstream_ca"), api_key_file=llm.get("api_key_file"), endpoints=tuple(eps),
                 models=tuple(_lifecycle(m, f"identities[{i}].llm.models[{j}]")
@@ -148,16 +148,25 @@ class GatewayPolicy:
         rules = []
         for i, p in enumerate(cfg.get("policies") or []):
             where = f"policies[{i}]"
-            rules.append(Rule(
-                name=where, source=_str(p, "from", where), destination=_str(p, "to", where),
+            if "from" not in p and "from_" in p:
+                p = {**p, "from": p["from_"]}
+            common = dict(
                 ports=tuple(int(x) for x in (p.get("ports") or ())),
                 models=tuple(str(g) for g in p["models"]) if p.get("models") is not None else None,
                 max_tokens=_opt_int(p, "max_tokens", where), cap_max_tokens=bool(p.get("cap_max_tokens", False)),
                 tokens_per_minute=_opt_int(p, "tokens_per_minute", where),
                 requests_per_minute=_opt_int(p, "requests_per_minute", where),
-                tokens_per_day=_opt_int(p, "tokens_per_day", where)))
+                tokens_per_day=_opt_int(p, "tokens_per_day", where))
+            for src in _names(p, "from", where):           # a policy names one identity or a list of them
+                for dst in _names(p, "to", where):
+                    rules.append(Rule(name=where, source=src, destination=dst, **common))  # type: ignore[arg-type]
         return GatewayPolicy(mode=mode, destinations=dests, rules=tuple(r for r in rules if r.destination in dests),
                              identity_numbers=dict(identity_numbers or {}))
+
+    @staticmethod
+    def from_config(config: Any, identity_numbers: Mapping[str, int] | None = None) -> "GatewayPolicy":
+        """From agent/config.py's Config model (its plain dump, aliases as written in YAML)."""
+        return GatewayPolicy.from_config_dict(config.model_dump(mode="json", by_alias=True), identity_numbers)
 
     # -- the file --------------------------------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -216,6 +225,13 @@ def _str(d: Mapping[str, Any], key: str, where: str) -> str:
     return v
 
 
+def _names(d: Mapping[str, Any], key: str, where: str) -> list[str]:
+    v = d.get(key)
+    if isinstance(v, list) and v:
+        return [_str({key: x}, key, where) for x in v]
+    return [_str(d, key, where)]
+
+
 def _opt_int(d: Mapping[str, Any], key: str, where: str) -> int | None:
     v = d.get(key)
     if v is None:
@@ -223,6 +239,11 @@ def _opt_int(d: Mapping[str, Any], key: str, where: str) -> int | None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise PolicyError(f"{where}.{key}: {v!r} is not a non-negative integer")
     return v
+
+
+def _protocol(v: Any) -> str:
+    """The error shape of the destination: auto (the capture's default) answers by the request's path."""
+    return str(v) if v in ("openai", "anthropic", "ollama") else "auto"
 
 
 def _tls(v: Any, endpoints: list[str], where: str) -> TlsMode:

@@ -294,7 +294,7 @@ class Gateway:
     def _bad_request(self, conn: _Conn, request: web.BaseRequest, status: int,
                      exc: BaseException | None) -> web.Response:
         dest = self.policy.destinations.get(conn.origin.destination)
-        protocol = dest.protocol if dest is not None else "openai"
+        protocol = "anthropic" if dest is not None and dest.protocol == "anthropic" else "openai"
         if isinstance(exc, LineTooLong):
             status = 431
         if status >= 500:
@@ -355,6 +355,9 @@ class Gateway:
                 403, "permission_denied", "model_not_allowed",
                 f"aimesh: no policy covers {origin.source} -> {origin.destination}"), "no_policy")
         kind = classify(request.method, request.path)
+        if protocol not in ("openai", "anthropic"):       # auto / ollama: the shape the request's API speaks
+            protocol = "anthropic" if kind is not None and kind[0] is LlmProtocol.ANTHROPIC else "openai"
+            rec["protocol"] = kind[0].value if kind is not None else protocol
         if kind is None:       # not a model call (GET /v1/models, ...): no model policy applies
             rec["decision"], rec["reason"] = Outcome.SERVED.value, "not_a_model_call"
             return await self._forward(request, conn, dest, body, rec, None, None, None, 0)
@@ -477,7 +480,7 @@ class Gateway:
                 return self._upstream_failed(request, rec, dest, f"api key file {dest.api_key_file}: {e.strerror}")
             drop = {"authorization", "x-api-key", "api-key"}
             headers = [(k, v) for k, v in headers if k.lower() not in drop]
-            headers.append(("x-api-key", key) if dest.protocol == "anthropic" else ("Authorization", f"Bearer {key}"))
+            headers.append(("x-api-key", key) if rec["protocol"] == "anthropic" else ("Authorization", f"Bearer {key}"))
         server_name: str | None = None
         if https:
             server_name = conn.server_name or _host_name(request.host)
@@ -542,7 +545,8 @@ class Gateway:
         rec["_sent"] = True
         ref = Refusal(502, "api_error", "upstream_error", f"aimesh gateway: upstream {rec['destination_address']} "
                       "is unreachable")
-        return web.Response(status=502, body=ref.body(dest.protocol), content_type="application/json")
+        shape = "anthropic" if rec["protocol"] == "anthropic" else "openai"
+        return web.Response(status=502, body=ref.body(shape), content_type="application/json")
 
     def _finish(self, rec: dict[str, Any], parse: ResponseParse | None, complete: bool,
                 reservation: Reservation | None, est_input: int, out_cap: int, t0: int, first: int | None,

@@ -1,6 +1,7 @@
 """Keeps the gateway process running beside the agent: its own process, so gateway load never stalls the agent's
-ring draining. Spawned into the gateway cgroup (the child writes its pid into `cgroup.procs` before exec, so not one
-of its connections is made from the agent's cgroup), restarted with exponential back-off when it exits (counted),
+ring draining. Spawned into the gateway cgroup (the child writes its own pid into `cgroup.procs` before it execs the
+gateway, so not one of its connections is made from the agent's cgroup: a `/bin/sh` step rather than a Python
+`preexec_fn`, which is unsafe after fork in the multi-threaded agent), restarted with exponential back-off when it exits (counted),
 sent SIGHUP when the policy file changes, stopped (SIGTERM, then SIGKILL) on close.
 
 `poll()` does one round of the checks; `start()` runs it in a thread every `interval_s`.
@@ -8,7 +9,6 @@ sent SIGHUP when the policy file changes, stopped (SIGTERM, then SIGKILL) on clo
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import threading
@@ -28,11 +28,7 @@ class SupervisorCounters:
     pid: int | None
 
 
-def _join_cgroup(procs: str) -> Callable[[], None]:
-    def pre() -> None:           # in the child, before exec
-        with open(procs, "w") as f:
-            f.write(str(os.getpid()))
-    return pre
+_JOIN = 'echo $$ > "$0" && exec "$@"'     # sh: join the cgroup (cgroup.procs is $0), then become the gateway
 
 
 class GatewaySupervisor:
@@ -64,9 +60,9 @@ class GatewaySupervisor:
             return None
 
     def _spawn(self) -> None:
-        pre = _join_cgroup(str(self._cgroup / "cgroup.procs")) if self._cgroup is not None else None
-        self._proc = subprocess.Popen(self._argv, preexec_fn=pre, env=self._env, stdin=subprocess.DEVNULL,
-                                      start_new_session=True)
+        argv = (["/bin/sh", "-c", _JOIN, str(self._cgroup / "cgroup.procs"), *self._argv]
+                if self._cgroup is not None else self._argv)
+        self._proc = subprocess.Popen(argv, env=self._env, stdin=subprocess.DEVNULL, start_new_session=True)
         self._started_at = self._clock()
         self._starts += 1
         log.info("gateway started (pid %d)", self._proc.pid)

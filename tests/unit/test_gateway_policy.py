@@ -204,3 +204,16 @@ def test_budget_threads_do_not_overspend():
     for t in ts:
         t.join()
     assert sum(admitted) <= 1000 and b.counters.admitted == len(admitted) == 142
+
+
+def test_from_config_model_with_lists_of_identities():
+    from agent.config import Config
+    cfg = Config.model_validate({
+        "identities": [{"name": "web", "kind": "service"}, {"name": "api", "kind": "service"},
+                       {"name": "openai", "kind": "external", "endpoints": ["10.1.0.0/16:443"], "mode": "audit"}],
+        "policies": [{"from": ["web", "api"], "to": "openai", "ports": [443]}]})
+    p = GatewayPolicy.from_config(cfg)
+    assert [(r.name, r.source, r.destination, r.ports) for r in p.rules] == [
+        ("policies[0]", "web", "openai", (443,)), ("policies[0]", "api", "openai", (443,))]
+    d = p.destinations["openai"]
+    assert (d.protocol, d.tls, d.audit, d.endpoints) == ("auto", TlsMode.INTERCEPT, True, ("10.1.0.0/16:443",))

@@ -90,8 +90,7 @@ def test_sighup_changes_policy_for_new_requests_without_dropping_an_open_stream(
                 data = b"".join(got)
                 assert b'"first"' in data and b'" rest"' in data and data.rstrip().endswith(b"data: [DONE]")
                 assert c.post(url, json={"model": "gpt-4o-mini", "messages": MSG}).status_code == 200
-            recs = _until(lambda: (lambda rs: rs if any(r.get("request_model") == "gpt-4o-mini" for r in rs)
-                                   else None)(_acc(recv)), "records")
+            recs = _until(lambda: _acc(recv, "gpt-4o-mini"), "the records")
             stream_rec = next(r for r in recs if r.get("stream"))
             assert stream_rec["decision"] == "served" and stream_rec["incomplete"] is False
             assert any(r["decision"] == "refused" and r["reason"] == "model_not_allowed" for r in recs)
@@ -105,10 +104,11 @@ def test_sighup_changes_policy_for_new_requests_without_dropping_an_open_stream(
 _acc_store: dict[int, list[dict]] = {}
 
 
-def _acc(recv: GatewayRecordReceiver) -> list[dict]:
+def _acc(recv: GatewayRecordReceiver, last_model: str) -> list[dict] | None:
+    """The records so far, once the one for `last_model` is among them."""
     out = _acc_store.setdefault(id(recv), [])
     out += recv.drain()
-    return out
+    return out if any(r.get("request_model") == last_model for r in out) else None
 
 
 def _connects(port: int) -> bool:
@@ -146,7 +146,8 @@ def test_supervisor_spawns_into_cgroup_restarts_with_backoff_and_stops(tmp_path,
     try:
         sup.poll()
         pid = sup.counters.pid
-        assert pid is not None and str(pid) in (cgroup_dir / "cgroup.procs").read_text().split()
+        assert pid is not None
+        _until(lambda: str(pid) in (cgroup_dir / "cgroup.procs").read_text().split(), "the child in the cgroup")
         os.kill(pid, signal.SIGKILL)
         _until(lambda: not sup.alive(), "the child to die")
         sup.poll()
@@ -158,7 +159,7 @@ def test_supervisor_spawns_into_cgroup_restarts_with_backoff_and_stops(tmp_path,
         sup.poll()
         pid2 = sup.counters.pid
         assert pid2 not in (None, pid) and sup.counters.starts == 2
-        assert str(pid2) in (cgroup_dir / "cgroup.procs").read_text().split()
+        _until(lambda: str(pid2) in (cgroup_dir / "cgroup.procs").read_text().split(), "the new child in the cgroup")
     finally:
         sup.close()
     assert not sup.alive()
