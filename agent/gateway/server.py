@@ -83,6 +83,7 @@ class GatewaySettings:
     max_body: int = 8 << 20           # request body cap (413 over it)
     max_line: int = 8190              # request line cap (llhttp: 400)
     max_field: int = 8190             # one header's cap
+    max_headers: int = 100            # headers per request
     header_timeout_s: float = 10.0    # first byte of a request -> its head complete
     body_timeout_s: float = 30.0      # the whole request body
     upstream_connect_timeout_s: float = 10.0
@@ -266,7 +267,7 @@ class Gateway:
         assert self._web is not None
         h = _Conn(self._web, loop=asyncio.get_running_loop(), origin=origin, server_name=server_name, tls=tls,
                   head_timeout=s.header_timeout_s, on_error=self._bad_request, keepalive_timeout=s.keepalive_s, max_line_size=s.max_line,
-                  max_field_size=s.max_field, lingering_time=0.5)
+                  max_field_size=s.max_field, max_headers=s.max_headers, lingering_time=0.5)
         transport.set_protocol(h)
         h.connection_made(transport)
         if early:

@@ -464,3 +464,49 @@ def test_exact_peer_entry_is_read_once(upstream, make_gateway):
     assert _read_all(s).startswith(b"HTTP/1.1 200")
     s.close()
     assert h.origins.lookup("127.0.0.1", 1) is None
+
+
+def test_client_leaving_mid_stream_settles_and_records_incomplete(make_gateway):
+    import socket
+    with GatedUpstream() as up:
+        h = make_gateway(policy_for(up.port, [{"models": ["gpt-4o"], "tokens_per_minute": 10_000}]), up.port)
+        body = json.dumps({"model": "gpt-4o", "messages": MSG, "stream": True, "max_tokens": 50}).encode()
+        s = socket.create_connection((h.host, h.port), timeout=15)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        got = b""
+        while b"first" not in got:
+            b = s.recv(65536)
+            assert b, got
+            got += b
+        assert h.gw.budgets.committed(("chat", "openai"))[1] > 0          # reserved while the stream is open
+        s.close()
+        up.release.set()
+        rec = h.drain(1)[0]
+        assert rec["decision"] == "served" and rec["incomplete"] is True
+        settled, reserved = h.gw.budgets.committed(("chat", "openai"))
+        assert reserved == 0 and settled > 0
+
+
+def test_upstream_down_is_502_and_the_reservation_released(make_gateway):
+    import socket
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        dead = sk.getsockname()[1]            # bound, never listening: connections are refused
+        h = make_gateway(policy_for(dead, [{"models": ["gpt-4o"], "tokens_per_minute": 10_000}]), dead)
+        with pytest.raises(openai.InternalServerError) as e:
+            oai(h).chat.completions.create(model="gpt-4o", messages=MSG)
+        assert e.value.status_code == 502 and e.value.code == "upstream_error"
+        assert h.gw.budgets.committed(("chat", "openai")) == (0, 0)
+        rec = h.drain(1)[0]
+        assert rec["status"] == 502 and rec["reason"].startswith("upstream:")
+
+
+def test_audit_mode_over_budget_is_served_and_recorded(upstream, make_gateway):
+    h = make_gateway(policy_for(upstream.port, [{"models": ["gpt-4o"], "requests_per_minute": 1}], mode="audit"),
+                     upstream.port)
+    for _ in range(2):
+        oai(h).chat.completions.create(model="gpt-4o", messages=MSG)
+    assert len(upstream.wait_calls(2)) == 2
+    assert [(r["decision"], r["reason"]) for r in h.drain(2)] == [("served", None),
+                                                                 ("would_deny", "requests_per_minute")]
