@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from agent.gateway.ca import CAError, NodeCA
 from agent.gateway.policy import GatewayPolicy, PolicyError
@@ -29,7 +29,7 @@ class KernelOrigins:
         self._policy = policy
 
     def lookup(self, peer_ip: str, peer_port: int) -> GatewayOrigin | None:
-        o: Any = self._table.lookup(peer_ip, peer_port)
+        o = self._table.lookup(peer_ip, peer_port)
         if o is None:
             return None
         p = self._policy.policy
@@ -37,7 +37,7 @@ class KernelOrigins:
         if src is None or dst is None:
             return None
         return GatewayOrigin(address=str(o.address), port=int(o.port), source=src, destination=dst,
-                             tls=bool(o.tls))
+                             tls=bool(o.tls_expected))
 
 
 class PolicyRef:

@@ -120,6 +120,7 @@ class GatewayPolicy:
     destinations: Mapping[str, Destination] = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
     identity_numbers: Mapping[str, int] = field(default_factory=dict)   # name -> kernel identity number
+    audit_sources: frozenset[str] = frozenset()  # source identities in audit mode (identity mode: audit)
 
     # -- building --------------------------------------------------------------------------------------------------
     @staticmethod
@@ -161,7 +162,9 @@ class GatewayPolicy:
                 for dst in _names(p, "to", where):
                     rules.append(Rule(name=where, source=src, destination=dst, **common))  # type: ignore[arg-type]
         return GatewayPolicy(mode=mode, destinations=dests, rules=tuple(r for r in rules if r.destination in dests),
-                             identity_numbers=dict(identity_numbers or {}))
+                             identity_numbers=dict(identity_numbers or {}),
+                             audit_sources=frozenset(str(i.get("name")) for i in cfg.get("identities") or []
+                                                     if i.get("mode") == "audit"))
 
     @staticmethod
     def from_config(config: Any, identity_numbers: Mapping[str, int] | None = None) -> "GatewayPolicy":
@@ -172,6 +175,7 @@ class GatewayPolicy:
     def to_json(self) -> str:
         return json.dumps({
             "format": FORMAT, "mode": self.mode, "identity_numbers": dict(self.identity_numbers),
+            "audit_sources": sorted(self.audit_sources),
             "destinations": [{
                 "name": d.name, "protocol": d.protocol, "tls": d.tls.value, "upstream_ca": d.upstream_ca,
                 "api_key_file": d.api_key_file, "endpoints": list(d.endpoints), "audit": d.audit,
@@ -208,14 +212,16 @@ class GatewayPolicy:
         except (KeyError, TypeError, ValueError) as e:
             raise PolicyError(f"gateway policy: bad entry ({e})") from None
         return GatewayPolicy(mode=d.get("mode", "enforce"), destinations=dests, rules=rules,
-                             identity_numbers={str(k): int(v) for k, v in (d.get("identity_numbers") or {}).items()})
+                             identity_numbers={str(k): int(v) for k, v in (d.get("identity_numbers") or {}).items()},
+                             audit_sources=frozenset(str(x) for x in d.get("audit_sources") or ()))
 
     def identity_name(self, number: int) -> str | None:
         return next((n for n, v in self.identity_numbers.items() if v == number), None)
 
-    def audit_for(self, destination: str) -> bool:
+    def audit_for(self, source: str, destination: str) -> bool:
+        """Audit mode: global, or the source's or the destination's identity mode."""
         d = self.destinations.get(destination)
-        return self.mode == "audit" or bool(d and d.audit)
+        return self.mode == "audit" or source in self.audit_sources or bool(d and d.audit)
 
 
 def _str(d: Mapping[str, Any], key: str, where: str) -> str:
@@ -247,9 +253,8 @@ def _protocol(v: Any) -> str:
 
 
 def _tls(v: Any, endpoints: list[str], where: str) -> TlsMode:
-    if v is None:
-        https = any(e.rsplit(":", 1)[-1] == "443" for e in endpoints)
-        return TlsMode.INTERCEPT if https else TlsMode.NONE
+    if v is None:               # unset (agent/config.py): clients and upstream speak plain HTTP
+        return TlsMode.NONE
     try:
         return TlsMode(v)
     except ValueError:
@@ -280,7 +285,7 @@ def decide(policy: GatewayPolicy, source: str, destination: str, port: int, mode
            input_tokens: int, now: datetime) -> Decision:
     """Judge one request: lifecycle rewrite, then the model allow-list, then max_tokens. Budgets are separate."""
     dest = policy.destinations.get(destination)
-    audit = policy.audit_for(destination)
+    audit = policy.audit_for(source, destination)
     rules = [r for r in policy.rules if r.source == source and r.destination == destination
              and (not r.ports or port in r.ports)]
     sent, deprecated, note = model, False, None

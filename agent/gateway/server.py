@@ -233,6 +233,9 @@ class Gateway:
         if self._server is not None:
             self._server.close()
         if self._web is not None:
+            for h in list(self._web.connections):      # idle keep-alive connections: nothing to wait for
+                if isinstance(h, _Conn) and not h.in_request and h.transport is not None:
+                    h.transport.close()
             await self._web.shutdown(timeout=2.0)
         if self._session is not None:
             await self._session.close()
@@ -400,7 +403,7 @@ class Gateway:
                                             d.rule.tokens_per_day), d.reserve_tokens)
             if isinstance(r, Exceeded):
                 ref = budget_refusal(r.kind, r.retry_after_s, origin.source, origin.destination, d.rule)
-                if not policy.audit_for(origin.destination):
+                if not policy.audit_for(origin.source, origin.destination):
                     rec["policy"] = d.rule.name
                     return self._refuse(request, rec, protocol, ref, r.kind)
                 outcome, reason = Outcome.WOULD_DENY, r.kind

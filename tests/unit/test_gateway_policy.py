@@ -16,6 +16,7 @@ CFG = {
     "mode": "enforce",
     "identities": [
         {"name": "chat-frontend", "kind": "process"},
+        {"name": "batch", "kind": "process", "mode": "audit"},
         {"name": "openai", "kind": "external", "endpoints": ["162.159.140.0/24:443"],
          "llm": {"protocol": "openai", "gateway": "enforce", "tls": "intercept",
                  "upstream_ca": "/etc/aimesh/upstream-ca.pem", "api_key_file": "/etc/aimesh/openai.key",
@@ -46,7 +47,8 @@ def test_from_config_dict_and_json_round_trip():
         TlsMode.INTERCEPT, "/etc/aimesh/upstream-ca.pem", "/etc/aimesh/openai.key", ("162.159.140.0/24:443",))
     assert d.models[0].sunset == datetime(2026, 6, 30, tzinfo=timezone.utc) and d.models[0].successor == "gpt-4o"
     assert d.models[1].sunset == datetime(2026, 1, 1, tzinfo=timezone.utc)
-    assert p.destinations["claude"].tls is TlsMode.NONE and p.audit_for("claude") and not p.audit_for("openai")
+    assert p.destinations["claude"].tls is TlsMode.NONE and p.audit_for("chat-frontend", "claude")
+    assert not p.audit_for("chat-frontend", "openai")
     assert GatewayPolicy.from_json(p.to_json()) == p
     assert p.identity_name(9) == "openai"
 
@@ -113,6 +115,8 @@ def test_decide_audit_global_and_per_identity():
     d = decide(p, "chat-frontend", "openai", 443, "o1", 10, 10, BEFORE)
     assert d.outcome is Outcome.WOULD_DENY and d.reason == "model_not_allowed" and d.refusal.status == 403
     assert decide(_pol(), "intruder", "claude", 8080, "x", 1, 1, BEFORE).outcome is Outcome.WOULD_DENY
+    assert decide(_pol(), "batch", "openai", 443, "o1", 1, 1, BEFORE).outcome is Outcome.WOULD_DENY   # source audit
+    assert decide(_pol(), "chat-frontend", "openai", 443, "o1", 1, 1, BEFORE).outcome is Outcome.REFUSED
 
 
 def test_refusal_shapes():
@@ -216,4 +220,4 @@ def test_from_config_model_with_lists_of_identities():
     assert [(r.name, r.source, r.destination, r.ports) for r in p.rules] == [
         ("policies[0]", "web", "openai", (443,)), ("policies[0]", "api", "openai", (443,))]
     d = p.destinations["openai"]
-    assert (d.protocol, d.tls, d.audit, d.endpoints) == ("auto", TlsMode.INTERCEPT, True, ("10.1.0.0/16:443",))
+    assert (d.protocol, d.tls, d.audit, d.endpoints) == ("auto", TlsMode.NONE, True, ("10.1.0.0/16:443",))
