@@ -493,6 +493,7 @@ class Gateway:
         sent_bytes = 0
         parse: ResponseParse | None = None
         complete = False
+        resp: web.StreamResponse | None = None
         try:
             async with self._session.request(
                     request.method, url, data=body if body or request.method not in ("GET", "HEAD") else None,
@@ -528,13 +529,17 @@ class Gateway:
                 complete = True
                 return resp
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ssl.SSLError) as e:
-            if first is None and not rec.get("status"):
+            if resp is None or not resp.prepared:
                 if reservation is not None:
                     self.budgets.release(reservation)
                     reservation = None
                 return self._upstream_failed(request, rec, dest, f"{type(e).__name__}: {e}")
+            # the upstream cut the body, or the client left: the client's connection ends as the upstream's did
             rec["incomplete"] = True
-            raise
+            log.debug("stream %s -> %s ended early: %s", rec["source"], rec["destination_address"], e)
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
         finally:
             self._finish(rec, parse, complete, reservation, est_input, out_cap, t0=int(rec["start_ns"]),
                          first=first, sent_bytes=sent_bytes)
@@ -570,7 +575,9 @@ class Gateway:
         if rec["decision"] == Outcome.SERVED.value:
             self.counters.served += 1
         if reservation is not None:
-            if info is None:
+            if isinstance(rec.get("status"), int) and rec["status"] >= 400:
+                self.budgets.release(reservation)     # the provider refused it: nothing was generated
+            elif info is None:
                 self.budgets.settle(reservation, reservation.tokens)
             else:
                 inp = info.input_tokens if info.input_tokens is not None else est_input

@@ -75,9 +75,11 @@ class GatewaySupervisor:
             if self._proc is not None and self._proc.poll() is not None:
                 rc = self._proc.returncode
                 ran = now - self._started_at
-                self._backoff = self._min if ran > 60 else min(self._backoff * 2, self._max)
+                if ran > 60:                     # it ran a while: a fresh failure, not a crash loop
+                    self._backoff = self._min
                 self._next_start = now + self._backoff
                 log.warning("gateway exited (code %s) after %.1fs; restarting in %.1fs", rc, ran, self._backoff)
+                self._backoff = min(self._backoff * 2, self._max)
                 self._proc = None
                 self._restarts += 1
             if self._proc is None and now >= self._next_start:

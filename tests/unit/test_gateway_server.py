@@ -510,3 +510,18 @@ def test_audit_mode_over_budget_is_served_and_recorded(upstream, make_gateway):
     assert len(upstream.wait_calls(2)) == 2
     assert [(r["decision"], r["reason"]) for r in h.drain(2)] == [("served", None),
                                                                  ("would_deny", "requests_per_minute")]
+
+
+def test_upstream_cutting_a_stream_is_passed_on_and_settled(upstream, make_gateway):
+    h = make_gateway(policy_for(upstream.port, [{"models": ["cut-stream", "error-*"],
+                                                 "tokens_per_minute": 100_000}]), upstream.port)
+    with pytest.raises(openai.APIConnectionError):
+        for _ in oai(h).chat.completions.create(model="cut-stream", messages=MSG, stream=True):
+            pass
+    with pytest.raises(openai.BadRequestError):            # the upstream's own error, passed through as it came
+        oai(h).chat.completions.create(model="error-400", messages=MSG)
+    recs = h.drain(2)
+    assert recs[0]["incomplete"] is True and recs[0]["output_tokens"] is None
+    assert (recs[1]["status"], recs[1]["error_type"]) == (400, "invalid_request_error")
+    settled, reserved = h.gw.budgets.committed(("chat", "openai"))
+    assert reserved == 0 and 0 < settled < 100                # the cut stream charged what it sent; the error nothing
