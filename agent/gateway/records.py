@@ -3,8 +3,8 @@
 The gateway's `RecordSender` never blocks: when the agent's socket queue is full (Linux queues only
 net.unix.max_dgram_qlen = 10 datagrams by default) records wait in a bounded backlog, flushed when the socket is
 writable again (`attach(loop)`: asyncio's add_writer); a full backlog, or no agent listening, drops the record and
-counts it. Each record carries `seq`, the sender's running number, so the agent's `GatewayRecordReceiver` also counts what
-was lost on the way (gaps) — and restarts of the gateway (seq back to 0) are not counted as losses.
+counts it. Each record carries `seq`, the sender's running number, so the agent's `GatewayRecordReceiver` also
+counts what was lost on the way (gaps) — and restarts of the gateway (seq back to 0) are not counted as losses.
 """
 from __future__ import annotations
 

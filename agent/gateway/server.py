@@ -269,8 +269,9 @@ class Gateway:
         s = self.settings
         assert self._web is not None
         h = _Conn(self._web, loop=asyncio.get_running_loop(), origin=origin, server_name=server_name, tls=tls,
-                  head_timeout=s.header_timeout_s, on_error=self._bad_request, keepalive_timeout=s.keepalive_s, max_line_size=s.max_line,
-                  max_field_size=s.max_field, max_headers=s.max_headers, lingering_time=0.5)
+                  head_timeout=s.header_timeout_s, on_error=self._bad_request, keepalive_timeout=s.keepalive_s,
+                  max_line_size=s.max_line, max_field_size=s.max_field, max_headers=s.max_headers,
+                  lingering_time=0.5, access_log=None)     # no access log: each request is a record to the agent
         transport.set_protocol(h)
         h.connection_made(transport)
         if early:

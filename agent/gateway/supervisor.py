@@ -1,8 +1,9 @@
 """Keeps the gateway process running beside the agent: its own process, so gateway load never stalls the agent's
 ring draining. Spawned into the gateway cgroup (the child writes its own pid into `cgroup.procs` before it execs the
 gateway, so not one of its connections is made from the agent's cgroup: a `/bin/sh` step rather than a Python
-`preexec_fn`, which is unsafe after fork in the multi-threaded agent), restarted with exponential back-off when it exits (counted),
-sent SIGHUP when the policy file changes, stopped (SIGTERM, then SIGKILL) on close.
+`preexec_fn`, which is unsafe after fork in the multi-threaded agent), restarted with exponential back-off when it
+exits (counted), sent SIGHUP when the policy file changes, stopped (SIGTERM, then SIGKILL) on close. Health: the
+process being alive (`alive()`).
 
 `poll()` does one round of the checks; `start()` runs it in a thread every `interval_s`.
 """
@@ -18,6 +19,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 log = logging.getLogger("aimesh.gateway")
+
+
+def gateway_argv(python: str, policy: Path, origin_pin: Path, listen: str, records: Path,
+                 ca_dir: Path | None) -> list[str]:
+    """The command line of the gateway process (agent/gateway/__main__.py)."""
+    argv = [python, "-m", "agent.gateway", "--policy", str(policy), "--origin-pin", str(origin_pin),
+            "--listen", listen, "--records", str(records)]
+    return argv + (["--ca-dir", str(ca_dir)] if ca_dir is not None else [])
 
 
 @dataclass(frozen=True, slots=True)

@@ -188,7 +188,8 @@ def test_allowed_model_served_plain_and_streamed_with_records(upstream, make_gat
                                                              "gpt-4o-mini")]
     assert (recs[0]["input_tokens"], recs[0]["output_tokens"]) == (calls[0].input_tokens, calls[0].output_tokens)
     assert recs[0]["stream"] is False
-    assert recs[1]["stream"] is True and recs[1]["output_tokens"] == calls[1].output_tokens == 7 and recs[1]["output_chunks"] > 7
+    assert recs[1]["stream"] is True and recs[1]["output_tokens"] == calls[1].output_tokens == 7
+    assert recs[1]["output_chunks"] > 7
     assert recs[0]["response_model"] == "gpt-4o-served" and recs[0]["status"] == 200
 
 
