@@ -119,20 +119,35 @@ class _Conn(RequestHandler):
         self._head_timeout = head_timeout
         self._timer: asyncio.TimerHandle | None = None
         self.in_request = False
+        self._body_read = False
+        self._next_head = False      # bytes of a pipelined next request arrived while this one was served
 
     def data_received(self, data: bytes) -> None:
-        if self._timer is None and not self.in_request and self.transport is not None:
-            self._timer = asyncio.get_running_loop().call_later(self._head_timeout, self._too_slow)
+        if self.in_request:
+            self._next_head = self._next_head or self._body_read
+        elif self._timer is None and self.transport is not None:
+            self._start_timer()
         super().data_received(data)
+
+    def _start_timer(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self._head_timeout, self._too_slow)
 
     def request_started(self) -> None:
         self.in_request = True
+        self._body_read = self._next_head = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
+    def body_read(self) -> None:
+        self._body_read = True
+
     def request_done(self) -> None:
+        """A pipelined next head that arrived in its own segment during this request gets the head timer too; one that
+        came in the same segment as this request is bounded by aiohttp's keep-alive timeout (idle handler)."""
         self.in_request = False
+        if self._next_head and self._timer is None and self.transport is not None:
+            self._start_timer()       # the next head must be complete in time too (its handler cancels this)
 
     def _too_slow(self) -> None:
         self._timer = None
@@ -355,6 +370,7 @@ class Gateway:
                 f"aimesh: request body not received in {self.settings.body_timeout_s:.0f}s"), "body_timeout",
                 close=True)
         rec["request_bytes"] = len(body)
+        conn.body_read()
         if dest is None:
             return self._refuse(request, rec, protocol, Refusal(
                 403, "permission_denied", "model_not_allowed",

@@ -13,7 +13,8 @@ from tests.unit.test_gateway_server import make_gateway, policy_for, upstream  #
 CHAT = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
 
 
-def _exchange(h, data: bytes, *, timeout: float = 15.0) -> bytes:
+def _exchange(h, data: bytes, *, timeout: float = 15.0, must_close: bool = False) -> bytes:
+    """Send, read until the gateway closes (must_close: a read timeout fails the test instead of ending the read)."""
     s = socket.create_connection((h.host, h.port), timeout=timeout)
     try:
         s.sendall(data)
@@ -21,7 +22,10 @@ def _exchange(h, data: bytes, *, timeout: float = 15.0) -> bytes:
         while True:
             try:
                 b = s.recv(65536)
-            except (ConnectionResetError, socket.timeout):
+            except ConnectionResetError:
+                break
+            except socket.timeout:
+                assert not must_close, f"the gateway kept the connection open; read {out[:80]!r}"
                 break
             if not b:
                 break
@@ -79,8 +83,26 @@ def test_oversized_body_is_refused_with_and_without_content_length(gw, upstream)
 
 
 def test_slow_client_head_is_cut(gw, upstream):  # noqa: F811
-    resp = _exchange(gw, CHAT + b"Content-Le")           # never finishes its head
+    resp = _exchange(gw, CHAT + b"Content-Le", must_close=True)      # never finishes its head
     assert resp == b"" and upstream.connections == {}
+
+
+def test_slow_head_on_a_kept_alive_connection_is_cut(gw, upstream):  # noqa: F811
+    one = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    s = socket.create_connection((gw.host, gw.port), timeout=15)
+    with s:
+        s.sendall(CHAT + b"Content-Length: %d\r\n\r\n" % len(one) + one)
+        got = b""
+        while b"[DONE]" not in got and b'"usage"' not in got:
+            b = s.recv(65536)
+            assert b, got
+            got += b
+        assert _status(got) == 200
+        s.sendall(CHAT + b"Content-Le")                       # the next request's head never completes
+        try:
+            assert s.recv(65536) == b""
+        except ConnectionResetError:
+            pass
 
 
 def test_slow_client_body_gets_408(gw, upstream):  # noqa: F811
