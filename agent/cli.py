@@ -93,6 +93,15 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ca_export(args: argparse.Namespace) -> int:
+    from agent.gateway.ca import CAError, NodeCA
+    try:
+        sys.stdout.write(NodeCA(args.ca_dir).cert_pem().decode())
+    except (CAError, OSError) as e:
+        raise AgentError(f"--ca-dir {args.ca_dir}: {e}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aimesh", description="eBPF governance mesh for AI workloads")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -137,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate and compile a config without loading anything")
     c.add_argument("--config", required=True)
     c.set_defaults(func=_check)
+
+    ca = sub.add_parser("ca", help="the node CA of the gateway's TLS interception")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    ce = ca_sub.add_parser("export", help="print the node CA certificate (PEM) to mount into workloads "
+                           "(created on first use, key 0600)")
+    ce.add_argument("--ca-dir", type=Path, default=Path("/var/lib/aimesh/ca"))
+    ce.set_defaults(func=_ca_export)
 
     try:
         from agent.demo import runner as demo
