@@ -16,7 +16,8 @@ def _agent(args: argparse.Namespace) -> int:
     opts = AgentOptions(config_path=Path(args.config), cgroup_root=args.cgroup_root,
                         metrics_addr=args.metrics_addr, flow_log=args.flow_log, records_log=args.records_log,
                         collector=args.collector, agent_id=args.agent_id, ephemeral=args.ephemeral,
-                        bpf_root=args.bpf_root, watch_config={"auto": None, "on": True, "off": False}[args.watch_config])
+                        bpf_root=args.bpf_root, watch_config={"auto": None, "on": True, "off": False}[args.watch_config],
+                        kubeconfig=args.kubeconfig, node_name=args.node_name)
     return Agent(opts).run()
 
 
@@ -92,6 +93,15 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ca_export(args: argparse.Namespace) -> int:
+    from agent.gateway.ca import CAError, NodeCA
+    try:
+        sys.stdout.write(NodeCA(args.ca_dir).cert_pem().decode())
+    except (CAError, OSError) as e:
+        raise AgentError(f"--ca-dir {args.ca_dir}: {e}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aimesh", description="eBPF governance mesh for AI workloads")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -115,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-read the config when the file changes, as SIGHUP does (checked every second); auto "
                    "(default): on when the file is in a kubelet-mounted ConfigMap (its directory has ..data), whose "
                    "updates are atomic; off elsewhere, where an editor may save a file in several writes")
+    a.add_argument("--kubeconfig", type=Path, default=None,
+                   help="kubeconfig file for the Kubernetes API (development; overrides kubernetes.kubeconfig); "
+                   "default: the pod's service account (in-cluster)")
+    a.add_argument("--node-name", default=None,
+                   help="this node's Kubernetes name: only its pods are watched (overrides kubernetes.node_name; "
+                   "default: the NODE_NAME environment variable, set from the downward API spec.nodeName)")
     a.add_argument("--bpf-root", type=Path, default=None, help=argparse.SUPPRESS)   # tests: build from a copy of bpf/
     a.set_defaults(func=_agent)
 
@@ -130,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="validate and compile a config without loading anything")
     c.add_argument("--config", required=True)
     c.set_defaults(func=_check)
+
+    ca = sub.add_parser("ca", help="the node CA of the gateway's TLS interception")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    ce = ca_sub.add_parser("export", help="print the node CA certificate (PEM) to mount into workloads "
+                           "(created on first use, key 0600)")
+    ce.add_argument("--ca-dir", type=Path, default=Path("/var/lib/aimesh/ca"))
+    ce.set_defaults(func=_ca_export)
 
     try:
         from agent.demo import runner as demo

@@ -32,6 +32,8 @@ from yaml.constructor import SafeConstructor
 from yaml.resolver import Resolver
 
 RESERVED_IDENTITIES = ("unmanaged", "world", "unresolved")
+GATEWAY = "gateway"   # reserved: the node's L7 gateway (its cgroup <governed root>/aimesh-gateway), never in policies
+GATEWAY_CGROUP = "aimesh-gateway"
 UNRESOLVED = "unresolved"   # a cgroup under the kubepods hierarchy whose pod is not known yet (kubernetes.unresolved)
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")    # used with fullmatch: `$` would accept a trailing newline
 HOST_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -421,12 +423,144 @@ class Deprecation(_Strict):
 
 class LlmCapture(_Strict):
     """What aimesh records of the LLM API calls made to this identity (plaintext capture, bpf/capture.c)."""
-    protocol: Literal["auto", "openai", "anthropic", "ollama", "off"] = "auto"
-    capture_content: bool = False      # prompt and completion text, redacted, up to a cap
+    protocol: Literal["auto", "openai", "anthropic", "ollama", "off"] = "auto"   # auto: recognised by method, path
+    capture_content: Optional[bool] = None   # prompt and completion text, redacted, up to a cap; None: the global llm:
 
     @property
     def enabled(self) -> bool:
         return self.protocol != "off"
+
+
+MAX_MODEL_LEN = 256      # a model name or glob
+
+
+def _model_glob(v: str, what: str) -> str:
+    """A glob over model names (fnmatch: *, ?, [...]): printable, no spaces, every '[' closed."""
+    _text(v, what, MAX_MODEL_LEN)
+    if " " in v:
+        raise ValueError(f"{what} {show(v)} has a space")
+    i = v.find("[")
+    while i >= 0:
+        j = i + 1
+        if v[j:j + 1] == "!":
+            j += 1
+        if v[j:j + 1] == "]":   # a leading ']' is a member of the set
+            j += 1
+        k = v.find("]", j)
+        if k < 0:
+            raise ValueError(f"{what} {show(v)}: the '[' at offset {i} is not closed")
+        i = v.find("[", k + 1)
+    return v
+
+
+def _secret_file(v: Path, what: str) -> Path:
+    """An existing regular file, mode 0600 or 0400, owned by root: the gateway reads a provider key from it."""
+    _path(v, what)
+    try:
+        st = os.stat(v)
+    except OSError as e:
+        raise ValueError(f"{what} {str(v)!r}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} {str(v)!r} is not a regular file")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode not in (0o600, 0o400):
+        raise ValueError(f"{what} {str(v)!r} has mode {mode:04o}; it holds a key: chmod 0600 (or 0400)")
+    if st.st_uid != 0:
+        raise ValueError(f"{what} {str(v)!r} is owned by uid {st.st_uid}; it must be owned by root")
+    return v
+
+
+def _existing_file(v: Path, what: str) -> Path:
+    _path(v, what)
+    try:
+        st = os.stat(v)
+    except OSError as e:
+        raise ValueError(f"{what} {str(v)!r}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} {str(v)!r} is not a regular file")
+    return v
+
+
+class ModelLifecycle(_Strict):
+    """One model served by an LLM destination, and when it retires (the gateway rewrites it to the successor after
+    the sunset, or refuses it without one)."""
+    name: str
+    deprecated: Optional[Deprecation] = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        _text(v, "model name", MAX_MODEL_LEN)
+        if any(c in v for c in "*?[ "):
+            raise ValueError(f"model name {show(v)} must be a name, not a glob (no *, ?, [ or spaces)")
+        return v
+
+    @model_validator(mode="after")
+    def _successor(self) -> "ModelLifecycle":
+        succ = self.deprecated.successor if self.deprecated else None
+        if succ is not None:
+            ModelLifecycle._name(succ)
+            if succ == self.name:
+                raise ValueError(f"deprecated.successor: model {self.name!r} cannot succeed itself")
+        return self
+
+
+class LlmSettings(LlmCapture):
+    """llm: of an identity: what aimesh records of its LLM API calls (LlmCapture) and, with gateway: enforce, the L7
+    gateway's handling of connections to it (issue 10)."""
+    gateway: Literal["off", "enforce"] = "off"
+    tls: Optional[Literal["intercept", "originate"]] = None   # unset: the clients and the upstream speak plain HTTP
+    upstream_ca: Optional[Path] = Field(default=None, strict=False)    # roots the gateway trusts upstream
+    api_key_file: Optional[Path] = Field(default=None, strict=False)   # the provider key the gateway injects
+    models: list[ModelLifecycle] = Field(default_factory=list, max_length=10_000)
+
+    @field_validator("upstream_ca")
+    @classmethod
+    def _ca(cls, v: Optional[Path]) -> Optional[Path]:
+        return None if v is None else _existing_file(v, "upstream_ca")
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _key(cls, v: Optional[Path]) -> Optional[Path]:
+        return None if v is None else _secret_file(v, "api_key_file")
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, v: list[ModelLifecycle]) -> list[ModelLifecycle]:
+        seen: set[str] = set()
+        for m in v:
+            if m.name in seen:
+                raise ValueError(f"model {m.name!r} is listed twice")
+            seen.add(m.name)
+        return v
+
+    @model_validator(mode="after")
+    def _needs_gateway(self) -> "LlmSettings":
+        if self.gateway == "enforce":
+            if self.protocol == "off":
+                raise ValueError("gateway: enforce needs a protocol (protocol is off)")
+            return self
+        for name in ("tls", "upstream_ca", "api_key_file"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: takes effect in the L7 gateway only: set gateway: enforce")
+        if self.models:
+            raise ValueError("models: model lifecycle takes effect in the L7 gateway only: set gateway: enforce")
+        return self
+
+    @model_validator(mode="after")
+    def _upstream_ca_tls(self) -> "LlmSettings":
+        if self.upstream_ca is not None and self.tls is None:
+            raise ValueError("upstream_ca: the upstream is plain HTTP without tls (intercept or originate)")
+        return self
+
+    @property
+    def enforced(self) -> bool:
+        return self.gateway == "enforce"
+
+    @property
+    def needs_l7(self) -> bool:
+        """Every connection a policy allows to this destination goes through the gateway."""
+        return self.enforced and bool(self.models or self.api_key_file is not None or self.tls == "originate")
 
 
 LLM_DEFAULT_ON = LlmCapture()
@@ -442,14 +576,14 @@ class Identity(_Strict):
     select: Select = Field(default_factory=Select)
     endpoints: list[Endpoint] = Field(default_factory=list)
     deprecated: Optional[Deprecation] = None
-    llm: Optional[LlmCapture] = None   # default: auto for kinds model and external, off otherwise
+    llm: Optional[LlmSettings] = None   # default: auto for kinds model and external, off otherwise
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         if not NAME_RE.fullmatch(v):
             raise ValueError(f"name {show(v)} must match [a-z0-9][a-z0-9._-]* and have at most 63 characters")
-        if v in RESERVED_IDENTITIES:
+        if v in RESERVED_IDENTITIES or v == GATEWAY:
             raise ValueError(f"name {v!r} is reserved")
         return v
 
@@ -483,9 +617,19 @@ class Identity(_Strict):
             return self.llm
         return LLM_DEFAULT_ON if self.kind in ("model", "external") else LLM_DEFAULT_OFF
 
+    @property
+    def gateway_enforced(self) -> bool:
+        """llm.gateway: enforce: connections a model policy covers go through the node's L7 gateway."""
+        return self.llm is not None and self.llm.enforced
+
 
 def _names(v: Any) -> Any:
     return [v] if isinstance(v, str) else v
+
+
+L7_POLICY_FIELDS = ("models", "max_tokens", "cap_max_tokens", "tokens_per_minute", "requests_per_minute",
+                    "tokens_per_day")
+MAX_TOKENS_LIMIT = 1 << 31      # any count of tokens or requests in a policy
 
 
 class Policy(_Strict):
@@ -493,8 +637,52 @@ class Policy(_Strict):
     to: list[str]
     ports: list[int] = Field(default_factory=list)   # empty = any port
     protocol: Literal["tcp", "udp", "any"] = "any"
+    # model policy (issue 10), judged per request by the L7 gateway; all optional
+    models: Optional[list[str]] = Field(default=None, max_length=1000)   # globs over the request's model; None: any
+    max_tokens: Optional[int] = None           # a request asking for more is refused (or capped: cap_max_tokens)
+    cap_max_tokens: bool = False
+    tokens_per_minute: Optional[int] = None    # input + output, per source identity and destination
+    requests_per_minute: Optional[int] = None
+    tokens_per_day: Optional[int] = None
 
     _listify = field_validator("from_", "to", mode="before")(_names)
+
+    @field_validator("models")
+    @classmethod
+    def _globs(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("an empty list allows no model: leave models out to allow any")
+        for g in v:
+            _model_glob(g, "model glob")
+        return v
+
+    @field_validator("max_tokens", "tokens_per_minute", "requests_per_minute", "tokens_per_day")
+    @classmethod
+    def _positive(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None:
+            if v <= 0:
+                raise ValueError("must be > 0")
+            if v > MAX_TOKENS_LIMIT:
+                raise ValueError(f"must be at most {MAX_TOKENS_LIMIT}")
+        return v
+
+    @model_validator(mode="after")
+    def _l7(self) -> "Policy":
+        if self.cap_max_tokens and self.max_tokens is None:
+            raise ValueError("cap_max_tokens: caps requests at max_tokens, which is not set")
+        if self.has_l7_fields and self.protocol == "udp":
+            raise ValueError(f"protocol: udp cannot carry a model policy ({', '.join(self.l7_fields)})")
+        return self
+
+    @property
+    def l7_fields(self) -> list[str]:
+        return [f for f in L7_POLICY_FIELDS if getattr(self, f) not in (None, False)]
+
+    @property
+    def has_l7_fields(self) -> bool:
+        return bool(self.l7_fields)
 
     @field_validator("ports")
     @classmethod
@@ -711,11 +899,67 @@ class LimitSettings(_Strict):
         return v
 
 
+class GatewaySettings(_Strict):
+    """The node's L7 gateway (issue 10): where it listens, the address connects are rewritten to, its CA."""
+    listen: str = "127.0.0.1:15001"
+    redirect_address: Optional[str] = None        # default: listen
+    ca_dir: Path = Field(default=Path("/var/lib/aimesh/ca"), strict=False)   # the node CA (key 0600, kept)
+    mode: Optional[Literal["enforce", "audit"]] = None   # default: the global mode
+
+    @field_validator("listen", "redirect_address")
+    @classmethod
+    def _address(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            parse_backend(v)
+        return v
+
+    @field_validator("ca_dir")
+    @classmethod
+    def _ca_dir(cls, v: Path) -> Path:
+        _path(v, "ca_dir")
+        if not v.is_absolute():
+            raise ValueError(f"ca_dir {str(v)!r} must be an absolute path")
+        return v
+
+    @model_validator(mode="after")
+    def _concrete(self) -> "GatewaySettings":
+        if self.redirect_address is None and self.redirect[0].is_unspecified:
+            raise ValueError(f"redirect_address: needed when listen ({self.listen}) is a wildcard address: connects "
+                             "are rewritten to one address")
+        if self.redirect_address is not None and self.redirect[0].is_unspecified:
+            raise ValueError(f"redirect_address: {self.redirect_address} is a wildcard address")
+        return self
+
+    @property
+    def redirect(self) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+        """(address, port) the kernel rewrites connects that need the gateway to."""
+        return parse_backend(self.redirect_address or self.listen)
+
+
 def _endpoint_slot(net: Network, port: int) -> tuple[bytes, int, int]:
     """What an endpoint occupies in endpoint_identity: IPv4 as v4-mapped IPv6, like the compiler's keys."""
     if net.version == 4:
         return b"\x00" * 10 + b"\xff\xff" + net.network_address.packed, net.prefixlen + 96, port
     return net.network_address.packed, net.prefixlen, port
+
+
+class NodeLlmSettings(_Strict):
+    """Node-wide model-call settings: content capture's default, its size cap and the redaction rules (applied in the
+    agent before any text leaves the node; the built-in rules for API keys and e-mail addresses always apply)."""
+    capture_content: bool = False
+    content_max_chars: int = Field(default=16384, ge=0, le=1 << 20)   # of prompt and of completion text, each
+    redact: list[str] = Field(default_factory=list, max_length=64)    # Python regular expressions
+
+    @field_validator("redact")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for i, r in enumerate(v):
+            _text(r, f"redact.{i}", 512)
+            try:
+                re.compile(r)
+            except re.error as e:
+                raise ValueError(f"redact.{i}: {show(r)} is not a regular expression ({e})") from None
+        return v
 
 
 class Config(_Strict):
@@ -729,6 +973,26 @@ class Config(_Strict):
     telemetry: Telemetry = Field(default_factory=Telemetry)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     kubernetes: Optional[KubernetesSettings] = None
+    llm: NodeLlmSettings = Field(default_factory=NodeLlmSettings)
+
+    def capture_content(self, ident: "Identity") -> bool:
+        """Content capture for calls to `ident`: its own llm.capture_content, else the global llm.capture_content."""
+        own = ident.llm_capture.capture_content
+        return self.llm.capture_content if own is None else own
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+
+    @property
+    def uses_gateway(self) -> bool:
+        """Some identity has llm.gateway: enforce: the node runs the L7 gateway (reserved identity `gateway`)."""
+        return any(i.gateway_enforced for i in self.identities)
+
+    def pair_needs_l7(self, policy: "Policy", dst: str) -> bool:
+        """Connections this policy allows to dst go through the gateway: the policy has model fields, or the
+        destination has model lifecycle entries, a provider key or tls: originate (and gateway: enforce)."""
+        ident = self.identity(dst)
+        if ident is None or not ident.gateway_enforced:
+            return False
+        return policy.has_l7_fields or ident.llm.needs_l7
 
     @property
     def uses_kubernetes(self) -> bool:
@@ -760,6 +1024,7 @@ class Config(_Strict):
                     raise ValueError(f"redirects.{i}.from: unknown identity {show(s)}")
             if r.to not in seen:
                 raise ValueError(f"redirects.{i}.to: unknown identity {show(r.to)}")
+        self._check_model_policies()
         self._check_endpoints()
         self._check_redirect_keys()
         self._check_expansion()
@@ -790,6 +1055,21 @@ class Config(_Strict):
                 on_chain.add(n)
                 n = successor.get(n)
             done.update(chain)
+
+    def _check_model_policies(self) -> None:
+        """A model policy needs every destination it names behind the gateway: else nothing would enforce it."""
+        index = {ident.name: i for i, ident in enumerate(self.identities)}
+        for i, p in enumerate(self.policies):
+            if not p.has_l7_fields:
+                continue
+            for dst in p.to:
+                ident = self.identity(dst)
+                if ident is None:
+                    raise ValueError(f"policies.{i}.to: {dst!r} is a reserved identity; a model policy "
+                                     f"({', '.join(p.l7_fields)}) needs a destination with llm.gateway: enforce")
+                if not ident.gateway_enforced:
+                    raise ValueError(f"policies.{i}: a model policy ({', '.join(p.l7_fields)}) to {dst!r} needs "
+                                     f"identities.{index[dst]}.llm.gateway: enforce ({dst!r} has gateway: off)")
 
     def _check_endpoints(self) -> None:
         owner: dict[tuple[bytes, int, int], tuple[str, str]] = {}

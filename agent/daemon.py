@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -28,23 +29,26 @@ from agent.flows.sink import RecordSink, RecordsLogSink
 from agent.identity.assigner import IdentityAssigner
 from agent.identity.cgroups import cgroup2_mount, cgroup_id
 from agent.identity.host import local_address_keys
+from agent.config_watch import ConfigWatch, kubelet_mounted
 from agent.identity.k8s.model import ClusterState
-from agent.identity.k8s.resolve import ClusterView, Debouncer, PodResolutionStats, resolve_endpoints, snapshot
+from agent.identity.k8s.source import KubernetesSource
 from agent.kernel.pins import FORMAT as PIN_FORMAT
 from agent.kernel.pins import DatapathDir, PinError, RootLock, check_format, prune_dir, read_manifest, write_manifest
 from agent.errors import AgentError
 from agent.flows.denials import DenialAggregator, denial_record
 from agent.flows.decode import DecodeError, decode_agent_event, decode_decision, to_json, wall_time
 from agent.flows.records import (UdpWindow, decision_record, decode_flow_event, flow_record, identity_data,
-                                 udp_aggregate)
+                                 udp_aggregate, with_workload)
 from agent.kernel import abi
-from agent.export.call_sinks import CallSinks, CommCache, build_call_sinks
+from agent.export.call_sinks import CallDispatch, CallSinks, CommCache, build_call_sinks
 from agent.collector.channel import ConfigError as ChannelError
 from agent.export.collector_client import FlowExporter
 from agent.export.genai_metrics import IdentityCompute
 from agent.export.model_metrics import ModelCallTally
 from agent.identity.cgroups import walk as cgroup_walk
 from agent.l7.capture import CaptureDecodeError, CaptureTracker, decode_capture_event
+from agent.l7.llm import Protocol as LlmProtocol
+from agent.l7.record import DecoderOptions
 from agent.l7.tls_visibility import NotVisible, TlsNotVisibleTally, TlsVisibility, describe_not_visible
 from agent.policy.capacity import check_capacity
 from agent.policy.compile import compile_image
@@ -60,8 +64,6 @@ DRAIN_TIME_S = 0.05   # ... and at most this long per turn, so signals, reloads 
 FULL_LOG_EVERY_S = 60  # a full map is logged at once, then at most this often
 MAX_WRITE_BACKLOG = 64  # spool batches queued for the disk before the loop stops reading the rings
 HOUSEKEEPING_S = 15   # prune exited processes and ports no socket holds; refresh the clock offset
-K8S_ENDPOINTS_DEBOUNCE_S = 0.2   # cluster changes re-apply the endpoint map at most this often
-K8S_SYNC_WAIT_S = 5.0            # at start, how long the first lists may take before cgroups are assigned
 
 
 @dataclass
@@ -78,67 +80,8 @@ class AgentOptions:
     bpf_root: Optional[Path] = None            # bpf/ sources to build from (tests of upgrades); default: the package's
     pin_base: Optional[Path] = None            # default /sys/fs/bpf/aimesh
     kubeconfig: Optional[Path] = None          # overrides config kubernetes.kubeconfig (development)
+    node_name: Optional[str] = None            # overrides config kubernetes.node_name (default: $NODE_NAME)
     watch_config: Optional[bool] = None        # reload when the file changes; None: when it is kubelet-mounted
-
-
-def remote_pod_selectors(config: Config) -> list:
-    """The `pods:` endpoints' selectors (PodsSelector), in file order without repeats: what the remote-pod watches
-    ask the API server for."""
-    from agent.config import PodsEndpoint
-    out: list = []
-    for i in config.identities:
-        for e in i.k8s_endpoints:
-            if isinstance(e, PodsEndpoint) and e.pods not in out:
-                out.append(e.pods)
-    return out
-
-
-def k8s_needs(config: Optional[Config]) -> tuple:
-    """What the Kubernetes watch is started with: a reload that changes it needs a restart."""
-    if config is None or not config.uses_kubernetes:
-        return (False,)
-    k = config.k8s
-    return (True, k.kubeconfig, k.node_name, tuple(s.model_dump_json() for s in remote_pod_selectors(config)))
-
-
-def kubelet_mounted(path: Path) -> bool:
-    """Is path a file of a kubelet-mounted ConfigMap or Secret volume (its directory has the `..data` symlink)?
-    kubelet updates such a volume by writing a new `..<timestamp>` directory and renaming a symlink onto `..data`:
-    every file changes at once and is never seen half-written."""
-    return (path.parent / "..data").is_symlink()
-
-
-class ConfigWatch:
-    """Notices that the config file changed, by polling (one stat per call, no inotify, no dependency).
-
-    The signature is the resolved path (kubelet's `..data` swap changes it, even for identical bytes) and the file's
-    device, inode, size and mtime (an editor's rename or an in-place write changes one of them). A file that is
-    missing for a moment (mid-swap, or removed) is no change: the policy in force stays and the next call looks again.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._seen = self._signature()
-
-    def _signature(self) -> Optional[tuple[str, int, int, int, int]]:
-        try:
-            real = os.path.realpath(self.path)
-            st = os.stat(real)
-        except OSError:
-            return None
-        return real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-    def changed(self) -> bool:
-        """True once per change since the last call (or the last seen_now())."""
-        sig = self._signature()
-        if sig is None or sig == self._seen:
-            return False
-        self._seen = sig
-        return True
-
-    def seen_now(self) -> None:
-        """The file as it is now is the one being loaded (a SIGHUP reload): no second reload for it."""
-        self._seen = self._signature() or self._seen
 
 
 def preflight() -> None:
@@ -202,13 +145,10 @@ def exporter_config(config: Config, opts: AgentOptions):
 class Agent:
     def __init__(self, opts: AgentOptions, cluster: Optional[ClusterState] = None) -> None:
         """cluster: a ClusterState someone else fills (tests); default: one the agent's own watch fills when the
-        config uses Kubernetes (agent/identity/k8s/watch.py)."""
+        config uses Kubernetes (agent/identity/k8s/source.py)."""
         self.opts = opts
-        self.cluster = cluster
-        self.watch = None                           # agent/identity/k8s/watch.Watch when the agent started one
-        self.k8s_stats = PodResolutionStats()
-        self._pods_changed = False                  # set from the watch threads; the loop re-assigns
-        self._endpoints_changed = Debouncer(K8S_ENDPOINTS_DEBOUNCE_S)
+        self.k8s = KubernetesSource(cluster, opts.kubeconfig, opts.node_name)
+        self._workloads = None                      # cgroup id -> WorkloadData, when Kubernetes is on
         self.resolved: tuple = ()                   # the remote ends the live generation was compiled with
         self.numbering = IdentityNumbering()
         self.identities: dict[int, IdentityMeta] = {}
@@ -235,10 +175,15 @@ class Agent:
         self._read_pos: dict[str, int] = {}      # per ring: read up to here, saved and released up to consumer_pos
         self._write_failures_seen = 0
         self._udp_last = time.monotonic_ns()
-        self.capture = CaptureTracker(self._capture_content)
+        self._decoder_cache: tuple = (None, {})
+        self.capture = CaptureTracker(options=self._decoder_options)
         self.model_calls = ModelCallTally()
         self.call_sinks: Optional[CallSinks] = None
         self._comms = CommCache()
+        self._drain_cut = False     # the last drain stopped at its budget or time limit: no sleep before the next
+        self._dispatch = CallDispatch(lambda: self.identities, self._comms,
+                                      lambda: self.call_sinks.sinks if self.call_sinks is not None else (),
+                                      self._sink_failed, workload=self._caller_workload)
         self.tls_probes = None                      # agent/kernel/uprobes.TlsProbes once the datapath is in force
         self.tls_visibility = TlsVisibility()
         self.tls_not_visible = TlsNotVisibleTally()
@@ -350,15 +295,17 @@ class Agent:
                                    lambda: self.identities, self._metrics_state)
         compute = IdentityCompute(self._identity_cgroups, mount)
         try:
-            self._start_kubernetes(config)
+            self.k8s.mount = mount
+            self.k8s.start(config)
+            self._workloads = self.k8s.workload if self.k8s.active else None   # records name the pod where known
         except AgentError:
             dp.close()
             raise
         try:
             metrics = MetricsServer(self.opts.metrics_addr,
                                     build_registry(collector, [self.flow_tally, *self.call_sinks.collectors(),
-                                                               self.tls_not_visible, compute, self.k8s_stats,
-                                                               *([self.watch.collector()] if self.watch else [])]),
+                                                               self.tls_not_visible, compute,
+                                                               *self.k8s.collectors()]),
                                     lambda: self.healthy,
                                     health=lambda: (not self.degraded, sorted(self.degraded)),
                                     loop_age_s=lambda: time.monotonic() - self.last_tick if self.healthy else 0.0)
@@ -373,7 +320,7 @@ class Agent:
         self.call_sinks.start()
         for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
             signal.signal(s, self._on_signal)
-        self.assigner = IdentityAssigner(dp, self.numbering, mount, root, self._on_map_full, stats=self.k8s_stats)
+        self.assigner = IdentityAssigner(dp, self.numbering, mount, root, self._on_map_full, stats=self.k8s.stats)
         # what a previous agent left in the kernel, so the resync also clears what no longer matches
         self.assigner.cgroups = dp.identity_entries("cgroup_identity")
         self.assigner.processes = dp.identity_entries("process_identity")
@@ -410,8 +357,7 @@ class Agent:
                          st.sent_records, st.spool_batches, st.dropped)
             if self.tls_probes is not None:
                 self.tls_probes.close()
-            if self.watch is not None:
-                self.watch.stop()
+            self.k8s.stop()
             try:
                 self.call_sinks.close()
             except Exception:  # noqa: BLE001 - stopping goes on: the datapath and logs are closed below
@@ -429,77 +375,13 @@ class Agent:
             log.info("agent stopped")
         return 0
 
-    # ---- Kubernetes ----
-    def _start_kubernetes(self, config: Config) -> None:
-        """When the config uses Kubernetes: the ClusterState (the agent's own watch unless one was given) and the
-        change hook. The first lists get K8S_SYNC_WAIT_S before cgroups are assigned (fewer `unresolved`)."""
-        if not config.uses_kubernetes:
-            return
-        if self.cluster is None:
-            try:
-                from agent.identity.k8s.convert import label_selector
-                from agent.identity.k8s.watch import PodScope, WatchConfigError, start_watch
-            except ImportError as e:
-                raise AgentError(f"kubernetes: the API watch is not available ({e})") from None
-            k = config.k8s
-            node = k.node()
-            if not node:
-                raise AgentError("kubernetes.node_name: not set and NODE_NAME is empty (set it from the downward "
-                                 "API: spec.nodeName)")
-            kubeconfig = self.opts.kubeconfig or k.kubeconfig
-            # remote pods: one watch per `pods:` endpoint, filtered by the API server (its namespace when named, its
-            # podSelector); a namespaceSelector is applied here, over the namespaces' labels
-            scopes = [PodScope(sel.namespace or "", label_selector(sel.pod_selector.match_labels,
-                                                                   sel.pod_selector.match_expressions))
-                      for sel in remote_pod_selectors(config)]
-            self.cluster = ClusterState()
-            try:
-                self.watch = start_watch(self.cluster, node, str(kubeconfig) if kubeconfig else None,
-                                         need_all_pods=bool(scopes), pod_scopes=scopes)
-            except WatchConfigError as e:
-                raise AgentError(str(e)) from None
-            if not self.watch.wait_synced(K8S_SYNC_WAIT_S):
-                log.warning("kubernetes: the first lists took over %.0fs; pods not known yet are `unresolved` "
-                            "(kubernetes.unresolved: %s)", K8S_SYNC_WAIT_S, k.unresolved)
-        prev = self.cluster.on_change
-        self.cluster.on_change = lambda kind: (prev(kind), self._on_cluster_change(kind))
-
-    def _on_cluster_change(self, kind: str) -> None:
-        """Called from the watch threads: only flags; the loop acts."""
-        if kind in ("pods", "namespaces"):
-            self._pods_changed = True
-        self._endpoints_changed.poke()
-
-    def _view(self) -> ClusterView:
-        return snapshot(self.cluster) if self.cluster is not None else ClusterView()
-
-    def _k8s_turn(self) -> None:
-        """One loop turn's Kubernetes work: re-assign pod cgroups after pod/namespace changes; re-apply the endpoint
-        map after cluster changes, debounced."""
-        if self.cluster is None or self.config is None:
-            return
-        if self._pods_changed:
-            self._pods_changed = False
-            n = self.assigner.on_cluster_change(self._view())
-            if n:
-                log.info("kubernetes: %d cgroups re-assigned", n)
-        if self._endpoints_changed.due() and any(i.k8s_endpoints for i in self.config.identities):
-            resolved = resolve_endpoints(self.config, self._view())
-            if resolved != self.resolved:
-                try:
-                    self._apply(self.config, resolved)
-                except (AgentError, ValueError, OSError) as e:
-                    self.state["k8s_endpoint_applies_failed"] = self.state.get("k8s_endpoint_applies_failed", 0) + 1
-                    log.error("kubernetes: the endpoint map was not updated, the previous one stays: %s", e)
-                    return
-                log.info("kubernetes: %d remote endpoints applied", len(resolved))
-
     def _install(self, config: Config) -> None:
         """Compile config into the inactive generation, flip to it, and re-assign workload identities."""
-        view = self._view()
-        self._apply(config, resolve_endpoints(config, view) if config.uses_kubernetes else ())
+        view = self.k8s.view()
+        self._apply(config, self.k8s.resolve(config, view))
         self.assigner.view = view
         self.assigner.resync(config)
+        self.k8s.installed(self.assigner, view)
 
     def _apply(self, config: Config, resolved: tuple) -> None:
         """Compile config and the cluster's remote ends into the inactive generation and flip to it."""
@@ -532,10 +414,9 @@ class Agent:
             if self.config is not None and config.collector != self.config.collector:
                 raise ConfigError(f"{self.opts.config_path}: collector: changed; the exporter is set up at start, so "
                                   "this reload changes nothing: restart the agent to apply it")
-            if self.config is not None and k8s_needs(config) != k8s_needs(self.config):
-                raise ConfigError(f"{self.opts.config_path}: kubernetes: what the agent watches changed (the "
-                                  "kubernetes section, or pod selectors/endpoints appearing or going); the watch is "
-                                  "set up at start, so this reload changes nothing: restart the agent to apply it")
+            refusal = self.k8s.reload_refusal(self.config, config)
+            if refusal:
+                raise ConfigError(f"{self.opts.config_path}: {refusal}")
             changed = self.config.telemetry.sinks_differ(config.telemetry) if self.config is not None else None
             if changed:
                 raise ConfigError(f"{self.opts.config_path}: telemetry.{changed}: changed; the model-call sinks are "
@@ -603,7 +484,9 @@ class Agent:
         from agent.kernel.ringbuf import wait_readable
         while not self._stop:
             self.last_tick = time.monotonic()
-            wait_readable([self.datapath.rings["agent_events"]], POLL_MS)   # agent events wake us; the rest is polled
+            # agent events wake us; the rest is polled: after a drain that stopped at its budget or time limit (a
+            # ring still holds records; capture records do not wake us) only look, do not sleep
+            wait_readable([self.datapath.rings["agent_events"]], 0 if self._drain_cut else POLL_MS)
             self._drain()
             now_ns = time.monotonic_ns()
             if self.denials.due(now_ns):
@@ -625,7 +508,7 @@ class Agent:
                 if self.config_watch is not None:
                     self.config_watch.seen_now()
                 self._reload_config()
-            self._k8s_turn()
+            self.k8s.turn(self.config, self.resolved, self._apply)
             if self._next_transition and datetime.now(timezone.utc) >= self._next_transition:
                 log.info("a sunset date passed: recompiling lifecycle rules")
                 try:
@@ -640,6 +523,7 @@ class Agent:
                 self._mono_to_wall = time.time_ns() - time.monotonic_ns()
                 self.assigner.prune_processes(lambda pid: os.path.exists(f"/proc/{pid}"))
                 self.assigner.prune_pod_cgroups()
+                self.k8s.housekeeping(lambda pid: os.path.exists(f"/proc/{pid}"))
                 m = self.datapath.maps["local_endpoint_identity"]
                 n = self.assigner.prune_local_endpoints(list(m.keys()), m.delete)
                 if n:
@@ -680,13 +564,17 @@ class Agent:
         # the final drain (at stop) reads what is there, for at most 2 s: a flood must not keep the agent from stopping
         deadline = time.monotonic() + (2.0 if final else DRAIN_TIME_S)
         total = 0
+        cut = False
         while True:
             n = 0
             for name, fn in handlers:
                 ring = self.datapath.rings[name]
                 saved = durable and name not in ("agent_events", "capture_events")   # capture: decoded in memory
                 left = DRAIN_BUDGET
-                while left > 0 and time.monotonic() < deadline:
+                while True:
+                    if left <= 0 or time.monotonic() >= deadline:
+                        cut = True      # stopped with records possibly left: the loop comes back at once
+                        break
                     if saved and exp.write_backlog() > MAX_WRITE_BACKLOG:
                         break   # the disk is behind: the ring holds the rest
                     start = self._read_pos.get(name, 0) if saved else 0
@@ -709,6 +597,7 @@ class Agent:
                     left -= max(len(recs), 1)
             total += n
             if not final or n == 0 or time.monotonic() >= deadline:
+                self._drain_cut = cut
                 return total
 
     def _decoded(self, ring: str, decode, data: bytes):
@@ -730,13 +619,14 @@ class Agent:
         if d.verdict == abi.Verdict.DENIED and self.denials.add(d):
             # no connection follows, so no connection record: the collector gets the decision itself — the first of
             # a quiet key at once, the rest aggregated per key and interval (one hostile loop cannot flood it)
-            self._emit_record(decision_record(d, self.identities, self._mono_to_wall, self.agent_id, self.node),
-                              False)
+            self._emit_record(decision_record(d, self.identities, self._mono_to_wall, self.agent_id, self.node,
+                                              workloads=self._workloads), False)
 
     def _flush_denials(self, now_ns: int) -> None:
         aggs = self.denials.flush(now_ns)
         for agg in aggs:
-            self._emit_record(denial_record(agg, self.identities, self._mono_to_wall, self.agent_id, self.node), False)
+            self._emit_record(denial_record(agg, self.identities, self._mono_to_wall, self.agent_id, self.node,
+                                            self._workloads), False)
         if aggs and self.exporter is not None and self.exporter.config.durable:
             self.exporter.persist()
 
@@ -744,7 +634,7 @@ class Agent:
         ev = self._decoded("flow_events", decode_flow_event, data)
         if ev is None:
             return
-        rec = flow_record(ev, self.identities, self._mono_to_wall, self.agent_id, self.node)
+        rec = flow_record(ev, self.identities, self._mono_to_wall, self.agent_id, self.node, self._workloads)
         # metrics count a connection once: on its client's side, or on the server's when the client is remote
         self._emit_record(rec, ev.side == abi.Side.CLIENT or not self._is_local(bytes(ev.remote_addr)))
 
@@ -760,7 +650,7 @@ class Agent:
         now = time.monotonic_ns()
         entries = list(self.datapath.maps["udp_flows"].items())
         records = udp_aggregate(entries, self._udp_window, self.identities, self._mono_to_wall, self._udp_last, now,
-                                self.agent_id, self.node)
+                                self.agent_id, self.node, self._workloads)
         for rec in records:
             self._emit_record(rec, True)
         idle = 3 * self.config.telemetry.udp_window * 1e9
@@ -787,10 +677,27 @@ class Agent:
                 self.tls_probes.scan_pid(ev.pid)
 
     # ---- plaintext capture ----
-    def _capture_content(self, dst_id: int) -> bool:
-        meta = self.identities.get(dst_id)
-        ident = self.config.identity(meta.name) if meta is not None and self.config is not None else None
-        return bool(ident and ident.llm_capture.capture_content)
+    def _decoder_options(self, dst_id: int) -> DecoderOptions:
+        """How calls to identity number dst_id are decoded, from the config in force (cached per config)."""
+        config = self.config
+        cache = self._decoder_cache
+        if cache[0] is not config:
+            cache = self._decoder_cache = (config, {})
+        opts = cache[1].get(dst_id)
+        if opts is None:
+            meta = self.identities.get(dst_id)
+            ident = config.identity(meta.name) if meta is not None and config is not None else None
+            if ident is None or config is None:
+                opts = DecoderOptions()
+            else:
+                llm = ident.llm_capture
+                opts = DecoderOptions(capture_content=config.capture_content(ident),
+                                      redact=tuple(re.compile(r) for r in config.llm.redact),
+                                      content_cap=config.llm.content_max_chars,
+                                      protocol=None if llm.protocol in ("auto", "off") else LlmProtocol(llm.protocol))
+            if len(cache[1]) < 65536:
+                cache[1][dst_id] = opts
+        return opts
 
     def _on_capture(self, data: bytes) -> None:
         self.state["ring_events"]["capture_events"] += 1
@@ -800,6 +707,8 @@ class Agent:
             self.state["decode_errors"] += 1
             log.warning("capture_events: %s", e)
             return
+        if self._workloads is not None:
+            self.k8s.note_pid(chunk.pid)   # the caller's cgroup while it surely runs (its call may end after it exits)
         self._model_calls(self.capture.on_chunk(chunk))
         for pid, fd in self.capture.take_skips():   # not HTTP/1: the kernel stops copying it
             self.datapath.capture_skip(pid, fd)
@@ -809,19 +718,17 @@ class Agent:
 
     def _model_calls(self, calls) -> None:
         """Every decoded call to every model-call sink (self.call_sinks, built from the config at start)."""
-        for c in calls:
-            self.state["model_calls"] += 1
-            source = identity_data(self.identities, c.src_id)
-            dialed = identity_data(self.identities, c.dst_id)
-            actual = identity_data(self.identities, c.actual_dst_id) if c.actual_dst_id else dialed
-            comm = self._comms(c.pid)
-            for sink in self.call_sinks.sinks:
-                try:
-                    sink.emit_call(c.record, source, actual, c.pid, comm, dialed=dialed,
-                                   server_address=c.server_address, server_port=c.server_port)
-                except Exception:  # noqa: BLE001 - one sink's bug must not keep the call from the others
-                    self.state["decode_errors"] += 1
-                    log.exception("model-call sink %s failed", type(sink).__name__)
+        if calls:
+            self.state["model_calls"] += len(calls)
+            self._dispatch(calls)
+
+    def _caller_workload(self, pid: int):
+        """The caller's pod/container, when Kubernetes is on and the pid's cgroup is a known pod's."""
+        return self.k8s.workload_of_pid(pid) if self._workloads is not None else None
+
+    def _sink_failed(self, sink, _exc: Exception) -> None:
+        self.state["decode_errors"] += 1
+        log.exception("model-call sink %s failed", type(sink).__name__)
 
     def _identity_cgroups(self) -> dict[str, list[str]]:
         """{identity name: its cgroups (relative to the cgroup2 mount)}, for IdentityCompute at scrape time: the

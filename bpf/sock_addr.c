@@ -5,11 +5,17 @@
  *   reads:  runtime_config, process_identity, cgroup_identity, local_endpoint_identity, local_address,
  *           endpoint_identity, identity_info, policy_verdict, redirect_service, redirect_backend
  *   writes: dialed_address and flow_state (sk storage), udp_reverse_nat, udp_flows, verdict_counters, decision_counts,
- *           capture_connect (a TCP connect toward an identity with LLM capture on: lib/capture.h),
+ *           capture_connect (a TCP connect toward an identity with LLM capture on: lib/capture.h; not for a connect
+ *           handed to the gateway, which records those calls itself),
+ *           gateway_pending (a TCP connect whose policy needs L7: rewritten to the gateway, lib/gateway.h),
  *           decision_events (not for plain allows unless CFG_F_ALL_DECISIONS)
+ * L7 gateway: an allowed TCP connect whose policy carries POLICY_F_GATEWAY goes to runtime_config.gw_*, never
+ *   from the gateway's own identity (ID_F_GATEWAY); with no reachable gateway it is denied. A destination with
+ *   ID_F_GW_ORIGINATE takes direct connections from the gateway only (else REASON_NO_POLICY_DST).
  * getpeername / recvmsg: put back the address the client dialed (reads dialed_address, udp_reverse_nat).
  */
 #include "programs.h"
+#include "lib/gateway.h"
 
 struct sock_target {
 	__u8  addr[16];
@@ -60,7 +66,25 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 	dialed.port = t->port;
 	__u32 actual_dst = dst;
 
-	if (d.verdict != VERDICT_DENIED || d.reason == REASON_SUNSET) {
+	__u32 sf = identity_flags(src, gen);
+	int to_gateway = 0;
+	if (d.reason == REASON_POLICY && (d.policy_flags & POLICY_F_GATEWAY) && !(sf & ID_F_GATEWAY) &&
+	    hook == HOOK_CONNECT && proto == IPPROTO_TCP) {
+		if (gateway_target(cfg, t->addr, &t->port, t->is_v6)) {
+			to_gateway = 1;
+			t->rewritten = 1;
+			actual_dst = destination_identity(gen, t->addr, t->port, proto);
+			d.flags |= EV_F_REDIRECTED | EV_F_GATEWAY;
+			if (d.verdict == VERDICT_ALLOWED)
+				d.verdict = VERDICT_REDIRECTED;
+			gateway_pending_put(cookie, dialed.addr, dialed.port, src, dst, gen, d.policy_flags);
+		} else {
+			d.verdict = VERDICT_DENIED;   /* never past the gateway: no gateway this socket can reach */
+			d.reason = REASON_FAMILY;
+		}
+	}
+
+	if (!to_gateway && (d.verdict != VERDICT_DENIED || d.reason == REASON_SUNSET)) {
 		struct redirect_value *svc = redirect_lookup(gen, src, dst);
 		if (svc && (d.reason != REASON_SUNSET || (svc->flags & EV_F_LIFECYCLE))) {
 			struct backend *b = backend_pick(gen, svc);
@@ -86,7 +110,14 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 		}
 	}
 
-	if (t->rewritten) {
+	/* tls: originate: the provider is reached through the gateway only (it holds the key, it speaks TLS) */
+	if (!to_gateway && d.verdict != VERDICT_DENIED && !(sf & ID_F_GATEWAY) &&
+	    ((identity_flags(dst, gen) | identity_flags(actual_dst, gen)) & ID_F_GW_ORIGINATE)) {
+		d.verdict = VERDICT_DENIED;
+		d.reason = REASON_NO_POLICY_DST;   /* no policy allows it directly: through the gateway only */
+	}
+
+	if (d.verdict != VERDICT_DENIED && t->rewritten) {
 		__builtin_memcpy(dialed.backend, t->addr, 16);
 		dialed.backend_port = t->port;
 		if (hook == HOOK_CONNECT) {
@@ -121,7 +152,7 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 				fo->flags = d.flags;
 				bpf_get_current_comm(fo->comm, sizeof(fo->comm));
 			}
-			if (hook == HOOK_CONNECT)
+			if (hook == HOOK_CONNECT && !to_gateway)   /* the gateway records it (gateway: true) */
 				capture_mark_connect(cfg, cookie, src, dst, actual_dst, &dialed);
 		} else if (proto == IPPROTO_UDP) {
 			/* the cgroup_skb programs count bytes into this entry; one decision event per entry and verdict */

@@ -1,6 +1,8 @@
 /* cgroup sock_ops: follows each TCP connection of the governed cgroups from established to close.
  *   ACTIVE_ESTABLISHED  (client side): completes the flow_state the connect hook created; remembers the local
- *                       client's identity in local_peer for the server side of a same-host connection.
+ *                       client's identity in local_peer for the server side of a same-host connection; a
+ *                       connect handed to the L7 gateway moves from gateway_pending to gateway_origin, keyed by
+ *                       this socket's local address and port (lib/gateway.h).
  *   PASSIVE_ESTABLISHED (server side): flow_state from the local server's identity and the peer's (local_peer for
  *                       a local client, endpoint_identity for a remote one), judged like a connect.
  *   RTT                 interim record when the connection has not reported for runtime_config.interim_ns.
@@ -8,9 +10,10 @@
  *   reads:  runtime_config, local_endpoint_identity, local_address, endpoint_identity, identity_info, policy_verdict
  *   Fast path: an allowed connection whose peer is on this host joins fastpath_sockets (lib/fastpath.h); its
  *   record adds what sk_msg carried.
- *   writes: flow_state (sk storage), local_peer, fastpath_sockets, fastpath_state, flow_events, verdict_counters
+ *   writes: flow_state (sk storage), local_peer, gateway_origin, gateway_pending (delete), fastpath_sockets, fastpath_state, flow_events, verdict_counters
  */
 #include "programs.h"
+#include "lib/gateway.h"
 
 static __always_inline void on_established(struct bpf_sock_ops *skops, __u8 side)
 {
@@ -27,6 +30,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, __u8 side
 	int remote_is_local = addr_is_local(remote);
 
 	if (side == SIDE_CLIENT) {
+		gateway_established(bpf_get_socket_cookie(skops), local, skops->local_port);
 		if (fo->src_id == ID_NONE)
 			counter_add(COUNTER_FLOWS_UNTRACKED);   /* socket connected before the programs were attached */
 		if (remote_is_local) {

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from prometheus_client.registry import Collector
 
@@ -26,11 +26,14 @@ from agent.export.flow_metrics import ExportMetrics
 from agent.export.genai_metrics import GenAiTally, ModelLabel
 from agent.export.model_metrics import ModelCallTally
 from agent.flows.log import FlowLog
-from agent.flows.model import IdentityData
+from agent.flows.model import IdentityData, WorkloadData
+from agent.flows.records import identity_data, with_workload
+from agent.l7.capture import CapturedCall
 from agent.l7.record import ModelCallRecord
 from agent.l7.sink import ModelCallSink
 
 COMM_CACHE_ENTRIES = 4096
+IDENTITY_CACHE_ENTRIES = 65536
 
 
 class CommCache:
@@ -67,6 +70,56 @@ class CommCache:
         return len(gone)
 
 
+class CallDispatch:
+    """The agent's per-call step: each CapturedCall to every sink, with its source, destination (as reached) and
+    dialed identity and the caller's comm. `identities()` is the current id -> IdentityMeta map (an entry's
+    IdentityData is made once per IdentityMeta object: a reload that changes it is seen), `sinks()` the current sinks; `on_error(sink, exc)` hears of
+    a sink that raised (the others still get the call)."""
+
+    def __init__(self, identities: Callable[[], Mapping[int, object]], comm: Callable[[int], str],
+                 sinks: Callable[[], Sequence[ModelCallSink]],
+                 on_error: Optional[Callable[[ModelCallSink, Exception], None]] = None,
+                 workload: Callable[[int], Optional[WorkloadData]] = lambda _pid: None) -> None:
+        """workload(pid): the caller's pod and container where known (Kubernetes), named on the source."""
+        self._identities = identities
+        self._workload = workload
+        self._comm = comm
+        self._sinks = sinks
+        self._on_error = on_error
+        self._cache: dict[int, tuple[object, IdentityData]] = {}   # id -> (the IdentityMeta it was made from, it)
+        self.calls = 0
+
+    def identity(self, iid: int) -> IdentityData:
+        m = self._identities().get(iid)
+        hit = self._cache.get(iid)
+        if hit is not None and hit[0] is m:
+            return hit[1]
+        d = identity_data({iid: m} if m is not None else {}, iid)   # type: ignore[dict-item]
+        if len(self._cache) >= IDENTITY_CACHE_ENTRIES:
+            self._cache.clear()
+        self._cache[iid] = (m, d)
+        return d
+
+    def __call__(self, calls: Iterable[CapturedCall]) -> None:
+        sinks = self._sinks()
+        for c in calls:
+            self.calls += 1
+            source = self.identity(c.src_id)
+            w = self._workload(c.pid)
+            if w is not None:
+                source = with_workload(source, w)
+            dialed = self.identity(c.dst_id)
+            actual = self.identity(c.actual_dst_id) if c.actual_dst_id else dialed
+            comm = self._comm(c.pid)
+            for sink in sinks:
+                try:
+                    sink.emit_call(c.record, source, actual, c.pid, comm, dialed=dialed,
+                                   server_address=c.server_address, server_port=c.server_port)
+                except Exception as e:  # noqa: BLE001 - one sink's bug must not keep the call from the others
+                    if self._on_error is not None:
+                        self._on_error(sink, e)
+
+
 def call_json(call: ModelCallRecord, source: IdentityData, destination: IdentityData, pid: int, comm: str,
               dialed: Optional[IdentityData], wall: Callable[[int], str], server_address: str = "",
               server_port: int = 0) -> dict:
@@ -78,6 +131,9 @@ def call_json(call: ModelCallRecord, source: IdentityData, destination: Identity
                                  **({"address": server_address, "port": server_port} if server_address else {})},
                  "actual": {"name": destination.name, "kind": destination.kind},
                  "cookie": call.conn_key}
+    if source.pod:   # the caller's Kubernetes workload, where known
+        out["source"].update(namespace=source.namespace, pod=source.pod, container=source.container,
+                             service_account=source.service_account)
     for f in dataclasses.fields(call):
         if f.name == "conn_key":
             continue
@@ -157,5 +213,5 @@ def build_call_sinks(telemetry: Telemetry, exporter: Optional[ExporterConfig], *
     return out
 
 
-__all__ = ["COMM_CACHE_ENTRIES", "CallSinks", "CommCache", "ModelCallLogSink", "build_call_sinks", "call_json",
+__all__ = ["COMM_CACHE_ENTRIES", "CallDispatch", "CallSinks", "CommCache", "ModelCallLogSink", "build_call_sinks", "call_json",
            "calls_exporter_config"]

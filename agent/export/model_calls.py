@@ -9,7 +9,7 @@ Every `X | None` of the record is a proto3 `optional` field: unset means unknown
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from agent._gen.aimesh.v1 import model_call_pb2
 from agent.flows.model import IdentityData
@@ -17,6 +17,7 @@ from agent.l7.llm import Operation, Protocol
 from agent.l7.record import ModelCallRecord
 
 _NO_IDENTITY = IdentityData()
+_IDENTITY_FIELDS = tuple(f.name for f in fields(IdentityData))   # aimesh.v1.Identity has the same names
 # Record fields copied as they are; None leaves the optional field unset.
 _OPTIONAL = ("request_model", "response_model", "status", "error_type", "input_tokens", "output_tokens",
              "cached_tokens", "time_to_first_chunk_ns", "duration_ns", "time_per_output_chunk_ns", "confidence_mean",
@@ -42,7 +43,8 @@ class CallContext:
 def _identity(ident: IdentityData, out: object) -> None:
     if ident == _NO_IDENTITY:
         return  # unset rather than an empty message
-    out.name, out.kind, out.version = ident.name, ident.kind, ident.version  # type: ignore[attr-defined]
+    for name in _IDENTITY_FIELDS:
+        setattr(out, name, getattr(ident, name))
 
 
 def _protocol(p: Protocol) -> int:
@@ -93,7 +95,7 @@ def to_proto(
 
 
 def _identity_of(ident: object) -> IdentityData:
-    return IdentityData(name=ident.name, kind=ident.kind, version=ident.version)  # type: ignore[attr-defined]
+    return IdentityData(**{name: getattr(ident, name) for name in _IDENTITY_FIELDS})
 
 
 def from_proto(msg: model_call_pb2.ModelCall, mono_to_wall_ns: int = 0) -> tuple[ModelCallRecord, CallContext]:

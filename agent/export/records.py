@@ -4,22 +4,29 @@ The record types are re-exported here for callers that only deal with the wire."
 
 from __future__ import annotations
 
+from dataclasses import fields
 from enum import IntEnum
 
 from agent._gen.aimesh.v1 import flow_pb2
-from agent.flows.model import _NO_IDENTITY, PROTO_TCP, PROTO_UDP, FlowRecordData, IdentityData, RecordKind  # noqa: F401
-
+from agent.flows.model import (  # noqa: F401
+    _NO_IDENTITY,
+    PROTO_TCP,
+    PROTO_UDP,
+    FlowRecordData,
+    IdentityData,
+    RecordKind,
+)
 
 _IDENTITY_FIELDS = ("source", "destination", "actual_destination")
 _SCALAR_FIELDS = tuple(f for f in FlowRecordData.__dataclass_fields__ if f not in _IDENTITY_FIELDS)
+_IDENTITY_DATA_FIELDS = tuple(f.name for f in fields(IdentityData))   # aimesh.v1.Identity has the same names
 
 
 def _identity_to_proto(identity: IdentityData, out: flow_pb2.Identity) -> None:
     if identity == _NO_IDENTITY:
         return  # leave the field unset rather than an empty message
-    out.name = identity.name
-    out.kind = identity.kind
-    out.version = identity.version
+    for name in _IDENTITY_DATA_FIELDS:
+        setattr(out, name, getattr(identity, name))
 
 
 def to_proto(record: FlowRecordData) -> flow_pb2.FlowRecord:
@@ -41,5 +48,5 @@ def from_proto(msg: flow_pb2.FlowRecord) -> FlowRecordData:
     values: dict[str, object] = {name: getattr(msg, name) for name in _SCALAR_FIELDS}
     for name in _IDENTITY_FIELDS:
         ident = getattr(msg, name)
-        values[name] = IdentityData(name=ident.name, kind=ident.kind, version=ident.version)
+        values[name] = IdentityData(**{f: getattr(ident, f) for f in _IDENTITY_DATA_FIELDS})
     return FlowRecordData(**values)  # type: ignore[arg-type]

@@ -28,12 +28,13 @@ codes (agent/flows/denials.py denial_record).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Mapping, NamedTuple, Optional
+from typing import NamedTuple
 
-from agent.flows.model import FlowRecordData, IdentityData
 from agent.flows.decode import Decision
-from agent.flows.records import decision_record
+from agent.flows.model import FlowRecordData, IdentityData
+from agent.flows.records import Workloads, decision_record
 from agent.policy.identities import IdentityMeta
 
 WILDCARD = -1                  # a field of the `other` bucket's key on which its decisions differ
@@ -79,7 +80,7 @@ class _Acc:
         self.count = 0
         self.first_ns = 0
         self.last_ns = 0
-        self.sample: Optional[Decision] = None
+        self.sample: Decision | None = None
 
     def count_in(self, d: Decision) -> None:
         if self.sample is None:
@@ -160,9 +161,11 @@ class DenialAggregator:
 
 
 def denial_record(agg: DenialAggregate, meta: Mapping[int, IdentityMeta], mono_to_wall_ns: int, agent_id: str = "",
-                  node: str = "") -> FlowRecordData:
-    """The DECISION record of one aggregate: the sample's details, count, start/end = first/last decision."""
-    rec = decision_record(agg.sample, meta, mono_to_wall_ns, agent_id, node, count=agg.count, last_ns=agg.last_ns)
+                  node: str = "", workloads: Workloads | None = None) -> FlowRecordData:
+    """The DECISION record of one aggregate: the sample's details (its workload too), count, start/end =
+    first/last decision."""
+    rec = decision_record(agg.sample, meta, mono_to_wall_ns, agent_id, node, count=agg.count, last_ns=agg.last_ns,
+                          workloads=workloads)
     if agg.first_ns != agg.sample.ts_ns:   # a decision read out of order came before the sample
         rec = replace(rec, start_time_unix_nano=agg.first_ns + mono_to_wall_ns)
     if not agg.other:

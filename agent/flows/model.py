@@ -26,12 +26,30 @@ PROTO_UDP = 17
 
 
 @dataclass(frozen=True, slots=True)
+class WorkloadData:
+    """The Kubernetes workload a local end runs in, where the agent knows it (a cgroup matched to a pod of the API):
+    the pod's namespace and name, the container's name ("" for the pod level or a container not in the status) and
+    the pod's service account."""
+
+    namespace: str = ""
+    pod: str = ""
+    container: str = ""
+    service_account: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class IdentityData:
-    """Mirrors aimesh.v1.Identity. An empty name: not a known identity."""
+    """Mirrors aimesh.v1.Identity. An empty name: not a known identity. namespace, pod, container and
+    service_account: the local end's Kubernetes workload where known (WorkloadData), else empty; metrics never use
+    them as labels (one series per identity, not per pod)."""
 
     name: str = ""
     kind: str = ""
     version: str = ""
+    namespace: str = ""
+    pod: str = ""
+    container: str = ""
+    service_account: str = ""
 
 
 _NO_IDENTITY = IdentityData()

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import ctypes as ct
-from functools import lru_cache
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping
+from functools import lru_cache
 
-from agent.flows.model import FlowRecordData, IdentityData, RecordKind
 from agent.flows.decode import DecodeError, format_addr
+from agent.flows.model import FlowRecordData, IdentityData, RecordKind, WorkloadData
 from agent.kernel import abi
 from agent.policy.identities import IdentityMeta
 
@@ -25,6 +25,19 @@ def _unknown(iid: int) -> IdentityData:
 def identity_data(meta: Mapping[int, IdentityMeta], iid: int) -> IdentityData:
     m = meta.get(iid)
     return _from_meta(m) if m is not None else _unknown(iid)
+
+
+Workloads = Callable[[int], WorkloadData | None]   # cgroup id -> its Kubernetes workload, where known
+
+
+@lru_cache(maxsize=65536)
+def with_workload(ident: IdentityData, w: WorkloadData) -> IdentityData:
+    """ident of one workload (bounded: one entry per identity and workload seen)."""
+    return replace(ident, namespace=w.namespace, pod=w.pod, container=w.container, service_account=w.service_account)
+
+
+def _local(workloads: Workloads | None, cgroup_id: int) -> WorkloadData | None:
+    return workloads(cgroup_id) if workloads is not None and cgroup_id else None
 
 
 def decode_flow_event(data: bytes) -> abi.FlowEvent:
@@ -45,13 +58,15 @@ _HOOK_CONNECT, _HOOK_INGRESS = int(abi.Hook.CONNECT), int(abi.Hook.INGRESS)
 
 
 def flow_record(ev: abi.FlowEvent, meta: Mapping[int, IdentityMeta], mono_to_wall_ns: int,
-                agent_id: str = "", node: str = "") -> FlowRecordData:
+                agent_id: str = "", node: str = "", workloads: Workloads | None = None) -> FlowRecordData:
     """One TCP connection side. Source is always the client, destination the server, whichever side observed it.
 
     The kernel counts from its own socket's point of view; the record is client-relative on both sides: bytes_sent and
     packets_sent are what the client sent to the server, bytes_received and packets_received what it got back. So the
     server side's event is turned around (its received bytes are the client's sent bytes).
     On the hot path (one call per connection side): plain ints instead of enum arithmetic, cached address text.
+    workloads: the local socket's cgroup -> its Kubernetes workload, put on the source (client side) or the
+    destination (server side).
     """
     local, remote = format_addr(bytes(ev.local_addr)), format_addr(bytes(ev.remote_addr))
     lport, rport = ev.local_port, ev.remote_port
@@ -63,11 +78,18 @@ def flow_record(ev: abi.FlowEvent, meta: Mapping[int, IdentityMeta], mono_to_wal
         src_addr, src_port, dst_addr, dst_port = remote, rport, local, lport
         c_sent, c_received, c_segs_out, c_segs_in = ev.bytes_received, ev.bytes_sent, ev.segs_in, ev.segs_out
     flags, start, end = ev.flags, ev.start_ns, ev.end_ns
+    source, destination = identity_data(meta, ev.src_id), identity_data(meta, ev.dst_id)
+    w = _local(workloads, ev.cgroup_id)
+    if w is not None:
+        if client_side:
+            source = with_workload(source, w)
+        else:
+            destination = with_workload(destination, w)
     return FlowRecordData(
         agent_id=agent_id, node=node, cookie=ev.cookie,
         kind=RecordKind.CONNECTION, interim=ev.kind == _INTERIM,
         start_time_unix_nano=start + mono_to_wall_ns, end_time_unix_nano=end + mono_to_wall_ns,
-        source=identity_data(meta, ev.src_id), destination=identity_data(meta, ev.dst_id),
+        source=source, destination=destination,
         actual_destination=identity_data(meta, ev.actual_dst_id),
         source_address=src_addr, source_port=src_port, destination_address=dst_addr, destination_port=dst_port,
         dialed_address=format_addr(bytes(ev.dialed_addr)), dialed_port=ev.dialed_port,
@@ -81,17 +103,25 @@ def flow_record(ev: abi.FlowEvent, meta: Mapping[int, IdentityMeta], mono_to_wal
 
 
 def decision_record(d, meta: Mapping[int, IdentityMeta], mono_to_wall_ns: int, agent_id: str = "",
-                    node: str = "", count: int = 0, last_ns: int = 0) -> FlowRecordData:
+                    node: str = "", count: int = 0, last_ns: int = 0,
+                    workloads: Workloads | None = None) -> FlowRecordData:
     """A connect/sendmsg/ingress decision that made no connection (denied): kind DECISION, no bytes.
 
     count > 1: the record stands for that many decisions (agent/flows/denials.py), d is the first one (the sample)
     and last_ns the monotonic time of the last one (the record's end time)."""
     ingress = d.hook == abi.Hook.INGRESS
     end_ns = max(last_ns, d.ts_ns)
+    source, destination = identity_data(meta, d.src_id), identity_data(meta, d.dst_id)
+    w = _local(workloads, d.cgroup_id)     # the local socket's: the caller's, or the server's at ingress
+    if w is not None:
+        if ingress:
+            destination = with_workload(destination, w)
+        else:
+            source = with_workload(source, w)
     return FlowRecordData(
         agent_id=agent_id, node=node, cookie=d.cookie, kind=RecordKind.DECISION,
         start_time_unix_nano=d.ts_ns + mono_to_wall_ns, end_time_unix_nano=end_ns + mono_to_wall_ns,
-        source=identity_data(meta, d.src_id), destination=identity_data(meta, d.dst_id),
+        source=source, destination=destination,
         actual_destination=identity_data(meta, d.actual_dst_id),
         source_address=(d.peer_addr or "") if ingress else "", source_port=d.peer_port if ingress else 0,
         destination_address=d.actual_addr, destination_port=d.actual_port,
@@ -118,7 +148,7 @@ class UdpWindow:
 
 def udp_aggregate(entries: Iterable[tuple[abi.SocketPeerKey, abi.UdpFlow]], window: UdpWindow,
                   meta: Mapping[int, IdentityMeta], mono_to_wall_ns: int, window_start_ns: int, now_ns: int,
-                  agent_id: str = "", node: str = "") -> list[FlowRecordData]:
+                  agent_id: str = "", node: str = "", workloads: Workloads | None = None) -> list[FlowRecordData]:
     """Sum the traffic since the last drain per (source, destination, actual destination, port, verdict).
 
     Returns one FlowRecordData (kind UDP_AGGREGATE) per group that moved bytes in the window. Updates window.seen.
@@ -137,13 +167,15 @@ def udp_aggregate(entries: Iterable[tuple[abi.SocketPeerKey, abi.UdpFlow]], wind
         if delta.packets_sent <= 0 and delta.packets_received <= 0:
             continue
         actual = format_addr(bytes(key.addr))
-        gkey = (uf.src_id, uf.dst_id, uf.actual_dst_id, key.port, uf.verdict)
+        w = _local(workloads, uf.cgroup_id)   # the sender's workload: one group per pod container, where known
+        gkey = (uf.src_id, uf.dst_id, uf.actual_dst_id, key.port, uf.verdict, w)
         if gkey not in groups:
             flags = abi.EventFlag(uf.flags)
             base = FlowRecordData(
                 agent_id=agent_id, node=node, kind=RecordKind.UDP_AGGREGATE,
                 start_time_unix_nano=window_start_ns + mono_to_wall_ns, end_time_unix_nano=now_ns + mono_to_wall_ns,
-                source=identity_data(meta, uf.src_id), destination=identity_data(meta, uf.dst_id),
+                source=with_workload(identity_data(meta, uf.src_id), w) if w is not None
+                else identity_data(meta, uf.src_id), destination=identity_data(meta, uf.dst_id),
                 actual_destination=identity_data(meta, uf.actual_dst_id),
                 destination_address=actual, destination_port=key.port,
                 dialed_address=format_addr(bytes(uf.dialed_addr)), dialed_port=uf.dialed_port,

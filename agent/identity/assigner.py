@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
-from agent.config import UNRESOLVED, Config
+from agent.config import GATEWAY, GATEWAY_CGROUP, UNRESOLVED, Config
 from agent.identity import cgroups, processes
 from agent.identity.host import listeners
 from agent.identity.k8s import cgroup_path
@@ -63,6 +63,8 @@ class IdentityAssigner:
         re-assignment and the resolution latency happens here."""
         cfg = self.config
         name: Optional[str] = None
+        if cfg is not None and cfg.uses_gateway and self.mount / rel.lstrip("/") == self.root / GATEWAY_CGROUP:
+            return GATEWAY   # the L7 gateway's own cgroup (agent/gateway/supervisor.py spawns it there)
         if cfg is not None and any(i.select.pods for i in cfg.identities):
             pc = cgroup_path.parse(rel)
             if pc is not None:

@@ -20,6 +20,8 @@ BACKENDS_PER_SERVICE = 16
 AGENT_EV_PATH_LEN = 256
 CAPTURE_CHUNKS_PER_CALL = 256
 CAPTURE_IOVECS = 8
+MAX_GATEWAY_ORIGINS = 65536
+RULE_ID_GATEWAY = 0xFFFFFFFF
 
 
 class Verdict(enum.IntEnum):
@@ -60,6 +62,7 @@ class EventFlag(enum.IntFlag):
     DEPRECATED = 0x01
     LIFECYCLE = 0x02
     REDIRECTED = 0x04
+    GATEWAY = 0x08
 
 
 class IdentityFlag(enum.IntFlag):
@@ -68,6 +71,19 @@ class IdentityFlag(enum.IntFlag):
     DEPRECATED = 0x04
     SUNSET = 0x08
     LLM_CAPTURE = 0x10
+    GATEWAY = 0x20
+    GW_ORIGINATE = 0x40
+
+
+class PolicyFlag(enum.IntFlag):
+    """policy_value.flags (POLICY_F_*)."""
+    GATEWAY = 0x01
+    TLS = 0x02
+
+
+class GatewayOriginFlag(enum.IntFlag):
+    """gateway_origin.flags (GW_ORIGIN_F_*)."""
+    TLS = 0x01
 
 
 class ConfigFlag(enum.IntFlag):
@@ -163,9 +179,10 @@ Addr16 = ct.c_uint8 * 16
 
 class RuntimeConfig(ct.Structure):
     """struct runtime_config { __u32 active_gen; __u32 flags; __u64 interim_ns; __u32 capture_request_bytes;
-    __u32 capture_response_bytes; };"""
+    __u32 capture_response_bytes; __u8 gw_addr[16]; __u16 gw_port; __u16 gw_pad; __u32 pad; };"""
     _fields_ = [("active_gen", ct.c_uint32), ("flags", ct.c_uint32), ("interim_ns", ct.c_uint64),
-                ("capture_request_bytes", ct.c_uint32), ("capture_response_bytes", ct.c_uint32)]
+                ("capture_request_bytes", ct.c_uint32), ("capture_response_bytes", ct.c_uint32),
+                ("gw_addr", Addr16), ("gw_port", ct.c_uint16), ("gw_pad", ct.c_uint16), ("pad", ct.c_uint32)]
 
 
 class EndpointKey(ct.Structure):
@@ -196,8 +213,8 @@ class PolicyKey(ct.Structure):
 
 
 class PolicyValue(ct.Structure):
-    """struct policy_value { __u32 rule_id; };"""
-    _fields_ = [("rule_id", ct.c_uint32)]
+    """struct policy_value { __u32 rule_id; __u32 flags; };"""
+    _fields_ = [("rule_id", ct.c_uint32), ("flags", ct.c_uint32)]
 
 
 class RedirectKey(ct.Structure):
@@ -365,6 +382,19 @@ class TlsSslKey(ct.Structure):
     _fields_ = [("ssl", ct.c_uint64), ("tgid", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
+class GatewayClientKey(ct.Structure):
+    """struct gateway_client_key { __u8 addr[16]; __u16 port; __u16 pad; };"""
+    _fields_ = [("addr", Addr16), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+
+class GatewayOrigin(ct.Structure):
+    """struct gateway_origin { __u8 addr[16]; __u16 port; __u8 family; __u8 flags; __u32 src_id; __u32 dst_id;
+    __u32 policy_gen; __u64 cookie; __u64 ts_ns; };"""
+    _fields_ = [("addr", Addr16), ("port", ct.c_uint16), ("family", ct.c_uint8), ("flags", ct.c_uint8),
+                ("src_id", ct.c_uint32), ("dst_id", ct.c_uint32), ("policy_gen", ct.c_uint32),
+                ("cookie", ct.c_uint64), ("ts_ns", ct.c_uint64)]
+
+
 # C struct name -> ctypes mirror; the ABI test walks this.
 MIRRORS: dict[str, type[ct.Structure]] = {
     "runtime_config": RuntimeConfig,
@@ -396,6 +426,8 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "capture_open": CaptureOpen,
     "tls_call": TlsCall,
     "tls_ssl_key": TlsSslKey,
+    "gateway_client_key": GatewayClientKey,
+    "gateway_origin": GatewayOrigin,
 }
 
 
@@ -416,13 +448,15 @@ UNNAMED_IN_C: frozenset[str] = frozenset({"Side.UNKNOWN"})
 
 # Prefix of a #define family in abi.h -> Python mirror (EV_F_DEPRECATED is EventFlag.DEPRECATED).
 FLAGS: dict[str, type[enum.IntFlag]] = {"EV_F_": EventFlag, "ID_F_": IdentityFlag, "CFG_F_": ConfigFlag,
-                                        "CAPTURE_SOCK_F_": CaptureSockFlag, "CAPTURE_EV_F_": CaptureEventFlag}
+                                        "CAPTURE_SOCK_F_": CaptureSockFlag, "CAPTURE_EV_F_": CaptureEventFlag,
+                                        "POLICY_F_": PolicyFlag, "GW_ORIGIN_F_": GatewayOriginFlag}
 
 # Every other value abi.h defines (the limits are Limits' defaults), by its C name.
 CONSTANTS: dict[str, int] = {
     "ID_NONE": ID_NONE, "ID_UNMANAGED": ID_UNMANAGED, "ID_WORLD": ID_WORLD, "ID_FIRST_USER": ID_FIRST_USER,
     "BACKENDS_PER_SERVICE": BACKENDS_PER_SERVICE, "AGENT_EV_PATH_LEN": AGENT_EV_PATH_LEN,
     "CAPTURE_CHUNKS_PER_CALL": CAPTURE_CHUNKS_PER_CALL, "CAPTURE_IOVECS": CAPTURE_IOVECS,
+    "MAX_GATEWAY_ORIGINS": MAX_GATEWAY_ORIGINS, "RULE_ID_GATEWAY": RULE_ID_GATEWAY,
     "VERDICT__MAX": VERDICT_MAX, "HOOK__MAX": HOOK_MAX,
     "COUNTER_DECISION_BASE": COUNTER_DECISION_BASE, "COUNTER_DECISION_HOOKS": COUNTER_DECISION_HOOKS,
     "COUNTER_DECISION_VERDICTS": COUNTER_DECISION_VERDICTS,

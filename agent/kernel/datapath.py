@@ -100,6 +100,9 @@ class Datapath:
         self.all_decisions = False   # a ring event for plain allows too: set by the agent when a flow log is on
         self.capture_request_bytes = cfg.capture_request_bytes if cfg else 0
         self.capture_response_bytes = cfg.capture_response_bytes if cfg else 0
+        self.gw_addr = bytes(cfg.gw_addr) if cfg else bytes(16)   # the L7 gateway's redirect address (16-byte form)
+        self.gw_port = cfg.gw_port if cfg else 0
+        self.map_paths = {name: str(d.maps / pin) for name, pin in map_pins.items()}   # e.g. gateway_origin
         self._progs: Optional[Path] = None      # the build whose programs attach() put in force
         self.groups_linked: frozenset[str] = frozenset()
 
@@ -255,6 +258,7 @@ class Datapath:
         old_gen, old = self.active_gen, self._live
         want = registry.groups_needed(image.config_flags)
         self.link_groups(self.groups_linked | want)   # linked before the flip that needs them
+        self.gw_addr, self.gw_port = bytes(image.gw_addr), int(image.gw_port)   # with the flip, as one value
         self.set_runtime(image.gen, image.config_flags)
         self._live = written
         time.sleep(settle_s)  # a program that read the old generation finishes within microseconds
@@ -295,8 +299,11 @@ class Datapath:
         flags &= ~(abi.ConfigFlag.UNMANAGED_CLOSED | abi.ConfigFlag.ALL_DECISIONS)
         live = flags | (abi.ConfigFlag.UNMANAGED_CLOSED if self.fail_closed else 0) | \
             (abi.ConfigFlag.ALL_DECISIONS if self.all_decisions else 0)
-        self.maps["runtime_config"].update(ct.c_uint32(0), abi.RuntimeConfig(
-            gen, int(live), self.interim_ns, self.capture_request_bytes, self.capture_response_bytes))
+        rc = abi.RuntimeConfig(gen, int(live), self.interim_ns, self.capture_request_bytes,
+                               self.capture_response_bytes)
+        rc.gw_addr[:] = self.gw_addr
+        rc.gw_port = self.gw_port
+        self.maps["runtime_config"].update(ct.c_uint32(0), rc)
         self.active_gen, self.config_flags = gen, int(flags)
 
     def set_capture_budget(self, request_bytes: int, response_bytes: int) -> None:

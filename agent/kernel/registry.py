@@ -98,6 +98,10 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec("tls_calls", LRU_HASH, ct.c_uint64, abi.TlsCall, lambda lim: lim.max_capture_sockets, owner="kernel"),
     MapSpec("tls_ssl_fd", LRU_HASH, abi.TlsSslKey, ct.c_uint32, lambda lim: lim.max_capture_sockets,
             owner="kernel"),
+    MapSpec("gateway_pending", LRU_HASH, ct.c_uint64, abi.GatewayOrigin, lambda lim: abi.MAX_GATEWAY_ORIGINS,
+            owner="kernel"),
+    MapSpec("gateway_origin", LRU_HASH, abi.GatewayClientKey, abi.GatewayOrigin,
+            lambda lim: abi.MAX_GATEWAY_ORIGINS, owner="kernel"),
 )
 MAP_BY_NAME = {m.name: m for m in MAPS}
 RINGS = ("decision_events", "flow_events", "agent_events", "capture_events")

@@ -13,17 +13,57 @@ record). When a decoder gives up (not HTTP/1) the tracker counts the connection 
 from __future__ import annotations
 
 import ctypes as ct
+import struct
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 from agent.flows.decode import format_addr
 from agent.kernel import abi
 from agent.l7.http1 import Direction, UndecodedReason
-from agent.l7.record import ConnectionDecoder, ModelCallRecord
+from agent.l7.record import ConnectionDecoder, DecoderOptions, ModelCallRecord
 
 HEADER = ct.sizeof(abi.CaptureEvent)
 OPEN_SIZE = ct.sizeof(abi.CaptureOpen)
+
+
+def struct_format(cls: type[ct.Structure]) -> str:
+    """A struct module format for a ctypes Structure of integer fields and integer arrays, built from its _fields_
+    (offsets and padding as ctypes lays them out), so it follows the mirror when fields are added. Arrays (padding)
+    become pad bytes. Raises ValueError naming a field of another type."""
+    codes = {1: "B", 2: "H", 4: "I", 8: "Q"}
+    fmt, at = "<", 0
+    for name, typ, *_ in cls._fields_:
+        f = getattr(cls, name)
+        if f.offset > at:
+            fmt += f"{f.offset - at}x"
+        if issubclass(typ, ct.Array):
+            fmt += f"{f.size}x"
+        elif getattr(typ, "_type_", "") in tuple("bBhHiIlLqQ") and f.size in codes:
+            fmt += codes[f.size].lower() if typ._type_.islower() else codes[f.size]
+        else:
+            raise ValueError(f"{cls.__name__}.{name}: no struct code for {typ.__name__}")
+        at = f.offset + f.size
+    if ct.sizeof(cls) > at:
+        fmt += f"{ct.sizeof(cls) - at}x"
+    return fmt
+
+
+def struct_fields(cls: type[ct.Structure]) -> tuple[str, ...]:
+    """The names struct_format(cls) unpacks, in order (arrays are padding, not unpacked)."""
+    return tuple(name for name, typ, *_ in cls._fields_ if not issubclass(typ, ct.Array))
+
+
+_EVENT = struct.Struct(struct_format(abi.CaptureEvent))
+_EVENT_FIELDS = struct_fields(abi.CaptureEvent)
+_AT = {name: i for i, name in enumerate(_EVENT_FIELDS)}
+# the field positions decode_capture_event reads, looked up once
+(_TS, _COOKIE, _TGID, _FD, _SRC, _DST, _ADST, _TOTAL, _OFFSET, _LEN, _LSEND, _LRECV, _KIND, _DIR, _FLAGS) = (
+    _AT[n] for n in ("ts_ns", "cookie", "tgid", "fd", "src_id", "dst_id", "actual_dst_id", "total", "offset", "len",
+                     "lost_send", "lost_recv", "kind", "direction", "flags"))
+_KINDS = {int(k): k for k in abi.CaptureKind}
+_DIRECTIONS = {int(abi.CaptureDirection.SEND): Direction.REQUEST, int(abi.CaptureDirection.RECV): Direction.RESPONSE}
+_TLS = int(abi.CaptureEventFlag.TLS)
 DEFAULT_MAX_CONNECTIONS = 4096
 DEFAULT_IDLE_NS = 300 * 10**9
 
@@ -32,8 +72,9 @@ class CaptureDecodeError(ValueError):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class CaptureChunk:
+class CaptureChunk(NamedTuple):
+    """One capture record, decoded. A NamedTuple, not a dataclass: one is built per ring record, and a tuple is
+    built in C (a frozen dataclass sets each field through object.__setattr__)."""
     ts_ns: int
     cookie: int
     pid: int
@@ -67,27 +108,26 @@ class CaptureChunk:
 def decode_capture_event(raw: bytes) -> CaptureChunk:
     if len(raw) < HEADER:
         raise CaptureDecodeError(f"capture event is {len(raw)} bytes, expected at least {HEADER}")
-    h = abi.CaptureEvent.from_buffer_copy(raw[:HEADER])
-    try:
-        kind = abi.CaptureKind(h.kind)
-    except ValueError:
-        raise CaptureDecodeError(f"capture event with unknown kind {h.kind}") from None
-    direction = None
+    h = _EVENT.unpack_from(raw)
+    kind = _KINDS.get(h[_KIND])
+    if kind is None:
+        raise CaptureDecodeError(f"capture event with unknown kind {h[_KIND]}")
+    n = h[_LEN]
+    direction, data = None, b""
     if kind is abi.CaptureKind.OPEN:
-        if h.len < OPEN_SIZE or HEADER + h.len > len(raw):
+        if n < OPEN_SIZE or HEADER + n > len(raw):
             raise CaptureDecodeError(f"capture open event carries {len(raw) - HEADER} bytes, expected {OPEN_SIZE}")
+        data = bytes(raw[HEADER:HEADER + n])
     elif kind is not abi.CaptureKind.CLOSE:
-        if h.direction == abi.CaptureDirection.SEND:
-            direction = Direction.REQUEST
-        elif h.direction == abi.CaptureDirection.RECV:
-            direction = Direction.RESPONSE
-        else:
-            raise CaptureDecodeError(f"capture event with unknown direction {h.direction}")
-        if kind is abi.CaptureKind.DATA and HEADER + h.len > len(raw):
-            raise CaptureDecodeError(f"capture event says {h.len} data bytes, carries {len(raw) - HEADER}")
-    data = bytes(raw[HEADER:HEADER + h.len]) if kind is abi.CaptureKind.DATA or kind is abi.CaptureKind.OPEN else b""
-    return CaptureChunk(h.ts_ns, h.cookie, h.tgid, h.fd, h.src_id, h.dst_id, h.actual_dst_id, kind, direction,
-                        h.total, h.offset, data, bool(h.flags & abi.CaptureEventFlag.TLS), h.lost_send, h.lost_recv)
+        direction = _DIRECTIONS.get(h[_DIR])
+        if direction is None:
+            raise CaptureDecodeError(f"capture event with unknown direction {h[_DIR]}")
+        if kind is abi.CaptureKind.DATA:
+            if HEADER + n > len(raw):
+                raise CaptureDecodeError(f"capture event says {n} data bytes, carries {len(raw) - HEADER}")
+            data = bytes(raw[HEADER:HEADER + n])
+    return CaptureChunk(h[_TS], h[_COOKIE], h[_TGID], h[_FD], h[_SRC], h[_DST], h[_ADST], kind, direction,
+                        h[_TOTAL], h[_OFFSET], data, bool(h[_FLAGS] & _TLS), h[_LSEND], h[_LRECV])
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +158,14 @@ class _Conn:
 
 
 class CaptureTracker:
-    """One ConnectionDecoder per cookie. `capture_content(dst_id)` says whether the destination asked for text."""
+    """One ConnectionDecoder per cookie. `options(dst_id)` says how the destination's calls are decoded (content
+    capture, redaction, protocol); `capture_content(dst_id)` is the short form for content capture alone."""
 
     def __init__(self, capture_content: Callable[[int], bool] = lambda _id: False,
+                 options: Optional[Callable[[int], DecoderOptions]] = None,
                  max_connections: int = DEFAULT_MAX_CONNECTIONS, idle_ns: int = DEFAULT_IDLE_NS) -> None:
-        self._content = capture_content
+        self._options = options if options is not None else \
+            (lambda dst_id: DecoderOptions(capture_content=capture_content(dst_id)))
         self._max = max_connections
         self._idle_ns = idle_ns
         self._conns: OrderedDict[int, _Conn] = OrderedDict()
@@ -165,7 +208,7 @@ class CaptureTracker:
                 _, old = self._conns.popitem(last=False)
                 self.evicted += 1
                 out.extend(self._end(old, old.last_ns))
-            conn = _Conn(ConnectionDecoder(c.cookie, capture_content=self._content(c.dst_id), tls=c.tls), c)
+            conn = _Conn(self._options(c.dst_id).decoder(c.cookie, tls=c.tls), c)
             conn.server = self._opened.pop(c.cookie, ("", 0))
             self._conns[c.cookie] = conn
         else:

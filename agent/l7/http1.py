@@ -45,6 +45,27 @@ _H2_SCAN_BYTES = 64 << 10           # how far into an HTTP/2 connection we look 
 _GAP_PIECE = 64 << 10               # a capture gap is filled in pieces of this size
 
 
+def _h11_reader_usable() -> bool:
+    """Whether this h11 has the pieces the chunked-body fast path uses (see Http1Connection._chunks)."""
+    try:
+        from h11._readers import ChunkedReader
+        probe = h11.Connection(h11.CLIENT)
+        return (all(hasattr(probe, a) for a in ("_reader", "_receive_buffer", "_receive_buffer_closed"))
+                and callable(getattr(probe, "_process_event", None)) and callable(ChunkedReader))
+    except (ImportError, AttributeError):
+        return False
+
+
+_H11_CHUNKED = None
+if _h11_reader_usable():
+    from h11._readers import ChunkedReader as _H11_CHUNKED   # noqa: N811
+H11_FAST_CHUNKS = _H11_CHUNKED is not None
+
+# what we "send" on our mirror connections, built once (h11 events are immutable; their bytes are thrown away)
+_EMPTY_200 = h11.Response(status_code=200, headers=[("content-length", "0")])
+_END = h11.EndOfMessage()
+
+
 class Direction(enum.Enum):
     REQUEST = "request"     # bytes the client sent (a client workload's write, a server workload's read)
     RESPONSE = "response"   # bytes the server sent
@@ -190,6 +211,9 @@ class Http1Connection:
         self._closed = False
         self._sniffed = False
         self._h2_scan = b""
+        self._mirror: tuple[tuple, h11.Request] | None = None    # the last request mirrored, by what it was made of
+        self._req_plain = False     # the request being read is HTTP/1.1 keep-alive, no upgrade, no CONNECT
+        self.fast_chunks = H11_FAST_CHUNKS          # chunked response bodies read by h11's reader directly (_chunk)
         self.undecoded: UndecodedReason | None = None
         self.undecoded_bytes = 0
         self.requests = 0
@@ -357,6 +381,7 @@ class Http1Connection:
                     self._fail(ts_ns, UndecodedReason.OVERFLOW, "request bytes after a closing request", out)
                 return
             if isinstance(ev, h11.Request):
+                self._req_plain = _plain_keepalive(ev)
                 head = RequestHead(ts_ns, ev.method.decode("latin-1"), ev.target.decode("latin-1"),
                                    _headers(ev.headers))
                 self.requests += 1
@@ -369,10 +394,18 @@ class Http1Connection:
                 self._body(Direction.REQUEST, ts_ns, ev.data, out)
             elif isinstance(ev, h11.EndOfMessage):
                 self._end(Direction.REQUEST, c, ts_ns, out)
+                if self._req_plain and c.their_state is h11.DONE:
+                    # a plain keep-alive request: the next one is read by a fresh connection given what follows
+                    # (what answering it and starting the next cycle leaves, at a fraction of the cost)
+                    rest = c.trailing_data[0]
+                    c = self._req = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_header)
+                    if rest:
+                        c.receive_data(rest)
+                    continue
                 # answer it with an empty response nobody sees, so h11 reads the next request of the connection
                 # (an Upgrade request is thereby "denied" here; a 101 on the response side ends decoding instead)
-                c.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
-                c.send(h11.EndOfMessage())
+                c.send(_EMPTY_200)
+                c.send(_END)
                 if c.our_state is h11.DONE and c.their_state is h11.DONE:
                     c.start_next_cycle()
             elif isinstance(ev, h11.ConnectionClosed):
@@ -386,9 +419,12 @@ class Http1Connection:
         conn = header(head.headers, "connection")
         if conn is not None:
             hdrs.append(("connection", conn))
+        key = (head.method, head.target, tuple(hdrs))
         try:
-            self._resp.send(h11.Request(method=head.method, target=head.target or "/", headers=hdrs))
-            self._resp.send(h11.EndOfMessage())
+            if self._mirror is None or self._mirror[0] != key:   # keep-alive calls mostly repeat the same line
+                self._mirror = (key, h11.Request(method=head.method, target=head.target or "/", headers=hdrs))
+            self._resp.send(self._mirror[1])
+            self._resp.send(_END)
         except h11.LocalProtocolError as e:
             self._fail(ts_ns, UndecodedReason.PROTOCOL_ERROR, f"request not replayable: {e}", out)
             return
@@ -396,11 +432,32 @@ class Http1Connection:
         self._pump_responses(ts_ns, out)
 
     def _pump_responses(self, ts_ns: int, out: list[HttpEvent]) -> None:
+        """Read the response events h11 has. Body data of consecutive h11 Data events (the chunks of one read all
+        carry its timestamp) is passed on as one Body: the body stream and its times are the same."""
         c = self._resp
+        data: list[bytes] = []
+        try:
+            self._pump_responses_into(c, ts_ns, out, data)
+        finally:
+            if data:
+                self._body(Direction.RESPONSE, ts_ns, b"".join(data), out)
+
+    def _pump_responses_into(self, c: h11.Connection, ts_ns: int, out: list[HttpEvent], data: list[bytes]) -> None:
         while self.undecoded is None and self._resp_armed:
-            ev = c.next_event()
+            if self.fast_chunks and c.their_state is h11.SEND_BODY and type(c._reader) is _H11_CHUNKED:
+                ev = self._chunk(c)
+                if ev is None:
+                    return
+            else:
+                ev = c.next_event()
             if ev is h11.NEED_DATA or ev is h11.PAUSED:
                 return
+            if type(ev) is h11.Data:
+                data.append(ev.data)
+                continue
+            if data:
+                self._body(Direction.RESPONSE, ts_ns, b"".join(data), out)
+                data.clear()
             if isinstance(ev, h11.InformationalResponse):
                 continue    # 100 Continue and friends: the real response follows
             if isinstance(ev, h11.Response):
@@ -412,8 +469,6 @@ class Http1Connection:
                 out.append(head)
                 if ev.status_code == 101:
                     self._fail(ts_ns, UndecodedReason.UPGRADE, "101 switching protocols", out)
-            elif isinstance(ev, h11.Data):
-                self._body(Direction.RESPONSE, ts_ns, ev.data, out)
             elif isinstance(ev, h11.EndOfMessage):
                 self._end(Direction.RESPONSE, c, ts_ns, out)
                 self._pending.pop(0)
@@ -426,6 +481,22 @@ class Http1Connection:
                     return      # MUST_CLOSE: anything more on this connection is an error h11 will report
             elif isinstance(ev, h11.ConnectionClosed):
                 return
+
+    @staticmethod
+    def _chunk(c: h11.Connection) -> object:
+        """The next event of a chunked response body, read by h11's own ChunkedReader as next_event reads it, without
+        next_event's per-event state-machine round for Data (which leaves every state as it is in SEND_BODY). The
+        end of the body goes through the state machine as next_event would send it; None: the reader needs more
+        bytes. Errors are raised as next_event raises them (the connection is given up on either way)."""
+        try:
+            ev = c._reader(c._receive_buffer)        # type: ignore[misc]
+            if ev is None:
+                return c.next_event() if c._receive_buffer_closed else None   # EOF: let h11 say what it means
+            if type(ev) is not h11.Data:
+                c._process_event(c.their_role, ev)   # EndOfMessage
+            return ev
+        except h11.LocalProtocolError as e:
+            raise h11.RemoteProtocolError(str(e)) from None
 
     # -- shared --------------------------------------------------------------------------------------------------
     def _body(self, d: Direction, ts_ns: int, data: bytes, out: list[HttpEvent]) -> None:
@@ -479,6 +550,19 @@ class Http1Connection:
         self._req = self._resp = None  # type: ignore[assignment]
         self._pending.clear()
         self._resp_armed = False
+
+
+def _plain_keepalive(ev: h11.Request) -> bool:
+    """HTTP/1.1, not CONNECT, no Upgrade, Connection absent or only keep-alive: after it, the connection reads the
+    next request as a new one would."""
+    if ev.http_version != b"1.1" or ev.method == b"CONNECT":
+        return False
+    for k, v in ev.headers:
+        if k == b"upgrade":
+            return False
+        if k == b"connection" and any(t.strip().lower() not in (b"keep-alive", b"") for t in v.split(b",")):
+            return False
+    return True
 
 
 def _headers(raw: object) -> Headers:

@@ -267,6 +267,7 @@ class ResponseParse:
         self._lp_sum = 0.0
         self._lp_min: float | None = None
         self._text = _Text(text_cap) if capture_text else None
+        self._trie = _TRIE if capture_text else _TRIE_NO_TEXT   # without text capture the text paths do nothing
         self._etype = ""
 
     # -- feeding -------------------------------------------------------------------------------------------------
@@ -304,22 +305,11 @@ class ResponseParse:
         del self._events[:]
 
     def _feed_lines(self, ts_ns: int, data: bytes) -> None:
-        start = 0
-        while True:
-            nl = data.find(b"\n", start)
-            if nl < 0:
-                rest = data[start:]
-                if self._skipping:
-                    self._dropped += len(rest)
-                elif len(self._line) + len(rest) > _MAX_EVENT:
-                    self._dropped += len(self._line) + len(rest)
-                    self._line.clear()
-                    self._skipping = True
-                else:
-                    self._line += rest
-                return
-            piece = data[start:nl]
-            start = nl + 1
+        lines = data.split(b"\n")
+        rest = lines.pop()      # what follows the last newline (b"" when the piece ends with one)
+        on_line = self._on_line
+        sse = self._shape is _Shape.SSE
+        for piece in lines:
             if self._skipping:
                 self._dropped += len(piece) + 1
                 self._skipping = False
@@ -330,22 +320,42 @@ class ResponseParse:
                 self._line.clear()
             else:
                 line = piece
-            self._on_line(ts_ns, line.rstrip(b"\r"))
+            line = line.rstrip(b"\r")
+            if sse and line.startswith(b"data: "):      # _on_line's common case, without the call
+                self._sse_data.append(line[6:].decode("utf-8", "replace"))
+            elif sse and not line and len(self._sse_data) == 1:     # and the blank line after one data line
+                self._on_event(ts_ns, self._sse_event, self._sse_data.pop())
+                self._sse_event = ""
+            else:
+                on_line(ts_ns, line)
+        if self._skipping:
+            self._dropped += len(rest)
+        elif len(self._line) + len(rest) > _MAX_EVENT:
+            self._dropped += len(self._line) + len(rest)
+            self._line.clear()
+            self._skipping = True
+        elif rest:
+            self._line += rest
 
     def _on_line(self, ts_ns: int, line: bytes) -> None:
-        text = line.decode("utf-8", "replace")
         if self._shape is _Shape.NDJSON:
+            text = line.decode("utf-8", "replace")
             if text.strip():
                 self._on_event(ts_ns, "", text)
             return
-        if not text:                                   # blank line: dispatch the event
+        if not line:                                   # blank line: dispatch the event
             if self._sse_data:
-                self._on_event(ts_ns, self._sse_event, "\n".join(self._sse_data))
-            self._sse_event, self._sse_data = "", []
+                data = self._sse_data
+                self._on_event(ts_ns, self._sse_event, data[0] if len(data) == 1 else "\n".join(data))
+                data.clear()
+            self._sse_event = ""
             return
-        if text.startswith(":"):
+        if line.startswith(b"data: "):                 # the common field, spelled the common way
+            self._sse_data.append(line[6:].decode("utf-8", "replace"))
+            return
+        if line.startswith(b":"):
             return                                     # comment / keep-alive
-        field, _, value = text.partition(":")
+        field, _, value = line.decode("utf-8", "replace").partition(":")
         value = value[1:] if value.startswith(" ") else value
         if field == "data":
             self._sse_data.append(value)
@@ -353,7 +363,7 @@ class ResponseParse:
             self._sse_event = value
 
     def _on_event(self, ts_ns: int, event: str, data: str) -> None:
-        if data.strip() == "[DONE]":
+        if "[DONE]" in data and data.strip() == "[DONE]":
             self._terminal = True
             return
         if self._first is None:
@@ -361,10 +371,10 @@ class ResponseParse:
         self._last = ts_ns
         self._chunks += 1
         try:
-            obj = json.loads(data)
+            obj = _loads(data)
         except ValueError:
             return
-        if not isinstance(obj, dict):
+        if type(obj) is not dict:
             return
         etype = obj.get("type") if isinstance(obj.get("type"), str) else event
         self._etype = etype
@@ -374,8 +384,41 @@ class ResponseParse:
             err = obj.get("error")
             self._error = (err.get("type") if isinstance(err, dict) and isinstance(err.get("type"), str)
                            else "error")
-        for path, value in _leaves(obj, ""):
-            self._absorb(path, value)
+        self._absorb_tree(obj, self._trie)
+
+    def _absorb_tree(self, obj: Any, node: dict) -> None:
+        """_absorb every leaf of a parsed event whose path `_absorb` can use, in document order: the walk follows
+        only keys in _TRIE (every path _absorb reads, spelled as ijson spells them), so the rest of the event costs
+        one dict lookup per key at the levels it shares with them (see _leaves: the same leaves, the same order;
+        nulls, which _absorb ignores, are skipped)."""
+        get = node.get
+        for k, v in obj.items():
+            step = get(k)
+            if step is None:
+                continue
+            path, child = step
+            if isinstance(v, dict):
+                if child:
+                    self._absorb_tree(v, child)
+            elif isinstance(v, list):
+                item = child.get("item") if child else None
+                if item is not None:
+                    self._absorb_items(v, item)
+            elif path is not None and v is not None:    # _absorb does nothing with null
+                self._absorb(path, v)
+
+    def _absorb_items(self, items: list, step: tuple) -> None:
+        path, child = step
+        for v in items:
+            if isinstance(v, dict):
+                if child:
+                    self._absorb_tree(v, child)
+            elif isinstance(v, list):
+                item = child.get("item") if child else None
+                if item is not None:
+                    self._absorb_items(v, item)
+            elif path is not None and v is not None:    # _absorb does nothing with null
+                self._absorb(path, v)
 
     # -- what the leaves mean ------------------------------------------------------------------------------------
     def _absorb(self, path: str, value: Any) -> None:
@@ -446,6 +489,43 @@ class ResponseParse:
             confidence_mean=self._lp_sum / self._lp_n if self._lp_n else None, confidence_min=self._lp_min,
             completion_text=self._text.value() if self._text else None,
             completion_cut=bool(self._text and self._text.cut), event_bytes_dropped=self._dropped)
+
+
+_SCAN = json.JSONDecoder().scan_once
+_JSON_SPACE = " \t\n\r"
+
+
+def _loads(s: str) -> Any:
+    """json.loads(s), without its wrappers for the common case (a value with nothing after it): the same C scanner
+    json.loads ends in. Anything else (leading space, trailing text, invalid) goes to json.loads itself."""
+    try:
+        obj, end = _SCAN(s, 0)
+    except StopIteration:
+        return json.loads(s)
+    if end != len(s) and s[end:].strip(_JSON_SPACE):
+        return json.loads(s)    # raises "Extra data" as it always did
+    return obj
+
+
+def _trie(paths: frozenset[str]) -> dict:
+    """{key: (the path if it ends here else None, {next key: ...})} for ijson-style paths ("a.item.b")."""
+    root: dict = {}
+    for p in sorted(paths):
+        node, parts = root, p.split(".")
+        for i, part in enumerate(parts):
+            here, child = node.get(part, (None, {}))
+            if i == len(parts) - 1:
+                here = p
+            node[part] = (here, child)
+            node = child
+    return root
+
+
+# every leaf path _absorb looks at
+_ABSORBED = (_MODEL | _INPUT | _OUTPUT | _CACHED | _FINISH_APPEND | _FINISH_SET | _LOGPROB | _COMPLETION
+             | {"error", "error.type", "error.code", "delta"})
+_TRIE = _trie(_ABSORBED)
+_TRIE_NO_TEXT = _trie(_ABSORBED - _COMPLETION - {"delta"})   # _absorb reads these only to capture text
 
 
 def _leaves(obj: Any, prefix: str) -> Iterator[tuple[str, Any]]:

@@ -67,6 +67,19 @@ class ModelCallRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class DecoderOptions:
+    """How one destination's connections are decoded (from its identity's `llm:` and the global `llm:` section)."""
+    capture_content: bool = False
+    redact: tuple[Pattern[str], ...] = ()      # beside BUILTIN_REDACTIONS, which always apply
+    content_cap: int = DEFAULT_CONTENT_CAP
+    protocol: Protocol | None = None           # None: auto
+
+    def decoder(self, conn_key: Hashable, *, tls: bool = False) -> "ConnectionDecoder":
+        return ConnectionDecoder(conn_key, self.capture_content, self.redact, tls=tls, content_cap=self.content_cap,
+                                 protocol=self.protocol)
+
+
+@dataclass(frozen=True, slots=True)
 class DecoderCounters:
     http_requests: int          # HTTP/1.1 requests seen
     llm_calls: int              # of which records were made
@@ -96,8 +109,11 @@ class ConnectionDecoder:
     """Captured bytes of one connection -> ModelCallRecords. Never raises on what the connection carries."""
 
     def __init__(self, conn_key: Hashable, capture_content: bool = False, redact: Iterable[str | Pattern[str]] = (),
-                 *, tls: bool = False, body_cap: int = DEFAULT_BODY_CAP, content_cap: int = DEFAULT_CONTENT_CAP) -> None:
+                 *, tls: bool = False, body_cap: int = DEFAULT_BODY_CAP, content_cap: int = DEFAULT_CONTENT_CAP,
+                 protocol: Protocol | None = None) -> None:
+        """protocol: only this protocol's calls are recorded (an identity's `llm.protocol`); None: any (auto)."""
         self.conn_key = conn_key
+        self._protocol = protocol
         self._capture = capture_content
         self._redact = BUILTIN_REDACTIONS + tuple(re.compile(r) if isinstance(r, str) else r for r in redact)
         self._tls = tls
@@ -142,7 +158,10 @@ class ConnectionDecoder:
             if isinstance(ev, RequestHead):
                 start = self._req_start if self._req_start is not None else ev.ts_ns
                 head = RequestHead(start, ev.method, ev.target, ev.headers)
-                self._calls.append(_Call(self._seq, head, classify(ev.method, ev.target), self._capture,
+                kind = classify(ev.method, ev.target)
+                if kind is not None and self._protocol is not None and kind[0] is not self._protocol:
+                    kind = None      # another protocol's path on a destination configured for one: not a call
+                self._calls.append(_Call(self._seq, head, kind, self._capture,
                                          self._content_cap))
                 self._seq += 1
             elif isinstance(ev, Body):

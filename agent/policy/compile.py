@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Optional, Sequence, Union
 
-from agent.config import UNRESOLVED, Config, Identity, parse_backend, parse_endpoint
+from agent.config import GATEWAY, UNRESOLVED, Config, Identity, parse_backend, parse_endpoint
 from agent.kernel import abi
 from agent.policy.identities import UNMANAGED, WORLD, IdentityMeta, IdentityNumbering
 
@@ -39,6 +39,8 @@ class MapImage:
     identities: dict[int, IdentityMeta] = field(default_factory=dict)
     next_transition: Optional[datetime] = None     # the next sunset after `now`: compile again then
     warnings: list[str] = field(default_factory=list)
+    gw_addr: bytes = bytes(16)     # runtime_config.gw_addr: where connects that need the L7 gateway go (16-byte form)
+    gw_port: int = 0               # runtime_config.gw_port; 0: no gateway (such connects are denied)
 
 
 def addr16(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
@@ -73,6 +75,27 @@ def identity_flags(ident: Identity, cfg: Config, now: datetime) -> int:
             flags |= abi.IdentityFlag.SUNSET
     if ident.llm_capture.enabled:
         flags |= abi.IdentityFlag.LLM_CAPTURE
+    if ident.gateway_enforced and ident.llm.tls == "originate":
+        flags |= abi.IdentityFlag.GW_ORIGINATE
+    return int(flags)
+
+
+def gateway_flags(cfg: Config) -> int:
+    """The reserved `gateway` identity: governed (it may reach the gateway destinations only), enforced unless the
+    gateway's or the agent's mode is audit, and never handed to the gateway again (ID_F_GATEWAY)."""
+    flags = abi.IdentityFlag.GOVERNED | abi.IdentityFlag.GATEWAY
+    if (cfg.gateway.mode or cfg.mode) == "enforce":
+        flags |= abi.IdentityFlag.ENFORCE
+    return int(flags)
+
+
+def policy_flags(cfg: Config, p, dst: str, proto: int) -> int:
+    """POLICY_F_* of one compiled (policy, destination, protocol) entry: the gateway takes TCP pairs that need L7."""
+    if proto != 6 or not cfg.pair_needs_l7(p, dst):
+        return 0
+    flags = abi.PolicyFlag.GATEWAY
+    if cfg.identity(dst).llm.tls == "intercept":
+        flags |= abi.PolicyFlag.TLS
     return int(flags)
 
 
@@ -147,6 +170,20 @@ def _resolved_endpoints(image: MapImage, cfg: Config, ids: IdentityNumbering,
                               "an earlier identity: the first one keeps them")
 
 
+def _gateway(image: MapImage, cfg: Config, ids: IdentityNumbering) -> None:
+    """The reserved `gateway` identity (the gateway process's cgroup, agent/identity/assigner.py) may open TCP to
+    every destination with llm.gateway: enforce, on any port; runtime_config gets the redirect address."""
+    gid = ids.id_of(GATEWAY)
+    image.identities[gid] = IdentityMeta(gid, GATEWAY, "reserved")
+    image.identity_info.append((abi.IdentityKey(gid, image.gen), abi.IdentityInfo(gateway_flags(cfg), 0)))
+    for ident in cfg.identities:
+        if ident.gateway_enforced:
+            image.policies.append((abi.PolicyKey(gid, ids.id_of(ident.name), 0, 6, image.gen),
+                                   abi.PolicyValue(abi.RULE_ID_GATEWAY, 0)))
+    addr, port = cfg.gateway.redirect
+    image.gw_addr, image.gw_port = addr16(addr), port
+
+
 def compile_image(cfg: Config, ids: IdentityNumbering, gen: int, now: datetime,
                   resolved: Sequence[ResolvedEndpoint] = ()) -> MapImage:
     """One generation from the config and the remote ends resolved from the cluster (empty without Kubernetes)."""
@@ -183,13 +220,15 @@ def compile_image(cfg: Config, ids: IdentityNumbering, gen: int, now: datetime,
     _resolved_endpoints(image, cfg, ids, resolved)
 
     for rule_id, p in enumerate(cfg.policies):
-        value = abi.PolicyValue(rule_id)
         for src in p.from_:
             for dst in p.to:
                 s, d = ids.id_of(src), ids.id_of(dst)
-                for port in p.ports or [0]:
-                    for proto in PROTOCOLS[p.protocol]:
+                for proto in PROTOCOLS[p.protocol]:
+                    value = abi.PolicyValue(rule_id, policy_flags(cfg, p, dst, proto))
+                    for port in p.ports or [0]:
                         image.policies.append((abi.PolicyKey(s, d, port, proto, gen), value))
+    if cfg.uses_gateway:
+        _gateway(image, cfg, ids)
 
     backends = _Backends(image)
     sunset = {i.name for i in cfg.identities if i.deprecated and now >= i.deprecated.sunset}

@@ -74,6 +74,7 @@
                                      * CAPTURE_CHUNK, the default request budget); the rest of that call is a gap */
 #define CAPTURE_IOVECS 8            /* mirror: abi.py CAPTURE_IOVECS. writev/readv/sendmsg/recvmsg: iovecs looked at */
 #define BACKENDS_PER_SERVICE 16    /* mirror: abi.py BACKENDS_PER_SERVICE. weighted split: at most this many backends per redirect */
+#define MAX_GATEWAY_ORIGINS 65536  /* mirror: abi.py MAX_GATEWAY_ORIGINS. gateway_pending and gateway_origin entries (LRU) */
 
 /* Reserved identities (mirror: abi.py ID_*). User identities start at ID_FIRST_USER. */
 #define ID_NONE       0
@@ -123,6 +124,7 @@ enum aimesh_reason {
 #define EV_F_DEPRECATED        0x01   /* destination is deprecated (before or after sunset) */
 #define EV_F_LIFECYCLE         0x02   /* redirected to the successor because of the sunset */
 #define EV_F_REDIRECTED        0x04   /* the connection was rewritten (also set with VERDICT_AUDIT) */
+#define EV_F_GATEWAY           0x08   /* rewritten to the node's L7 gateway (with EV_F_REDIRECTED) */
 
 /* identity_info.flags (mirror: abi.py IdentityFlag) */
 #define ID_F_GOVERNED   0x01
@@ -130,6 +132,18 @@ enum aimesh_reason {
 #define ID_F_DEPRECATED 0x04
 #define ID_F_SUNSET     0x08   /* past its sunset date (the agent flips this at the sunset instant) */
 #define ID_F_LLM_CAPTURE 0x10  /* connections to it are captured (llm.protocol not off): bpf/capture.c */
+#define ID_F_GATEWAY     0x20  /* the reserved `gateway` identity (the L7 gateway's cgroup): its connects are never
+                                * handed to the gateway again */
+#define ID_F_GW_ORIGINATE 0x40 /* llm.tls: originate: only ID_F_GATEWAY sources may connect to it without the gateway;
+                                * a direct connect from anyone else is denied with REASON_NO_POLICY_DST */
+
+/* policy_value.flags (mirror: abi.py PolicyFlag) */
+#define POLICY_F_GATEWAY 0x01  /* the pair needs L7 policy: the connect is rewritten to the gateway (runtime_config.gw_*);
+                                * a socket that cannot reach the gateway is denied with REASON_FAMILY */
+#define POLICY_F_TLS     0x02  /* the client speaks TLS to the destination (llm.tls: intercept): gateway_origin.flags */
+
+/* gateway_origin.flags (mirror: abi.py GatewayOriginFlag) */
+#define GW_ORIGIN_F_TLS  0x01  /* TLS expected from the client */
 
 /* runtime_config.flags (mirror: abi.py ConfigFlag) */
 #define CFG_F_DNS_ALLOW  0x01
@@ -186,6 +200,10 @@ struct runtime_config {
 	__u64 interim_ns;   /* a still-open TCP connection reports at most this often (0: only at close) */
 	__u32 capture_request_bytes;    /* capture: bytes copied per request (sends until the next receive) */
 	__u32 capture_response_bytes;   /* capture: bytes copied per response (receives until the next send) */
+	__u8  gw_addr[16];  /* where connects that need the L7 gateway go (gateway.redirect_address), 16-byte form */
+	__u16 gw_port;      /* host order; 0: no gateway, such connects are denied (REASON_FAMILY) */
+	__u16 gw_pad;
+	__u32 pad;
 };
 
 /* endpoint_identity (LPM trie): prefixlen counts gen(8)+pad(8)+port(16) = 32 bits, then address bits. port 0 = any. */
@@ -225,8 +243,11 @@ struct policy_key {
 };
 
 struct policy_value {
-	__u32 rule_id;  /* index of the policy in the config, for the record */
+	__u32 rule_id;  /* index of the policy in the config, for the record (RULE_ID_GATEWAY: the gateway's own) */
+	__u32 flags;    /* POLICY_F_* */
 };
+
+#define RULE_ID_GATEWAY 0xffffffff   /* mirror: abi.py RULE_ID_GATEWAY. the compiled allow of the gateway identity */
 
 /* redirect_service: (src, dst) -> backends; src ID_NONE = any source. */
 struct redirect_key {
@@ -554,6 +575,27 @@ struct capture_event {
 	__u8  direction;     /* enum capture_direction */
 	__u8  flags;         /* CAPTURE_EV_F_* */
 	__u8  pad[5];
+};
+
+/* L7 gateway hand-off (bpf/sock_addr.c writes gateway_pending at connect, keyed by socket cookie; bpf/sock_ops.c
+ * moves it to gateway_origin at ACTIVE_ESTABLISHED, keyed by the client's local address and port: what the gateway
+ * sees as the peer of the accepted connection. agent/gateway/origin.py reads and deletes it.) */
+struct gateway_client_key {
+	__u8  addr[16];      /* the client socket's local address (v4-mapped for IPv4), network order */
+	__u16 port;          /* its local port, host order */
+	__u16 pad;
+};
+
+struct gateway_origin {
+	__u8  addr[16];      /* the destination as dialed */
+	__u16 port;          /* host order */
+	__u8  family;        /* AF_INET (2) when the dialed address is IPv4 (or v4-mapped), else AF_INET6 (10) */
+	__u8  flags;         /* GW_ORIGIN_F_* */
+	__u32 src_id;
+	__u32 dst_id;
+	__u32 policy_gen;    /* runtime_config.active_gen at connect */
+	__u64 cookie;        /* the client socket's cookie */
+	__u64 ts_ns;         /* bpf_ktime_get_ns at connect */
 };
 
 #endif /* AIMESH_ABI_H */

@@ -60,5 +60,7 @@ AIMESH_MAP("percpu_array", __u32, struct capture_cursor, capture_cursor, 1);    
 AIMESH_RINGBUF(capture_events, CAPTURE_RINGBUF_PAGES);                                         /* struct capture_event + 256, 1024 or CAPTURE_CHUNK bytes */
 AIMESH_MAP("lru_hash", __u64, struct tls_call, tls_calls, MAX_CAPTURE_SOCKETS);             /* pid_tgid -> SSL_* call in progress (bpf/tls.c) */
 AIMESH_MAP("lru_hash", struct tls_ssl_key, __u32, tls_ssl_fd, MAX_CAPTURE_SOCKETS);          /* (tgid, SSL *) -> fd of its captured socket */
+AIMESH_MAP("lru_hash", __u64, struct gateway_origin, gateway_pending, MAX_GATEWAY_ORIGINS);   /* socket cookie -> origin of a connect handed to the gateway, until established */
+AIMESH_MAP("lru_hash", struct gateway_client_key, struct gateway_origin, gateway_origin, MAX_GATEWAY_ORIGINS); /* client local addr:port -> origin; the gateway reads and deletes it at accept */
 
 #endif /* AIMESH_MAPS_H */

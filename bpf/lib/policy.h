@@ -7,7 +7,7 @@ struct decision {
 	__u8  verdict;
 	__u8  reason;
 	__u8  flags;
-	__u8  pad;
+	__u8  policy_flags;   /* POLICY_F_* of the policy that allowed it (reason REASON_POLICY) */
 };
 
 /* What an identity is in one generation. A user identity the generation does not know (a cgroup or port entry older
@@ -53,6 +53,7 @@ static __always_inline void decide(struct decision *d, const struct runtime_conf
 	__u32 df = identity_flags_cfg(dst, gen, cfg->flags);
 
 	d->rule_id = 0;
+	d->policy_flags = 0;
 	d->flags = (df & ID_F_DEPRECATED) ? EV_F_DEPRECATED : 0;
 	d->verdict = VERDICT_ALLOWED;
 
@@ -67,6 +68,7 @@ static __always_inline void decide(struct decision *d, const struct runtime_conf
 		if (pv) {
 			d->reason = REASON_POLICY;
 			d->rule_id = pv->rule_id;
+			d->policy_flags = pv->flags;
 		} else {
 			int enforce = ((sf & ID_F_GOVERNED) && (sf & ID_F_ENFORCE)) ||
 				      ((df & ID_F_GOVERNED) && (df & ID_F_ENFORCE));

@@ -79,3 +79,14 @@ if [ -d proto/aimesh ] && ls proto/aimesh/v1/*.proto >/dev/null 2>&1; then
 fi
 .venv/bin/python -c 'import bcc, agent' || die ".venv cannot import bcc and agent"
 [ -x .venv/bin/aimesh ] || die ".venv/bin/aimesh missing"
+
+# A real OTLP receiver for the span tests: Arize Phoenix, in a venv of its own (it pins anthropic<2, which the dev
+# tools need newer). Installed once; a failed install only leaves that one test skipped, with its reason.
+if [ ! -x .venv-phoenix/bin/phoenix ]; then
+  log "installing Arize Phoenix into .venv-phoenix (the OTLP receiver of tests/unit/test_otlp_phoenix.py)"
+  rm -rf .venv-phoenix
+  if ! { "$SYSPY" -m venv .venv-phoenix && .venv-phoenix/bin/pip install -q 'arize-phoenix>=8' >/dev/null 2>&1; }; then
+    log "warning: Arize Phoenix could not be installed; tests/unit/test_otlp_phoenix.py will be skipped"
+    rm -rf .venv-phoenix
+  fi
+fi

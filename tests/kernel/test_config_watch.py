@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from agent.daemon import ConfigWatch, kubelet_mounted
+from agent.config_watch import ConfigWatch, kubelet_mounted
 from tests.kernel.harness import free_port, run_client, start_server
 from tests.kernel.test_enforce import base_config
 

@@ -34,7 +34,9 @@ def test_a_denied_connect_flood_does_not_stall_the_agent_or_flood_the_collector(
     try:
         port, legacy_port = free_port(), free_port()
         chat, batch, llama, old = (cgroups.child(n) for n in ("chat", "batch", "llama", "old"))
-        sunset = (datetime.now(timezone.utc) + timedelta(seconds=8)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        # far enough ahead that a slow start (a loaded machine compiling the programs) cannot pass it; the reload
+        # under the flood brings it to a few seconds from then
+        sunset = (datetime.now(timezone.utc) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
         cfg = base_config(cgroups, port, collector={"spool_dir": str(tmp_path / "spool"), "flush_interval": 0.2,
                                                     "token_file": str(coll.token_file)},
                           telemetry={"interim_interval": 0, "udp_window": 1})
@@ -48,9 +50,12 @@ def test_a_denied_connect_flood_does_not_stall_the_agent_or_flood_the_collector(
                                  preexec_fn=lambda: (batch / "cgroup.procs").write_text("0"))
         try:
             time.sleep(1.0)
-            assert run_client(chat, legacy_port)["ok"] == 1          # before the sunset
+            r0 = run_client(chat, legacy_port)
+            assert r0["ok"] == 1, r0          # before the sunset
             # a reload under the flood
-            cfg2 = dict(cfg, dns="deny")
+            sunset = (datetime.now(timezone.utc) + timedelta(seconds=4)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            cfg2 = dict(cfg, dns="deny", identities=[dict(i, deprecated={"sunset": sunset}) if i["name"] == "legacy"
+                                                     else i for i in cfg["identities"]])
             t0 = time.monotonic()
             agent.reload(cfg2, timeout=30)
             assert time.monotonic() - t0 < BOUND_S, "the reload waited behind the flood"

@@ -8,6 +8,7 @@ Traffic goes to loopback only: a Service whose ClusterIP is 127.0.0.77 stands fo
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 
@@ -227,3 +228,128 @@ def test_unresolved_allow_and_audit(cgroups, agents, api, tmp_path, how):
     seen = {(r["verdict"], r["reason"]) for r in agent.flows(wait_for=1)
             if r["destination"]["port"] == port and r["source"]["name"] == "unresolved"}
     assert seen == ({("audit", "no_policy_src")} if how == "audit" else {("allowed", "not_governed")})
+
+
+def _records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("kind") != "model_call":
+            out.append(r)
+    return out
+
+
+def _workload(ident: dict) -> tuple[str, str, str, str]:
+    return ident["namespace"], ident["pod"], ident["container"], ident["service_account"]
+
+
+def test_records_name_the_pod_and_a_services_ends_are_judged(cgroups, agents, api, tmp_path):
+    """End to end, with the flags a DaemonSet passes (--kubeconfig, --node-name): the records log names each local
+    end's namespace, pod, container and service account; a Service's ClusterIP and its EndpointSlice's ready address
+    are the `vec` identity in the kernel (only that Service's slices are watched); a container whose pod is not known
+    yet is `unresolved` and denied, then resolved and allowed with its pod in the record."""
+    pods = {p["metadata"]["name"]: p for p in kube_api.load("pods")}
+    chat = pods["chat-frontend-7d9c8b6f5d-x2k4q"]            # shop/chat-frontend-…, service account chat
+    port = free_port()
+    svc = copy.deepcopy(next(s for s in kube_api.load("services") if s["metadata"]["name"] == "llama"))
+    svc["metadata"].update(name="vec", uid="ab12cd34-ef56-4789-9abc-def012345678")
+    svc["spec"].update(clusterIP=VEC_IP, clusterIPs=[VEC_IP],
+                       ports=[{"name": "tcp", "protocol": "TCP", "port": port, "targetPort": port}])
+    api.add("services", svc)
+    eps = copy.deepcopy(kube_api.load("endpointslices")[0])
+    eps["metadata"].update(name="vec-7f2kq", uid="bc23de45-f067-4890-abcd-ef0123456789")
+    eps["metadata"]["labels"]["kubernetes.io/service-name"] = "vec"
+    eps["endpoints"] = [{"addresses": [REMOTE_IP], "conditions": {"ready": True}, "nodeName": "node-b"}]
+    eps["ports"] = [{"name": "tcp", "protocol": "TCP", "port": port}]
+    api.add("endpointslices", eps)
+
+    root = cgroups.root
+    chat_app = cgroups.child(str(systemd_container(root, CHAT_UID, CHAT_APP).relative_to(root)))
+    chat_side = cgroups.child(str(systemd_container(root, CHAT_UID, CHAT_SHIPPER).relative_to(root)))
+    late = cgroups.child(str(cgroupfs_container(root, LATE_UID, LATE_ID).relative_to(root)))   # before its pod
+    other_cg = cgroups.child("other")
+    cfg = {
+        "mode": "enforce",
+        "identities": [
+            {"name": "chat", "kind": "service",
+             "select": {"pods": [{"namespace": "shop", "podSelector": {"matchLabels": {"app": "chat"}}}]}},
+            {"name": "vec", "kind": "dataset",
+             "endpoints": [{"service": {"namespace": "models", "name": "vec"}, "ports": [port]}]},
+        ],
+        "policies": [{"from": "chat", "to": "vec", "ports": [port]}],
+        "kubernetes": {"unresolved": "deny"},
+    }
+    records = tmp_path / "records.jsonl"
+    agent = agents(cfg, extra=["--records-log", str(records), "--node-name", "node-a",
+                               "--kubeconfig", str(api.kubeconfig(tmp_path / "kubeconfig"))])
+    servers = [start_server(other_cg, port, name=n, host=h, timeout=300)
+               for n, h in (("vec-cluster-ip", VEC_IP), ("vec-endpoint", REMOTE_IP))]
+    try:
+        assert allowed(run_client(chat_app, port, host=VEC_IP))       # chat -> vec by the ClusterIP
+        assert allowed(run_client(chat_side, port, host=REMOTE_IP))   # ... by the slice's ready address
+        assert denied(run_client(other_cg, port, host=VEC_IP))        # nobody -> vec: no policy
+        assert denied(run_client(other_cg, port, host=REMOTE_IP))
+        assert denied(run_client(late, port, host=VEC_IP))            # unresolved: deny
+        api.add("pods", pod_object(chat, LATE_UID, "chat-late", {"app": "chat"}, [("app", f"containerd://{LATE_ID}")]))
+        eventually(lambda: run_client(late, port, host=VEC_IP), allowed, "the late pod's cgroup after its pod arrived")
+    finally:
+        for s in servers:
+            s.popen.kill()
+            s.popen.wait()
+
+    def conns() -> list[dict]:
+        return [r for r in _records(records) if r["kind"] == 1 and r["destination_port"] == port
+                and r["source"]["name"] == "chat" and r["hook"] == 1]   # the client's side (the servers: unmanaged)
+    got = eventually(conns, lambda rs: {r["source"]["pod"] for r in rs} >= {chat["metadata"]["name"], "chat-late"},
+                     "connection records of both pods")
+    by = {(r["destination_address"], _workload(r["source"])) for r in got}
+    assert (VEC_IP, ("shop", "chat-frontend-7d9c8b6f5d-x2k4q", "app", "chat")) in by
+    assert (REMOTE_IP, ("shop", "chat-frontend-7d9c8b6f5d-x2k4q", "log-shipper", "chat")) in by
+    assert (VEC_IP, ("shop", "chat-late", "app", "chat")) in by
+    assert all(r["destination"]["name"] == "vec" and r["destination"]["pod"] == "" for r in got)   # remote: no pod
+    denials = [r for r in _records(records) if r["kind"] == 3 and r["destination_port"] == port]
+    assert {(r["source"]["name"], r["destination"]["name"]) for r in denials} >= {("unmanaged", "vec"),
+                                                                                  ("unresolved", "vec")}
+    assert all(r["source"]["pod"] == "" for r in denials)    # neither an unmanaged nor an unresolved cgroup has one
+    # what the agent asked the API server for: its node's pods, and only the named Service's EndpointSlices
+    assert {r.query.get("fieldSelector") for r in api.watches("pods") + api.lists("pods")} == {"spec.nodeName=node-a"}
+    assert {r.query.get("labelSelector") for r in api.watches("endpointslices")} == {
+        "kubernetes.io/service-name in (vec)"}
+    # Prometheus labels stay identity names: one series per identity, never per pod
+    status, metrics = agent.get("/metrics")
+    assert status == 200 and 'source="chat"' in metrics
+    assert "chat-frontend-7d9c8b6f5d-x2k4q" not in metrics and "chat-late" not in metrics
+
+
+def test_model_calls_from_a_pod_name_it(cgroups, agents, api, tmp_path):
+    """The openai SDK in a pod's container calls a local model server: the model-call record's source names the
+    pod's namespace, name, container and service account (found from the caller's pid)."""
+    from tests.kernel.test_capture import model_calls, run_openai, start_llm_server
+    root = cgroups.root
+    chat_app = cgroups.child(str(systemd_container(root, CHAT_UID, CHAT_APP).relative_to(root)))
+    llama = cgroups.child("llama")
+    cfg = {"mode": "enforce",
+           "identities": [
+               {"name": "chat", "kind": "service",
+                "select": {"pods": [{"namespace": "shop", "podSelector": {"matchLabels": {"app": "chat"}}}]}},
+               {"name": "llama", "kind": "model", "select": {"cgroups": [cgroups.rel(llama)]}}],
+           "policies": [{"from": "chat", "to": "llama"}],
+           "kubernetes": {"unresolved": "deny"}}
+    records = tmp_path / "records.jsonl"
+    agents(cfg, extra=["--records-log", str(records), "--node-name", "node-a",
+                       "--kubeconfig", str(api.kubeconfig(tmp_path / "kubeconfig"))])
+    srv, url = start_llm_server(llama)
+    try:
+        assert len(run_openai(chat_app, url)) == 2
+        calls = model_calls(records, want=2)
+    finally:
+        srv.kill()
+        srv.wait()
+    assert len(calls) == 2, calls
+    for c in calls:
+        s = c["source"]
+        assert (s["name"], s["namespace"], s["pod"], s["container"], s["service_account"]) == (
+            "chat", "shop", "chat-frontend-7d9c8b6f5d-x2k4q", "app", "chat")
+        assert c["destination"]["name"] == "llama"

@@ -116,3 +116,14 @@ def test_protocol_and_operation_mirror_the_proto_enums() -> None:
         for o in Operation:
             back, _ = from_proto(to_proto(full_record(protocol=p, operation=o), SRC, DST))
             assert (back.protocol, back.operation) == (p, o)
+
+
+def test_the_callers_kubernetes_workload_survives_the_wire() -> None:
+    src = IdentityData("chat-ui", "agent", "v1", namespace="shop", pod="chat-0", container="app",
+                       service_account="chat")
+    msg = to_proto(full_record(), src, DST, ACT, pid=7)
+    assert (msg.source.namespace, msg.source.pod, msg.source.container, msg.source.service_account) == (
+        "shop", "chat-0", "app", "chat")
+    assert msg.destination.pod == ""
+    _rec, ctx = from_proto(model_call_pb2.ModelCall.FromString(msg.SerializeToString()))
+    assert ctx.source == src and ctx.destination == DST

@@ -389,3 +389,21 @@ def test_flow_cells_escape_control_characters() -> None:
     cells = flow_cells(rec, timezone.utc)
     assert all(c.isprintable() for c in cells)
     assert "ui\\x07" in cells[1]
+
+
+def test_a_records_kubernetes_workload_is_stored_and_printed(server: CollectorServer) -> None:
+    """namespace, pod, container and service account of a local end travel in aimesh.v1.Identity: stored with the
+    record, and `aimesh flows -o json` prints them."""
+    src = flow_pb2.Identity(name="chat", kind="service", namespace="shop", pod="chat-7d9c8b6f5d-x2k4q",
+                            container="app", service_account="chat")
+    rec = record(6, start_time_unix_nano=T, end_time_unix_nano=T + 1, source=src, destination=identity("llama"),
+                 verdict=flow_pb2.VERDICT_ALLOWED)
+    ch, stub = stub_for(str(server.address))
+    with ch:
+        stub.Push(batch("node-a", 3, [rec]), metadata=(("authorization", "Bearer tk"),), timeout=5)
+    rc, out = flows(["--collector", str(server.address), "--token", "tk", "-o", "json", "--from", "chat"])
+    assert rc == 0
+    obj = json.loads(out)
+    assert obj["source"] == {"name": "chat", "kind": "service", "namespace": "shop", "pod": "chat-7d9c8b6f5d-x2k4q",
+                             "container": "app", "service_account": "chat"}
+    assert obj["destination"] == {"name": "llama"}

@@ -106,3 +106,20 @@ def test_denied_decision_becomes_a_decision_record():
     r = decision_record(d, META, 0, "node-a")
     assert r.kind == RecordKind.DECISION and r.verdict == abi.Verdict.DENIED
     assert (r.source.name, r.destination.name, r.destination_port, r.bytes_sent) == ("unmanaged", "llama", 8001, 0)
+
+
+def test_records_carry_the_local_ends_kubernetes_workload():
+    """The local socket's cgroup names its pod container: the source on the client side, the destination on the
+    server side (ingress), the sender of UDP; metrics keep identity names (tested in test_exposure)."""
+    from agent.flows.model import WorkloadData
+    w = WorkloadData("shop", "chat-0", "app", "chat")
+    pods = {4242: w}.get
+    r = flow_record(decode_flow_event(bytes(_flow(cgroup_id=4242))), META, 0, workloads=pods)
+    assert (r.source.name, r.source.namespace, r.source.pod, r.source.container, r.source.service_account) == (
+        "chat", "shop", "chat-0", "app", "chat")
+    assert r.destination.pod == "" and r.destination.name == "llama"
+    r = flow_record(decode_flow_event(bytes(_flow(cgroup_id=4242, side=abi.Side.SERVER))), META, 0, workloads=pods)
+    assert r.destination.pod == "chat-0" and r.source.pod == ""
+    r = flow_record(decode_flow_event(bytes(_flow(cgroup_id=99))), META, 0, workloads=pods)
+    assert r.source.pod == "" and r.source.name == "chat"        # a cgroup of no known pod: the identity alone
+    assert flow_record(decode_flow_event(bytes(_flow(cgroup_id=4242))), META, 0).source.pod == ""
