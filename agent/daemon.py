@@ -596,6 +596,8 @@ class Agent:
                     n += len(recs)
                     left -= max(len(recs), 1)
             total += n
+            if self.call_sinks is not None:
+                self.call_sinks.commit()   # the calls this turn decoded: one group-committed spool batch
             if not final or n == 0 or time.monotonic() >= deadline:
                 self._drain_cut = cut
                 return total

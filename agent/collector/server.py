@@ -143,6 +143,8 @@ class CollectorServer:
         self._health: HealthService | None = None
         self._stop_retention = threading.Event()
         self._retention: threading.Thread | None = None
+        self._passes = 0                            # background retention passes finished (counted, then notified)
+        self._passes_done = threading.Condition()
         self._address: HostPort | None = None
         self._size_collector: StoreSizeCollector | None = None
 
@@ -236,6 +238,16 @@ class CollectorServer:
                 self.run_retention()
             except Exception as e:  # noqa: BLE001 - keep serving; try again next interval
                 log.warning("retention failed: %s", e)
+            with self._passes_done:
+                self._passes += 1
+                self._passes_done.notify_all()
+
+    def wait_retention_passes(self, n: int, timeout: float) -> bool:
+        """Wait until the background thread has finished n more retention passes (deletions and their metrics) than
+        when called; the second of them began after the call. False when that took longer than timeout."""
+        with self._passes_done:
+            target = self._passes + n
+            return self._passes_done.wait_for(lambda: self._passes >= target, timeout)
 
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, end Follow streams, let in-flight pushes finish (up to grace), close the database."""

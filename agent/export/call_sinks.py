@@ -4,11 +4,13 @@
                              tally=ModelCallTally(...))
     for sink in sinks.sinks:            # every ModelCallSink (agent/l7/sink.py) gets every call
         sink.emit_call(record, source, destination, pid, comm, dialed=dialed)
+    sinks.commit()                      # once per drain turn: the calls emitted meanwhile to the spool (fsync'd)
     sinks.collectors()                  # Prometheus collectors to register (GenAI metrics, exporter counters)
     sinks.close()                       # at stop: the collector exporter spools what it could not send, OTLP flushes
 
 Which sinks there are: the aimesh_model_calls_total tally and the gen_ai_client_* metrics always; the collector
-exporter (PushCalls, its own spool subdirectory) when the agent exports to a collector; OTLP spans when
+exporter (PushCalls, its own spool subdirectory; durable like the flow exporter when there is a spool: every
+completed call is group-committed to disk before it is sent) when the agent exports to a collector; OTLP spans when
 `telemetry.otlp` is set; the records log (`--records-log`) when it is on.
 """
 from __future__ import annotations
@@ -173,6 +175,12 @@ class CallSinks:
         if self.exporter is not None:
             self.exporter.start()
 
+    def commit(self) -> None:
+        """The calls emitted since the last commit to the collector exporter's spool writer (durable: one fsync'd
+        batch for all of them, before they are sent); the caller never waits for the disk."""
+        if self.exporter is not None:
+            self.exporter.commit()
+
     def close(self) -> None:
         for close in self.closers:
             close()
@@ -180,9 +188,10 @@ class CallSinks:
 
 def calls_exporter_config(flows: ExporterConfig) -> ExporterConfig:
     """The model-call exporter's settings from the flow exporter's: same collector, credentials, agent id and sizes;
-    its own spool in the CALLS_SPOOL subdirectory; not durable (the capture ring is not spooled)."""
+    its own spool in the CALLS_SPOOL subdirectory; durable when the flow exporter is (completed calls go to disk
+    before they are sent; the capture ring itself is released once decoded)."""
     spool = flows.spool_dir / CALLS_SPOOL if flows.spool_dir is not None else None
-    return dataclasses.replace(flows, spool_dir=spool, durable=False)
+    return dataclasses.replace(flows, spool_dir=spool, durable=flows.durable and spool is not None)
 
 
 def build_call_sinks(telemetry: Telemetry, exporter: Optional[ExporterConfig], *, node: str,

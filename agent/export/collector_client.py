@@ -380,6 +380,7 @@ class BatchExporter:
         self._writes: "queue.Queue" = queue.Queue()   # persist() -> the spool writer thread (durable mode)
         self._writer: threading.Thread | None = None
         self.write_failures = 0
+        self._unwritten = 0     # records persist() handed to the spool writer, not yet on disk (under _cond)
         # Shared with submit()/flush()/close(), under _cond:
         self._incoming: deque[object] = deque()
         self._counters = _Counters()
@@ -430,10 +431,15 @@ class BatchExporter:
             self._writer = threading.Thread(target=self._writer_loop, name="spool-writer", daemon=True)
             self._writer.start()
 
+    # Whether records handed to the spool writer count against max_queue_records. The flow exporter's are bounded by
+    # the agent (it stops reading its rings while the disk is behind); the model-call exporter's by this.
+    bound_unwritten = False
+
     def submit(self, record: object) -> bool:
         """Queue a record. False when the queue is full: the record is dropped and counted."""
         with self._cond:
-            if self._stopping or len(self._incoming) >= self.config.max_queue_records:
+            held = len(self._incoming) + (self._unwritten if self.bound_unwritten else 0)
+            if self._stopping or held >= self.config.max_queue_records:
                 self._counters.dropped_queue_full += 1
                 return False
             self._incoming.append(record)
@@ -458,6 +464,7 @@ class BatchExporter:
             raise RuntimeError("persist() is for durable exporters")
         with self._cond:
             incoming, self._incoming = self._incoming, deque()
+            self._unwritten += len(incoming)
         if self._writer is None:          # not started (or closed): write on the caller's thread
             self._write_item((list(incoming), before, after))
         else:
@@ -495,6 +502,13 @@ class BatchExporter:
     def _write_items(self, items) -> None:
         """One batch (more if the records exceed 4 x batch_max_records) for several persist() calls: every before()
         runs before it is written, every after() once it is on disk."""
+        try:
+            self._write_items_once(items)
+        finally:
+            with self._cond:
+                self._unwritten -= sum(len(i[0]) for i in items)
+
+    def _write_items_once(self, items) -> None:
         try:
             msgs: list[Message] = []
             invalid = 0
@@ -674,7 +688,8 @@ class BatchExporter:
 
     def _update_idle(self) -> None:
         with self._cond:
-            self._idle = not self._incoming and not self._builder.records and not self._has_outbox()
+            self._idle = (not self._incoming and not self._builder.records and not self._unwritten
+                          and not self._has_outbox())
             self._cond.notify_all()
 
     def _count(self, **deltas: int) -> None:
@@ -845,6 +860,7 @@ class BatchExporter:
         if self.config.durable:
             with self._cond:
                 left, self._incoming = self._incoming, deque()
+                self._unwritten += len(left)
             self._write_item((list(left), None, None))
         with self._cond:
             incoming, self._incoming = self._incoming, deque()
@@ -874,11 +890,18 @@ class FlowExporter(BatchExporter):
 
 
 class ModelCallExporter(BatchExporter):
-    """Model calls to the collector's PushCalls; a ModelCallSink (agent/l7/sink.py). Not durable: the capture ring
-    is released once its chunks are decoded, so calls are spooled when memory is full and at close, not fsync'd
-    one by one. `mono_to_wall_ns()` gives the offset from the records' kernel clock to Unix time."""
+    """Model calls to the collector's PushCalls; a ModelCallSink (agent/l7/sink.py). `mono_to_wall_ns()` gives the
+    offset from the records' kernel clock to Unix time.
+
+    Durable (config.durable, with a spool): emit_call() only queues; commit() hands what was queued to the spool
+    writer, which group-commits it (one fsync'd batch for everything committed meanwhile) before the sender can see
+    it, so a completed call survives a kill -9 once its batch is on disk. The agent commits once per drain turn (and
+    emit_call() when a batch's worth is queued): no fsync per call. Calls handed to the writer and not yet on disk
+    count against max_queue_records (the capture ring is released once decoded, so nothing else holds them back).
+    Not durable: calls wait in memory and are spooled when memory is full and at close."""
 
     kind = CALLS
+    bound_unwritten = True
 
     def __init__(self, config: ExporterConfig, node: str, mono_to_wall_ns: Callable[[], int], **kw) -> None:
         super().__init__(config, **kw)
@@ -889,3 +912,22 @@ class ModelCallExporter(BatchExporter):
                   *, server_address: str = "", server_port: int = 0, dialed: IdentityData | None = None) -> None:
         self.submit(PendingCall(call, source, dialed if dialed is not None else destination, destination, pid, comm,
                                 self.config.agent_id, self._node, self._offset()))
+        if self.config.durable:
+            with self._cond:
+                full = len(self._incoming) >= self.config.batch_max_records
+            if full:
+                self.persist()
+
+    def commit(self) -> None:
+        """Durable: queue the calls emitted since the last commit for the spool writer (never waits for the disk).
+        A no-op when nothing is new, or when not durable."""
+        if not self.config.durable:
+            return
+        with self._cond:
+            if not self._incoming:
+                return
+        self.persist()
+
+    def flush(self, timeout: float) -> bool:
+        self.commit()   # durable: the sender sends only what the spool holds
+        return super().flush(timeout)

@@ -179,7 +179,17 @@ def span_attributes(call: ModelCallRecord, source: IdentityData, destination: Id
         a["server.address"] = server_address
         if server_port:
             a["server.port"] = server_port
+    a.update(k8s_attributes(source))
     return a
+
+
+def k8s_attributes(source: IdentityData) -> dict[str, str]:
+    """The caller's Kubernetes workload, where the identity names it: OpenTelemetry's k8s.* resource conventions
+    (on the span: one agent's spans come from many pods), and the service account as aimesh.source.service_account
+    (the k8s conventions have none). Empty fields are left out."""
+    pairs = (("k8s.namespace.name", source.namespace), ("k8s.pod.name", source.pod),
+             ("k8s.container.name", source.container), ("aimesh.source.service_account", source.service_account))
+    return {k: v for k, v in pairs if v}
 
 
 class OtlpCallSink:
@@ -232,5 +242,5 @@ class OtlpCallSink:
         self._provider.shutdown()
 
 
-__all__ = ["OtlpCallSink", "OtlpConfig", "OtlpStats", "build_exporter", "span_attributes", "span_error_type",
+__all__ = ["OtlpCallSink", "OtlpConfig", "OtlpStats", "build_exporter", "k8s_attributes", "span_attributes", "span_error_type",
            "span_name"]

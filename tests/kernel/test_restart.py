@@ -273,3 +273,76 @@ def test_a_kill9_during_a_collector_outage_loses_nothing(cgroups, agents, tmp_pa
         srv.popen.kill()
     finally:
         coll.stop()
+
+
+def _stored_calls(coll) -> list:
+    """Every stored ModelCall (read-only access to the collector's SQLite file)."""
+    import sqlite3
+    from agent._gen.aimesh.v1 import model_call_pb2
+    con = sqlite3.connect(f"file:{coll.db}?mode=ro", uri=True)
+    try:
+        return [model_call_pb2.ModelCall.FromString(b) for (b,) in con.execute("SELECT record FROM model_calls")]
+    finally:
+        con.close()
+
+
+def _spooled_calls(spool: Path) -> int:
+    from agent.export.collector_client import CALLS, batch_records
+    n = 0
+    for path in spool.glob("*.batch"):
+        try:
+            n += len(batch_records(path.read_bytes(), CALLS))
+        except Exception:  # noqa: BLE001 - gone meanwhile (sent)
+            pass
+    return n
+
+
+def test_model_calls_completed_before_a_kill9_reach_the_collector_exactly_once(cgroups, agents, tmp_path):
+    """Calls completed while the collector is down are group-committed to the calls spool, not kept in memory: a
+    kill -9 right after loses none, the next agent sends each once."""
+    from agent.export.collector_client import CALLS_SPOOL
+    from tests.kernel.test_capture import model_calls, run_openai, start_llm_server
+    from tests.kernel.test_collector_e2e import Collector
+    coll = Collector(tmp_path, free_port())
+    coll.start()                                            # creates the token file the agent reads
+    chat, llama = cgroups.child("chat"), cgroups.child("llama")
+    records = tmp_path / "records.jsonl"
+    spool = tmp_path / "spool"
+    cfg = {
+        "mode": "enforce",
+        "identities": [
+            {"name": "chat", "kind": "service", "select": {"cgroups": [cgroups.rel(chat)]}},
+            {"name": "llama", "kind": "model", "select": {"cgroups": [cgroups.rel(llama)]}},
+        ],
+        "policies": [{"from": "chat", "to": "llama"}],
+        "collector": {"spool_dir": str(spool), "flush_interval": 0.2, "token_file": str(coll.token_file)},
+    }
+    extra = ["--collector", f"127.0.0.1:{coll.port}", "--agent-id", "node-c"]
+    srv, url = start_llm_server(llama)
+    try:
+        coll.stop()                                         # the outage
+        agent = agents(cfg, extra + ["--records-log", str(records)])
+        seen = run_openai(chat, url) + run_openai(chat, url)   # 4 calls on 2 keep-alive connections, all complete
+        assert len(model_calls(records, want=4, timeout=20)) == 4
+        deadline = time.monotonic() + 20                    # decoded calls reach the disk within a drain turn
+        while _spooled_calls(spool / CALLS_SPOOL) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _spooled_calls(spool / CALLS_SPOOL) == 4
+        agent.popen.send_signal(signal.SIGKILL)
+        agent.popen.wait()
+        coll.start()
+        agents(cfg, extra)
+        deadline = time.monotonic() + 30
+        while (list((spool / CALLS_SPOOL).glob("*.batch")) or len(_stored_calls(coll)) < 4) \
+                and time.monotonic() < deadline:
+            time.sleep(0.3)
+        calls = _stored_calls(coll)
+        assert not list((spool / CALLS_SPOOL).glob("*.batch"))
+        assert len(calls) == 4, [(c.cookie, c.request_model) for c in calls]
+        assert sorted(c.request_model for c in calls) == sorted(["llama-3.1-8b", "llama-3.1-8b-s"] * 2)
+        assert sorted((c.output_tokens, c.agent_id) for c in calls) == sorted((s["out"], "node-c") for s in seen)
+        assert len({(c.cookie, c.start_time_unix_nano) for c in calls}) == 4   # none stored twice
+    finally:
+        srv.kill()
+        srv.wait()
+        coll.stop()

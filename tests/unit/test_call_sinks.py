@@ -38,7 +38,7 @@ def test_metrics_always_the_rest_from_config(tmp_path: Path) -> None:
     try:
         assert kinds(s) == ["ModelCallTally", "GenAiTally", "ModelCallExporter", "OtlpCallSink", "ModelCallLogSink"]
         assert isinstance(s.exporter, ModelCallExporter)
-        assert s.exporter.config.spool_dir == tmp_path / "spool" / CALLS_SPOOL and not s.exporter.config.durable
+        assert s.exporter.config.spool_dir == tmp_path / "spool" / CALLS_SPOOL and s.exporter.config.durable
         assert [type(c).__name__ for c in s.collectors()] == ["ModelCallTally", "GenAiTally", "ExportMetrics"]
     finally:
         s.close()
@@ -74,7 +74,8 @@ def test_calls_exporter_config_derives_from_the_flow_exporter(tmp_path: Path) ->
     flows = ExporterConfig(target="c:4317", agent_id="a", token="t", spool_dir=tmp_path, durable=True)
     calls = calls_exporter_config(flows)
     assert (calls.target, calls.token, calls.agent_id) == ("c:4317", "t", "a")
-    assert calls.spool_dir == tmp_path / CALLS_SPOOL and not calls.durable
+    assert calls.spool_dir == tmp_path / CALLS_SPOOL and calls.durable   # completed calls on disk before sent
+    assert not calls_exporter_config(ExporterConfig(target="c:4317", agent_id="a", spool_dir=tmp_path)).durable
     assert calls_exporter_config(ExporterConfig(target="c:4317", agent_id="a")).spool_dir is None
 
 

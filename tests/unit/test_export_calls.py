@@ -119,3 +119,95 @@ def test_a_call_that_does_not_encode_is_counted_invalid(start, tmp_dir: Path) ->
     st = exp.close()
     assert (st.sent_records, st.invalid_records) == (1, 1)
     assert [c.cookie for c in stored_calls(str(srv.address))] == [7]
+
+
+# A child process that is the agent's model-call exporter: collector down, it emits calls in three drain turns
+# (commit() after each), says so, and waits to be killed.
+_EXPORTER_CHILD = """
+import sys, time
+from pathlib import Path
+from tests.unit.test_export_calls import calls_exporter
+from tests.unit.test_otlp import LLAMA, WEB, make_call
+exp = calls_exporter(sys.argv[1], Path(sys.argv[2]), durable=True)
+exp.start()
+for turn in range(3):
+    for i in range(10):
+        exp.emit_call(make_call(conn_key=2000 + 10 * turn + i), WEB, LLAMA, 1, "curl")
+    exp.commit()
+print("committed", flush=True)
+time.sleep(600)
+"""
+
+
+def spooled_cookies(spool: Path) -> list[int]:
+    from agent.export.collector_client import CALLS, batch_records
+    out: list[int] = []
+    for path in sorted(spool.glob("*.batch")):
+        try:
+            out += [c.cookie for c in batch_records(path.read_bytes(), CALLS)]
+        except Exception:  # noqa: BLE001 - only whole (renamed after fsync) files count
+            pass
+    return out
+
+
+def test_completed_calls_survive_a_kill9_of_the_exporter_and_arrive_once(start, tmp_dir: Path) -> None:  # noqa: F811
+    import os
+    import signal
+    import subprocess
+    import sys
+    srv = start()
+    address = str(srv.address)
+    srv.stop(0)                                     # the collector is down while the calls complete
+    spool = tmp_dir / "spool" / CALLS_SPOOL
+    root = Path(__file__).resolve().parents[2]
+    child = subprocess.Popen([sys.executable, "-c", _EXPORTER_CHILD, address, str(spool)], cwd=root,
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(root)})
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "committed"
+        # on disk without a close(): group-committed (one batch per commit at most, not one file per call)
+        assert wait_until(lambda: len(spooled_cookies(spool)) == 30), spooled_cookies(spool)
+        assert 1 <= len(list(spool.glob("*.batch"))) <= 3
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+    srv = start(listen=address)                     # the collector is back; a new agent on the same spool
+    exp = calls_exporter(address, spool, durable=True)
+    exp.start()
+    assert exp.flush(15)
+    st = exp.close()
+    assert (st.sent_records, st.dropped) == (30, 0)
+    assert sorted(c.cookie for c in stored_calls(address)) == list(range(2000, 2030))
+    assert not list(spool.glob("*.batch"))
+
+
+def test_durable_calls_are_sent_only_from_the_spool(start, tmp_dir: Path) -> None:  # noqa: F811
+    srv = start()
+    spool = tmp_dir / "spool" / CALLS_SPOOL
+    exp = calls_exporter(str(srv.address), spool, durable=True, batch_max_records=4)
+    exp.start()
+    for i in range(10):                             # a batch's worth queued commits on its own
+        exp.emit_call(make_call(conn_key=300 + i), WEB, LLAMA, 1, "curl")
+    assert wait_until(lambda: exp.stats().sent_records >= 8)
+    assert exp.stats().queued_records == 2          # the rest waits for the agent's commit()
+    exp.commit()
+    assert exp.flush(10)
+    st = exp.close()
+    assert (st.sent_records, st.dropped) == (10, 0)
+    assert sorted(c.cookie for c in stored_calls(str(srv.address))) == list(range(300, 310))
+
+
+def test_calls_not_yet_on_disk_count_against_the_queue(tmp_dir: Path) -> None:  # noqa: F811
+    exp = calls_exporter("127.0.0.1:9", tmp_dir / CALLS_SPOOL, durable=True, max_queue_records=3)
+    gate = __import__("threading").Event()
+    exp._write_items_once = lambda items: gate.wait(10)   # type: ignore[method-assign]  # a disk that hangs
+    exp.start()
+    for i in range(5):
+        exp.emit_call(make_call(conn_key=i), WEB, LLAMA, 1, "curl")
+        exp.commit()
+    st = exp.stats()
+    assert (st.submitted, st.dropped_queue_full) == (3, 2)
+    gate.set()
+    exp.close(0)

@@ -66,6 +66,22 @@ def test_one_client_span_per_call_with_genai_attributes() -> None:
     assert sink.stats().exported == 2 and sink.stats().dropped_queue_full == 0
 
 
+def test_spans_name_the_callers_pod_when_the_identity_has_it() -> None:
+    mem = InMemorySpanExporter()
+    sink = OtlpCallSink(OtlpConfig(service_name="aimesh-test"), OFFSET, exporter=mem)
+    in_pod = replace(WEB, namespace="shop", pod="chat-7d9f-x2k", container="app", service_account="chat")
+    sink.emit_call(make_call(), in_pod, LLAMA, 4242, "python3")
+    sink.emit_call(make_call(), replace(WEB, namespace="shop", pod="chat-7d9f-x2k"), LLAMA, 4242, "python3")
+    sink.emit_call(make_call(), WEB, replace(LLAMA, namespace="models", pod="llama-0"), 4242, "python3")
+    sink.shutdown()
+    a, b, c = (dict(s.attributes or {}) for s in mem.get_finished_spans())
+    assert (a["k8s.namespace.name"], a["k8s.pod.name"], a["k8s.container.name"]) == ("shop", "chat-7d9f-x2k", "app")
+    assert a["aimesh.source.service_account"] == "chat"
+    assert (b["k8s.namespace.name"], b["k8s.pod.name"]) == ("shop", "chat-7d9f-x2k")
+    assert "k8s.container.name" not in b and "aimesh.source.service_account" not in b   # unknown: left out
+    assert not [k for k in c if k.startswith("k8s.") or k == "aimesh.source.service_account"]   # the caller's only
+
+
 def test_failures_carry_error_type_and_error_status() -> None:
     mem = InMemorySpanExporter()
     sink = OtlpCallSink(OtlpConfig(), OFFSET, exporter=mem)
