@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
 
-from agent.config import GATEWAY_CGROUP, Config, ConfigError, limits_of, load_config
+from agent.config import GATEWAY, GATEWAY_CGROUP, Config, ConfigError, limits_of, load_config
 from agent.gateway.node import DOWN as GATEWAY_DOWN, GatewayNode, reload_refusal
 from agent.export.flow_metrics import FlowTally
 from agent.export.http import MetricsServer
@@ -190,6 +190,7 @@ class Agent:
         self.tls_visibility = TlsVisibility()
         self.tls_not_visible = TlsNotVisibleTally()
         self.gateway = None                         # agent/gateway/node.GatewayNode when config.uses_gateway
+        self._gateway_id = -1                       # the reserved `gateway` identity's number, once it runs
 
     # ---- signals only set flags; the loop acts ----
     def _on_signal(self, signum, _frame) -> None:
@@ -348,6 +349,7 @@ class Agent:
             self._start_tls(root)
             self._drain()   # what the kernel queued while no agent ran
             if self.gateway is not None:
+                self._gateway_id = self.numbering.id_of(GATEWAY)
                 try:
                     self.gateway.start(config, self.numbering.to_state()["ids"])
                 except (OSError, ValueError) as e:   # the state directory, the policy, the records socket
@@ -726,6 +728,11 @@ class Agent:
         except CaptureDecodeError as e:
             self.state["decode_errors"] += 1
             log.warning("capture_events: %s", e)
+            return
+        if self.gateway is not None and chunk.src_id == self._gateway_id:
+            # the gateway's own upstream connections: the gateway records those calls itself (gateway: true)
+            if chunk.kind is not abi.CaptureKind.CLOSE:
+                self.datapath.capture_skip(chunk.pid, chunk.fd)
             return
         if self._workloads is not None:
             self.k8s.note_pid(chunk.pid)   # the caller's cgroup while it surely runs (its call may end after it exits)
