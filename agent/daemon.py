@@ -84,6 +84,7 @@ class AgentOptions:
     node_name: Optional[str] = None            # overrides config kubernetes.node_name (default: $NODE_NAME)
     watch_config: Optional[bool] = None        # reload when the file changes; None: when it is kubelet-mounted
     state_dir: Optional[Path] = None           # the gateway's policy file and records socket; default /run/aimesh/<pins>
+    gateway_process: bool = True               # run the node gateway when the config uses one (False: run by hand)
 
 
 def preflight() -> None:
@@ -295,7 +296,7 @@ class Agent:
         except (ValueError, ConfigError, ChannelError) as e:
             dp.close()
             raise AgentError(f"model-call sinks: {e}") from None
-        if config.uses_gateway:
+        if config.uses_gateway and self.opts.gateway_process:
             self.gateway = GatewayNode(self.opts.state_dir or Path("/run/aimesh") / self.pins.path.name,
                                        dp.map_paths["gateway_origin"], root / GATEWAY_CGROUP, self._dispatch,
                                        mono_to_wall_ns=lambda: self._mono_to_wall)
