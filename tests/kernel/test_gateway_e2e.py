@@ -332,7 +332,7 @@ def test_disallowed_model_is_refused_and_the_upstream_gets_nothing(env):
     before = len(env.upstream.calls())
     res = sdk(env.chat, env.url("plain"), "o1-preview")
     assert (res["ok"], res.get("error"), res.get("status")) == (False, "PermissionDeniedError", 403), res
-    assert "o1-preview" in res["message"] and "chat" in res["message"], res
+    assert "o1-preview" in res["message"] and "chat" in res["message"] and "policies[0]" in res["message"], res
     assert len(env.upstream.calls()) == before
     r = env.calls(lambda r: r["request_model"] == "o1-preview")
     assert r and (r[0]["decision"], r[0]["status"], r[0]["gateway"]) == ("refused", 403, True), r
