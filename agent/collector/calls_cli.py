@@ -174,6 +174,12 @@ def call_cells(call: model_call_pb2.ModelCall, tz: tzinfo | None = None) -> list
             info.append(label)
     if call.HasField("error_type"):
         info.append(f"error={call.error_type}")
+    if call.gateway:   # the node gateway's judgement: gateway=served|refused|would_deny, the policy, a rewrite
+        info.append(f"gateway={call.decision or '?'}")
+        if call.HasField("policy"):
+            info.append(f"policy={call.policy}")
+        if call.HasField("sent_model") and call.sent_model != call.request_model:
+            info.append(f"sent={call.sent_model}")
     if call.finish_reasons:
         info.append(f"finish={','.join(call.finish_reasons)}")
     if call.HasField("cached_tokens") and call.cached_tokens:

@@ -2,6 +2,7 @@
 the policy file, reload refusals; and the new record fields on the wire, in OTLP and in `aimesh calls --summary`."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -9,7 +10,7 @@ import stat
 from pathlib import Path
 
 from agent.collector.calls import call_problem
-from agent.collector.calls_cli import summarize
+from agent.collector.calls_cli import SummaryPrinter, call_cells, summarize
 from agent.config import Config
 from agent.export.model_calls import from_proto, to_proto
 from agent.export.otlp import span_attributes
@@ -64,6 +65,12 @@ def test_gateway_fields_cross_the_wire_and_reach_otlp_and_the_summary():
     refused = to_proto(to_call(BAD_HTTP, {}, 0).record, IdentityData(name="chat"), IdentityData(name="openai"))
     rows = summarize([to_proto(r, IdentityData(name="chat"), IdentityData()), refused])
     assert sum(x.refused for x in rows) == 1
+    assert "gateway=served policy=policies[0] sent=gpt-4o" in call_cells(to_proto(r, IdentityData(name="chat"), IdentityData()))[-1]
+    out = io.StringIO()
+    printer = SummaryPrinter(out, json_output=True)
+    printer.add(refused)
+    printer.finish()
+    assert json.loads(out.getvalue())["refused"] == 1
     a = span_attributes(r, IdentityData(name="chat"), IdentityData(name="openai"), 0, "")
     assert a["aimesh.gateway"] is True and a["aimesh.gateway.policy"] == "policies[0]"
     assert a["aimesh.gateway.sent_model"] == "gpt-4o" and a["aimesh.gateway.decision"] == "served"
