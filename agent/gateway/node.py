@@ -203,10 +203,12 @@ class GatewayNode:
         if self.rx is not None:
             self.tick()   # what it sent before it stopped
             self.rx.close()
-        try:
-            self.cgroup_dir.rmdir()   # empty once the process is gone; kept (EBUSY) otherwise
-        except OSError:
-            pass
+        for rm in (self.cgroup_dir.rmdir,   # empty once the process is gone; kept (EBUSY) otherwise
+                   self.policy_path.unlink, self.state_dir.rmdir):   # written again at the next start
+            try:
+                rm()
+            except OSError:
+                pass
 
     # -- Prometheus (read at scrape time) --------------------------------------------------------------------------
     def describe(self) -> Iterable:

@@ -139,3 +139,4 @@ def test_node_hands_records_to_the_dispatch_and_reports_a_dead_gateway(tmp_path:
     assert "not running" in node.health()
     node.stop()
     assert sup.closed and not node.records_path.exists() and not (tmp_path / "aimesh-gateway").exists()
+    assert not node.state_dir.exists()
