@@ -17,7 +17,8 @@ def _agent(args: argparse.Namespace) -> int:
                         metrics_addr=args.metrics_addr, flow_log=args.flow_log, records_log=args.records_log,
                         collector=args.collector, agent_id=args.agent_id, ephemeral=args.ephemeral,
                         bpf_root=args.bpf_root, watch_config={"auto": None, "on": True, "off": False}[args.watch_config],
-                        kubeconfig=args.kubeconfig, node_name=args.node_name)
+                        kubeconfig=args.kubeconfig, node_name=args.node_name,
+                        gateway_process=not args.no_gateway_process, state_dir=args.state_dir)
     return Agent(opts).run()
 
 
@@ -125,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-read the config when the file changes, as SIGHUP does (checked every second); auto "
                    "(default): on when the file is in a kubelet-mounted ConfigMap (its directory has ..data), whose "
                    "updates are atomic; off elsewhere, where an editor may save a file in several writes")
+    a.add_argument("--state-dir", type=Path, default=None,
+                   help="where the node gateway's policy file and records socket live (default /run/aimesh/<root>)")
+    a.add_argument("--no-gateway-process", action="store_true",
+                   help="compile the gateway redirect but run no gateway process (development: one run by hand)")
     a.add_argument("--kubeconfig", type=Path, default=None,
                    help="kubeconfig file for the Kubernetes API (development; overrides kubernetes.kubeconfig); "
                    "default: the pod's service account (in-cluster)")

@@ -20,7 +20,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Optional
 
-from agent.config import Config, ConfigError, limits_of, load_config
+from agent.config import GATEWAY, GATEWAY_CGROUP, Config, ConfigError, limits_of, load_config
+from agent.gateway.node import DOWN as GATEWAY_DOWN, GatewayNode, reload_refusal
 from agent.export.flow_metrics import FlowTally
 from agent.export.http import MetricsServer
 from agent.export.metrics import AgentCollector, build_registry
@@ -82,6 +83,8 @@ class AgentOptions:
     kubeconfig: Optional[Path] = None          # overrides config kubernetes.kubeconfig (development)
     node_name: Optional[str] = None            # overrides config kubernetes.node_name (default: $NODE_NAME)
     watch_config: Optional[bool] = None        # reload when the file changes; None: when it is kubelet-mounted
+    state_dir: Optional[Path] = None           # the gateway's policy file and records socket; default /run/aimesh/<pins>
+    gateway_process: bool = True               # run the node gateway when the config uses one (False: run by hand)
 
 
 def preflight() -> None:
@@ -187,6 +190,8 @@ class Agent:
         self.tls_probes = None                      # agent/kernel/uprobes.TlsProbes once the datapath is in force
         self.tls_visibility = TlsVisibility()
         self.tls_not_visible = TlsNotVisibleTally()
+        self.gateway = None                         # agent/gateway/node.GatewayNode when config.uses_gateway
+        self._gateway_id = -1                       # the reserved `gateway` identity's number, once it runs
 
     # ---- signals only set flags; the loop acts ----
     def _on_signal(self, signum, _frame) -> None:
@@ -291,6 +296,11 @@ class Agent:
         except (ValueError, ConfigError, ChannelError) as e:
             dp.close()
             raise AgentError(f"model-call sinks: {e}") from None
+        if config.uses_gateway and self.opts.gateway_process:
+            self.gateway = GatewayNode(self.opts.state_dir or Path("/run/aimesh") / self.pins.path.name,
+                                       dp.map_paths["gateway_origin"], root / GATEWAY_CGROUP, self._dispatch,
+                                       mono_to_wall_ns=lambda: self._mono_to_wall)
+            self.gateway.prepare()   # before identities are assigned: its cgroup gets the reserved `gateway`
         collector = AgentCollector(dp.counters, lambda: dp.decision_counts() if self.healthy else {},
                                    lambda: self.identities, self._metrics_state)
         compute = IdentityCompute(self._identity_cgroups, mount)
@@ -305,7 +315,8 @@ class Agent:
             metrics = MetricsServer(self.opts.metrics_addr,
                                     build_registry(collector, [self.flow_tally, *self.call_sinks.collectors(),
                                                                self.tls_not_visible, compute,
-                                                               *self.k8s.collectors()]),
+                                                               *self.k8s.collectors(),
+                                                               *([self.gateway] if self.gateway else [])]),
                                     lambda: self.healthy,
                                     health=lambda: (not self.degraded, sorted(self.degraded)),
                                     loop_age_s=lambda: time.monotonic() - self.last_tick if self.healthy else 0.0)
@@ -338,6 +349,12 @@ class Agent:
             self.state["programs_attached"] = dp.attached_count
             self._start_tls(root)
             self._drain()   # what the kernel queued while no agent ran
+            if self.gateway is not None:
+                self._gateway_id = self.numbering.id_of(GATEWAY)
+                try:
+                    self.gateway.start(config, self.numbering.to_state()["ids"])
+                except (OSError, ValueError) as e:   # the state directory, the policy, the records socket
+                    raise AgentError(f"gateway: {e}") from None
             self.healthy = True
             log.info("agent ready: %d identities, %d policies, governing %s, metrics on %s",
                      len(config.identities), len(config.policies), root, self.opts.metrics_addr)
@@ -357,6 +374,8 @@ class Agent:
                          st.sent_records, st.spool_batches, st.dropped)
             if self.tls_probes is not None:
                 self.tls_probes.close()
+            if self.gateway is not None:
+                self._gateway_stop()
             self.k8s.stop()
             try:
                 self.call_sinks.close()
@@ -414,7 +433,7 @@ class Agent:
             if self.config is not None and config.collector != self.config.collector:
                 raise ConfigError(f"{self.opts.config_path}: collector: changed; the exporter is set up at start, so "
                                   "this reload changes nothing: restart the agent to apply it")
-            refusal = self.k8s.reload_refusal(self.config, config)
+            refusal = self.k8s.reload_refusal(self.config, config) or reload_refusal(self.config, config)
             if refusal:
                 raise ConfigError(f"{self.opts.config_path}: {refusal}")
             changed = self.config.telemetry.sinks_differ(config.telemetry) if self.config is not None else None
@@ -422,6 +441,8 @@ class Agent:
                 raise ConfigError(f"{self.opts.config_path}: telemetry.{changed}: changed; the model-call sinks are "
                                   "set up at start, so this reload changes nothing: restart the agent to apply it")
             self._install(config)
+            if self.gateway is not None:   # model policies apply live: the supervisor SIGHUPs the gateway
+                self.gateway.reload(config, self.numbering.to_state()["ids"])
         except (ConfigError, AgentError, ValueError, OSError) as e:
             self.state["reloads_failed"] += 1
             log.error("config reload rejected, the previous policy stays in force: %s", e)
@@ -488,6 +509,8 @@ class Agent:
             # ring still holds records; capture records do not wake us) only look, do not sleep
             wait_readable([self.datapath.rings["agent_events"]], 0 if self._drain_cut else POLL_MS)
             self._drain()
+            if self.gateway is not None:
+                self._gateway_tick()
             now_ns = time.monotonic_ns()
             if self.denials.due(now_ns):
                 self._flush_denials(now_ns)
@@ -709,6 +732,11 @@ class Agent:
             self.state["decode_errors"] += 1
             log.warning("capture_events: %s", e)
             return
+        if self.gateway is not None and chunk.src_id == self._gateway_id:
+            # the gateway's own upstream connections: the gateway records those calls itself (gateway: true)
+            if chunk.kind is not abi.CaptureKind.CLOSE:
+                self.datapath.capture_skip(chunk.pid, chunk.fd)
+            return
         if self._workloads is not None:
             self.k8s.note_pid(chunk.pid)   # the caller's cgroup while it surely runs (its call may end after it exits)
         self._model_calls(self.capture.on_chunk(chunk))
@@ -783,6 +811,27 @@ class Agent:
             self.tls_not_visible.add(source)
             if nv.first_of_process:
                 log.warning("%s", describe_not_visible(nv, source))
+
+    # ---- the node gateway (agent/gateway/node.py) ----
+    def _gateway_tick(self) -> None:
+        try:
+            self.state["model_calls"] += self.gateway.tick()
+        except Exception:  # noqa: BLE001 - a bad record must not stop the loop
+            self.state["decode_errors"] += 1
+            log.exception("gateway records: handling failed")
+        down = self.gateway.health()
+        if down is None:
+            self.degraded.pop(GATEWAY_DOWN, None)
+        else:
+            if GATEWAY_DOWN not in self.degraded:
+                log.error("%s", down)
+            self.degraded[GATEWAY_DOWN] = down
+
+    def _gateway_stop(self) -> None:
+        try:
+            self.gateway.stop()
+        except Exception:  # noqa: BLE001 - stopping goes on
+            log.exception("stopping the gateway failed")
 
     def _metrics_state(self) -> dict:
         st = dict(self.state)

@@ -30,7 +30,9 @@ _ENUMS = {
     "operation": frozenset(model_call_pb2.LlmOperation.values()),
 }
 _IDENTITIES = ("source", "destination", "actual_destination")
-_OPTIONAL_TEXT = ("request_model", "response_model", "error_type")
+_OPTIONAL_TEXT = ("request_model", "response_model", "error_type", "policy", "sent_model")
+MAX_REASON = 1024  # the gateway's reason text
+DECISIONS = frozenset({"served", "refused", "would_deny"})   # agent/gateway/policy.py Outcome
 _COUNTS = ("input_tokens", "output_tokens", "cached_tokens", "time_to_first_chunk_ns", "duration_ns",
            "time_per_output_chunk_ns", "request_bytes", "response_bytes")  # fmt: skip
 
@@ -104,6 +106,9 @@ def call_problem(call: model_call_pb2.ModelCall, now_ns: int) -> str | None:
     checks += [text_problem(name, getattr(call, name), MAX_NAME) for name in _OPTIONAL_TEXT]
     checks += [text_problem(name, getattr(call, name), MAX_TEXT, printable=False)
                for name in ("prompt_text", "completion_text")]  # fmt: skip
+    checks.append(text_problem("reason", call.reason, MAX_REASON))
+    if call.HasField("decision") and call.decision not in DECISIONS:
+        checks.append(f"decision {call.decision[:32]!r} is not one of served, refused, would_deny")
     if len(call.finish_reasons) > MAX_FINISH_REASONS:
         checks.append(f"finish_reasons has {len(call.finish_reasons)} entries, at most {MAX_FINISH_REASONS}")
     checks += [text_problem(f"finish_reasons[{i}]", r, MAX_FINISH_REASON) for i, r in enumerate(call.finish_reasons)]

@@ -174,6 +174,12 @@ def call_cells(call: model_call_pb2.ModelCall, tz: tzinfo | None = None) -> list
             info.append(label)
     if call.HasField("error_type"):
         info.append(f"error={call.error_type}")
+    if call.gateway:   # the node gateway's judgement: gateway=served|refused|would_deny, the policy, a rewrite
+        info.append(f"gateway={call.decision or '?'}")
+        if call.HasField("policy"):
+            info.append(f"policy={call.policy}")
+        if call.HasField("sent_model") and call.sent_model != call.request_model:
+            info.append(f"sent={call.sent_model}")
     if call.finish_reasons:
         info.append(f"finish={','.join(call.finish_reasons)}")
     if call.HasField("cached_tokens") and call.cached_tokens:
@@ -217,6 +223,7 @@ class SummaryRow:
     model: str
     calls: int = 0
     errors: int = 0
+    refused: int = 0          # refused by the node gateway's model policy (decision: refused)
     input_tokens: int = 0
     output_tokens: int = 0
     durations: list[int] = field(default_factory=list)
@@ -241,6 +248,7 @@ def summarize(calls: Iterable[model_call_pb2.ModelCall]) -> list[SummaryRow]:
         row = rows.setdefault(key, SummaryRow(*key))
         row.calls += 1
         row.errors += is_error(call)
+        row.refused += call.decision == "refused"
         row.input_tokens += call.input_tokens
         row.output_tokens += call.output_tokens
         if call.HasField("duration_ns"):
@@ -263,6 +271,7 @@ class SummaryPrinter:
 
     def finish(self) -> None:
         rows = summarize(self._calls)
+        refusals = any(r.refused for r in rows)   # the REFUSED column/key when the node gateway refused something
         if self._json:
             import json
 
@@ -273,11 +282,14 @@ class SummaryPrinter:
                        "input_tokens": r.input_tokens, "output_tokens": r.output_tokens,
                        "duration_p50_ns": percentile(r.durations, 50), "duration_p99_ns": percentile(r.durations, 99),
                        "ttfc_p50_ns": percentile(r.ttfcs, 50), "ttfc_p99_ns": percentile(r.ttfcs, 99)}  # fmt: skip
+                if refusals:
+                    obj["refused"] = r.refused
                 self._out.write(json.dumps(obj, separators=(",", ":")) + "\n")
         elif rows:
-            cells = [r.cells() for r in rows]
-            widths = table_widths(cells, SUMMARY_HEADER)
-            for line in [SUMMARY_HEADER, *cells]:
+            header = SUMMARY_HEADER + (["REFUSED"] if refusals else [])
+            cells = [r.cells() + ([str(r.refused)] if refusals else []) for r in rows]
+            widths = table_widths(cells, header)
+            for line in [header, *cells]:
                 self._out.write(format_line(line, widths) + "\n")
         elif self._out.isatty():
             self._out.write("no model calls\n")

@@ -175,6 +175,12 @@ def span_attributes(call: ModelCallRecord, source: IdentityData, destination: Id
         a["aimesh.l7.truncated"] = True
     if call.incomplete:
         a["aimesh.l7.incomplete"] = True
+    if call.gateway:   # the node gateway's judgement (issue 10)
+        a["aimesh.gateway"] = True
+        for k, v in (("aimesh.gateway.policy", call.policy), ("aimesh.gateway.decision", call.decision),
+                     ("aimesh.gateway.reason", call.reason), ("aimesh.gateway.sent_model", call.sent_model)):
+            if v is not None:
+                a[k] = v
     if server_address:
         a["server.address"] = server_address
         if server_port:

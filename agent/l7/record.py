@@ -64,6 +64,12 @@ class ModelCallRecord:
     include_usage: bool | None
     prompt_text: str | None = None      # only with capture_content, redacted, up to the content cap
     completion_text: str | None = None
+    # the node gateway's judgement (issue 10); a captured call keeps these defaults
+    gateway: bool = False               # the call went through the node's L7 gateway (the gateway made the record)
+    policy: str | None = None           # the policy that decided ("policies[i]"); None: none matched
+    sent_model: str | None = None       # the model sent upstream (differs from request_model after a sunset rewrite)
+    decision: str | None = None         # served | refused | would_deny (audit: served, enforce would have refused)
+    reason: str | None = None           # why it was refused / would be / was rewritten
 
 
 @dataclass(frozen=True, slots=True)

@@ -106,7 +106,7 @@ def test_connect_is_handed_to_the_gateway_with_its_origin(cgroups, agents, gw, u
     gw_port = free_port(family=socket.AF_INET6 if ":" in gw else socket.AF_INET)
     chat, gwcg = cgroups.child("chat"), cgroups.child("aimesh-gateway")
     plain = up   # the kernel-path destination listens on the same loopback address, its own port
-    agent = agents(_cfg(cgroups, gw, gw_port, up, up_port, plain, plain_port))
+    agent = agents(_cfg(cgroups, gw, gw_port, up, up_port, plain, plain_port), extra=["--no-gateway-process"])
     upstream = start_server(None, up_port, name="upstream", host=up, timeout=30)
     direct = start_server(None, plain_port, name="plain", host=plain, timeout=30)
     gateway = StandIn(gwcg, gw, gw_port, _pin(cgroups.root, "gateway_origin"), count=2)
@@ -159,7 +159,7 @@ def test_originate_destination_is_reached_by_the_gateway_only(cgroups, agents):
     cfg["identities"][1]["endpoints"] = ["127.0.0.3"]
     cfg["policies"].append({"from": "chat", "to": "openai", "ports": [other_port], "protocol": "tcp"})
     cfg["mode"] = "audit"   # audit would let a policy-less connect pass: originate still refuses it
-    agents(cfg)
+    agents(cfg, extra=["--no-gateway-process"])   # the stand-in is the gateway
     upstream = start_server(None, up_port, name="upstream", host="127.0.0.3", timeout=30)
     third = free_port()
     raw = start_server(None, third, name="raw", host="127.0.0.3", timeout=30)
