@@ -1,29 +1,32 @@
 """HTTP/1.1, decoded passively from both directions of one connection. Pure: bytes in, events out.
 
 The capture hands us what a client wrote (the requests) and what it read (the responses), each direction in order, split
-wherever the application's writes and the kernel's chunking fell. We never hand-parse HTTP: h11 (sans-IO, strict, the
-parser httpx and uvicorn stand on) does the framing — request/status lines, headers, Content-Length, chunked, keep-alive.
+wherever the application's writes and the kernel's chunking fell. We never hand-parse HTTP: llhttp (the C parser of
+Node.js, through httptools, the binding uvicorn and aiohttp use) does the framing — request/status lines, headers,
+Content-Length, chunked, keep-alive — and says what it refuses.
 
-h11 is written for one endpoint, so a passive observer runs two of them, each playing the peer of what it reads:
+A passive observer needs two things llhttp does not give by itself, and gets them from how the bytes are fed to it:
 
-* the request direction goes into an h11 SERVER connection. When it has read a whole request we "answer" it on that
-  connection with an empty 200 whose bytes we throw away, then start the next cycle: h11 then reads the next request
-  of a keep-alive connection (strictly sequential, as HTTP/1.1 clients send them);
-* the response direction goes into an h11 CLIENT connection. A response can only be framed knowing its request (HEAD has
-  no body, `Connection: close` ends the connection), so each request head seen on the other side is "sent" on this
-  connection (method, target, Host and Connection copied; bytes thrown away) before its response is read. Response
-  bytes that arrive before their request was seen wait in h11's buffer, up to a bound.
+* where a message ends in the bytes of one read (its wire size, and where the next message starts). Each direction is
+  fed in pieces that never cross a message's end: a head ends at its first CRLF CRLF (llhttp requires CRLF line ends),
+  a Content-Length body after its length, a chunked body at a CRLF CRLF (its last chunk and trailers end with one),
+  so pieces end at each CRLF CRLF while a head or a chunked body is read. When llhttp says the message is complete, it
+  ended with the piece. Each message gets a parser of its own;
+* what a response's request was: a response to HEAD has no body whatever its Content-Length, a 2xx to CONNECT starts a
+  tunnel. Each request head seen is queued; a response is read with its request's method known, in order (keep-alive:
+  strictly sequential requests, as HTTP/1.1 clients send them). Response bytes that arrive before their request was
+  seen wait, up to a bound.
 
-When h11 refuses the traffic (RemoteProtocolError: not HTTP/1.x, a malformed line, a header block over the bound,
-bytes after `Connection: close`, a body cut by the close) the connection goes to a counted undecoded state: an
-`Undecoded` event says why once, every later byte is only counted, and nothing is raised to the caller. A message cut
-by the close is reported as a `MessageEnd` with complete=False first, so the caller can still emit what it knew.
+When llhttp refuses the traffic (HttpParserError: not HTTP/1.x, a malformed line, a bad chunk size, a header block over
+the bound, bytes after `Connection: close`) the connection goes to a counted undecoded state: an `Undecoded` event says
+why once, every later byte is only counted, and nothing is raised to the caller. A message cut by the close is reported
+as a `MessageEnd` with complete=False first, so the caller can still emit what it knew.
 
-Before h11 sees anything we look at the first bytes for the HTTP/2 connection preface; such a connection is reported as
-`Undecoded(HTTP2)`, refined to `Undecoded(GRPC)` when the first HEADERS block (decoded with hpack, the HPACK library
-of the same project as h11's sibling h2) carries `content-type: application/grpc*`.
+Before llhttp sees anything we look at the first bytes for the HTTP/2 connection preface; such a connection is reported
+as `Undecoded(HTTP2)`, refined to `Undecoded(GRPC)` when the first HEADERS block (decoded with hpack) carries
+`content-type: application/grpc*`.
 
-Memory is bounded: h11 keeps at most one incomplete header block (`max_header_bytes`); bodies are passed on as they come,
+Memory is bounded: a head is read in pieces and given up on past `max_header_bytes`; bodies are passed on as they come,
 gzip/deflate decoded incrementally (zlib decompressobj with max_length), and only the first `body_cap` decoded bytes of
 a message are passed on at all: the rest is counted in `MessageEnd.truncated_bytes`, never held.
 """
@@ -34,8 +37,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Union
 
-import h11
 import hpack
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, HttpResponseParser
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")   # RFC 9110 tchar
@@ -43,27 +46,14 @@ DEFAULT_BODY_CAP = 4 << 20          # decoded body bytes passed on per message
 DEFAULT_HEADER_BYTES = 64 << 10     # largest header block (and largest early response held) before giving up
 _H2_SCAN_BYTES = 64 << 10           # how far into an HTTP/2 connection we look for the first HEADERS frame
 _GAP_PIECE = 64 << 10               # a capture gap is filled in pieces of this size
+_EOH = b"\r\n\r\n"                  # ends a head, and a chunked body
 
-
-def _h11_reader_usable() -> bool:
-    """Whether this h11 has the pieces the chunked-body fast path uses (see Http1Connection._chunks)."""
-    try:
-        from h11._readers import ChunkedReader
-        probe = h11.Connection(h11.CLIENT)
-        return (all(hasattr(probe, a) for a in ("_reader", "_receive_buffer", "_receive_buffer_closed"))
-                and callable(getattr(probe, "_process_event", None)) and callable(ChunkedReader))
-    except (ImportError, AttributeError):
-        return False
-
-
-_H11_CHUNKED = None
-if _h11_reader_usable():
-    from h11._readers import ChunkedReader as _H11_CHUNKED   # noqa: N811
-H11_FAST_CHUNKS = _H11_CHUNKED is not None
-
-# what we "send" on our mirror connections, built once (h11 events are immutable; their bytes are thrown away)
-_EMPTY_200 = h11.Response(status_code=200, headers=[("content-length", "0")])
-_END = h11.EndOfMessage()
+# how the message being read on one direction ends (_Reader.framing): where the pieces fed to llhttp are cut
+_HEAD = 0       # in the head: at each CRLF CRLF (the first one ends the head)
+_LENGTH = 1     # in a Content-Length body: after its last byte
+_CHUNKED = 2    # in a chunked body: at each CRLF CRLF (the last chunk and the trailers end with one)
+_EOF = 3        # in a body read until the connection closes: never
+_SHUT = 4       # after a message that closes the connection, or a tunnel: nothing more may follow
 
 
 class Direction(enum.Enum):
@@ -75,7 +65,7 @@ class UndecodedReason(enum.Enum):
     HTTP2 = "http2"
     GRPC = "grpc"
     UPGRADE = "upgrade"                 # CONNECT, websocket, h2c: whatever follows is not HTTP/1.1
-    PROTOCOL_ERROR = "protocol_error"   # h11 refused the bytes: garbage, binary, malformed, cut
+    PROTOCOL_ERROR = "protocol_error"   # llhttp refused the bytes: garbage, binary, malformed, cut
     OVERFLOW = "overflow"               # responses waiting for requests never seen
     TRUNCATED = "truncated"             # the connection ended inside a message (or a header block)
     GAP = "gap"                         # the capture missed bytes outside a body: the framing is lost
@@ -193,17 +183,65 @@ class _Message:
         self.filling = False    # the bytes being read are filler for a gap: not passed on
 
 
+
+
+class _Overrun(Exception):
+    """llhttp began a second message inside one piece: the framing we cut by was wrong."""
+
+
+class _Reader:
+    """The llhttp callbacks of the message being read on one direction, and how its pieces are cut. The parser is
+    held by the connection, not here (it holds our bound methods: no cycle)."""
+
+    __slots__ = ("framing", "left", "tail", "head_bytes", "url", "hdrs", "head_done", "complete", "body", "method",
+                 "closing")
+
+    def __init__(self, method: str = "") -> None:
+        self.framing = _HEAD
+        self.left = 0               # _LENGTH: body bytes still to come
+        self.tail = b""             # the last bytes fed (up to 3): a CRLF CRLF may straddle two reads
+        self.head_bytes = 0
+        self.url = b""
+        self.hdrs: list[tuple[bytes, bytes]] = []
+        self.head_done = False      # llhttp has read the whole head; cleared once we have made it a head event
+        self.complete = False       # llhttp (or we: HEAD, CONNECT) ended the message
+        self.body: list[bytes] = []
+        self.method = method        # a response's: its request's method
+        self.closing = False        # the message closes the connection (or opens a tunnel)
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            raise _Overrun()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.hdrs.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.head_done = True
+
+    def on_body(self, data: bytes) -> None:
+        self.body.append(data)
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
 class Http1Connection:
     """Both directions of one connection. `feed` and `close` never raise; they return the events the bytes completed."""
 
     def __init__(self, body_cap: int = DEFAULT_BODY_CAP, max_header_bytes: int = DEFAULT_HEADER_BYTES) -> None:
         self._cap = body_cap
         self._max_header = max_header_bytes
-        self._req = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
-        self._resp = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
-        self._pending: list[RequestHead] = []        # request heads whose response has not started
-        self._resp_armed = False                     # a request was mirrored into _resp, its response not finished
+        self._reader: dict[Direction, _Reader | None] = {Direction.REQUEST: _Reader(), Direction.RESPONSE: None}
+        self._parser: dict[Direction, HttpRequestParser | HttpResponseParser | None] = {
+            Direction.REQUEST: HttpRequestParser(self._reader[Direction.REQUEST]), Direction.RESPONSE: None}
+        self._pending: list[tuple[RequestHead, bool]] = []   # request heads (and: closes the connection) not answered
+        self._early = bytearray()                    # response bytes before their request was seen
         self._fed = {Direction.REQUEST: 0, Direction.RESPONSE: 0}
+        self._read_to = {Direction.REQUEST: 0, Direction.RESPONSE: 0}    # wire bytes given to llhttp (or to resync)
         self._consumed = {Direction.REQUEST: 0, Direction.RESPONSE: 0}   # wire bytes up to the last message end
         self._msg: dict[Direction, _Message | None] = {Direction.REQUEST: None, Direction.RESPONSE: None}
         self._prefix = b""                           # first request bytes, until we know it is not HTTP/2
@@ -211,9 +249,6 @@ class Http1Connection:
         self._closed = False
         self._sniffed = False
         self._h2_scan = b""
-        self._mirror: tuple[tuple, h11.Request] | None = None    # the last request mirrored, by what it was made of
-        self._req_plain = False     # the request being read is HTTP/1.1 keep-alive, no upgrade, no CONNECT
-        self.fast_chunks = H11_FAST_CHUNKS          # chunked response bodies read by h11's reader directly (_chunk)
         self.undecoded: UndecodedReason | None = None
         self.undecoded_bytes = 0
         self.requests = 0
@@ -239,18 +274,7 @@ class Http1Connection:
         if direction is Direction.REQUEST and self._req_resync:
             self._body(direction, ts_ns, data, out)
             return out
-        try:
-            if direction is Direction.REQUEST:
-                self._req.receive_data(data)
-                self._pump_requests(ts_ns, out)
-            else:
-                self._resp.receive_data(data)
-                if self._resp_armed:
-                    self._pump_responses(ts_ns, out)
-                elif len(self._resp.trailing_data[0]) > self._max_header:
-                    self._fail(ts_ns, UndecodedReason.OVERFLOW, "response bytes with no request seen", out)
-        except (h11.RemoteProtocolError, h11.LocalProtocolError) as e:   # Local: our mirror of it refused too
-            self._fail(ts_ns, UndecodedReason.PROTOCOL_ERROR, f"{direction.value}: {e}", out)
+        self._read(direction, ts_ns, data, out)
         if self.undecoded is not None:
             self.undecoded_bytes += len(data)   # the chunk that broke it counts as undecoded, whole
         return out
@@ -261,7 +285,7 @@ class Http1Connection:
         directions: the kernel copies a send at its exit, with the count the kernel took, like a receive. Decoding
         goes on where it can:
 
-        * in a body (request or response): the hole is filled with spaces, so h11's framing (Content-Length, a
+        * in a body (request or response): the hole is filled with spaces, so the framing (Content-Length, a
           chunk's data) and a JSON scan (a hole inside a string or between tokens) survive; the hole counts in the
           message's bytes on the wire and the message is counted truncated;
         * anywhere else (a head, between messages) the framing is lost: decoding stops (`Undecoded(GAP)`)."""
@@ -290,18 +314,16 @@ class Http1Connection:
             self.undecoded_bytes += left
         return out
 
+
     def close(self, ts_ns: int) -> list[HttpEvent]:
         """The connection ended: finish a read-until-close response, report messages cut short."""
         out: list[HttpEvent] = []
         self._closed = True
         if self.undecoded is not None:
             return out
-        try:
-            if self._resp_armed:
-                self._resp.receive_data(b"")
-                self._pump_responses(ts_ns, out)
-        except h11.RemoteProtocolError:
-            pass
+        r = self._reader[Direction.RESPONSE]
+        if r is not None and r.framing == _EOF and self._msg[Direction.RESPONSE] is not None:
+            self._end(Direction.RESPONSE, self._read_to[Direction.RESPONSE], ts_ns, out)
         left = len(self._prefix) + sum(self._fed[d] - self._consumed[d] for d in Direction)
         for d in (Direction.REQUEST, Direction.RESPONSE):
             self._abort(d, ts_ns, out)
@@ -311,7 +333,7 @@ class Http1Connection:
             out.append(Undecoded(ts_ns, UndecodedReason.TRUNCATED, f"connection closed with {left} bytes unfinished"))
         return out
 
-    # -- request direction ---------------------------------------------------------------------------------------
+    # -- the two directions ----------------------------------------------------------------------------------------
     def _sniff(self, ts_ns: int, data: bytes, out: list[HttpEvent]) -> bytes:
         self._prefix += data
         n = min(len(self._prefix), len(H2_PREFACE))
@@ -370,151 +392,166 @@ class Http1Connection:
         rest = buf[pos:]
         self._h2_scan = rest if len(rest) <= _H2_SCAN_BYTES else None  # type: ignore[assignment]
 
-    def _pump_requests(self, ts_ns: int, out: list[HttpEvent]) -> None:
-        c = self._req
-        while self.undecoded is None:
-            ev = c.next_event()
-            if ev is h11.NEED_DATA:
+    def _read(self, d: Direction, ts_ns: int, data: bytes, out: list[HttpEvent]) -> None:
+        """Give `data` to the direction's parser, in pieces that never cross the end of a message (module doc)."""
+        base = self._read_to[d]
+        pos, n = 0, len(data)
+        view = memoryview(data)
+        while pos < n and self.undecoded is None:
+            r = self._reader[d]
+            if r is None:       # a response before its request: held until the request is seen, bounded
+                self._early += view[pos:]
+                if len(self._early) > self._max_header:
+                    self._fail(ts_ns, UndecodedReason.OVERFLOW, "response bytes with no request seen", out)
                 return
-            if ev is h11.PAUSED:    # a request after `Connection: close`; it stays in h11's buffer, bounded here
-                if len(c.trailing_data[0]) > self._max_header:
-                    self._fail(ts_ns, UndecodedReason.OVERFLOW, "request bytes after a closing request", out)
+            framing = r.framing
+            if framing == _LENGTH:
+                end = pos + r.left if r.left < n - pos else n
+                r.left -= end - pos
+            elif framing == _EOF:
+                end = n
+            elif framing == _SHUT:     # held, not read (counted at the close), bounded
+                if self._fed[d] - self._read_to[d] > self._max_header:
+                    self._fail(ts_ns, UndecodedReason.OVERFLOW, f"{d.value} bytes after Connection: close", out)
                 return
-            if isinstance(ev, h11.Request):
-                self._req_plain = _plain_keepalive(ev)
-                head = RequestHead(ts_ns, ev.method.decode("latin-1"), ev.target.decode("latin-1"),
-                                   _headers(ev.headers))
-                self.requests += 1
-                self._msg[Direction.REQUEST] = _Message(head.headers, self._cap)
-                out.append(head)
-                self._pending.append(head)
-                if not self._resp_armed:
-                    self._arm_response(ts_ns, out)
-            elif isinstance(ev, h11.Data):
-                self._body(Direction.REQUEST, ts_ns, ev.data, out)
-            elif isinstance(ev, h11.EndOfMessage):
-                self._end(Direction.REQUEST, c, ts_ns, out)
-                if self._req_plain and c.their_state is h11.DONE:
-                    # a plain keep-alive request: the next one is read by a fresh connection given what follows
-                    # (what answering it and starting the next cycle leaves, at a fraction of the cost)
-                    rest = c.trailing_data[0]
-                    c = self._req = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_header)
-                    if rest:
-                        c.receive_data(rest)
-                    continue
-                # answer it with an empty response nobody sees, so h11 reads the next request of the connection
-                # (an Upgrade request is thereby "denied" here; a 101 on the response side ends decoding instead)
-                c.send(_EMPTY_200)
-                c.send(_END)
-                if c.our_state is h11.DONE and c.their_state is h11.DONE:
-                    c.start_next_cycle()
-            elif isinstance(ev, h11.ConnectionClosed):
-                return
-
-    # -- response direction --------------------------------------------------------------------------------------
-    def _arm_response(self, ts_ns: int, out: list[HttpEvent]) -> None:
-        """Mirror the oldest unanswered request into the client-role connection, then read what is buffered."""
-        head = self._pending[0]
-        hdrs = [("host", header(head.headers, "host") or "unknown"), ("content-length", "0")]
-        conn = header(head.headers, "connection")
-        if conn is not None:
-            hdrs.append(("connection", conn))
-        key = (head.method, head.target, tuple(hdrs))
-        try:
-            if self._mirror is None or self._mirror[0] != key:   # keep-alive calls mostly repeat the same line
-                self._mirror = (key, h11.Request(method=head.method, target=head.target or "/", headers=hdrs))
-            self._resp.send(self._mirror[1])
-            self._resp.send(_END)
-        except h11.LocalProtocolError as e:
-            self._fail(ts_ns, UndecodedReason.PROTOCOL_ERROR, f"request not replayable: {e}", out)
-            return
-        self._resp_armed = True
-        self._pump_responses(ts_ns, out)
-
-    def _pump_responses(self, ts_ns: int, out: list[HttpEvent]) -> None:
-        """Read the response events h11 has. Body data of consecutive h11 Data events (the chunks of one read all
-        carry its timestamp) is passed on as one Body: the body stream and its times are the same."""
-        c = self._resp
-        data: list[bytes] = []
-        try:
-            self._pump_responses_into(c, ts_ns, out, data)
-        finally:
-            if data:
-                self._body(Direction.RESPONSE, ts_ns, b"".join(data), out)
-
-    def _pump_responses_into(self, c: h11.Connection, ts_ns: int, out: list[HttpEvent], data: list[bytes]) -> None:
-        while self.undecoded is None and self._resp_armed:
-            if self.fast_chunks and c.their_state is h11.SEND_BODY and type(c._reader) is _H11_CHUNKED:
-                ev = self._chunk(c)
-                if ev is None:
-                    return
-            else:
-                ev = c.next_event()
-            if ev is h11.NEED_DATA or ev is h11.PAUSED:
-                return
-            if type(ev) is h11.Data:
-                data.append(ev.data)
-                continue
-            if data:
-                self._body(Direction.RESPONSE, ts_ns, b"".join(data), out)
-                data.clear()
-            if isinstance(ev, h11.InformationalResponse):
-                continue    # 100 Continue and friends: the real response follows
-            if isinstance(ev, h11.Response):
-                if self._req_resync:
-                    self._resync_request(ts_ns, out)
-                head = ResponseHead(ts_ns, ev.status_code, _headers(ev.headers))
-                self.responses += 1
-                self._msg[Direction.RESPONSE] = _Message(head.headers, self._cap)
-                out.append(head)
-                if ev.status_code == 101:
-                    self._fail(ts_ns, UndecodedReason.UPGRADE, "101 switching protocols", out)
-            elif isinstance(ev, h11.EndOfMessage):
-                self._end(Direction.RESPONSE, c, ts_ns, out)
-                self._pending.pop(0)
-                self._resp_armed = False
-                if c.our_state is h11.DONE and c.their_state is h11.DONE:
-                    c.start_next_cycle()
-                    if self._pending:
-                        self._arm_response(ts_ns, out)
+            else:               # _HEAD, _CHUNKED: at the next CRLF CRLF, which may begin in the bytes fed before
+                end = -1
+                if r.tail:
+                    j = (r.tail + data[pos:pos + 3]).find(_EOH)
+                    if j >= 0:
+                        end = pos + j + 4 - len(r.tail)
+                if end < 0:
+                    j = data.find(_EOH, pos)
+                    end = n if j < 0 else j + 4
+                r.tail = data[end - 3:end] if end - pos >= 3 else (r.tail + data[pos:end])[-3:]
+            parser = self._parser[d]
+            error: str | None = None
+            try:
+                parser.feed_data(view[pos:end])    # type: ignore[union-attr]
+            except HttpParserUpgrade:
+                pass            # CONNECT or Upgrade: llhttp has ended the message; what follows is decided below
+            except HttpParserError as e:
+                cause = e.__context__
+                error = "message framing lost" if isinstance(cause, _Overrun) else (str(e) or type(e).__name__)
+            self._read_to[d] = base + end
+            if framing == _HEAD:
+                r.head_bytes += end - pos
+            pos = end
+            if r.head_done:
+                r.head_done = False
+                if d is Direction.REQUEST:
+                    self._request_head(r, parser, ts_ns, out)     # type: ignore[arg-type]
                 else:
-                    return      # MUST_CLOSE: anything more on this connection is an error h11 will report
-            elif isinstance(ev, h11.ConnectionClosed):
+                    self._response_head(r, parser, ts_ns, out)    # type: ignore[arg-type]
+                if self.undecoded is not None:
+                    return
+            elif framing == _HEAD and r.head_bytes > self._max_header and error is None:
+                error = f"header block over {self._max_header} bytes"
+            if error is not None:
+                self._flush(d, r, ts_ns, out)
+                self._fail(ts_ns, UndecodedReason.PROTOCOL_ERROR, f"{d.value}: {error}", out)
                 return
+            if r.complete:
+                self._flush(d, r, ts_ns, out)
+                self._message_done(d, r, base + end, ts_ns, out)
+        r = self._reader[d]
+        if r is not None and r.body and self.undecoded is None:
+            self._flush(d, r, ts_ns, out)
 
-    @staticmethod
-    def _chunk(c: h11.Connection) -> object:
-        """The next event of a chunked response body, read by h11's own ChunkedReader as next_event reads it, without
-        next_event's per-event state-machine round for Data (which leaves every state as it is in SEND_BODY). The
-        end of the body goes through the state machine as next_event would send it; None: the reader needs more
-        bytes. Errors are raised as next_event raises them (the connection is given up on either way)."""
-        try:
-            ev = c._reader(c._receive_buffer)        # type: ignore[misc]
-            if ev is None:
-                return c.next_event() if c._receive_buffer_closed else None   # EOF: let h11 say what it means
-            if type(ev) is not h11.Data:
-                c._process_event(c.their_role, ev)   # EndOfMessage
-            return ev
-        except h11.LocalProtocolError as e:
-            raise h11.RemoteProtocolError(str(e)) from None
+    def _flush(self, d: Direction, r: _Reader, ts_ns: int, out: list[HttpEvent]) -> None:
+        """The body llhttp gave in this read, as one Body: the pieces of one read all carry its time."""
+        if r.body:
+            body = r.body[0] if len(r.body) == 1 else b"".join(r.body)
+            r.body.clear()
+            self._body(d, ts_ns, body, out)
+
+    def _request_head(self, r: _Reader, parser: HttpRequestParser, ts_ns: int, out: list[HttpEvent]) -> None:
+        method = parser.get_method().decode("latin-1")
+        head = RequestHead(ts_ns, method, r.url.decode("latin-1"), _headers(r.hdrs))
+        self.requests += 1
+        self._msg[Direction.REQUEST] = _Message(head.headers, self._cap)
+        out.append(head)
+        r.closing = method == "CONNECT" or _closing(parser.get_http_version(), head.headers)   # CONNECT: a tunnel
+        self._pending.append((head, r.closing))
+        if method == "CONNECT":
+            r.complete = True
+        elif not r.complete:
+            _frame_body(r, head.headers)
+        if self._reader[Direction.RESPONSE] is None and self._msg[Direction.RESPONSE] is None:
+            self._arm_response(ts_ns, out)
+
+    def _arm_response(self, ts_ns: int, out: list[HttpEvent]) -> None:
+        """A parser for the oldest unanswered request's response, then read what was held for it."""
+        r = _Reader(self._pending[0][0].method)
+        self._reader[Direction.RESPONSE] = r
+        self._parser[Direction.RESPONSE] = HttpResponseParser(r)
+        if self._early:
+            early = bytes(self._early)
+            self._early.clear()
+            self._read(Direction.RESPONSE, ts_ns, early, out)
+
+    def _response_head(self, r: _Reader, parser: HttpResponseParser, ts_ns: int, out: list[HttpEvent]) -> None:
+        status = parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return          # 100 Continue and friends: the real response follows (the message ends, not the call)
+        if self._req_resync:
+            self._resync_request(ts_ns, out)
+        head = ResponseHead(ts_ns, status, _headers(r.hdrs))
+        self.responses += 1
+        self._msg[Direction.RESPONSE] = _Message(head.headers, self._cap)
+        out.append(head)
+        if status == 101:
+            self._fail(ts_ns, UndecodedReason.UPGRADE, "101 switching protocols", out)
+        elif r.method == "CONNECT" and 200 <= status < 300:
+            self._fail(ts_ns, UndecodedReason.UPGRADE, "CONNECT tunnel", out)
+        elif r.method == "HEAD":
+            r.complete = True       # no body, whatever its headers say (llhttp does not know the request)
+        elif not r.complete:
+            _frame_body(r, head.headers)
+        r.closing = _closing(parser.get_http_version(), head.headers)
+
+    def _message_done(self, d: Direction, r: _Reader, at: int, ts_ns: int, out: list[HttpEvent]) -> None:
+        """The message ended at wire offset `at` (llhttp said so, or the request's method did): the next one gets a
+        parser of its own."""
+        if d is Direction.RESPONSE and self._msg[d] is None:     # an informational response: read the real one
+            nr = _Reader(r.method)
+            self._reader[d] = nr
+            self._parser[d] = HttpResponseParser(nr)
+            return
+        self._end(d, at, ts_ns, out)
+        nr = _Reader()
+        if d is Direction.REQUEST:
+            if r.closing:
+                nr.framing = _SHUT
+            self._reader[d] = nr
+            self._parser[d] = HttpRequestParser(nr)
+            return
+        req_closing = self._pending.pop(0)[1] if self._pending else False
+        if req_closing or r.closing:
+            nr.framing = _SHUT
+            self._reader[d] = nr
+            self._parser[d] = None
+        elif self._pending:
+            self._arm_response(ts_ns, out)
+        else:
+            self._reader[d] = self._parser[d] = None
 
     # -- shared --------------------------------------------------------------------------------------------------
     def _body(self, d: Direction, ts_ns: int, data: bytes, out: list[HttpEvent]) -> None:
         msg = self._msg[d]
         if msg is None:
             return
-        if msg.filling:     # the spaces keep h11's framing; a JSON or SSE scan sees the hole as a hole
+        if msg.filling:     # the spaces keep the framing; a JSON or SSE scan sees the hole as a hole
             return
-        piece = msg.body.feed(bytes(data))
+        piece = msg.body.feed(data)
         if piece:
             out.append(Body(d, ts_ns, piece))
 
-    def _end(self, d: Direction, c: h11.Connection, ts_ns: int, out: list[HttpEvent]) -> None:
+    def _end(self, d: Direction, at: int, ts_ns: int, out: list[HttpEvent]) -> None:
         msg = self._msg[d]
         self._msg[d] = None
-        consumed = self._fed[d] - len(c.trailing_data[0])
-        wire = consumed - self._consumed[d]
-        self._consumed[d] = consumed
+        wire = at - self._consumed[d]
+        self._consumed[d] = at
         if msg is not None:
             out.append(MessageEnd(d, ts_ns, wire, msg.body.passed, msg.body.truncated + msg.gap_bytes, True,
                                   msg.body.unsupported))
@@ -522,14 +559,12 @@ class Http1Connection:
     def _resync_request(self, ts_ns: int, out: list[HttpEvent]) -> None:
         """The request read through a gap has ended (its response starts): end it, read the next one afresh."""
         self._req_resync = False
-        msg = self._msg[Direction.REQUEST]
-        self._msg[Direction.REQUEST] = None
-        wire = self._fed[Direction.REQUEST] - self._consumed[Direction.REQUEST]
-        self._consumed[Direction.REQUEST] = self._fed[Direction.REQUEST]
-        if msg is not None:
-            out.append(MessageEnd(Direction.REQUEST, ts_ns, wire, msg.body.passed, msg.body.truncated + msg.gap_bytes,
-                                  True, msg.body.unsupported))
-        self._req = h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_header)
+        d = Direction.REQUEST
+        self._read_to[d] = self._fed[d]
+        self._end(d, self._fed[d], ts_ns, out)
+        r = _Reader()
+        self._reader[d] = r
+        self._parser[d] = HttpRequestParser(r)
 
     def _abort(self, d: Direction, ts_ns: int, out: list[HttpEvent]) -> None:
         msg = self._msg[d]
@@ -546,24 +581,37 @@ class Http1Connection:
             self._abort(d, ts_ns, out)
         self.undecoded = reason
         out.append(Undecoded(ts_ns, reason, detail))
-        # drop h11's buffers: nothing more is decoded on this connection
-        self._req = self._resp = None  # type: ignore[assignment]
+        # drop the parsers and what was held: nothing more is decoded on this connection
+        self._reader = {Direction.REQUEST: None, Direction.RESPONSE: None}
+        self._parser = {Direction.REQUEST: None, Direction.RESPONSE: None}
         self._pending.clear()
-        self._resp_armed = False
+        self._early = bytearray()
 
 
-def _plain_keepalive(ev: h11.Request) -> bool:
-    """HTTP/1.1, not CONNECT, no Upgrade, Connection absent or only keep-alive: after it, the connection reads the
-    next request as a new one would."""
-    if ev.http_version != b"1.1" or ev.method == b"CONNECT":
-        return False
-    for k, v in ev.headers:
-        if k == b"upgrade":
-            return False
-        if k == b"connection" and any(t.strip().lower() not in (b"keep-alive", b"") for t in v.split(b",")):
-            return False
-    return True
+def _frame_body(r: _Reader, headers: Headers) -> None:
+    """How llhttp reads the body after this head (it has not ended the message): chunked when the last transfer
+    coding is, else until the close; else Content-Length (llhttp has checked it is one number); else until the close."""
+    r.tail = b""
+    te = header(headers, "transfer-encoding")
+    if te is not None:
+        r.framing = _CHUNKED if te.rsplit(",", 1)[-1].strip().lower() == "chunked" else _EOF
+        return
+    cl = header(headers, "content-length")
+    try:
+        r.left = int(cl) if cl is not None else -1
+    except ValueError:
+        r.left = -1
+    r.framing = _LENGTH if r.left >= 0 else _EOF
 
 
-def _headers(raw: object) -> Headers:
-    return tuple((bytes(k).decode("latin-1").lower(), bytes(v).decode("latin-1")) for k, v in raw)  # type: ignore
+def _closing(version: str, headers: Headers) -> bool:
+    """The message closes the connection: `Connection: close`, or HTTP/1.0 without keep-alive."""
+    tokens: set[str] = set()
+    for k, v in headers:
+        if k == "connection":
+            tokens.update(t.strip().lower() for t in v.split(","))
+    return "close" in tokens or (version != "1.1" and "keep-alive" not in tokens)
+
+
+def _headers(raw: list[tuple[bytes, bytes]]) -> Headers:
+    return tuple((k.decode("latin-1").lower(), v.decode("latin-1").strip(" \t")) for k, v in raw)

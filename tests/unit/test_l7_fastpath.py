@@ -1,5 +1,5 @@
 """The decoder's fast paths give what the slow ones gave: the struct mirror of capture_event against the ctypes one,
-the SSE leaf walk against every leaf."""
+the SSE leaf walk against every leaf, a chunked body read in any pieces against one read."""
 from __future__ import annotations
 
 import ctypes as ct
@@ -78,40 +78,74 @@ def test_leaf_walk_absorbs_what_every_leaf_gives(event: dict, text: bool) -> Non
     assert r.seen    # every event above has something to absorb
 
 
-def _records(fast: bool, cuts: list[int]) -> list:
+def _records(cuts: list[int]) -> list:
     from agent.l7.record import ConnectionDecoder
     from bench.decode_micro import llm_request, llm_response
     req, resp = llm_request(4096), b"".join(llm_response(20))
     dec = ConnectionDecoder("c")
-    dec._http.fast_chunks = fast
     out = []
     for n in range(2):
         out += dec.feed(Direction.REQUEST, 10 * n + 1, req)
         at = 0
         for i, cut in enumerate(sorted(set(cuts)) + [len(resp)]):
-            out += dec.feed(Direction.RESPONSE, 10 * n + 2 + i, resp[at:cut])
+            out += dec.feed(Direction.RESPONSE, 10 * n + 2, resp[at:cut])
             at = cut
     return out + dec.close(99)
 
 
-@pytest.mark.parametrize("cuts", [[], [1, 2, 3], [100, 101, 2000, 4096], list(range(0, 5000, 97))])
-def test_chunked_fast_path_gives_what_next_event_gives(cuts: list[int]) -> None:
-    fast, slow = _records(True, cuts), _records(False, cuts)
-    assert len(fast) == 2 and fast == slow
-    assert fast[0].output_tokens == 20 and fast[0].output_chunks == 22 and not fast[0].incomplete
+@pytest.mark.parametrize("cuts", [[1, 2, 3], [100, 101, 2000, 4096], list(range(0, 5000, 97))])
+def test_chunked_body_cut_anywhere_gives_what_one_read_gives(cuts: list[int]) -> None:
+    """The pieces fed to llhttp end at each CRLF CRLF of a chunked body: reads cut anywhere end the call alike."""
+    split, whole = _records(cuts), _records([])
+    assert len(split) == 2 and split == whole
+    assert split[0].output_tokens == 20 and split[0].output_chunks == 22 and not split[0].incomplete
 
 
-def test_chunked_fast_path_refuses_a_bad_chunk_like_h11() -> None:
-    from agent.l7.http1 import Http1Connection, Undecoded
+def test_a_bad_chunk_size_is_a_protocol_error() -> None:
+    from agent.l7.http1 import Http1Connection, Undecoded, UndecodedReason
     from bench.decode_micro import llm_request
-    events = {}
-    for fast in (True, False):
-        h = Http1Connection()
-        h.fast_chunks = fast
-        h.feed(Direction.REQUEST, 1, llm_request(300))
-        out = h.feed(Direction.RESPONSE, 2, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\nzz\r\n")
-        events[fast] = [e for e in out if isinstance(e, Undecoded)]
-    assert events[True] and [e.reason for e in events[True]] == [e.reason for e in events[False]]
+    h = Http1Connection()
+    h.feed(Direction.REQUEST, 1, llm_request(300))
+    out = h.feed(Direction.RESPONSE, 2, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabcde\r\nzz\r\n")
+    assert [e.reason for e in out if isinstance(e, Undecoded)] == [UndecodedReason.PROTOCOL_ERROR]
+
+
+GET = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n\r\n\r\n\r\n0\r\nX-T: 1\r\n\r\n"
+EXCHANGES = {   # request messages, response messages (a 1xx goes with its final response), response bodies
+    "head": ([b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", GET],
+             [b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"],
+             [b"", b"hi"]),
+    "continue": ([b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc"],
+                 [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], [b"ok"]),
+    "until-close": ([GET], [b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nrest\r\n\r\nof it"], [b"rest\r\n\r\nof it"]),
+    "chunked+trailer": ([GET, GET], [CHUNKED, CHUNKED], [b"\r\n\r\n"] * 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXCHANGES))
+@pytest.mark.parametrize("step", [1, 2, 3, 5, 1000])
+def test_message_ends_follow_the_request_and_the_framing(name: str, step: int) -> None:
+    from agent.l7.http1 import Body, Http1Connection, MessageEnd, Undecoded
+    reqs, resps, want = EXCHANGES[name]
+    h = Http1Connection()
+    evs = []
+    for d, wire in ((Direction.REQUEST, b"".join(reqs)), (Direction.RESPONSE, b"".join(resps))):
+        for i in range(0, len(wire), step):
+            evs += h.feed(d, 1, wire[i:i + step])
+    evs += h.close(2)
+    ends = [e for e in evs if isinstance(e, MessageEnd)]
+    assert not [e for e in evs if isinstance(e, Undecoded)] and all(e.complete for e in ends)
+    assert ([e.wire_bytes for e in ends if e.direction is Direction.REQUEST],
+            [e.wire_bytes for e in ends if e.direction is Direction.RESPONSE]) == ([len(m) for m in reqs],
+                                                                                   [len(m) for m in resps])
+    bodies, cur = [], b""
+    for e in evs:
+        if isinstance(e, Body) and e.direction is Direction.RESPONSE:
+            cur += e.data
+        elif isinstance(e, MessageEnd) and e.direction is Direction.RESPONSE:
+            bodies, cur = bodies + [cur], b""
+    assert bodies == want
 
 
 def test_call_dispatch_follows_a_reload_and_survives_a_sink() -> None:
