@@ -364,11 +364,11 @@ OTHER = (("gov_pipe", "governed, pipe ping-pong"), ("gov_tcp", "governed, TCP pi
 
 
 def tracepoint_programs() -> int:
-    """Tracepoint BPF programs loaded on the host (-1: bpftool missing): nonzero while our agent is uninstalled means
+    """Tracepoint and raw tracepoint BPF programs loaded on the host (-1: bpftool missing): nonzero while our agent is uninstalled means
     another tenant's agent is attached, and its syscall tracepoints slow the "none" state down too."""
     try:
         r = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, timeout=10)
-        return sum(1 for e in json.loads(r.stdout or "[]") if e.get("type") == "tracepoint")
+        return sum(1 for e in json.loads(r.stdout or "[]") if e.get("type") in ("tracepoint", "raw_tracepoint"))
     except (OSError, ValueError, subprocess.TimeoutExpired):
         return -1
 
