@@ -215,7 +215,7 @@ class Bench:
     records: Optional[Records] = None
     commands: dict[str, str] = field(default_factory=dict)
 
-    def client_argv(self, port: int, r: Run) -> list[str]:
+    def client_argv(self, port: int | str, r: Run) -> list[str]:
         return pin(self.s.workload_cpu) + self.lg.argv + [
             "llmload", loadgen.HOST, str(port), str(r.conns), str(r.calls), f"{r.rate:g}", "1" if r.stream else "0",
             str(self.s.request_bytes), str(self.s.warmup)]
@@ -306,7 +306,7 @@ def measure(b: Bench, say: Callable[[str], None]) -> tuple[list[dict], dict[str,
                     continue
                 proc = b.procs.get(name)
                 line = " ".join(b.client_argv(b.ports[name], r))
-                b.commands[f"client_{r.key}"] = " ".join(b.client_argv(0, r)).replace(" 0 ", " PORT ", 1)
+                b.commands[f"client_{r.key}"] = " ".join(b.client_argv("PORT", r))
                 cpu0 = proc.cpu_s() if proc else None
                 try:
                     res = loadgen.run_client(line, 120 + 4 * r.calls / max(r.rate, 50.0))
