@@ -308,16 +308,23 @@ def measure(b: Bench, say: Callable[[str], None]) -> tuple[list[dict], dict[str,
                 line = " ".join(b.client_argv(b.ports[name], r))
                 b.commands[f"client_{r.key}"] = " ".join(b.client_argv("PORT", r))
                 cpu0 = proc.cpu_s() if proc else None
+                core0, t0 = (host.cpu_times(b.s.proxy_cpu) if b.s.proxy_cpu is not None else None), time.monotonic()
                 try:
                     res = loadgen.run_client(line, 120 + 4 * r.calls / max(r.rate, 50.0))
                 except loadgen.LoadGenError as e:
                     errors[name] = str(e)
                     say(f"  {name}: {r.key} failed: {e}")
                     continue
+                wall = time.monotonic() - t0
+                used = proc.cpu_s() - cpu0 if proc and cpu0 is not None else None
+                # the share of the proxy's core that other processes (other tenants) took during the run
+                others = None
+                if core0 is not None:
+                    others = max(0.0, host.busy_fraction(core0, host.cpu_times(b.s.proxy_cpu)) - (used or 0.0) / wall)
                 rounds.settle([b.upstream.pid] + ([proc.ps.pid] if proc else []))
                 out.append({"round": rnd, "path": name, "run": r.key, "busy_before": round(busy, 3),
-                            "proxy_cpu_s": round(proc.cpu_s() - cpu0, 4) if proc and cpu0 is not None else None,
-                            **res})
+                            "proxy_cpu_s": round(used, 4) if used is not None else None,
+                            "others_on_proxy_cpu": round(others, 3) if others is not None else None, **res})
         say(progress(out, rnd, b.s.rounds, paths))
     return out, errors
 
@@ -358,6 +365,8 @@ def figures(rows: list[dict], s: Settings, paths: list[str]) -> dict:
             for k in ("median_us", "p99_us", "ttfc_median_us", "ttfc_p99_us", "rate_per_s"):
                 f[k] = _med([x[k] for x in mine.values()])
             f["non_200"] = sum(x["non_200"] for x in mine.values())
+            f["others_on_proxy_cpu"] = _med([x["others_on_proxy_cpu"] for x in mine.values()
+                                             if x.get("others_on_proxy_cpu") is not None])
             f["late_1ms"] = sum(x["late_1ms"] for x in mine.values())
             cpu = [x["proxy_cpu_s"] for x in mine.values() if x["proxy_cpu_s"] is not None]
             if cpu and r.rate == 0:
@@ -398,6 +407,10 @@ def _f(v: Optional[float], unit: str = "µs") -> str:
     return f"{v:,.0f}{unit}"
 
 
+def _pct(v: Optional[float]) -> str:
+    return "–" if v is None else f"{v:.0%}"
+
+
 def report(res: dict, s: Settings) -> str:
     fig, paths = res["figures"], [p for p in s.paths if p in res["rss"] or p == "direct"]
     lines = [f"{'':<28}" + "".join(f"{p:>14}" for p in paths)]
@@ -428,6 +441,9 @@ def report(res: dict, s: Settings) -> str:
         r = res["rss"].get(p)
         return "–" if r is None else f"{r['now_mb']:.0f} / {r['peak_mb']:.0f}"
     lines.append(f"{'RSS now / peak (MB)':<28}" + "".join(f"{rss(p):>14}" for p in paths))
+    lines.append(f"{'others on the proxy CPU':<28}" + "".join(
+        f"{_pct(fig.get(f'plain_{s.rates[0]:g}', {}).get(p, {}).get('others_on_proxy_cpu')):>14}" for p in paths)
+        + f"  (median, runs at {s.rates[0]:g} req/s)")
     bad = {p: sum(f.get("non_200", 0) for f in (fig[k].get(p, {}) for k in fig)) for p in paths}
     if any(bad.values()):
         lines.append("non-200 answers: " + ", ".join(f"{p} {n}" for p, n in bad.items() if n))
