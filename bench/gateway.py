@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -82,6 +83,11 @@ def runs_of(s: Settings) -> list[Run]:
 
 def pin(cpu: Optional[int]) -> list[str]:
     return ["taskset", "-c", str(cpu)] if cpu is not None else []
+
+
+def shell(argv: list[str]) -> str:
+    """A shell line that execs argv (taskset execs too): killing what loadgen started kills the generator itself."""
+    return "exec " + " ".join(shlex.quote(a) for a in argv)
 
 
 def ensure_tools(commands: list[str]) -> list[str]:
@@ -227,7 +233,7 @@ def start(s: Settings, tmp: Path, say: Callable[[str], None]) -> tuple[Bench, di
         raise RuntimeError(f"bench.gateway needs the C load generator: {lg.note}")
     up_port = rounds_free_port()
     up_argv = pin(s.workload_cpu) + lg.argv + ["llmserver", loadgen.HOST, str(up_port), str(s.chunks)]
-    up = loadgen.start_server(" ".join(up_argv))
+    up = loadgen.start_server(shell(up_argv))
     b = Bench(s, tmp, lg, up, up_port, commands={"upstream": " ".join(up_argv)})
     b.ports["direct"] = up_port
     failed: dict[str, str] = {}
@@ -305,7 +311,7 @@ def measure(b: Bench, say: Callable[[str], None]) -> tuple[list[dict], dict[str,
                 if name in errors:
                     continue
                 proc = b.procs.get(name)
-                line = " ".join(b.client_argv(b.ports[name], r))
+                line = shell(b.client_argv(b.ports[name], r))
                 b.commands[f"client_{r.key}"] = " ".join(b.client_argv("PORT", r))
                 cpu0 = proc.cpu_s() if proc else None
                 core0, t0 = (host.cpu_times(b.s.proxy_cpu) if b.s.proxy_cpu is not None else None), time.monotonic()
@@ -462,7 +468,7 @@ def report(res: dict, s: Settings) -> str:
 def run(s: Settings, say: Callable[[str], None]) -> tuple[dict, int]:
     tmp = Path(tempfile.mkdtemp(prefix="aimesh-bench-gateway-"))
     tools = {"haproxy": "haproxy", "mitmproxy": "mitmdump"}
-    res: dict = {"settings": asdict(s), "setup": ensure_tools([tools[p] for p in s.paths if p in tools])}
+    res: dict = {"settings": asdict(s), "tmp_dir": str(tmp), "setup": ensure_tools([tools[p] for p in s.paths if p in tools])}
     status = 0
     b: Optional[Bench] = None
     try:

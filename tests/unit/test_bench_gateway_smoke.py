@@ -46,6 +46,15 @@ def test_bench_gateway_produces_every_figure(tmp_path):
     # every call sent through the gateway became a record: it really was on the path
     assert res["gateway_records"]["served"] == res["gateway_calls"] > 0
     assert "targets:" in p.stdout and "added first chunk p50" in p.stdout
+    # nothing it started is left: no process runs from its temporary directory, which is gone
+    left = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and res["tmp_dir"].encode() in (proc / "cmdline").read_bytes():
+                left.append(proc.name)
+        except OSError:
+            pass
+    assert left == [] and not Path(res["tmp_dir"]).exists()
 
 
 def test_figures_pair_each_path_with_direct_of_the_same_round():
