@@ -28,6 +28,7 @@ bench: setup
 	$(PY) -m bench.restart
 	$(PY) -m bench.flood
 	$(PY) -m bench.calls
+	$(PY) -m bench.gateway
 
 clean:
 	rm -rf $(VENV) agent/_gen build *.egg-info

@@ -22,13 +22,23 @@
  *                                           connection (keep-alive, requests in order); every POST with a
  *                                           Content-Length body is answered with one pre-built SSE stream of CHUNKS
  *                                           content chunks, a finish chunk, a usage chunk and [DONE], chunked, in
- *                                           one write. Prints "ready" once listening.
+ *                                           one write; a body without `"stream": true` gets one pre-built
+ *                                           chat.completion JSON object (Content-Length) instead. Prints "ready"
+ *                                           once listening.
  *   aimesh-lg llmcalls HOST PORT CONNS N RATE BODY
  *                                           N streamed chat calls (`POST /v1/chat/completions`, one pre-built
  *                                           request of BODY bytes, headers and body in one write, `model` after
  *                                           `messages` as openai-python sends it) over CONNS keep-alive connections
  *                                           taken in turn, each call read to its last chunk before the next; paced
  *                                           open loop at RATE calls/s (0: as fast as it goes). Prints the rate.
+ *   aimesh-lg llmload HOST PORT CONNS N RATE STREAM BODY WARMUP
+ *                                           WARMUP + N chat calls (STREAM 1: streamed, 0: non-streamed JSON) over
+ *                                           CONNS keep-alive connections, several in flight (epoll): open loop, call
+ *                                           i is due at t0 + i/RATE and goes out on the first idle connection (RATE
+ *                                           0: closed loop, every connection busy all the time: saturation).
+ *                                           Latency is measured from the due time (queueing on a late path counts,
+ *                                           no coordinated omission); time to first chunk from the due time to the
+ *                                           first `data:` of the body. Prints rate, median/p99 of both, non-200s.
  *
  * Loopback only in bench/, but any HOST the kernel accepts works. Exit status 0 on success, 1 on any error (the
  * message names the failing call and errno, e.g. "connect: Operation not permitted" when a policy denies it).
@@ -44,6 +54,7 @@
 #include <string.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -405,6 +416,26 @@ static long llm_response(char *out, int chunks)
 	return len;
 }
 
+/* The non-streamed answer: one chat.completion object with its usage. */
+static long llm_json_response(char *out)
+{
+	char body[600];
+	int n = snprintf(body, sizeof(body), "{\"id\": \"chatcmpl-b\", \"object\": \"chat.completion\", \"created\": 1, "
+			 "\"model\": \"" LLM_MODEL "-served\", \"choices\": [{\"index\": 0, \"message\": {\"role\": "
+			 "\"assistant\", \"content\": \"hello from the bench upstream\"}, \"logprobs\": null, "
+			 "\"finish_reason\": \"stop\"}], \"usage\": {\"prompt_tokens\": 700, \"completion_tokens\": 6, "
+			 "\"total_tokens\": 706}}");
+	return sprintf(out, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", n, body);
+}
+
+/* Does the request (head + body, len bytes) ask for a stream? */
+static int wants_stream(const char *req, long len)
+{
+	static const char *spaced = "\"stream\": true", *tight = "\"stream\":true";
+	return memmem(req, (size_t)len, spaced, strlen(spaced)) != NULL ||
+	       memmem(req, (size_t)len, tight, strlen(tight)) != NULL;
+}
+
 /* Length of the first complete request in buf (headers + Content-Length body), 0 while incomplete. */
 static long request_len(const char *buf, long have)
 {
@@ -420,14 +451,15 @@ static long request_len(const char *buf, long have)
 	return have >= head + body ? head + body : 0;
 }
 
-static void llm_conn(int c, const char *resp, long resp_len)
+static void llm_conn(int c, const char *resp, long resp_len, const char *json, long json_len)
 {
 	static char buf[LLM_BUF];
 	long have = 0;
 	for (;;) {
 		long n;
 		while ((n = request_len(buf, have)) > 0) {
-			if (full_io(c, (char *)resp, resp_len, 1) < 0)
+			int s = wants_stream(buf, n);
+			if (full_io(c, (char *)(s ? resp : json), s ? resp_len : json_len, 1) < 0)
 				return;
 			memmove(buf, buf + n, (size_t)(have - n));
 			have -= n;
@@ -446,10 +478,10 @@ static void llm_conn(int c, const char *resp, long resp_len)
 static int llm_serve(struct sockaddr_in *sa, int chunks)
 {
 	int one = 1;
-	static char resp[64 * 1024];
+	static char resp[64 * 1024], json[2048];
 	if (chunks < 1 || chunks > 100)
 		return fprintf(stderr, "aimesh-lg: llmserver needs 1 <= CHUNKS <= 100\n"), 1;
-	long resp_len = llm_response(resp, chunks);
+	long resp_len = llm_response(resp, chunks), json_len = llm_json_response(json);
 	signal(SIGCHLD, SIG_IGN);   /* connection processes reap themselves */
 	int ls = socket(AF_INET, SOCK_STREAM, 0);
 	if (ls < 0)
@@ -473,7 +505,7 @@ static int llm_serve(struct sockaddr_in *sa, int chunks)
 		if (p == 0) {
 			prctl(PR_SET_PDEATHSIG, SIGKILL);   /* killing the server ends its connections */
 			close(ls);
-			llm_conn(c, resp, resp_len);
+			llm_conn(c, resp, resp_len, json, json_len);
 			_exit(0);
 		}
 		close(c);
@@ -481,11 +513,12 @@ static int llm_serve(struct sockaddr_in *sa, int chunks)
 }
 
 /* The request: openai-python's headers and a chat body of `body` bytes, `model` after `messages`. */
-static long llm_request(char *out, long cap, long body)
+static long llm_request_kind(char *out, long cap, long body, int stream)
 {
 	const char *pre = "{\"messages\": [{\"role\": \"user\", \"content\": \"";
-	const char *post = "\"}], \"model\": \"" LLM_MODEL "\", \"stream\": true, \"stream_options\": "
-			   "{\"include_usage\": true}}";
+	const char *post = stream ? "\"}], \"model\": \"" LLM_MODEL "\", \"stream\": true, \"stream_options\": "
+				    "{\"include_usage\": true}}"
+				  : "\"}], \"model\": \"" LLM_MODEL "\", \"max_tokens\": 64}";
 	long fill = body - (long)strlen(pre) - (long)strlen(post);
 	if (fill < 0 || body + 512 > cap)
 		return -1;
@@ -496,6 +529,11 @@ static long llm_request(char *out, long cap, long body)
 		out[len++] = (i % 6 == 5) ? ' ' : 'w';
 	len += sprintf(out + len, "%s", post);
 	return len;
+}
+
+static long llm_request(char *out, long cap, long body)
+{
+	return llm_request_kind(out, cap, body, 1);
 }
 
 /* Read one chunked response to its terminating chunk; 0 when whole. */
@@ -572,6 +610,173 @@ static int llm_calls(struct sockaddr_in *sa, long conns, long n, double rate, lo
 	return 0;
 }
 
+/* ---- llmload: open-loop chat calls over keep-alive connections, several in flight ---- */
+
+#define LOAD_BUF (64 * 1024)
+
+struct lconn {
+	int fd;
+	long call;          /* index of the call in flight, -1 when idle */
+	uint64_t due;       /* when that call was due (latency is measured from here) */
+	int first_seen;     /* the body's first `data:` (or first byte, non-streamed) arrived */
+	long have, head;    /* bytes buffered; length of the response head, 0 until it is complete */
+	long clen;          /* Content-Length, -1 when chunked */
+	int status;
+	char *buf;
+};
+
+static int lconn_head(struct lconn *c)
+{
+	char *end = memmem(c->buf, (size_t)c->have, "\r\n\r\n", 4);
+	if (!end)
+		return 0;
+	c->head = end - c->buf + 4;
+	char save = c->buf[c->head - 1];
+	c->buf[c->head - 1] = '\0';
+	c->status = atoi(c->buf + 9);
+	char *cl = strcasestr(c->buf, "\r\ncontent-length:");
+	c->clen = cl ? atol(cl + 17) : -1;
+	c->buf[c->head - 1] = save;
+	return 1;
+}
+
+/* After a read: 1 when the response is whole. */
+static int lconn_whole(struct lconn *c)
+{
+	if (!c->head && !lconn_head(c))
+		return 0;
+	long body = c->have - c->head;
+	if (c->clen >= 0)
+		return body >= c->clen;
+	return body >= 5 && !memcmp(c->buf + c->have - 5, "0\r\n\r\n", 5);
+}
+
+static uint64_t due_of(uint64_t start, long i, double rate)
+{
+	return rate > 0 ? start + (uint64_t)((double)i * 1e9 / rate) : 0;
+}
+
+static int llm_load(struct sockaddr_in *sa, long conns, long n, double rate, int stream, long body, long warmup)
+{
+	static char req[LLM_BUF];
+	int one = 1;
+	if (conns < 1 || conns > 1024 || n < 1 || rate < 0 || warmup < 0)
+		return fprintf(stderr, "aimesh-lg: llmload needs 1 <= CONNS <= 1024, N >= 1, RATE >= 0, WARMUP >= 0\n"), 1;
+	long req_len = llm_request_kind(req, sizeof(req), body, stream);
+	if (req_len < 0)
+		return fprintf(stderr, "aimesh-lg: llmload needs 200 <= BODY <= %d\n", LLM_BUF - 512), 1;
+	long total = n + warmup;
+	struct lconn *cs = calloc((size_t)conns, sizeof(*cs));
+	long *idle = calloc((size_t)conns, sizeof(long));
+	uint64_t *lat = calloc((size_t)n, sizeof(uint64_t)), *ttfc = calloc((size_t)n, sizeof(uint64_t));
+	if (!cs || !idle || !lat || !ttfc)
+		return fail("calloc");
+	int ep = epoll_create1(0);
+	if (ep < 0)
+		return fail("epoll_create1");
+	long nidle = 0;
+	for (long i = 0; i < conns; i++) {
+		cs[i].fd = socket(AF_INET, SOCK_STREAM, 0);
+		cs[i].buf = malloc(LOAD_BUF);
+		cs[i].call = -1;
+		if (cs[i].fd < 0 || !cs[i].buf)
+			return fail("socket");
+		setsockopt(cs[i].fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		if (connect(cs[i].fd, (struct sockaddr *)sa, sizeof(*sa)) < 0)
+			return fail("connect");
+		struct epoll_event ev = { .events = EPOLLIN, .data.u64 = (uint64_t)i };
+		if (epoll_ctl(ep, EPOLL_CTL_ADD, cs[i].fd, &ev) < 0)
+			return fail("epoll_ctl");
+		idle[nidle++] = i;
+	}
+	prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0);
+	long next = 0, done = 0, non200 = 0, late = 0;
+	uint64_t start = now_ns(), measure_start = 0;
+	struct epoll_event evs[64];
+	while (done < total) {
+		uint64_t now = now_ns();
+		while (next < total && nidle > 0 && due_of(start, next, rate) <= now) {
+			struct lconn *c = &cs[idle[--nidle]];
+			c->call = next;
+			c->due = rate > 0 ? due_of(start, next, rate) : now;
+			if (now - c->due > 1000000)
+				late++;
+			c->first_seen = 0;
+			c->have = c->head = 0;
+			if (next == warmup)
+				measure_start = now;
+			if (full_io(c->fd, req, req_len, 1) < 0)
+				return fail("request write");
+			next++;
+		}
+		struct timespec ts = { 0, 0 }, *tp = NULL;
+		if (next < total && nidle > 0) {
+			uint64_t d = due_of(start, next, rate), t = now_ns();
+			uint64_t wait = d > t ? d - t : 0;
+			ts.tv_sec = (time_t)(wait / 1000000000ull);
+			ts.tv_nsec = (long)(wait % 1000000000ull);
+			tp = &ts;
+		}
+		int k = epoll_pwait2(ep, evs, 64, tp, NULL);
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k < 0)
+			return fail("epoll_pwait2");
+		for (int e = 0; e < k; e++) {
+			long ci = (long)evs[e].data.u64;
+			struct lconn *c = &cs[ci];
+			if (c->have == LOAD_BUF) {      /* keep the head and the tail we look at */
+				long keep = c->head ? c->head : 0;
+				memmove(c->buf + keep, c->buf + c->have - 16, 16);
+				c->have = keep + 16;
+			}
+			ssize_t r = read(c->fd, c->buf + c->have, LOAD_BUF - c->have);
+			if (r < 0 && errno == EINTR)
+				continue;
+			if (r <= 0)
+				return c->call < 0 ? fail("connection closed while idle") : fail("response read");
+			if (c->call < 0)
+				return fprintf(stderr, "aimesh-lg: llmload: bytes on an idle connection\n"), 1;
+			c->have += r;
+			uint64_t t = now_ns();
+			int whole = lconn_whole(c);
+			if (!c->first_seen && c->head && c->have > c->head &&
+			    (!stream || memmem(c->buf + c->head, (size_t)(c->have - c->head), "data:", 5))) {
+				c->first_seen = 1;
+				if (c->call >= warmup)
+					ttfc[c->call - warmup] = t - c->due;
+			}
+			if (!whole)
+				continue;
+			if (c->status != 200)
+				non200++;
+			if (c->call >= warmup)
+				lat[c->call - warmup] = t - c->due;
+			c->call = -1;
+			idle[nidle++] = ci;
+			done++;
+		}
+	}
+	double elapsed = (double)(now_ns() - measure_start) / 1e9;
+	for (long i = 0; i < conns; i++) {
+		close(cs[i].fd);
+		free(cs[i].buf);
+	}
+	close(ep);
+	qsort(lat, (size_t)n, sizeof(*lat), cmp_u64);
+	qsort(ttfc, (size_t)n, sizeof(*ttfc), cmp_u64);
+	printf("{\"mode\": \"llmload\", \"n\": %ld, \"warmup\": %ld, \"conns\": %ld, \"stream\": %d, \"request_bytes\": %ld, "
+	       "\"target_per_s\": %.1f, \"rate_per_s\": %.1f, \"late_1ms\": %ld, \"non_200\": %ld, \"median_us\": %.3f, "
+	       "\"p99_us\": %.3f, \"ttfc_median_us\": %.3f, \"ttfc_p99_us\": %.3f, \"elapsed_s\": %.6f}\n",
+	       n, warmup, conns, stream, req_len, rate, (double)n / elapsed, late, non200, percentile_us(lat, n, 50),
+	       percentile_us(lat, n, 99), percentile_us(ttfc, n, 50), percentile_us(ttfc, n, 99), elapsed);
+	free(lat);
+	free(ttfc);
+	free(idle);
+	free(cs);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct sockaddr_in sa;
@@ -593,8 +798,12 @@ int main(int argc, char **argv)
 		return llm_serve(&sa, atoi(argv[4]));
 	if (argc == 8 && !strcmp(argv[1], "llmcalls"))
 		return llm_calls(&sa, atol(argv[4]), atol(argv[5]), atof(argv[6]), atol(argv[7]));
+	if (argc == 10 && !strcmp(argv[1], "llmload"))
+		return llm_load(&sa, atol(argv[4]), atol(argv[5]), atof(argv[6]), atoi(argv[7]), atol(argv[8]),
+				atol(argv[9]));
 	fprintf(stderr, "usage: %s server HOST PORT | rr HOST PORT N SIZE WARMUP | crr HOST PORT N WARMUP | "
 		"crate HOST PORT N RATE | bulk HOST PORT BYTES | pipe N SIZE WARMUP | "
-		"llmserver HOST PORT CHUNKS | llmcalls HOST PORT CONNS N RATE BODY\n", argv[0]);
+		"llmserver HOST PORT CHUNKS | llmcalls HOST PORT CONNS N RATE BODY | "
+		"llmload HOST PORT CONNS N RATE STREAM BODY WARMUP\n", argv[0]);
 	return 2;
 }
