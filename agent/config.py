@@ -453,8 +453,8 @@ def _model_glob(v: str, what: str) -> str:
     return v
 
 
-def _secret_file(v: Path, what: str) -> Path:
-    """An existing regular file, mode 0600 or 0400, owned by root: the gateway reads a provider key from it."""
+def _regular_file_stat(v: Path, what: str) -> os.stat_result:
+    """The stat of `v`, a valid path naming an existing regular file."""
     _path(v, what)
     try:
         st = os.stat(v)
@@ -462,6 +462,12 @@ def _secret_file(v: Path, what: str) -> Path:
         raise ValueError(f"{what} {str(v)!r}: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"{what} {str(v)!r} is not a regular file")
+    return st
+
+
+def _secret_file(v: Path, what: str) -> Path:
+    """An existing regular file, mode 0600 or 0400, owned by root: the gateway reads a provider key from it."""
+    st = _regular_file_stat(v, what)
     mode = stat.S_IMODE(st.st_mode)
     if mode not in (0o600, 0o400):
         raise ValueError(f"{what} {str(v)!r} has mode {mode:04o}; it holds a key: chmod 0600 (or 0400)")
@@ -471,13 +477,7 @@ def _secret_file(v: Path, what: str) -> Path:
 
 
 def _existing_file(v: Path, what: str) -> Path:
-    _path(v, what)
-    try:
-        st = os.stat(v)
-    except OSError as e:
-        raise ValueError(f"{what} {str(v)!r}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{what} {str(v)!r} is not a regular file")
+    _regular_file_stat(v, what)
     return v
 
 

@@ -9,6 +9,7 @@ import ctypes as ct
 import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 # enum bpf_attach_type (uapi/linux/bpf.h), the ones aimesh uses. Names as bcc's BPFAttachType.
@@ -108,6 +109,16 @@ def obj_get(path: str) -> int:
 
 def obj_pin(fd: int, path: str) -> None:
     _check(lib.bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
+def obj_pin_replace(fd: int, path: Path) -> None:
+    """Pin fd at path in one step: pinned beside it as new-<name>, then renamed over whatever path held (an old
+    link goes with its pin)."""
+    tmp = path.with_name(f"new-{path.name}")
+    if tmp.exists():
+        os.unlink(tmp)
+    obj_pin(fd, str(tmp))
+    os.replace(tmp, path)
 
 
 def map_create_array(name: str, value_size: int, entries: int) -> int:

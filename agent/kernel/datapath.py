@@ -225,11 +225,7 @@ class Datapath:
             finally:
                 os.close(pfd)
         try:
-            tmp = self.dir.links / f"new-{p.link}"
-            if tmp.exists():
-                os.unlink(tmp)
-            bpfsys.obj_pin(fd, str(tmp))
-            os.replace(tmp, path)
+            bpfsys.obj_pin_replace(fd, path)
         finally:
             os.close(fd)
         (rep.replaced if link_fd >= 0 else rep.created).append(p.link)

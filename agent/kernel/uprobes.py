@@ -215,11 +215,7 @@ class TlsProbes:
         finally:
             os.close(pfd)
         try:
-            tmp = self.links_dir / f"new-{pin.name}"
-            if tmp.exists():
-                os.unlink(tmp)
-            bpfsys.obj_pin(fd, str(tmp))
-            os.replace(tmp, pin)
+            bpfsys.obj_pin_replace(fd, pin)
         finally:
             os.close(fd)
         self.stats.links_created += 1

@@ -241,11 +241,10 @@ class Http1Connection:
         self._pending: list[tuple[RequestHead, bool]] = []   # request heads (and: closes the connection) not answered
         self._early = bytearray()                    # response bytes before their request was seen
         self._fed = {Direction.REQUEST: 0, Direction.RESPONSE: 0}
-        self._read_to = {Direction.REQUEST: 0, Direction.RESPONSE: 0}    # wire bytes given to llhttp (or to resync)
+        self._read_to = {Direction.REQUEST: 0, Direction.RESPONSE: 0}    # wire bytes given to llhttp
         self._consumed = {Direction.REQUEST: 0, Direction.RESPONSE: 0}   # wire bytes up to the last message end
         self._msg: dict[Direction, _Message | None] = {Direction.REQUEST: None, Direction.RESPONSE: None}
         self._prefix = b""                           # first request bytes, until we know it is not HTTP/2
-        self._req_resync = False                     # after a request gap: bytes are body until the response head
         self._closed = False
         self._sniffed = False
         self._h2_scan = b""
@@ -271,9 +270,6 @@ class Http1Connection:
             if not data:
                 return out
         self._fed[direction] += len(data)
-        if direction is Direction.REQUEST and self._req_resync:
-            self._body(direction, ts_ns, data, out)
-            return out
         self._read(direction, ts_ns, data, out)
         if self.undecoded is not None:
             self.undecoded_bytes += len(data)   # the chunk that broke it counts as undecoded, whole
@@ -313,7 +309,6 @@ class Http1Connection:
         if self.undecoded is not None:
             self.undecoded_bytes += left
         return out
-
 
     def close(self, ts_ns: int) -> list[HttpEvent]:
         """The connection ended: finish a read-until-close response, report messages cut short."""
@@ -494,8 +489,6 @@ class Http1Connection:
         status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             return          # 100 Continue and friends: the real response follows (the message ends, not the call)
-        if self._req_resync:
-            self._resync_request(ts_ns, out)
         head = ResponseHead(ts_ns, status, _headers(r.hdrs))
         self.responses += 1
         self._msg[Direction.RESPONSE] = _Message(head.headers, self._cap)
@@ -555,16 +548,6 @@ class Http1Connection:
         if msg is not None:
             out.append(MessageEnd(d, ts_ns, wire, msg.body.passed, msg.body.truncated + msg.gap_bytes, True,
                                   msg.body.unsupported))
-
-    def _resync_request(self, ts_ns: int, out: list[HttpEvent]) -> None:
-        """The request read through a gap has ended (its response starts): end it, read the next one afresh."""
-        self._req_resync = False
-        d = Direction.REQUEST
-        self._read_to[d] = self._fed[d]
-        self._end(d, self._fed[d], ts_ns, out)
-        r = _Reader()
-        self._reader[d] = r
-        self._parser[d] = HttpRequestParser(r)
 
     def _abort(self, d: Direction, ts_ns: int, out: list[HttpEvent]) -> None:
         msg = self._msg[d]

@@ -408,6 +408,8 @@ class ResponseParse:
                 self._absorb(path, v)
 
     def _absorb_items(self, items: list, step: tuple) -> None:
+        # The same per-value dispatch as _absorb_tree's loop, inlined in both on purpose: a shared method per value
+        # costs ~3% of bench.decode_micro's tracker stage (one call per matched key of every SSE event).
         path, child = step
         for v in items:
             if isinstance(v, dict):

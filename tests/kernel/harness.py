@@ -74,6 +74,17 @@ class CgroupTree:
                     time.sleep(0.05)
 
 
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include all of `labels` (Prometheus text, any label order)."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(w in line.split("}")[0] for w in want):
+                total += float(line.split()[-1])
+    return total
+
+
 def _enter_cgroup(cgroup: Optional[Path]):
     def fn():
         if cgroup is not None:

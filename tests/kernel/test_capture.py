@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from tests.kernel.harness import REPO, _enter_cgroup
+from tests.kernel.harness import REPO, _enter_cgroup, metric_value
 
 SERVER = """
 import sys
@@ -64,16 +64,6 @@ def model_calls(path: Path, want: int = 0, timeout: float = 5.0) -> list[dict]:
         time.sleep(0.05)
 
 
-def _value(text: str, name: str, **labels: str) -> float:
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(w in line.split("}")[0] for w in want):
-                total += float(line.split()[-1])
-    return total
-
-
 def test_openai_sdk_calls_become_model_call_records(cgroups, agents, tmp_path):
     chat, llama, store = cgroups.child("chat"), cgroups.child("llama"), cgroups.child("store")
     records = tmp_path / "records.jsonl"
@@ -109,23 +99,23 @@ def test_openai_sdk_calls_become_model_call_records(cgroups, agents, tmp_path):
         assert calls[0]["cookie"] == calls[1]["cookie"]     # one keep-alive connection, two requests in order
 
         _, m = agent.get("/metrics")
-        assert _value(m, "aimesh_model_calls_total", source="chat", destination="llama", protocol="openai",
-                      operation="chat", status_class="2xx") == 2
-        chunks = _value(m, "aimesh_capture_chunks_total")
+        assert metric_value(m, "aimesh_model_calls_total", source="chat", destination="llama", protocol="openai",
+                            operation="chat", status_class="2xx") == 2
+        chunks = metric_value(m, "aimesh_capture_chunks_total")
         assert chunks > 0
 
         # the same calls from a process outside the governed root, and to an identity with capture off
         assert len(run_openai(None, llama_url)) == 2
         assert len(run_openai(chat, store_url)) == 2
         _, m = agent.get("/metrics")
-        assert _value(m, "aimesh_capture_chunks_total") == chunks   # counted in the syscall itself: no waiting
+        assert metric_value(m, "aimesh_capture_chunks_total") == chunks   # counted in the syscall itself: no waiting
         # a captured call after them: once its records are in, anything the others made would be in too (ring order)
         assert len(run_openai(chat, llama_url)) == 2
         calls = model_calls(records, want=4)
         assert len(calls) == 4 and all(c["source"]["name"] == "chat" and c["destination"]["name"] == "llama"
                                        for c in calls)
         _, m = agent.get("/metrics")
-        assert _value(m, "aimesh_model_calls_total") == 4
+        assert metric_value(m, "aimesh_model_calls_total") == 4
     finally:
         for p in (llama_srv, store_srv):
             p.kill()
@@ -328,7 +318,7 @@ def test_capture_tracepoints_are_linked_only_while_an_identity_has_capture_on(cg
         assert _capture_links(cgroups.root) == (set(), [])     # no capture identity: no raw tracepoint
         run_openai(chat, url)
         _, m = agent.get("/metrics")
-        assert _value(m, "aimesh_capture_chunks_total") == 0
+        assert metric_value(m, "aimesh_capture_chunks_total") == 0
 
         agent.reload(capture_config(cgroups, chat, llama, True))
         pinned, live = _capture_links(cgroups.root)
@@ -370,7 +360,7 @@ def test_iovecs_tls_undecoded_and_the_request_budget(cgroups, agents, tmp_path):
         assert calls[0]["input_tokens"] == seen["in"] and not calls[0]["truncated"]
         assert calls[0]["request_bytes"] > 200_000
         _, m = agent.get("/metrics")
-        assert _value(m, "aimesh_capture_truncated_calls_total") == 0
+        assert metric_value(m, "aimesh_capture_truncated_calls_total") == 0
 
         # sendmsg/recvmsg and writev/readv are copied across their iovecs
         assert run_raw(chat, "vector", url)["models"] == ["vec-1-served", "vec-2-served"]
@@ -392,12 +382,13 @@ def test_iovecs_tls_undecoded_and_the_request_budget(cgroups, agents, tmp_path):
 
         # a TLS record: flagged and never copied
         _, m = agent.get("/metrics")
-        chunks, skipped = _value(m, "aimesh_capture_chunks_total"), _value(m, "aimesh_capture_not_captured_calls_total")
+        chunks = metric_value(m, "aimesh_capture_chunks_total")
+        skipped = metric_value(m, "aimesh_capture_not_captured_calls_total")
         run_raw(chat, "tls", url)
         _, m = agent.get("/metrics")
-        assert _value(m, "aimesh_capture_tls_sockets_total") == 1
-        assert _value(m, "aimesh_capture_chunks_total") == chunks
-        assert _value(m, "aimesh_capture_not_captured_calls_total") >= skipped + 2
+        assert metric_value(m, "aimesh_capture_tls_sockets_total") == 1
+        assert metric_value(m, "aimesh_capture_chunks_total") == chunks
+        assert metric_value(m, "aimesh_capture_not_captured_calls_total") >= skipped + 2
 
         # HTTP/2 (to a server that reads it all): the agent counts it undecoded and flags the socket; what follows
         # is not copied
@@ -409,12 +400,13 @@ def test_iovecs_tls_undecoded_and_the_request_budget(cgroups, agents, tmp_path):
         try:
             assert p.stdout.readline().strip() == "sent"
             deadline = time.monotonic() + 10
-            while _value(agent.get("/metrics")[1], "aimesh_capture_undecoded_connections_total", reason="http2") < 1:
+            while metric_value(agent.get("/metrics")[1], "aimesh_capture_undecoded_connections_total",
+                               reason="http2") < 1:
                 assert time.monotonic() < deadline, "HTTP/2 connection not counted undecoded"
                 time.sleep(0.05)
             _, m = agent.get("/metrics")
-            chunks, skipped = _value(m, "aimesh_capture_chunks_total"), \
-                _value(m, "aimesh_capture_not_captured_calls_total")
+            chunks, skipped = metric_value(m, "aimesh_capture_chunks_total"), \
+                metric_value(m, "aimesh_capture_not_captured_calls_total")
             p.stdin.write("more\n")
             p.stdin.flush()
             assert p.wait(30) == 0, p.stderr.read()
@@ -424,8 +416,8 @@ def test_iovecs_tls_undecoded_and_the_request_budget(cgroups, agents, tmp_path):
                     proc.kill()
                 proc.wait()
         _, m = agent.get("/metrics")
-        assert _value(m, "aimesh_capture_chunks_total") == chunks
-        assert _value(m, "aimesh_capture_not_captured_calls_total") == skipped + 5
+        assert metric_value(m, "aimesh_capture_chunks_total") == chunks
+        assert metric_value(m, "aimesh_capture_not_captured_calls_total") == skipped + 5
 
         # a 4 KiB request budget (a runtime setting: a reload): the rest is a counted gap, the record says truncated,
         # and the next request on the connection is decoded again
@@ -438,12 +430,12 @@ def test_iovecs_tls_undecoded_and_the_request_budget(cgroups, agents, tmp_path):
         assert calls[4]["request_bytes"] == seen["bytes"]     # the hole is exact: counted on the wire
         assert not calls[5]["truncated"] and calls[5]["response_model"] == "after-budget-served"
         _, m = agent.get("/metrics")
-        assert _value(m, "aimesh_capture_truncated_calls_total") >= 1
-        assert _value(m, "aimesh_capture_truncated_bytes_total") >= 12_000 - 4096
+        assert metric_value(m, "aimesh_capture_truncated_calls_total") >= 1
+        assert metric_value(m, "aimesh_capture_truncated_bytes_total") >= 12_000 - 4096
         for name in ("aimesh_capture_ring_lost_total", "aimesh_capture_ring_lost_bytes_total",
                      "aimesh_capture_read_failures_total",
                      "aimesh_capture_sockets_full_total"):
-            assert name in m and _value(m, name) == 0, name
+            assert name in m and metric_value(m, name) == 0, name
     finally:
         srv.kill()
         srv.wait()

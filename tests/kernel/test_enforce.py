@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.kernel.harness import free_port, run_client, start_server
+from tests.kernel.harness import free_port, metric_value, run_client, start_server
 
 
 def base_config(cg, port, **over):
@@ -206,17 +206,6 @@ def test_a_port_rebound_by_another_workload_loses_the_old_identity(cgroups, agen
     second.popen.kill()
 
 
-def _value(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include all of `labels` (Prometheus text, any label order)."""
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(w in line.split("}")[0] for w in want):
-                total += float(line.split()[-1])
-    return total
-
-
 def test_connections_are_counted_in_the_kernel_and_plain_allows_make_no_ring_event(cgroups, agents):
     """Without a flow log, an allowed connect costs no decision event: aimesh_connections_total reads the kernel's
     per-identity counts at scrape time, exact for allowed and denied alike."""
@@ -229,8 +218,8 @@ def test_connections_are_counted_in_the_kernel_and_plain_allows_make_no_ring_eve
         assert run_client(batch, port, count=7)["errors"] == {"EPERM": 7}
         time.sleep(0.2)
         _, m = agent.get("/metrics")
-        assert _value(m, "aimesh_connections_total", source="chat", destination="llama", verdict="allowed") == 25
-        assert _value(m, "aimesh_connections_total", source="batch", destination="llama", verdict="denied") == 7
-        assert _value(m, "aimesh_ring_events_total", ring="decision_events") == 7   # the denials only
+        assert metric_value(m, "aimesh_connections_total", source="chat", destination="llama", verdict="allowed") == 25
+        assert metric_value(m, "aimesh_connections_total", source="batch", destination="llama", verdict="denied") == 7
+        assert metric_value(m, "aimesh_ring_events_total", ring="decision_events") == 7   # the denials only
     finally:
         srv.popen.kill()

@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-from tests.kernel.harness import REPO, AgentProc, CgroupTree, _enter_cgroup, start_agent
+from tests.kernel.harness import REPO, AgentProc, CgroupTree, _enter_cgroup, metric_value, start_agent
 
 KEY = "sk-proj-abcdefghijklmnopqrstuvwxyz0123"
 MAIL = "alice@example.com"
@@ -256,14 +256,7 @@ class Mesh:
         assert name in self.wait({name}), f"barrier call {name} not recorded"
 
     def metric(self, name: str, **labels: str) -> float:
-        _, text = self.agent.get("/metrics")
-        want = [f'{k}="{v}"' for k, v in labels.items()]
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + "{") or line.startswith(name + " "):
-                if all(w in line.split("}")[0] for w in want):
-                    total += float(line.split()[-1])
-        return total
+        return metric_value(self.agent.get("/metrics")[1], name, **labels)
 
 
 def _start_server(cgroup: Path) -> Server:

@@ -9,8 +9,8 @@ import subprocess
 import sys
 import time
 
-from tests.kernel.harness import REPO
-from tests.kernel.test_capture import _value, model_calls, run_openai, start_llm_server
+from tests.kernel.harness import REPO, metric_value
+from tests.kernel.test_capture import model_calls, run_openai, start_llm_server
 from tests.kernel.test_collector_e2e import collector  # noqa: F401  (fixture)
 from tests.kernel.test_prometheus import _query, prometheus  # noqa: F401  (fixture)
 from tests.otlp_receiver import OtlpReceiver
@@ -91,12 +91,12 @@ def test_model_calls_reach_every_sink(cgroups, agents, collector, prometheus, tm
 
         # Prometheus: the agent's /metrics over HTTP, then a real Prometheus scraping it
         _, m = agent.get("/metrics")
-        assert _value(m, "gen_ai_client_token_usage_sum", source="chat", destination="llama",
-                      gen_ai_request_model="llama-3.1-8b", gen_ai_token_type="input") == plain["in"]
-        assert _value(m, "gen_ai_client_token_usage_sum", gen_ai_request_model="other",
-                      gen_ai_token_type="output") == stream["out"]     # not in the allow-list
-        assert _value(m, "aimesh_model_call_export_records_total", outcome="sent") == 2
-        assert _value(m, "aimesh_identity_cpu_seconds_total", identity="chat") > 0
+        assert metric_value(m, "gen_ai_client_token_usage_sum", source="chat", destination="llama",
+                            gen_ai_request_model="llama-3.1-8b", gen_ai_token_type="input") == plain["in"]
+        assert metric_value(m, "gen_ai_client_token_usage_sum", gen_ai_request_model="other",
+                            gen_ai_token_type="output") == stream["out"]     # not in the allow-list
+        assert metric_value(m, "aimesh_model_call_export_records_total", outcome="sent") == 2
+        assert metric_value(m, "aimesh_identity_cpu_seconds_total", identity="chat") > 0
         base = prometheus(agent.metrics_port)
         deadline = time.monotonic() + 60
         got_tokens: dict[str, float] = {}

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from tests.kernel.harness import REPO, _enter_cgroup
-from tests.kernel.test_capture import CLIENT, _value, model_calls
+from tests.kernel.harness import REPO, _enter_cgroup, metric_value
+from tests.kernel.test_capture import CLIENT, model_calls
 
 TLS_SERVER = """
 import json, ssl, sys
@@ -142,8 +142,8 @@ def test_openai_sdk_and_curl_over_tls_become_model_call_records(cgroups, agents,
         assert c["request_bytes"] == server_read(srv)[1]
 
         _, m = agent.get("/metrics")
-        assert _value(m, "aimesh_model_calls_total", source="chat", destination="llama") == 3
-        assert _value(m, "aimesh_tls_not_visible_total") == 0
+        assert metric_value(m, "aimesh_model_calls_total", source="chat", destination="llama") == 3
+        assert metric_value(m, "aimesh_tls_not_visible_total") == 0
         # every record the decoder made is one of the three calls: no record of garbage
         recs = [json.loads(x) for x in records.read_text().splitlines() if x.strip()]
         assert len([r for r in recs if r.get("kind") == "model_call"]) == 3
@@ -156,7 +156,7 @@ def test_openai_sdk_and_curl_over_tls_become_model_call_records(cgroups, agents,
         try:
             assert hidden.stdout.readline().strip() == "sent", hidden.stderr.read()
             deadline = time.monotonic() + 5
-            while _value(agent.get("/metrics")[1], "aimesh_tls_not_visible_total", source="chat") < 1:
+            while metric_value(agent.get("/metrics")[1], "aimesh_tls_not_visible_total", source="chat") < 1:
                 assert time.monotonic() < deadline, agent.log()[-3000:]
                 time.sleep(0.05)
             named = f"TLS not visible: {Path(sys.executable).name[:15]} (pid {hidden.pid}, " \
