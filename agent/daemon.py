@@ -38,8 +38,7 @@ from agent.kernel.pins import DatapathDir, PinError, RootLock, check_format, pru
 from agent.errors import AgentError
 from agent.flows.denials import DenialAggregator, denial_record
 from agent.flows.decode import DecodeError, decode_agent_event, decode_decision, to_json, wall_time
-from agent.flows.records import (UdpWindow, decision_record, decode_flow_event, flow_record, identity_data,
-                                 udp_aggregate, with_workload)
+from agent.flows.records import (UdpWindow, decision_record, decode_flow_event, flow_record, udp_aggregate)
 from agent.kernel import abi
 from agent.export.call_sinks import CallDispatch, CallSinks, CommCache, build_call_sinks
 from agent.collector.channel import ConfigError as ChannelError

@@ -25,7 +25,7 @@ import pstats
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from agent.export.call_sinks import CallDispatch
 from agent.export.collector_client import ExporterConfig, ModelCallExporter

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import struct
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple, Optional
 

@@ -1,7 +1,7 @@
 """The policy compiler: config -> map image, without a kernel."""
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 from agent.config import parse_config
 from agent.kernel import abi

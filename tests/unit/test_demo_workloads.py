@@ -3,7 +3,6 @@ and over TLS with the demo CA) and the runner's command lines."""
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import socket
 import ssl
