@@ -123,8 +123,8 @@ def test_spans_reach_phoenix_with_genai_attributes(phoenix: str) -> None:
         ("chat-frontend", "llama", 4242)
     assert ok["span_kind"] == "LLM"            # Phoenix recognised it as a model call from the gen_ai attributes
     start = offset + make_call().start_ns
-    assert abs(_unix_ns(ok["start_time"]) - start) <= 500          # Phoenix keeps microseconds (rounded)
-    assert abs(_unix_ns(ok["end_time"]) - (start + make_call().duration_ns)) <= 500  # type: ignore[operator]
+    assert abs(_unix_ns(ok["start_time"]) - start) < 1000          # Phoenix keeps microseconds
+    assert abs(_unix_ns(ok["end_time"]) - (start + make_call().duration_ns)) < 1000  # type: ignore[operator]
     claude = spans["chat claude-haiku"]["attributes"]
     assert claude["gen_ai.provider.name"] == "anthropic" and claude["aimesh.l7.api"] == "messages"
     assert claude["aimesh.source.identity"] == "batch-job" and claude["aimesh.destination.identity"] == "anthropic"
