@@ -129,6 +129,10 @@ static __always_inline struct capture_event *capture_mark(const struct capture_s
 							  __u8 flags, __u64 ts)
 {
 	struct capture_event *h = capture_events.ringbuf_reserve(sizeof(struct capture_event));
+	if (!h)   /* retries: a reservation can fail with room to spare under cross-CPU contention (see flow_reserve) */
+		h = capture_events.ringbuf_reserve(sizeof(struct capture_event));
+	if (!h)
+		h = capture_events.ringbuf_reserve(sizeof(struct capture_event));
 	if (!h) {
 		capture_count(COUNTER_CAPTURE_EVENTS_LOST, 1);
 		return 0;
@@ -210,6 +214,10 @@ static __always_inline int capture_chunk_sized(const struct capture_sock_key *k,
 					       __u64 n, const __u32 size)
 {
 	struct capture_event *h = capture_events.ringbuf_reserve(sizeof(struct capture_event) + size);
+	if (!h)   /* retries, as in capture_mark */
+		h = capture_events.ringbuf_reserve(sizeof(struct capture_event) + size);
+	if (!h)
+		h = capture_events.ringbuf_reserve(sizeof(struct capture_event) + size);
 	if (!h)
 		return CAPTURE_ERR_LOST;
 	if (n > size)
@@ -393,6 +401,8 @@ static __always_inline int capture_connect_exit(long ret)
 		struct capture_event h;
 		struct capture_open o;
 	} *r = capture_events.ringbuf_reserve(sizeof(struct capture_open_record));
+	if (!r)   /* one retry, as in capture_mark */
+		r = capture_events.ringbuf_reserve(sizeof(struct capture_open_record));
 	if (!r) {
 		counter_add(COUNTER_CAPTURE_EVENTS_LOST);
 		return 0;
@@ -409,6 +419,8 @@ static __always_inline int capture_connect_exit(long ret)
 static __always_inline int capture_close(const struct capture_sock_key *k, struct capture_sock *s)
 {
 	struct capture_event *h = capture_events.ringbuf_reserve(sizeof(struct capture_event));
+	if (!h)   /* one retry, as in capture_mark */
+		h = capture_events.ringbuf_reserve(sizeof(struct capture_event));
 	if (h) {
 		capture_header(h, k, s, CAPTURE_KIND_CLOSE, 0, s->flags & CAPTURE_SOCK_F_TLS ? CAPTURE_EV_F_TLS : 0,
 			       bpf_ktime_get_ns());
