@@ -37,7 +37,7 @@ class KernelOrigins:
         if src is None or dst is None:
             return None
         return GatewayOrigin(address=str(o.address), port=int(o.port), source=src, destination=dst,
-                             tls=bool(o.tls_expected))
+                             tls=bool(o.tls_expected), cookie=int(o.cookie))
 
 
 class PolicyRef:

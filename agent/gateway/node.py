@@ -91,7 +91,7 @@ def to_call(rec: Mapping[str, Any], numbers: Mapping[str, int], mono_to_wall_ns:
         start = max(0, int(ts * 1e9) - mono_to_wall_ns) if ts is not None else 0
     reasons = rec.get("finish_reasons")
     call = ModelCallRecord(
-        conn_key=0, sequence=0, start_ns=start, protocol=protocol, operation=operation,
+        conn_key=_int(rec.get("cookie")) or 0, sequence=0, start_ns=start, protocol=protocol, operation=operation,
         request_model=_str(rec.get("request_model")), response_model=_str(rec.get("response_model")),
         stream=bool(rec.get("stream")), status=_int(rec.get("status")), error_type=_str(rec.get("error_type")),
         input_tokens=_int(rec.get("input_tokens")), output_tokens=_int(rec.get("output_tokens")),
@@ -101,12 +101,13 @@ def to_call(rec: Mapping[str, Any], numbers: Mapping[str, int], mono_to_wall_ns:
         finish_reasons=tuple(str(r) for r in reasons) if isinstance(reasons, list) else (),
         request_bytes=_int(rec.get("request_bytes")) or 0, response_bytes=_int(rec.get("response_bytes")) or 0,
         tls=bool(rec.get("tls")), truncated=False, incomplete=bool(rec.get("incomplete")),
-        confidence_mean=None, confidence_min=None, request_digest="", max_tokens=_int(rec.get("max_tokens")),
+        confidence_mean=None, confidence_min=None, request_digest=_str(rec.get("request_digest")) or "",
+        max_tokens=_int(rec.get("max_tokens")),
         temperature=_float(rec.get("temperature")),
         include_usage=rec.get("include_usage") if isinstance(rec.get("include_usage"), bool) else None,
         gateway=True, policy=_str(rec.get("policy")), sent_model=_str(rec.get("sent_model")),
         decision=_str(rec.get("decision")), reason=_str(rec.get("reason")))
-    return CapturedCall(record=call, cookie=0, pid=0, src_id=numbers.get(source, 0), dst_id=numbers.get(dest, 0),
+    return CapturedCall(record=call, cookie=call.conn_key, pid=0, src_id=numbers.get(source, 0), dst_id=numbers.get(dest, 0),
                         actual_dst_id=0)
 
 

@@ -16,6 +16,7 @@ usage, which settles the reservation. Every request becomes one record (agent/ga
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import json
 import logging
@@ -55,6 +56,7 @@ class GatewayOrigin:
     source: str             # source identity name
     destination: str        # destination identity name
     tls: bool               # the dialed port is an HTTPS endpoint
+    cookie: int = 0         # the client socket's cookie (joins the call to its flow record); 0: not known
 
 
 class OriginLookup(Protocol):
@@ -351,6 +353,7 @@ class Gateway:
         protocol = dest.protocol if dest is not None else "openai"
         rec: dict[str, Any] = {
             "gateway": True, "ts": wall, "start_ns": t0, "source": origin.source, "destination": origin.destination,
+            "cookie": origin.cookie, "request_digest": "",
             "destination_address": f"{origin.address}:{origin.port}", "protocol": protocol, "operation": None,
             "method": request.method, "path": request.path, "tls": conn.client_tls, "request_model": None,
             "sent_model": None, "response_model": None, "stream": False, "policy": None, "decision": None,
@@ -370,6 +373,7 @@ class Gateway:
                 f"aimesh: request body not received in {self.settings.body_timeout_s:.0f}s"), "body_timeout",
                 close=True)
         rec["request_bytes"] = len(body)
+        rec["request_digest"] = hashlib.sha256(body).hexdigest()   # as received, before any rewrite
         conn.body_read()
         if dest is None:
             return self._refuse(request, rec, protocol, Refusal(

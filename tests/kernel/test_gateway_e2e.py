@@ -325,6 +325,8 @@ def test_allowed_model_is_served_and_recorded_with_its_policy(env):
     r = rec[0]
     assert (r["gateway"], r["policy"], r["decision"], r["sent_model"]) == (True, "policies[0]", "served", "gpt-4o")
     assert r["source"]["name"] == "chat" and r["status"] == 200 and r["input_tokens"] == 5
+    assert r["cookie"] > 0                                  # the client socket's, from the kernel's origin record
+    assert len(r["request_digest"]) == 64 and int(r["request_digest"], 16) >= 0
 
 
 def test_disallowed_model_is_refused_and_the_upstream_gets_nothing(env):
