@@ -1,6 +1,7 @@
 /* cgroup sock_addr hooks: connect4/6, sendmsg4/6, getpeername4/6, recvmsg4/6.
  *
- * connect / sendmsg: judge (source identity, dialed identity, port, proto) against the allow-list; a deny returns 0
+ * connect / sendmsg: judge (source identity, identity of the socket the dial reaches — the unspecified address is
+ *   this host —, port, proto) against the allow-list; a deny returns 0
  *   (the caller gets EPERM); an allowed or audited connection may be rewritten to a redirect backend.
  *   reads:  runtime_config, process_identity, cgroup_identity, local_endpoint_identity, local_address,
  *           endpoint_identity, identity_info, policy_verdict, redirect_service, redirect_backend
@@ -42,6 +43,32 @@ static __always_inline int is_server_reply(struct bpf_sock_addr *ctx, __u32 src,
 	return local_endpoint_lookup(local, port, proto, 1) == src;
 }
 
+/* The address the kernel will deliver a dial of t to, into out: the unspecified address means this host. A dial of
+ * 0.0.0.0 (or ::ffff:0.0.0.0 on an IPv6 socket) goes to the socket's bound IPv4 address, else to 127.0.0.1 (the
+ * route lookup's "no daddr"); a dial of :: goes to ::1, or to 127.0.0.1 from a socket bound v4-mapped
+ * (tcp_v6_connect, __ip6_datagram_connect, udpv6_sendmsg). Any other address is delivered as dialed. */
+static __always_inline void delivery_address(struct bpf_sock_addr *ctx, const struct sock_target *t, __u8 *out)
+{
+	__builtin_memcpy(out, t->addr, 16);
+	int v4 = addr_is_v4(t->addr);
+	if (v4 ? addr_v4(t->addr) != 0 : !addr_is_zero(t->addr))
+		return;
+	struct bpf_sock *sk = ctx->sk;
+	__u32 bound4 = 0;
+	if (sk && v4) {
+		bound4 = sk->src_ip4;
+		barrier_var(bound4);
+	} else if (sk) {
+		union addr16 b;
+		ADDR_LOAD_V6(b.b, sk->src_ip6);
+		v4 = addr_is_v4(b.b);   /* bound v4-mapped: the IPv4 loopback, whatever the bound address */
+	}
+	if (v4)
+		addr_from_v4(out, bound4 ? bound4 : bpf_htonl(0x7f000001));
+	else
+		out[15] = 1;   /* ::1 */
+}
+
 /* The whole connect/sendmsg decision; returns 1 to let the call proceed. t is updated when redirected. */
 static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct sock_target *t)
 {
@@ -57,7 +84,10 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 		counter_add(COUNTER_DECISION(hook, VERDICT_ALLOWED));
 		return 1;
 	}
-	__u32 dst = destination_identity(gen, t->addr, t->port, proto);
+	/* judged on who will answer; recorded as dialed */
+	__u8 delivered[16];
+	delivery_address(ctx, t, delivered);
+	__u32 dst = destination_identity(gen, delivered, t->port, proto);
 	struct decision d = {};
 	decide(&d, cfg, src, dst, t->port, proto);
 
