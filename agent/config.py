@@ -38,6 +38,7 @@ UNRESOLVED = "unresolved"   # a cgroup under the kubepods hierarchy whose pod is
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")    # used with fullmatch: `$` would accept a trailing newline
 HOST_LABEL_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 MAX_BACKENDS_PER_REDIRECT = abi.BACKENDS_PER_SERVICE
+MAX_DNS_RESOLVERS = 32                # dns_resolvers entries (the kernel's dns_resolver map holds 64, resolv.conf too)
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024   # read at most this much; a bigger file is refused before parsing
 MAX_DEPTH = 64                       # nesting of YAML collections
@@ -964,7 +965,8 @@ class NodeLlmSettings(_Strict):
 
 class Config(_Strict):
     mode: Literal["enforce", "audit"] = "enforce"
-    dns: Literal["allow", "deny"] = "allow"
+    dns: Literal["allow", "deny"] = "allow"   # allow: port 53 to the resolvers (resolv.conf and dns_resolvers)
+    dns_resolvers: list[str] = Field(default_factory=list, max_length=MAX_DNS_RESOLVERS)   # IP addresses
     fast_path: bool = True             # same-node TCP between governed workloads skips the loopback stack
     identities: list[Identity] = Field(default_factory=list)
     policies: list[Policy] = Field(default_factory=list)
@@ -1003,6 +1005,16 @@ class Config(_Strict):
     @property
     def k8s(self) -> KubernetesSettings:
         return self.kubernetes or KubernetesSettings()
+
+    @field_validator("dns_resolvers")
+    @classmethod
+    def _dns_resolvers(cls, v: list[str]) -> list[str]:
+        for a in v:
+            try:
+                ipaddress.ip_address(a)
+            except ValueError:
+                raise ValueError(f"dns_resolvers: {show(a)} is not an IP address") from None
+        return v
 
     @model_validator(mode="after")
     def _references(self) -> "Config":

@@ -29,7 +29,7 @@ from agent.flows.log import FlowLog
 from agent.flows.sink import RecordSink, RecordsLogSink
 from agent.identity.assigner import IdentityAssigner
 from agent.identity.cgroups import cgroup2_mount, cgroup_id
-from agent.identity.host import local_address_keys
+from agent.identity.host import RESOLV_CONF, dns_resolver_keys, local_address_keys
 from agent.config_watch import ConfigWatch, kubelet_mounted
 from agent.identity.k8s.model import ClusterState
 from agent.identity.k8s.source import KubernetesSource
@@ -169,6 +169,8 @@ class Agent:
         self._next_transition: Optional[datetime] = None
         self._mono_to_wall = time.time_ns() - time.monotonic_ns()
         self._local_addrs: set[bytes] = set()
+        self._resolv_watch = ConfigWatch(RESOLV_CONF)
+        self._dns_resolvers_logged: list[bytes] = []   # resolv.conf's nameservers are the resolvers `dns: allow` opens
         self.node = os.uname().nodename
         self.agent_id = opts.agent_id or self.node
         self.exporter = None
@@ -416,11 +418,21 @@ class Agent:
         if hasattr(self, "build"):
             write_manifest(self.pins, self.manifest())   # numbers first: the maps below may hold new ones
         self.datapath.apply(image)
+        self._set_dns_resolvers(config)
         self._installed_wall = datetime.now(timezone.utc)
         self.identities = image.identities
         self.config = config
         self.resolved = resolved
         self._next_transition = image.next_transition
+
+    def _set_dns_resolvers(self, config: Config) -> None:
+        self._resolv_watch.seen_now()
+        keys = dns_resolver_keys(config.dns_resolvers)
+        self.datapath.set_dns_resolvers(keys)
+        if self._dns_resolvers_logged != [bytes(k.addr) for k in keys]:
+            self._dns_resolvers_logged = [bytes(k.addr) for k in keys]
+            log.info("dns: %s: port 53 is open to %d resolvers (%s and dns_resolvers)", config.dns, len(keys),
+                     RESOLV_CONF)
 
     def _reload_config(self) -> None:
         try:
@@ -520,6 +532,9 @@ class Agent:
                 if datetime.now(timezone.utc) < self._installed_wall - timedelta(seconds=1):
                     log.warning("the clock stepped back: recompiling lifecycle rules for the time it says now")
                     self._next_transition = datetime.now(timezone.utc)
+                if self._resolv_watch.changed() and self.config is not None:
+                    log.info("%s changed: re-reading its nameservers", RESOLV_CONF)
+                    self._set_dns_resolvers(self.config)
                 if self.config_watch is not None and self.config_watch.changed():
                     log.info("config file %s changed: reloading", self.opts.config_path)
                     self._reload = True

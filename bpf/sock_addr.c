@@ -3,7 +3,7 @@
  * connect / sendmsg: judge (source identity, identity of the socket the dial reaches — the unspecified address is
  *   this host —, port, proto) against the allow-list; a deny returns 0
  *   (the caller gets EPERM); an allowed or audited connection may be rewritten to a redirect backend.
- *   reads:  runtime_config, process_identity, cgroup_identity, local_endpoint_identity, local_address,
+ *   reads:  runtime_config, process_identity, cgroup_identity, local_endpoint_identity, local_address, dns_resolver,
  *           endpoint_identity, identity_info, policy_verdict, redirect_service, redirect_backend
  *   writes: dialed_address and flow_state (sk storage), udp_reverse_nat, udp_flows, verdict_counters, decision_counts,
  *           capture_connect (a TCP connect toward an identity with LLM capture on: lib/capture.h; not for a connect
@@ -89,7 +89,7 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 	delivery_address(ctx, t, delivered);
 	__u32 dst = destination_identity(gen, delivered, t->port, proto);
 	struct decision d = {};
-	decide(&d, cfg, src, dst, t->port, proto);
+	decide(&d, cfg, src, dst, delivered, t->port, proto);
 
 	struct dialed dialed = {};
 	__builtin_memcpy(dialed.addr, t->addr, 16);

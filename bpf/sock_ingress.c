@@ -1,7 +1,7 @@
 /* cgroup_skb ingress: a packet from a remote source to a local server is judged on (remote identity, server
  * identity). Only new TCP connections (SYN without ACK) and UDP datagrams are judged; local sources were already
  * judged at connect time. Returning 0 drops the packet.
- *   reads:  runtime_config, local_address, local_endpoint_identity, endpoint_identity, cgroup_identity,
+ *   reads:  runtime_config, local_address, dns_resolver, local_endpoint_identity, endpoint_identity, cgroup_identity,
  *           identity_info, policy_verdict
  *   Also counts received UDP bytes into udp_flows (the client socket's entry for this remote address).
  *   writes: verdict_counters, decision_counts, decision_events, udp_flows
@@ -94,7 +94,7 @@ int aimesh_ingress(struct __sk_buff *skb)
 		src = ID_WORLD;
 
 	struct decision d = {};
-	decide(&d, cfg, src, dst, t.dport, t.proto);
+	decide(&d, cfg, src, dst, t.daddr, t.dport, t.proto);
 	if (d.reason == REASON_SUNSET)
 		d.verdict = deny_or_audit(identity_flags(dst, gen) & ID_F_ENFORCE);
 	counter_add(COUNTER_DECISION(HOOK_INGRESS, d.verdict));

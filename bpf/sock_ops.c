@@ -7,7 +7,8 @@
  *                       a local client, endpoint_identity for a remote one), judged like a connect.
  *   RTT                 interim record when the connection has not reported for runtime_config.interim_ns.
  *   STATE -> CLOSE      one flow_event per connection side.
- *   reads:  runtime_config, local_endpoint_identity, local_address, endpoint_identity, identity_info, policy_verdict
+ *   reads:  runtime_config, local_endpoint_identity, local_address, dns_resolver, endpoint_identity, identity_info,
+ *           policy_verdict
  *   Fast path: an allowed connection whose peer is on this host joins fastpath_sockets (lib/fastpath.h); its
  *   record adds what sk_msg carried.
  *   writes: flow_state (sk storage), local_peer, gateway_origin, gateway_pending (delete), fastpath_sockets, fastpath_state, flow_events, verdict_counters
@@ -55,7 +56,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, __u8 side
 				src = ID_WORLD;
 		}
 		struct decision d = {};
-		decide(&d, cfg, src, dst, skops->local_port, IPPROTO_TCP);
+		decide(&d, cfg, src, dst, local, skops->local_port, IPPROTO_TCP);
 		fo->src_id = src;
 		fo->dst_id = dst;
 		fo->actual_dst_id = dst;

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -27,6 +28,42 @@ def local_address_keys() -> list[abi.LocalEndpointKey]:
             k.addr[:] = raw
             keys.append(k)
     return keys
+
+
+RESOLV_CONF = Path("/etc/resolv.conf")
+DNS_RESOLVER_CAPACITY = 64   # the kernel's dns_resolver map (bpf/include/maps.h, agent/kernel/registry.py)
+
+
+def resolv_conf_nameservers(text: str) -> list[str]:
+    """The `nameserver` addresses of a resolv.conf text, in order (a zone id dropped; anything not an IP skipped)."""
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                out.append(str(ipaddress.ip_address(parts[1].split("%")[0])))
+            except ValueError:
+                continue
+    return out
+
+
+def dns_resolver_keys(configured: list[str], resolv_conf: Path = RESOLV_CONF) -> list[abi.LocalEndpointKey]:
+    """The resolvers port 53 may reach under `dns: allow`: resolv.conf's nameservers (none when it cannot be read)
+    and the configured ones, each once, at most the map's capacity."""
+    try:
+        found = resolv_conf_nameservers(resolv_conf.read_text())
+    except OSError:
+        found = []
+    keys, seen = [], set()
+    for a in found + list(configured):
+        raw = addr16(ipaddress.ip_address(a))
+        if raw in seen:
+            continue
+        seen.add(raw)
+        k = abi.LocalEndpointKey()
+        k.addr[:] = raw
+        keys.append(k)
+    return keys[:DNS_RESOLVER_CAPACITY]
 
 
 @dataclass(frozen=True)

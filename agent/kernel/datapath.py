@@ -341,7 +341,13 @@ class Datapath:
         self.maps["local_endpoint_identity"].update(key, ct.c_uint32(identity))
 
     def set_local_addresses(self, keys: list[abi.LocalEndpointKey]) -> None:
-        m = self.maps["local_address"]
+        self._set_address_set("local_address", keys)
+
+    def set_dns_resolvers(self, keys: list[abi.LocalEndpointKey]) -> None:
+        self._set_address_set("dns_resolver", keys)
+
+    def _set_address_set(self, name: str, keys: list[abi.LocalEndpointKey]) -> None:
+        m = self.maps[name]
         wanted = {bytes(k) for k in keys}
         m.delete_many([k for k in list(m.keys()) if bytes(k) not in wanted])
         m.update_many([(k, ct.c_uint8(1)) for k in keys])

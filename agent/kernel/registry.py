@@ -66,6 +66,7 @@ MAPS: tuple[MapSpec, ...] = (
             BPF_F_NO_PREALLOC, gen_keyed=True),
     MapSpec("local_endpoint_identity", HASH, abi.LocalEndpointKey, ct.c_uint32, lambda lim: lim.max_local_endpoints),
     MapSpec("local_address", HASH, abi.LocalEndpointKey, ct.c_uint8, lambda lim: 1024),
+    MapSpec("dns_resolver", HASH, abi.LocalEndpointKey, ct.c_uint8, lambda lim: 64),
     MapSpec("identity_info", HASH, abi.IdentityKey, abi.IdentityInfo, lambda lim: lim.max_identities, gen_keyed=True),
     MapSpec("policy_verdict", HASH, abi.PolicyKey, abi.PolicyValue, lambda lim: lim.max_policies, gen_keyed=True),
     MapSpec("redirect_service", HASH, abi.RedirectKey, abi.RedirectValue, lambda lim: lim.max_redirects,

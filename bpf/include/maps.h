@@ -38,6 +38,7 @@ AIMESH_MAP("hash", __u32, __u32, process_identity, MAX_PROCESSES);              
 AIMESH_MAP_F("lpm_trie", struct endpoint_key, __u32, endpoint_identity, MAX_ENDPOINTS, BPF_F_NO_PREALLOC); /* (gen, port, prefix) -> identity */
 AIMESH_MAP("hash", struct local_endpoint_key, __u32, local_endpoint_identity, MAX_LOCAL_ENDPOINTS); /* bound (addr, port, proto) -> identity */
 AIMESH_MAP("hash", struct local_endpoint_key, __u8, local_address, 1024);                      /* this host's addresses (port 0) -> 1 */
+AIMESH_MAP("hash", struct local_endpoint_key, __u8, dns_resolver, 64);                          /* a resolver's address (port 0) -> 1 */
 AIMESH_MAP("hash", struct identity_key, struct identity_info, identity_info, MAX_IDENTITIES);  /* (id, gen) -> governed/mode/lifecycle */
 AIMESH_MAP("hash", struct policy_key, struct policy_value, policy_verdict, MAX_POLICIES);      /* (src, dst, port, proto, gen) -> allow */
 AIMESH_MAP("hash", struct redirect_key, struct redirect_value, redirect_service, MAX_REDIRECTS); /* (src, dst, gen) -> backend set */

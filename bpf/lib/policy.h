@@ -45,8 +45,19 @@ static __always_inline __u8 deny_or_audit(int enforce)
 	return enforce ? VERDICT_DENIED : VERDICT_AUDIT;
 }
 
+/* Port 53 to a resolver the agent listed (resolv.conf and dns_resolvers); port 53 anywhere else is judged. */
+static __always_inline int is_dns_to_resolver(const struct runtime_config *cfg, const __u8 *server, __u16 port)
+{
+	if (port != 53 || !(cfg->flags & CFG_F_DNS_ALLOW))
+		return 0;
+	struct local_endpoint_key k = {};
+	__builtin_memcpy(k.addr, server, 16);
+	return dns_resolver.lookup(&k) != NULL;
+}
+
+/* server: the address of the serving end (the one the connection is delivered to). */
 static __always_inline void decide(struct decision *d, const struct runtime_config *cfg, __u32 src, __u32 dst,
-				   __u16 port, __u8 proto)
+				   const __u8 *server, __u16 port, __u8 proto)
 {
 	__u8 gen = cfg->active_gen;
 	__u32 sf = identity_flags_cfg(src, gen, cfg->flags);
@@ -59,7 +70,7 @@ static __always_inline void decide(struct decision *d, const struct runtime_conf
 
 	if (src == dst && src >= ID_FIRST_USER) {
 		d->reason = REASON_SAME_IDENTITY;
-	} else if (port == 53 && (cfg->flags & CFG_F_DNS_ALLOW)) {
+	} else if (is_dns_to_resolver(cfg, server, port)) {
 		d->reason = REASON_DNS;
 	} else if (!(sf & ID_F_GOVERNED) && !(df & ID_F_GOVERNED)) {
 		d->reason = REASON_NOT_GOVERNED;

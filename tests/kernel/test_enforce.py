@@ -156,10 +156,10 @@ def test_tcp_policy_does_not_open_udp(cgroups, agents):
 
 
 def test_dns_allowed_unless_denied(cgroups, agents):
-    """Port 53 to a governed destination: allowed by default, denied with dns: deny (no real DNS traffic needed:
+    """Port 53 to a governed resolver: allowed by default, denied with dns: deny (no real DNS traffic needed:
     the verdict is taken at sendmsg time, before anything leaves the host; the target is loopback)."""
     chat = cgroups.child("chat")
-    cfg = base_config(cgroups, 18000)
+    cfg = base_config(cgroups, 18000, dns_resolvers=["127.0.0.53"])
     cfg["identities"].append({"name": "resolver", "kind": "external", "endpoints": ["127.0.0.53/32:53"]})
     agent = agents(cfg)
     res = run_client(chat, 53, host="127.0.0.53", udp=True, timeout=0.3)

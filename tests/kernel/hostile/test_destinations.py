@@ -2,7 +2,8 @@
 
 Policy: A may reach the model S, B (a service with an identity) may not, U (a cgroup no selector matches) may not.
 S serves TCP and UDP on 127.0.0.1 and ::1. Each class dials S by another name the kernel routes to the same socket;
-the verdict and the record must be the ones for S."""
+the verdict and the record must be the ones for S. `dns: allow` opens port 53 to the resolvers only: S serving on
+port 53 is judged by policy."""
 from __future__ import annotations
 
 import socket
@@ -11,6 +12,9 @@ import time
 import pytest
 
 from tests.kernel.harness import CgroupTree, free_port, run_client, start_agent, start_server
+
+RESOLVER = "127.0.0.53"      # a resolver the config lists, served from outside the governed tree
+DNS_SERVER = "127.0.0.153"   # S also serves port 53 here: not a resolver
 
 
 @pytest.fixture(scope="module")
@@ -23,18 +27,25 @@ def mesh(tmp_path_factory):
         ports = {(host, udp): free_port(socket.SOCK_DGRAM if udp else socket.SOCK_STREAM,
                                         socket.AF_INET6 if ":" in host else socket.AF_INET)
                  for host in ("127.0.0.1", "::1") for udp in (False, True)}
+        ports[(DNS_SERVER, False)] = ports[(DNS_SERVER, True)] = 53
         cfg = {
             "mode": "enforce",
+            "dns": "allow",
+            "dns_resolvers": [RESOLVER],
             "identities": [
                 {"name": "a", "kind": "service", "select": {"cgroups": [tree.rel(a)]}},
                 {"name": "b", "kind": "service", "select": {"cgroups": [tree.rel(b)]}},
                 {"name": "s", "kind": "model", "select": {"cgroups": [tree.rel(s)]}},
+                # governed, no policy: only the DNS rule lets anyone reach it
+                {"name": "resolver", "kind": "external", "endpoints": [f"{RESOLVER}/32:53"]},
             ],
             "policies": [{"from": "a", "to": "s", "ports": sorted(set(ports.values()))}],
         }
         agent = start_agent(tmp_path_factory.mktemp("dst"), tree.root, cfg)
         for (host, udp), port in ports.items():
             servers.append(start_server(s, port, name="s", host=host, udp=udp, timeout=600))
+        for udp in (False, True):
+            servers.append(start_server(None, 53, name="resolver", host=RESOLVER, udp=udp, timeout=600))
         yield {"agent": agent, "ports": ports, "a": a, "b": b, "u": u}
     finally:
         for p in servers:
@@ -84,3 +95,17 @@ def check_class(mesh, dial: str, server_host: str, udp: bool, recorded: str, fam
 def test_unspecified_address_is_this_host(mesh, dial, server_host, udp, recorded, family):
     """connect()/sendto() to 0.0.0.0, :: or ::ffff:0.0.0.0 reaches S's loopback socket: judged as S."""
     check_class(mesh, dial, server_host, udp, recorded, family)
+
+
+@pytest.mark.parametrize("udp", [False, True], ids=["tcp", "udp"])
+def test_dns_allow_opens_port_53_to_resolvers_only(mesh, udp):
+    """Port 53 to a listed resolver is allowed (reason dns) for B and U; port 53 to S (not a resolver) is judged by
+    policy like any other port."""
+    since = len(mesh["agent"].flows())
+    for who in ("b", "u"):
+        res = run_client(mesh[who], 53, host=RESOLVER, udp=udp, timeout=2.0)
+        assert res["ok"] == 1 and res["answers"] == {"resolver": 1}, res
+    recs = records_for(mesh["agent"], since, 53, RESOLVER, 2)
+    assert sorted((r["source"]["name"], r["destination"]["name"], r["verdict"], r["reason"]) for r in recs) == \
+        [("b", "resolver", "allowed", "dns"), ("unmanaged", "resolver", "allowed", "dns")], recs
+    check_class(mesh, DNS_SERVER, DNS_SERVER, udp, DNS_SERVER, "ipv4")
