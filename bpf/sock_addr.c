@@ -4,6 +4,7 @@
  *   this host —, port, proto) against the allow-list; a deny returns 0
  *   (the caller gets EPERM); an allowed or audited connection may be rewritten to a redirect backend.
  *   reads:  runtime_config, process_identity, cgroup_identity, local_endpoint_identity, local_address, dns_resolver,
+ *           udp_reply,
  *           endpoint_identity, identity_info, policy_verdict, redirect_service, redirect_backend
  *   writes: dialed_address and flow_state (sk storage), udp_reverse_nat, udp_flows, verdict_counters, decision_counts,
  *           capture_connect (a TCP connect toward an identity with LLM capture on: lib/capture.h; not for a connect
@@ -25,22 +26,17 @@ struct sock_target {
 	__u8  rewritten;
 };
 
-/* UDP from a socket bound to a port its identity serves (post_bind recorded it) answers a client that was judged
- * on its way in; judging the reply as a new flow would deny every governed UDP server's answers. */
-static __always_inline int is_server_reply(struct bpf_sock_addr *ctx, __u32 src, __u8 proto)
+/* UDP a socket sends to a peer that wrote to this very socket first, and was let in (cgroup_skb ingress put it in
+ * udp_reply: a remote peer judged allowed or audited there, a local one judged at its own sendmsg/connect), answers
+ * that peer; judging the reply as a new flow would deny every governed UDP server's answers. Which port the socket
+ * bound says nothing: any workload can bind one. Covers sendmsg and a connect back to that peer. */
+static __always_inline int is_udp_reply(struct bpf_sock_addr *ctx, __u8 proto, const struct sock_target *t)
 {
-	struct bpf_sock *sk = ctx->sk;
-	if (!sk || src == ID_UNMANAGED)
+	if (proto != IPPROTO_UDP)
 		return 0;
-	__u8 local[16];
-	if (ctx->family == 2 /* AF_INET */)
-		ADDR_LOAD_V4(local, sk->src_ip4);
-	else
-		ADDR_LOAD_V6(local, sk->src_ip6);
-	__u16 port = sk->src_port;
-	if (!port)
-		return 0;
-	return local_endpoint_lookup(local, port, proto, 1) == src;
+	struct socket_peer_key k = { .cookie = bpf_get_socket_cookie(ctx), .port = t->port };
+	__builtin_memcpy(k.addr, t->addr, 16);
+	return udp_reply.lookup(&k) != 0;
 }
 
 /* The address the kernel will deliver a dial of t to, into out: the unspecified address means this host. A dial of
@@ -80,7 +76,7 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 
 	__u32 src = current_identity();
-	if (hook == HOOK_SENDMSG && is_server_reply(ctx, src, proto)) {
+	if (is_udp_reply(ctx, proto, t)) {
 		counter_add(COUNTER_DECISION(hook, VERDICT_ALLOWED));
 		return 1;
 	}

@@ -3,8 +3,10 @@
  * judged at connect time. Returning 0 drops the packet.
  *   reads:  runtime_config, local_address, dns_resolver, local_endpoint_identity, endpoint_identity, cgroup_identity,
  *           identity_info, policy_verdict
- *   Also counts received UDP bytes into udp_flows (the client socket's entry for this remote address).
- *   writes: verdict_counters, decision_counts, decision_events, udp_flows
+ *   Also counts received UDP bytes into udp_flows (the client socket's entry for this remote address), and
+ *   records in udp_reply that this remote or local address:port wrote to the receiving socket and was let in (a
+ *   local sender was judged at its sendmsg/connect), which makes the socket's datagrams back to it replies.
+ *   writes: verdict_counters, decision_counts, decision_events, udp_flows, udp_reply
  */
 #include "programs.h"
 
@@ -67,6 +69,19 @@ static __always_inline int parse(struct __sk_buff *skb, struct ingress_tuple *t)
 	return 0;
 }
 
+/* The receiving socket (cgroup_skb runs with skb->sk set to it) may answer this peer: see is_udp_reply. */
+static __always_inline void udp_reply_allow(struct __sk_buff *skb, const struct ingress_tuple *t, __u32 peer_id)
+{
+	struct socket_peer_key k = { .cookie = bpf_get_socket_cookie(skb), .port = t->sport };
+	if (!k.cookie)
+		return;
+	__builtin_memcpy(k.addr, t->saddr, 16);
+	__u32 *id = udp_reply.lookup(&k);
+	if (id && *id == peer_id)
+		return;
+	udp_reply.update(&k, &peer_id);   /* LRU: a full map evicts the oldest reply path, never a verdict */
+}
+
 int aimesh_ingress(struct __sk_buff *skb)
 {
 	if (skb_surely_uninteresting(skb, 1))
@@ -79,8 +94,11 @@ int aimesh_ingress(struct __sk_buff *skb)
 		return 1;
 	if (t.proto == IPPROTO_UDP)
 		udp_account(skb, t.saddr, t.sport, skb->len - t.l4 - sizeof(struct udphdr), 0);
-	if (addr_is_local(t.saddr))
+	if (addr_is_local(t.saddr)) {
+		if (t.proto == IPPROTO_UDP)
+			udp_reply_allow(skb, &t, ID_NONE);   /* judged at the sender's sendmsg/connect */
 		return 1;
+	}
 
 	__u8 gen = cfg->active_gen;
 	__u64 cg = bpf_skb_cgroup_id(skb);
@@ -127,5 +145,7 @@ int aimesh_ingress(struct __sk_buff *skb)
 			decision_events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
 		}
 	}
+	if (t.proto == IPPROTO_UDP && d.verdict != VERDICT_DENIED)
+		udp_reply_allow(skb, &t, src);
 	return d.verdict != VERDICT_DENIED;
 }

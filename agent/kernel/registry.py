@@ -76,6 +76,7 @@ MAPS: tuple[MapSpec, ...] = (
     MapSpec("udp_reverse_nat", LRU_HASH, abi.SocketPeerKey, abi.Dialed, lambda lim: lim.max_reverse_nat,
             owner="kernel"),
     MapSpec("udp_flows", HASH, abi.SocketPeerKey, abi.UdpFlow, lambda lim: lim.max_udp_flows, owner="kernel"),
+    MapSpec("udp_reply", LRU_HASH, abi.SocketPeerKey, ct.c_uint32, lambda lim: abi.MAX_UDP_REPLIES, owner="kernel"),
     MapSpec("flow_state", SK_STORAGE, ct.c_int, abi.FlowOrigin, lambda lim: 0, BPF_F_NO_PREALLOC, owner="kernel"),
     MapSpec("local_peer", LRU_HASH, abi.LocalEndpointKey, abi.PeerOrigin, lambda lim: lim.max_local_peers,
             owner="kernel"),

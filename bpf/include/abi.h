@@ -75,6 +75,7 @@
 #define CAPTURE_IOVECS 8            /* mirror: abi.py CAPTURE_IOVECS. writev/readv/sendmsg/recvmsg: iovecs looked at */
 #define BACKENDS_PER_SERVICE 16    /* mirror: abi.py BACKENDS_PER_SERVICE. weighted split: at most this many backends per redirect */
 #define MAX_GATEWAY_ORIGINS 65536  /* mirror: abi.py MAX_GATEWAY_ORIGINS. gateway_pending and gateway_origin entries (LRU) */
+#define MAX_UDP_REPLIES 65536      /* mirror: abi.py MAX_UDP_REPLIES. udp_reply entries (LRU) */
 
 /* Reserved identities (mirror: abi.py ID_*). User identities start at ID_FIRST_USER. */
 #define ID_NONE       0
@@ -286,7 +287,7 @@ struct dialed {
 	__u32 pad;
 };
 
-/* (socket, remote address): udp_reverse_nat, udp_flows. */
+/* (socket, remote address): udp_reverse_nat, udp_flows, udp_reply. */
 struct socket_peer_key {
 	__u64 cookie;
 	__u8  addr[16];        /* backend address */
