@@ -1,0 +1,105 @@
+"""Issue 15: a process identity (identities[].select.processes) cannot be shed or borrowed by making processes.
+
+Policy: alpha (a process selector) and the cgroup chat may reach llama; beta (a process selector) may not; the cgroup
+rogue is unmanaged. One agent serves the module; each case is one forker.py run (tests/kernel/hostile/forker.py).
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.kernel.harness import CgroupTree, _enter_cgroup, free_port, start_agent, start_server
+
+FORKER = Path(__file__).resolve().parent / "forker.py"
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    tree = CgroupTree()
+    agent = srv = None
+    try:
+        port = free_port()
+        rogue, chat, llama = (tree.child(n) for n in ("rogue", "chat", "llama"))
+        cfg = {
+            "mode": "enforce",
+            "identities": [
+                {"name": "alpha", "kind": "service", "select": {"processes": [{"cmdline": "*forker.py --role alpha *"}]}},
+                {"name": "beta", "kind": "service", "select": {"processes": [{"cmdline": "*forker.py --role beta *"}]}},
+                {"name": "chat", "kind": "service", "select": {"cgroups": [tree.rel(chat)]}},
+                {"name": "llama", "kind": "model", "select": {"cgroups": [tree.rel(llama)]}},
+            ],
+            "policies": [{"from": "alpha", "to": "llama", "ports": [port]},
+                         {"from": "chat", "to": "llama", "ports": [port]}],
+        }
+        agent = start_agent(tmp_path_factory.mktemp("procid"), tree.root, cfg)
+        srv = start_server(llama, port, name="llama", timeout=300)
+        yield {"tree": tree, "agent": agent, "port": port, "rogue": rogue, "chat": chat}
+    finally:
+        if srv is not None:
+            srv.popen.kill()
+            srv.popen.wait()
+        if agent is not None:
+            agent.stop()
+        tree.cleanup()
+
+
+def forker(mesh, cgroup: Path, role: str, mode: str) -> dict[str, dict]:
+    """Run forker.py in `cgroup`; its connect results by who made them (parent, child, thread, plain)."""
+    p = subprocess.run([sys.executable, str(FORKER), "--role", role, "--port", str(mesh["port"]), "--mode", mode],
+                       capture_output=True, text=True, timeout=60, preexec_fn=_enter_cgroup(cgroup))
+    out = {r["who"]: r for r in (json.loads(x) for x in p.stdout.splitlines() if x.startswith("{"))}
+    assert out, f"forker printed nothing: {p.stderr}"
+    return out
+
+
+def kernel_process_identity(mesh, pid: int):
+    """process_identity[pid] as the kernel holds it (None: no entry)."""
+    from agent.identity.cgroups import cgroup_id
+    from agent.kernel import bpfsys
+    from agent.kernel.pins import DatapathDir
+    [path] = DatapathDir.for_root(cgroup_id(mesh["tree"].root)).maps.glob("process_identity-*")
+    fd = bpfsys.obj_get(str(path))
+    try:
+        v = ct.c_uint32()
+        return v.value if bpfsys.map_lookup(fd, ct.c_uint32(pid), v) else None
+    finally:
+        import os
+        os.close(fd)
+
+
+def test_a_forked_child_keeps_an_allowing_process_identity(mesh):
+    """Old code: the child fell back to its cgroup (rogue, unmanaged) and was denied what its parent may do."""
+    r = forker(mesh, mesh["rogue"], "alpha", "fork")
+    assert r["parent"]["ok"], r
+    assert r["child"]["ok"], r
+    assert kernel_process_identity(mesh, r["child"]["pid"]) is None   # gone with the child
+
+
+def test_a_forked_child_keeps_a_denying_process_identity(mesh):
+    """Old code: the child of beta fell back to its cgroup (chat) and reached llama, which beta may not."""
+    r = forker(mesh, mesh["chat"], "beta", "fork")
+    assert r["parent"]["error"] == "EPERM", r
+    assert r["child"]["error"] == "EPERM", r
+    assert kernel_process_identity(mesh, r["child"]["pid"]) is None
+    assert kernel_process_identity(mesh, r["parent"]["pid"]) is None
+
+
+def test_exec_of_something_else_drops_the_inherited_identity_at_once(mesh):
+    """The child of alpha execs a program no selector matches: it is its cgroup's again (rogue, denied) from its
+    first connect, with no window where it still passes for alpha."""
+    r = forker(mesh, mesh["rogue"], "alpha", "fork-exec")
+    assert r["parent"]["ok"], r
+    assert r["plain"]["error"] == "EPERM", r
+
+
+def test_a_thread_keeps_the_identity_after_the_main_thread_ends(mesh):
+    """Old code: the main thread's exit deleted process_identity[tgid] though the process ran on, so beta's worker
+    thread became chat and reached llama. Now the entry goes with the last thread (group_dead)."""
+    r = forker(mesh, mesh["chat"], "beta", "thread")
+    assert r["thread"]["error"] == "EPERM", r
+    assert kernel_process_identity(mesh, r["thread"]["pid"]) is None
