@@ -16,9 +16,13 @@ def cgroup_match(path: str, identities: Sequence[Identity]) -> Optional[str]:
     return None
 
 
-def process_match(exe: str, cmdline: str, identities: Sequence[Identity]) -> Optional[str]:
+def process_match(exe: str, cmdline: str, identities: Sequence[Identity],
+                  uids: Optional[tuple[int, int]] = None) -> Optional[str]:
+    """uids: the process's (real, effective) uid; a selector with uids: matches only when both are listed."""
     for ident in identities:
         for sel in ident.select.processes:
+            if sel.uids is not None and (uids is None or not all(u in sel.uids for u in uids)):
+                continue
             if sel.exe is not None and not fnmatchcase(exe, sel.exe):
                 continue
             if sel.cmdline is not None and not fnmatchcase(cmdline, sel.cmdline):

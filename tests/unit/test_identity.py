@@ -21,8 +21,8 @@ def test_cgroup2_mount_detection():
 
 CFG = parse_config("""
 identities:
-  - {name: chat, kind: service, select: {cgroups: ["/demo/chat*"], processes: [{cmdline: "*chat_app*"}]}}
-  - {name: llama, kind: model, select: {cgroups: ["/demo/*"], processes: [{exe: "*/llama-server", cmdline: "*--v3*"}]}}
+  - {name: chat, kind: service, select: {cgroups: ["/demo/chat*"], processes: [{cmdline: "*chat_app*", uids: [1000]}]}}
+  - {name: llama, kind: model, select: {cgroups: ["/demo/*"], processes: [{exe: "*/llama-server", cmdline: "*--v3*", allow_any_user: true}]}}
 """)
 
 
@@ -34,7 +34,10 @@ def test_cgroup_globs_first_match_wins():
 
 
 def test_process_selectors_need_every_given_field():
-    assert process_match("/usr/bin/python3", "python3 chat_app.py", CFG.identities) == "chat"
+    assert process_match("/usr/bin/python3", "python3 chat_app.py", CFG.identities, (1000, 1000)) == "chat"
+    assert process_match("/usr/bin/python3", "python3 chat_app.py", CFG.identities, (65534, 65534)) is None
+    assert process_match("/usr/bin/python3", "python3 chat_app.py", CFG.identities, (65534, 1000)) is None
+    assert process_match("/usr/bin/python3", "python3 chat_app.py", CFG.identities) is None   # uids unknown
     assert process_match("/opt/llama-server", "llama-server --v3", CFG.identities) == "llama"
     assert process_match("/opt/llama-server", "llama-server --v2", CFG.identities) is None
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import ctypes as ct
 import json
+import os
+import shutil
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +31,8 @@ def mesh(tmp_path_factory):
         cfg = {
             "mode": "enforce",
             "identities": [
-                {"name": "alpha", "kind": "service", "select": {"processes": [{"cmdline": "*forker.py --role alpha *"}]}},
-                {"name": "beta", "kind": "service", "select": {"processes": [{"cmdline": "*forker.py --role beta *"}]}},
+                {"name": "alpha", "kind": "service", "select": {"processes": [{"cmdline": "*forker.py --role alpha *", "uids": [0]}]}},
+                {"name": "beta", "kind": "service", "select": {"processes": [{"cmdline": "*forker.py --role beta *", "uids": [0]}]}},
                 {"name": "chat", "kind": "service", "select": {"cgroups": [tree.rel(chat)]}},
                 {"name": "llama", "kind": "model", "select": {"cgroups": [tree.rel(llama)]}},
             ],
@@ -48,10 +51,19 @@ def mesh(tmp_path_factory):
         tree.cleanup()
 
 
-def forker(mesh, cgroup: Path, role: str, mode: str) -> dict[str, dict]:
-    """Run forker.py in `cgroup`; its connect results by who made them (parent, child, thread, plain)."""
-    p = subprocess.run([sys.executable, str(FORKER), "--role", role, "--port", str(mesh["port"]), "--mode", mode],
-                       capture_output=True, text=True, timeout=60, preexec_fn=_enter_cgroup(cgroup))
+def forker(mesh, cgroup: Path, role: str, mode: str, tries: int = 1, script: Path = FORKER,
+           uid: int = 0) -> dict[str, dict]:
+    """Run forker.py in `cgroup` as `uid`; its connect results by who made them (parent, child, thread, plain, role)."""
+    enter = _enter_cgroup(cgroup)
+
+    def pre() -> None:
+        enter()
+        if uid:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+    p = subprocess.run([sys.executable, str(script), "--role", role, "--port", str(mesh["port"]), "--mode", mode,
+                        "--tries", str(tries)], capture_output=True, text=True, timeout=60, preexec_fn=pre)
     out = {r["who"]: r for r in (json.loads(x) for x in p.stdout.splitlines() if x.startswith("{"))}
     assert out, f"forker printed nothing: {p.stderr}"
     return out
@@ -68,13 +80,12 @@ def kernel_process_identity(mesh, pid: int):
         v = ct.c_uint32()
         return v.value if bpfsys.map_lookup(fd, ct.c_uint32(pid), v) else None
     finally:
-        import os
         os.close(fd)
 
 
 def test_a_forked_child_keeps_an_allowing_process_identity(mesh):
     """Old code: the child fell back to its cgroup (rogue, unmanaged) and was denied what its parent may do."""
-    r = forker(mesh, mesh["rogue"], "alpha", "fork")
+    r = forker(mesh, mesh["rogue"], "alpha", "fork", tries=50)
     assert r["parent"]["ok"], r
     assert r["child"]["ok"], r
     assert kernel_process_identity(mesh, r["child"]["pid"]) is None   # gone with the child
@@ -92,7 +103,7 @@ def test_a_forked_child_keeps_a_denying_process_identity(mesh):
 def test_exec_of_something_else_drops_the_inherited_identity_at_once(mesh):
     """The child of alpha execs a program no selector matches: it is its cgroup's again (rogue, denied) from its
     first connect, with no window where it still passes for alpha."""
-    r = forker(mesh, mesh["rogue"], "alpha", "fork-exec")
+    r = forker(mesh, mesh["rogue"], "alpha", "fork-exec", tries=50)
     assert r["parent"]["ok"], r
     assert r["plain"]["error"] == "EPERM", r
 
@@ -103,3 +114,21 @@ def test_a_thread_keeps_the_identity_after_the_main_thread_ends(mesh):
     r = forker(mesh, mesh["chat"], "beta", "thread")
     assert r["thread"]["error"] == "EPERM", r
     assert kernel_process_identity(mesh, r["thread"]["pid"]) is None
+
+
+def test_argv_spoofing_by_another_user_gets_no_identity(mesh):
+    """alpha selects `*forker.py --role alpha *` with uids: [0]. Old code (no uids:): nobody (65534) in the unmanaged
+    cgroup wrote that command line and became alpha (allowed). Now it stays unmanaged: denied on every one of 30
+    tries over 3 s, where root's alpha process in the same cgroup is allowed (the first test) within them."""
+    d = Path(tempfile.mkdtemp(prefix="aimesh-forker-"))
+    try:
+        d.chmod(0o755)
+        script = d / "forker.py"
+        shutil.copy(FORKER, script)
+        script.chmod(0o644)
+        r = forker(mesh, mesh["rogue"], "alpha", "connect", tries=30, script=script, uid=65534)
+        assert r["alpha"]["error"] == "EPERM", r
+        r = forker(mesh, mesh["rogue"], "alpha", "connect", tries=50, script=script)   # the same, as root
+        assert r["alpha"]["ok"], r
+    finally:
+        shutil.rmtree(d)
