@@ -42,6 +42,26 @@ def test_process_selectors_need_every_given_field():
     assert process_match("/opt/llama-server", "llama-server --v2", CFG.identities) is None
 
 
+def test_a_literal_exe_matches_the_file_by_inode(tmp_path):
+    """issue 15: exe without a glob is the file it names (dev, ino): a symlink to it is the same file, a copy is not,
+    and a file replaced at the path is matched as the new file (re-resolved at every match)."""
+    import os
+    import shutil
+    from agent.identity.selectors import file_id
+    allowed, copy, link = tmp_path / "allowed", tmp_path / "copy", tmp_path / "link"
+    shutil.copy("/usr/bin/true", allowed)
+    shutil.copy("/usr/bin/true", copy)
+    link.symlink_to(allowed)
+    cfg = parse_config(f"identities: [{{name: a, kind: model, select: {{processes: [{{exe: '{allowed}'}}]}}}}]")
+    assert process_match(str(allowed), "x", cfg.identities, (0, 0), file_id(str(allowed))) == "a"
+    assert process_match(str(allowed), "x", cfg.identities, (0, 0), file_id(str(link))) == "a"
+    assert process_match(str(allowed), "x", cfg.identities, (0, 0), file_id(str(copy))) is None   # same path shown
+    old = file_id(str(allowed))
+    os.replace(copy, allowed)
+    assert process_match(str(allowed), "x", cfg.identities, (0, 0), old) is None
+    assert process_match(str(allowed), "x", cfg.identities, (0, 0), file_id(str(allowed))) == "a"
+
+
 def test_source_assembly_inlines_our_headers_once():
     text = assemble()
     assert text.count("#define AIMESH_ABI_H") == 1

@@ -25,7 +25,13 @@ FORKER = Path(__file__).resolve().parent / "forker.py"
 def mesh(tmp_path_factory):
     tree = CgroupTree()
     agent = srv = None
+    bindir = Path(tempfile.mkdtemp(prefix="aimesh-exe-"))
     try:
+        bindir.chmod(0o755)
+        allowed, copy, link = bindir / "py-allowed", bindir / "py-copy", bindir / "py-link"
+        shutil.copy(os.path.realpath(sys.executable), allowed)
+        shutil.copy(os.path.realpath(sys.executable), copy)
+        link.symlink_to(allowed)
         port = free_port()
         rogue, chat, llama = (tree.child(n) for n in ("rogue", "chat", "llama"))
         cfg = {
@@ -33,15 +39,18 @@ def mesh(tmp_path_factory):
             "identities": [
                 {"name": "alpha", "kind": "service", "select": {"processes": [{"cmdline": "*forker.py --role alpha *", "uids": [0]}]}},
                 {"name": "beta", "kind": "service", "select": {"processes": [{"cmdline": "*forker.py --role beta *", "uids": [0]}]}},
+                {"name": "delta", "kind": "service", "select": {"processes": [{"exe": str(allowed), "uids": [0]}]}},
                 {"name": "chat", "kind": "service", "select": {"cgroups": [tree.rel(chat)]}},
                 {"name": "llama", "kind": "model", "select": {"cgroups": [tree.rel(llama)]}},
             ],
             "policies": [{"from": "alpha", "to": "llama", "ports": [port]},
+                         {"from": "delta", "to": "llama", "ports": [port]},
                          {"from": "chat", "to": "llama", "ports": [port]}],
         }
         agent = start_agent(tmp_path_factory.mktemp("procid"), tree.root, cfg)
         srv = start_server(llama, port, name="llama", timeout=300)
-        yield {"tree": tree, "agent": agent, "port": port, "rogue": rogue, "chat": chat}
+        yield {"tree": tree, "agent": agent, "port": port, "rogue": rogue, "chat": chat, "allowed": allowed,
+               "copy": copy, "link": link}
     finally:
         if srv is not None:
             srv.popen.kill()
@@ -49,10 +58,11 @@ def mesh(tmp_path_factory):
         if agent is not None:
             agent.stop()
         tree.cleanup()
+        shutil.rmtree(bindir)
 
 
 def forker(mesh, cgroup: Path, role: str, mode: str, tries: int = 1, script: Path = FORKER,
-           uid: int = 0) -> dict[str, dict]:
+           uid: int = 0, python: str = sys.executable, wrap: tuple = ()) -> dict[str, dict]:
     """Run forker.py in `cgroup` as `uid`; its connect results by who made them (parent, child, thread, plain, role)."""
     enter = _enter_cgroup(cgroup)
 
@@ -62,8 +72,8 @@ def forker(mesh, cgroup: Path, role: str, mode: str, tries: int = 1, script: Pat
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-    p = subprocess.run([sys.executable, str(script), "--role", role, "--port", str(mesh["port"]), "--mode", mode,
-                        "--tries", str(tries)], capture_output=True, text=True, timeout=60, preexec_fn=pre)
+    cmd = [python, str(script), "--role", role, "--port", str(mesh["port"]), "--mode", mode, "--tries", str(tries)]
+    p = subprocess.run([*wrap, *cmd], capture_output=True, text=True, timeout=60, preexec_fn=pre)
     out = {r["who"]: r for r in (json.loads(x) for x in p.stdout.splitlines() if x.startswith("{"))}
     assert out, f"forker printed nothing: {p.stderr}"
     return out
@@ -132,3 +142,20 @@ def test_argv_spoofing_by_another_user_gets_no_identity(mesh):
         assert r["alpha"]["ok"], r
     finally:
         shutil.rmtree(d)
+
+
+def test_exe_is_matched_by_the_file_not_the_path(mesh):
+    """delta selects exe: <dir>/py-allowed (a copy of python). Through a symlink it is the same file: delta. A copy
+    with the same bytes at another path is not. The copy bind-mounted over the allowed path in a private mount
+    namespace shows /proc/PID/exe as the allowed path; the old code matched that path (delta, allowed); now the
+    (dev, ino) differs and it stays unmanaged (denied on all 30 tries)."""
+    ok = forker(mesh, mesh["rogue"], "plain", "connect", tries=50, python=str(mesh["allowed"]))
+    assert ok["plain"]["ok"], ok
+    via_link = forker(mesh, mesh["rogue"], "plain", "connect", tries=50, python=str(mesh["link"]))
+    assert via_link["plain"]["ok"], via_link
+    copy = forker(mesh, mesh["rogue"], "plain", "connect", tries=30, python=str(mesh["copy"]))
+    assert copy["plain"]["error"] == "EPERM", copy
+    bind = ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+            f'mount --bind {mesh["copy"]} {mesh["allowed"]} && exec "$@"', "sh")
+    over = forker(mesh, mesh["rogue"], "plain", "connect", tries=30, python=str(mesh["allowed"]), wrap=bind)
+    assert over["plain"]["error"] == "EPERM", over
