@@ -177,17 +177,33 @@ class _Strict(BaseModel):
 class ProcessSelector(_Strict):
     exe: Optional[str] = None       # glob over /proc/PID/exe
     cmdline: Optional[str] = None   # glob over the space-joined command line
+    uids: Optional[list[int]] = None   # the process's real and effective uid must both be one of these
+    allow_any_user: bool = False    # opt-in: a cmdline selector without uids (any local user can write any argv)
 
     @field_validator("exe", "cmdline")
     @classmethod
     def _glob(cls, v: Optional[str]) -> Optional[str]:
         return None if v is None else _text(v, "the glob", MAX_TEXT_LEN)
 
+    @field_validator("uids")
+    @classmethod
+    def _uids(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is not None and (not v or any(u < 0 or u > 0xFFFFFFFF for u in v)):
+            raise ValueError("uids: a non-empty list of user ids (0..4294967295)")
+        return v
+
     @model_validator(mode="after")
     def _one_of(self) -> "ProcessSelector":
         if self.exe is None and self.cmdline is None:
             raise ValueError("a process selector needs exe or cmdline")
+        if self.cmdline is not None and self.uids is None and not self.allow_any_user:
+            raise ValueError("cmdline: any local user can put any command line in argv: add uids: [...] "
+                             "(or allow_any_user: true)")
         return self
+
+    def any_user(self) -> bool:
+        """Whether any local user can run a process this selector matches."""
+        return self.uids is None
 
 
 # ---- Kubernetes (issue 11): names and label syntax as the API server validates them

@@ -40,6 +40,7 @@ from agent.flows.denials import DenialAggregator, denial_record
 from agent.flows.decode import DecodeError, decode_agent_event, decode_decision, to_json, wall_time
 from agent.flows.records import (UdpWindow, decision_record, decode_flow_event, flow_record, udp_aggregate)
 from agent.kernel import abi
+from agent.kernel.maps import MapError
 from agent.export.call_sinks import CallDispatch, CallSinks, CommCache, build_call_sinks
 from agent.collector.channel import ConfigError as ChannelError
 from agent.export.collector_client import FlowExporter
@@ -400,6 +401,8 @@ class Agent:
         view = self.k8s.view()
         self._apply(config, self.k8s.resolve(config, view))
         self.assigner.view = view
+        # children the kernel labelled at fork (bpf/watch.c) are not in assigner.processes: the resync judges them too
+        self.assigner.processes = self.datapath.identity_entries("process_identity")
         self.assigner.resync(config)
         self.k8s.installed(self.assigner, view)
 
@@ -484,6 +487,10 @@ class Agent:
         """Entries the programs could not write (counted in the kernel): degraded while it keeps happening."""
         c = self.datapath.counters()
         now = time.monotonic()
+        forks = c[abi.COUNTER_PROCESS_IDENTITY_FULL]   # the kernel set CFG_F_UNMANAGED_CLOSED itself at the fork
+        if forks > self._kernel_full.get("process_identity", (0, 0.0))[0]:
+            self._kernel_full["process_identity"] = (forks, now)
+            self._on_map_full("process_identity", MapError(f"{forks} forked processes got no identity"))
         for name, slot in (("local_endpoint_identity", abi.COUNTER_LOCAL_ENDPOINTS_FULL),
                            ("udp_flows", abi.COUNTER_UDP_FLOWS_FULL)):
             last = self._kernel_full.get(name, (c[slot], 0.0))

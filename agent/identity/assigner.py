@@ -133,7 +133,7 @@ class IdentityAssigner:
         if any(i.select.processes for i in config.identities):
             for pid in processes.all_pids():
                 info = processes.read_process(pid)
-                name = process_match(*info, config.identities) if info else None
+                name = process_match(info[0], info[1], config.identities, info[2], info[3]) if info else None
                 if name:
                     procs[pid] = self.numbering.id_of(name)
         self._diff(self.processes, procs, self._guard("process_identity", self.maps.set_process_identity),
@@ -200,7 +200,7 @@ class IdentityAssigner:
         if self.config is None:
             return None
         info = processes.read_process(pid)
-        name = process_match(*info, self.config.identities) if info else None
+        name = process_match(info[0], info[1], self.config.identities, info[2], info[3]) if info else None
         if name:
             ident = self.numbering.id_of(name)
             if self._guard("process_identity", self.maps.set_process_identity)(pid, ident):

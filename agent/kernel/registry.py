@@ -148,6 +148,8 @@ PROGRAMS: tuple[ProgramSpec, ...] = (
                 "cgroup:cgroup_mkdir"),
     ProgramSpec("tracepoint__cgroup__cgroup_rmdir", TRACEPOINT, sys_.PERF_EVENT, "tracepoint", "tp_cgroup_rmdir",
                 "cgroup:cgroup_rmdir"),
+    ProgramSpec("tracepoint__task__task_newtask", TRACEPOINT, sys_.PERF_EVENT, "tracepoint", "tp_task_newtask",
+                "task:task_newtask"),
     ProgramSpec("tracepoint__sched__sched_process_exec", TRACEPOINT, sys_.PERF_EVENT, "tracepoint",
                 "tp_sched_process_exec", "sched:sched_process_exec"),
     ProgramSpec("tracepoint__sched__sched_process_exit", TRACEPOINT, sys_.PERF_EVENT, "tracepoint",

@@ -196,6 +196,11 @@ def compile_image(cfg: Config, ids: IdentityNumbering, gen: int, now: datetime,
         image.config_flags |= abi.ConfigFlag.FAST_PATH
     if any(i.select.processes for i in cfg.identities):
         image.config_flags |= abi.ConfigFlag.WATCH_EXEC
+    for ident in cfg.identities:
+        for n, sel in enumerate(ident.select.processes):
+            if sel.any_user():
+                image.warnings.append(f"identities {ident.name!r} select.processes[{n}]: any local user can run a process "
+                                      "it matches and carry this identity (no uids:)")
     if any(i.llm_capture.enabled for i in cfg.identities):
         image.config_flags |= abi.ConfigFlag.LLM_CAPTURE
 

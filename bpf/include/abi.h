@@ -189,7 +189,8 @@ enum aimesh_reason {
 #define COUNTER_CAPTURE_TRUNCATED_BYTES 53  /* bytes of the sends/receives counted in COUNTER_CAPTURE_TRUNCATED not copied */
 #define COUNTER_CAPTURE_LOST_BYTES     54   /* bytes of sends/receives whose chunks and GAP record the full ring dropped: the
                                              * socket's next record tells the agent (capture_event.lost_*) */
-#define COUNTER_SLOTS                  64   /* 55..63 free */
+#define COUNTER_PROCESS_IDENTITY_FULL  55   /* process_identity full at fork: the child kept no identity (fails closed) */
+#define COUNTER_SLOTS                  64   /* 56..63 free */
 _Static_assert(HOOK__MAX <= COUNTER_DECISION_HOOKS, "a new hook needs its own block of decision counter slots");
 _Static_assert(VERDICT__MAX <= COUNTER_DECISION_VERDICTS, "a new verdict does not fit the decision counter stride");
 _Static_assert(COUNTER_DECISION_BASE + COUNTER_DECISION_HOOKS * COUNTER_DECISION_VERDICTS <= COUNTER_DECISION_EVENTS_LOST,

@@ -173,7 +173,8 @@ def test_process_selector(cgroups, agents, tmp_path):
     port = free_port()
     rogue, llama = cgroups.child("rogue"), cgroups.child("llama")
     cfg = base_config(cgroups, port)
-    cfg["identities"][0]["select"]["processes"] = [{"cmdline": f"*workloads.py client*--port {port}*--timeout 3.5*"}]
+    cfg["identities"][0]["select"]["processes"] = [{"cmdline": f"*workloads.py client*--port {port}*--timeout 3.5*",
+                                                          "uids": [0]}]
     agent = agents(cfg)
     srv = start_server(llama, port, name="llama")
     # same cgroup (unmanaged), the command line makes it "chat"

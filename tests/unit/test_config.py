@@ -20,7 +20,7 @@ identities:
     kind: service
     select:
       cgroups: ["/demo/chat*"]
-      processes: [{exe: "*/python3*", cmdline: "*chat_app*"}]
+      processes: [{exe: "*/python3*", cmdline: "*chat_app*", uids: [1000]}]
   - name: llama
     kind: model
     version: "3.1"
@@ -76,6 +76,10 @@ def test_empty_mapping_is_valid_enforce():
      "needs a port"),
     ("identities: [{name: a, kind: model}]\nredirects: [{to: a, backends: [{address: '10.0.0.1:1', weight: 0}]}]",
      "add up to 0"),
+    ("identities: [{name: a, kind: model, select: {processes: [{cmdline: '*app*'}]}}]",
+     "identities.0.select.processes.0: cmdline: any local user can put any command line in argv"),
+    ("identities: [{name: a, kind: model, select: {processes: [{cmdline: '*app*', uids: []}]}}]",
+     "identities.0.select.processes.0.uids"),
     ("bogus: 1", "bogus: Extra inputs are not permitted"),
     ("- a list", "top level must be a mapping"),
     ("mode: [", "not valid YAML"),
@@ -360,3 +364,23 @@ def test_llm_capture_settings():
     for bad in ("{protocol: grpc}", "{capture_content: 1}", "{protocol: auto, extra: 1}"):
         with pytest.raises(ConfigError, match="llm"):
             parse_config(f"identities: [{{name: m, kind: model, llm: {bad}}}]")
+
+
+def test_process_selectors_by_any_user_are_opt_in_and_warned_by_check():
+    """issue 15: a cmdline selector needs uids: or an explicit allow_any_user; `aimesh check` names every selector
+    any local user can satisfy."""
+    from datetime import datetime, timezone
+
+    from agent.policy.compile import compile_image
+    from agent.policy.identities import IdentityNumbering
+    cfg = parse_config("""
+identities:
+  - {name: a, kind: model, select: {processes: [{cmdline: "*app*", uids: [0]}, {exe: /usr/bin/true}]}}
+  - {name: b, kind: model, select: {processes: [{cmdline: "*app*", allow_any_user: true}]}}
+""")
+    warnings = compile_image(cfg, IdentityNumbering(), 0, datetime.now(timezone.utc)).warnings
+    assert [w for w in warnings if "any local user" in w] == [
+        "identities 'a' select.processes[1]: any local user can run a process it matches and carry this identity "
+        "(no uids:)",
+        "identities 'b' select.processes[0]: any local user can run a process it matches and carry this identity "
+        "(no uids:)"]

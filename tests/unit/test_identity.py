@@ -21,8 +21,8 @@ def test_cgroup2_mount_detection():
 
 CFG = parse_config("""
 identities:
-  - {name: chat, kind: service, select: {cgroups: ["/demo/chat*"], processes: [{cmdline: "*chat_app*"}]}}
-  - {name: llama, kind: model, select: {cgroups: ["/demo/*"], processes: [{exe: "*/llama-server", cmdline: "*--v3*"}]}}
+  - {name: chat, kind: service, select: {cgroups: ["/demo/chat*"], processes: [{cmdline: "*chat_app*", uids: [1000]}]}}
+  - {name: llama, kind: model, select: {cgroups: ["/demo/*"], processes: [{exe: "*/llama-server", cmdline: "*--v3*", allow_any_user: true}]}}
 """)
 
 
@@ -34,9 +34,32 @@ def test_cgroup_globs_first_match_wins():
 
 
 def test_process_selectors_need_every_given_field():
-    assert process_match("/usr/bin/python3", "python3 chat_app.py", CFG.identities) == "chat"
+    assert process_match("/usr/bin/python3", "python3 chat_app.py", CFG.identities, (1000, 1000)) == "chat"
+    assert process_match("/usr/bin/python3", "python3 chat_app.py", CFG.identities, (65534, 65534)) is None
+    assert process_match("/usr/bin/python3", "python3 chat_app.py", CFG.identities, (65534, 1000)) is None
+    assert process_match("/usr/bin/python3", "python3 chat_app.py", CFG.identities) is None   # uids unknown
     assert process_match("/opt/llama-server", "llama-server --v3", CFG.identities) == "llama"
     assert process_match("/opt/llama-server", "llama-server --v2", CFG.identities) is None
+
+
+def test_a_literal_exe_matches_the_file_by_inode(tmp_path):
+    """issue 15: exe without a glob is the file it names (dev, ino): a symlink to it is the same file, a copy is not,
+    and a file replaced at the path is matched as the new file (re-resolved at every match)."""
+    import os
+    import shutil
+    from agent.identity.selectors import file_id
+    allowed, copy, link = tmp_path / "allowed", tmp_path / "copy", tmp_path / "link"
+    shutil.copy("/usr/bin/true", allowed)
+    shutil.copy("/usr/bin/true", copy)
+    link.symlink_to(allowed)
+    cfg = parse_config(f"identities: [{{name: a, kind: model, select: {{processes: [{{exe: '{allowed}'}}]}}}}]")
+    assert process_match(str(allowed), "x", cfg.identities, (0, 0), file_id(str(allowed))) == "a"
+    assert process_match(str(allowed), "x", cfg.identities, (0, 0), file_id(str(link))) == "a"
+    assert process_match(str(allowed), "x", cfg.identities, (0, 0), file_id(str(copy))) is None   # same path shown
+    old = file_id(str(allowed))
+    os.replace(copy, allowed)
+    assert process_match(str(allowed), "x", cfg.identities, (0, 0), old) is None
+    assert process_match(str(allowed), "x", cfg.identities, (0, 0), file_id(str(allowed))) == "a"
 
 
 def test_source_assembly_inlines_our_headers_once():
