@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from agent.config import ConfigError, load_config
+from agent.config import FAST_PATH_CAVEAT, ConfigError, load_config
 from agent.errors import AgentError
 
 
@@ -89,6 +89,10 @@ def _check(args: argparse.Namespace) -> int:
     image = compile_image(cfg, IdentityNumbering(), 0, datetime.now(timezone.utc))
     for w in image.warnings:
         print(f"warning: {w}")
+    if cfg.fast_path:
+        print(f"warning: fast_path: true: {FAST_PATH_CAVEAT}")
+    else:
+        print(f"note: fast_path is off (the default): {FAST_PATH_CAVEAT}")
     print(f"{args.config}: ok — {len(cfg.identities)} identities, {len(image.policies)} policy entries, "
           f"{len(image.redirects)} redirect entries, {len(image.endpoints)} endpoints")
     return 0

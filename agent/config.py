@@ -979,11 +979,21 @@ class NodeLlmSettings(_Strict):
         return v
 
 
+# Why `fast_path` is off by default: what tests/kernel/test_socket_conformance.py sees differ with it on, on this
+# kernel (6.18). `aimesh check` prints it.
+FAST_PATH_CAVEAT = (
+    "the same-node fast path changes what applications see (issue 23; tests/kernel/test_socket_conformance.py): "
+    "a blocking recv after shutdown(SHUT_WR) fails with EAGAIN (6-8 of 100 calls here), splice(2) from the socket reads "
+    "nothing, a writer to a slow reader can stall, a send to a peer that closed with unread data fails with EPIPE "
+    "instead of ECONNRESET")
+
+
 class Config(_Strict):
     mode: Literal["enforce", "audit"] = "enforce"
     dns: Literal["allow", "deny"] = "allow"   # allow: port 53 to the resolvers (resolv.conf and dns_resolvers)
     dns_resolvers: list[str] = Field(default_factory=list, max_length=MAX_DNS_RESOLVERS)   # IP addresses
-    fast_path: bool = True             # same-node TCP between governed workloads skips the loopback stack
+    fast_path: bool = False            # same-node TCP between governed workloads skips the loopback stack: off
+    #                                    by default until it passes the socket conformance suite (FAST_PATH_CAVEAT)
     identities: list[Identity] = Field(default_factory=list)
     policies: list[Policy] = Field(default_factory=list)
     redirects: list[Redirect] = Field(default_factory=list)

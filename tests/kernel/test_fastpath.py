@@ -126,7 +126,7 @@ def test_remote_peer_falls_back_and_is_counted(cgroups, agents):
     host = NetnsHost()
     try:
         port = free_port()
-        cfg = base_config(cgroups, port)
+        cfg = base_config(cgroups, port, fast_path=True)
         cfg["identities"].append({"name": "lab", "kind": "external", "endpoints": [f"{host.addrs[0]}/32"]})
         cfg["policies"].append({"from": "lab", "to": "llama", "ports": [port]})
         agent = agents(cfg)
@@ -148,7 +148,7 @@ def test_unwatched_peer_falls_back_and_is_counted(cgroups, agents):
     outside = CgroupTree()
     try:
         port = free_port()
-        agent = agents(base_config(cgroups, port))
+        agent = agents(base_config(cgroups, port, fast_path=True))
         srv = _spawn(outside.child("other"), "server", "--port", str(port), "--reply", "5000")
         assert srv.stdout.readline()
         cli = _spawn(cgroups.child("chat"), "client", "--port", str(port), "--bytes", "200000")

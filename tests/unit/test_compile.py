@@ -108,6 +108,8 @@ def test_numbering_is_stable_across_compiles():
 
 def test_config_flags():
     img, _ = _img()
+    assert img.config_flags == abi.ConfigFlag.DNS_ALLOW | abi.ConfigFlag.LLM_CAPTURE   # fast_path off by default
+    img, _ = _img(CFG + "fast_path: true\n")
     assert img.config_flags == abi.ConfigFlag.DNS_ALLOW | abi.ConfigFlag.FAST_PATH | abi.ConfigFlag.LLM_CAPTURE
     img, _ = _img("dns: deny\nfast_path: false\n"
                   "identities: [{name: a, kind: service, select: {processes: [{exe: '*x'}]}}]")
