@@ -22,6 +22,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Fiel
                       model_validator)
 
 from agent.kernel import abi
+from agent.l7.redact import RedactionPatternError, compile_redaction
 
 try:
     from yaml._yaml import CParser   # libyaml; PyYAML's wheels and Debian's package have it
@@ -965,7 +966,7 @@ class NodeLlmSettings(_Strict):
     agent before any text leaves the node; the built-in rules for API keys and e-mail addresses always apply)."""
     capture_content: bool = False
     content_max_chars: int = Field(default=16384, ge=0, le=1 << 20)   # of prompt and of completion text, each
-    redact: list[str] = Field(default_factory=list, max_length=64)    # Python regular expressions
+    redact: list[str] = Field(default_factory=list, max_length=64)    # RE2 regular expressions (agent/l7/redact.py)
 
     @field_validator("redact")
     @classmethod
@@ -973,9 +974,10 @@ class NodeLlmSettings(_Strict):
         for i, r in enumerate(v):
             _text(r, f"redact.{i}", 512)
             try:
-                re.compile(r)
-            except re.error as e:
-                raise ValueError(f"redact.{i}: {show(r)} is not a regular expression ({e})") from None
+                compile_redaction(r)
+            except RedactionPatternError as e:
+                raise ValueError(f"redact.{i}: {show(r)} is refused: RE2 cannot compile it ({e}); redaction runs in "
+                                 "linear time, so backreferences and lookaround are not supported") from None
         return v
 
 

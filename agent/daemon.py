@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import time
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from agent.identity.cgroups import walk as cgroup_walk
 from agent.l7.capture import CaptureDecodeError, CaptureTracker, decode_capture_event
 from agent.l7.llm import Protocol as LlmProtocol
 from agent.l7.record import DecoderOptions
+from agent.l7.redact import compile_redaction
 from agent.l7.tls_visibility import NotVisible, TlsNotVisibleTally, TlsVisibility, describe_not_visible
 from agent.policy.capacity import check_capacity
 from agent.policy.compile import compile_image
@@ -738,7 +738,7 @@ class Agent:
             else:
                 llm = ident.llm_capture
                 opts = DecoderOptions(capture_content=config.capture_content(ident),
-                                      redact=tuple(re.compile(r) for r in config.llm.redact),
+                                      redact=tuple(compile_redaction(r) for r in config.llm.redact),
                                       content_cap=config.llm.content_max_chars,
                                       protocol=None if llm.protocol in ("auto", "off") else LlmProtocol(llm.protocol))
             if len(cache[1]) < 65536:

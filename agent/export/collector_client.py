@@ -32,8 +32,10 @@ import logging
 import os
 import random
 import stat
+import struct
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -59,6 +61,9 @@ PUSH_CALLS_METHOD = "/aimesh.v1.FlowCollector/PushCalls"
 CALLS_SPOOL = "calls"   # the model-call spool: a subdirectory of the flow spool directory
 _RECORD_OVERHEAD = 6  # field tag and length prefix of a record inside a batch
 _BATCH_OVERHEAD = 32  # batch header besides agent_id
+# why a spool file was set aside: it could not be read, it is shorter than written, its bytes are not the ones
+# written (CRC), or it checks but does not parse as the batch it says (a faulty writer; an old-format file)
+SPOOL_DAMAGE_REASONS = ("unreadable", "truncated", "checksum", "undecodable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +156,7 @@ class ExporterStats:
     dropped_spool_full: int = 0  # neither memory nor spool had room (or, at close, no spool to keep them in)
     rejected_records: int = 0  # refused by the collector even as a single-record batch
     invalid_records: int = 0  # could not be encoded (a field out of range)
-    corrupt_spool_files: int = 0  # unreadable spool files, deleted
+    corrupt_spool_files: int = 0  # damaged spool files (batches), set aside in damaged/ (see Spool)
     export_errors: int = 0  # failed Push attempts
     queued_records: int = 0  # submitted, not yet in a batch
     memory_batches: int = 0
@@ -159,10 +164,15 @@ class ExporterStats:
     spool_batches: int = 0
     spool_bytes: int = 0
     last_error: str = ""
+    # damaged spool batches and the records they held, by reason (SPOOL_DAMAGE_REASONS); a batch spooled by a version
+    # before checksums whose file does not parse holds an unknown number: it counts as a batch only
+    spool_discarded_batches: tuple[tuple[str, int], ...] = ()
+    spool_discarded_records: tuple[tuple[str, int], ...] = ()
 
     @property
     def dropped(self) -> int:
-        return self.dropped_queue_full + self.dropped_spool_full + self.rejected_records + self.invalid_records
+        return (self.dropped_queue_full + self.dropped_spool_full + self.rejected_records + self.invalid_records
+                + sum(n for _, n in self.spool_discarded_records))
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,9 +232,26 @@ def batch_records(payload: bytes, kind: BatchKind = FLOWS) -> list[Message]:
     return list(getattr(kind.batch_type.FromString(payload), kind.field))
 
 
+class DamagedBatch(ValueError):
+    """A spool file that cannot be sent as it was written: set aside (damaged/), counted by reason."""
+
+    def __init__(self, message: str, reason: str, records: int) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.records = records     # what the batch held (0: unknown, a file from before checksums)
+
+
 class Spool:
-    """Sealed batches on disk: <dir>/<sequence, 20 digits>.batch, each a serialized batch of `kind`. Not thread-safe.
-    Only *.batch files directly in the directory are the spool's: another exporter's spool may live in a subdirectory.
+    """Sealed batches on disk: <dir>/<sequence, 20 digits>.<records>.batch, each a header and a serialized batch of
+    `kind`. Not thread-safe. Only *.batch files directly in the directory are the spool's: another exporter's spool
+    may live in a subdirectory.
+
+    The header (HEADER: magic, CRC-32, record count, payload length) makes damage visible: a flipped byte fails the
+    CRC (over count, length and payload), a file cut short, even at a record boundary (where the protobuf still
+    parses, one record fewer), fails the length. The record count is also in the file name, so a damaged header
+    still says how many records were lost. A damaged file is moved to damaged/ (0700, files 0600; the oldest go
+    first past DAMAGED_MAX_FILES or DAMAGED_MAX_BYTES) and counted by reason, never sent. Files of the format before
+    (<sequence>.batch, a bare serialized batch) are still read; damage in them shows only when they do not parse.
 
     The batches hold flow records or model calls (who talked to whom, what was asked), so the directory is 0700 and
     each file 0600, whatever the umask. An existing directory open to group or others is narrowed to 0700, unless it is
@@ -233,6 +260,11 @@ class Spool:
     SUFFIX = ".batch"
     DIR_MODE = 0o700
     FILE_MODE = 0o600
+    MAGIC = b"AIMSPL01"
+    HEADER = struct.Struct("<8sIIQ")      # magic, crc32(count, length, payload), record count, payload length
+    DAMAGED = "damaged"
+    DAMAGED_MAX_FILES = 32
+    DAMAGED_MAX_BYTES = 32 << 20
 
     def __init__(self, directory: Path, max_bytes: int, kind: BatchKind = FLOWS) -> None:
         self.directory = Path(directory)
@@ -244,20 +276,33 @@ class Spool:
         except OSError as e:
             raise ConfigError(f"cannot create spool directory {self.directory}: {e.strerror or e}") from None
         self._sizes: dict[int, int] = {}
+        self._names: dict[int, str] = {}
         self._order: list[int] = []  # sequences, ascending
         self.bytes = 0
         for path in self.directory.iterdir():
             if path.name.endswith(".tmp"):
                 path.unlink(missing_ok=True)  # a write cut short by a crash
-            elif path.name.endswith(self.SUFFIX) and path.name[: -len(self.SUFFIX)].isdigit():
+            elif (seq_records := self._parse_name(path.name)) is not None:
                 st = path.lstat()
                 if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077:
                     path.chmod(self.FILE_MODE)  # spooled by a version that wrote them 0644
-                size = st.st_size
-                seq = int(path.name[: -len(self.SUFFIX)])
-                self._sizes[seq] = size
-                self.bytes += size
+                seq = seq_records[0]
+                if seq in self._sizes:     # the same sequence twice (a crash between two writes of it): keep one
+                    continue
+                self._sizes[seq] = st.st_size
+                self._names[seq] = path.name
+                self.bytes += st.st_size
         self._order = sorted(self._sizes)
+
+    @classmethod
+    def _parse_name(cls, name: str) -> tuple[int, int | None] | None:
+        """(sequence, record count or None for the old format) of a spool file's name; None: not a spool file."""
+        if not name.endswith(cls.SUFFIX):
+            return None
+        parts = name[: -len(cls.SUFFIX)].split(".")
+        if not all(p.isdigit() and p.isascii() for p in parts) or len(parts) > 2:
+            return None
+        return int(parts[0]), (int(parts[1]) if len(parts) == 2 else None)
 
     def _make_private(self) -> None:
         mode = stat.S_IMODE(self.directory.stat().st_mode)
@@ -274,25 +319,38 @@ class Spool:
     def __len__(self) -> int:
         return len(self._order)
 
+    def __contains__(self, sequence: int) -> bool:
+        return sequence in self._sizes
+
     @property
     def max_sequence(self) -> int:
         return self._order[-1] if self._order else 0
 
     def _path(self, sequence: int) -> Path:
-        return self.directory / f"{sequence:020d}{self.SUFFIX}"
+        return self.directory / self._names[sequence]
+
+    @classmethod
+    def frame(cls, batch: SealedBatch) -> bytes:
+        """The file's bytes: header and payload."""
+        head = struct.pack("<IQ", batch.records, len(batch.payload))
+        crc = zlib.crc32(batch.payload, zlib.crc32(head))
+        return cls.HEADER.pack(cls.MAGIC, crc, batch.records, len(batch.payload)) + batch.payload
 
     def put(self, batch: SealedBatch) -> bool:
         """Write a batch; False (and nothing written) when it would exceed max_bytes or the write fails."""
-        size = len(batch.payload)
-        if self.bytes + size > self.max_bytes:
+        data = self.frame(batch)
+        size = len(data)
+        old = self._sizes.get(batch.sequence, 0)
+        if self.bytes - old + size > self.max_bytes:
             return False
-        final = self._path(batch.sequence)
+        name = f"{batch.sequence:020d}.{batch.records}{self.SUFFIX}"
+        final = self.directory / name
         tmp = final.with_name(final.name + ".tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, self.FILE_MODE)
             with os.fdopen(fd, "wb") as f:
                 os.fchmod(fd, self.FILE_MODE)  # umask-independent
-                f.write(batch.payload)
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
@@ -302,24 +360,85 @@ class Spool:
             return False
         if batch.sequence not in self._sizes:
             bisect.insort(self._order, batch.sequence)
-        else:
-            self.bytes -= self._sizes[batch.sequence]
+        elif self._names[batch.sequence] != name:
+            self._path(batch.sequence).unlink(missing_ok=True)
+        self.bytes += size - old
         self._sizes[batch.sequence] = size
-        self.bytes += size
+        self._names[batch.sequence] = name
         return True
 
+    @classmethod
+    def decode_file(cls, data: bytes, named_records: int | None, kind: BatchKind) -> tuple[bytes, int]:
+        """(payload, records) of a file's bytes (named_records: the count in its name, None for the old format);
+        DamagedBatch (reason, records) when it is not as written."""
+        lost = named_records or 0
+        if not data.startswith(cls.MAGIC):
+            if named_records is not None:       # our name, not our header
+                raise DamagedBatch("no header", "checksum" if len(data) >= cls.HEADER.size else "truncated", lost)
+            try:                                # the format before checksums: a bare batch
+                return data, len(batch_records(data, kind))
+            except Exception as e:  # DecodeError
+                raise DamagedBatch(f"does not parse ({e})", "undecodable", 0) from None
+        if len(data) < cls.HEADER.size:
+            raise DamagedBatch(f"{len(data)} bytes, shorter than its header", "truncated", lost)
+        _, crc, records, length = cls.HEADER.unpack_from(data)
+        payload = data[cls.HEADER.size:]
+        lost = named_records if named_records is not None else records
+        if len(payload) < length:
+            raise DamagedBatch(f"{len(payload)} bytes of payload, {length} written", "truncated", lost)
+        if len(payload) > length or zlib.crc32(payload, zlib.crc32(struct.pack("<IQ", records, length))) != crc:
+            raise DamagedBatch("checksum mismatch", "checksum", lost)
+        try:
+            n = len(batch_records(payload, kind))
+        except Exception as e:  # DecodeError: written so by a faulty writer
+            raise DamagedBatch(f"does not parse ({e})", "undecodable", lost) from None
+        if n != records:
+            raise DamagedBatch(f"{n} records, {records} written", "undecodable", lost)
+        return payload, n
+
     def oldest(self) -> SealedBatch | None:
-        """The batch with the lowest sequence. Raises ValueError (after deleting it) for an unreadable file."""
+        """The batch with the lowest sequence. Raises DamagedBatch (after setting the file aside) for a damaged one."""
         if not self._order:
             return None
         seq = self._order[0]
+        path = self._path(seq)
+        named = self._parse_name(path.name)
         try:
-            payload = self._path(seq).read_bytes()
-            records = batch_records(payload, self.kind)
-        except Exception as e:  # OSError, DecodeError
+            data = path.read_bytes()
+        except OSError as e:
             self.remove(seq)
-            raise ValueError(f"spool file {self._path(seq)} is unreadable ({e}); deleted") from None
-        return SealedBatch(sequence=seq, payload=payload, records=len(records))
+            raise DamagedBatch(f"spool file {path} is unreadable ({e}); deleted", "unreadable",
+                               (named[1] or 0) if named else 0) from None
+        try:
+            payload, records = self.decode_file(data, named[1] if named else None, self.kind)
+        except DamagedBatch as e:
+            kept = self._set_aside(seq, e.reason)
+            raise DamagedBatch(f"spool file {path} is damaged ({e}); {kept}", e.reason, e.records) from None
+        return SealedBatch(sequence=seq, payload=payload, records=records)
+
+    def _set_aside(self, sequence: int, reason: str) -> str:
+        """Move a damaged file to damaged/ (bounded: the oldest kept go first); what became of it, for the log."""
+        path, size = self._path(sequence), self._sizes[sequence]
+        damaged = self.directory / self.DAMAGED
+        try:
+            if size > self.DAMAGED_MAX_BYTES:
+                raise OSError(f"{size} bytes, more than the {self.DAMAGED_MAX_BYTES} kept")
+            damaged.mkdir(mode=self.DIR_MODE, exist_ok=True)
+            damaged.chmod(self.DIR_MODE)
+            kept = sorted((p for p in damaged.iterdir() if p.is_file()), key=lambda p: (p.stat().st_mtime, p.name))
+            total = sum(p.stat().st_size for p in kept)
+            while kept and (len(kept) + 1 > self.DAMAGED_MAX_FILES or total + size > self.DAMAGED_MAX_BYTES):
+                old = kept.pop(0)
+                total -= old.stat().st_size
+                old.unlink(missing_ok=True)
+            target = damaged / f"{path.name}.{reason}"
+            os.replace(path, target)
+            target.chmod(self.FILE_MODE)
+            what = f"kept as {target}"
+        except OSError as e:
+            what = f"deleted (not kept: {e})"
+        self.remove(sequence)
+        return what
 
     def remove(self, sequence: int) -> None:
         size = self._sizes.pop(sequence, None)
@@ -327,7 +446,14 @@ class Spool:
             return
         self._order.remove(sequence)
         self.bytes -= size
-        self._path(sequence).unlink(missing_ok=True)
+        (self.directory / self._names.pop(sequence)).unlink(missing_ok=True)
+
+
+def read_spool_file(path: Path, kind: BatchKind = FLOWS) -> list[Message]:
+    """The records of one spool file, either format (for inspection and tests); DamagedBatch for a damaged one."""
+    named = Spool._parse_name(path.name)
+    payload, _ = Spool.decode_file(path.read_bytes(), named[1] if named else None, kind)
+    return batch_records(payload, kind)
 
 
 @dataclass
@@ -343,6 +469,8 @@ class _Counters:
     corrupt_spool_files: int = 0
     export_errors: int = 0
     last_error: str = ""
+    spool_discarded_batches: dict[str, int] = field(default_factory=dict)
+    spool_discarded_records: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -550,7 +678,7 @@ class BatchExporter:
     def has_spooled(self, sequence: int) -> bool:
         """Whether the spool holds this batch (a restarted agent checks its last checkpoint with it)."""
         with self._lock:
-            return self._spool is not None and sequence in self._spool._sizes
+            return self._spool is not None and sequence in self._spool
 
     def flush(self, timeout: float) -> bool:
         """Send everything queued, the partial batch and the spool included (and what is submitted meanwhile).
@@ -622,6 +750,8 @@ class BatchExporter:
             spool_batches=len(self._spool) if self._spool else 0,
             spool_bytes=self._spool.bytes if self._spool else 0,
             last_error=c.last_error,
+            spool_discarded_batches=tuple(sorted(c.spool_discarded_batches.items())),
+            spool_discarded_records=tuple(sorted(c.spool_discarded_records.items())),
         )
 
     def __enter__(self) -> BatchExporter:
@@ -697,6 +827,13 @@ class BatchExporter:
             for name, n in deltas.items():
                 setattr(self._counters, name, getattr(self._counters, name) + n)
 
+    def _count_damaged(self, e: DamagedBatch) -> None:
+        with self._cond:
+            c = self._counters
+            c.corrupt_spool_files += 1
+            c.spool_discarded_batches[e.reason] = c.spool_discarded_batches.get(e.reason, 0) + 1
+            c.spool_discarded_records[e.reason] = c.spool_discarded_records.get(e.reason, 0) + e.records
+
     def _absorb(self, records: Iterable[object]) -> None:
         cfg = self.config
         limit = cfg.batch_max_bytes - _BATCH_OVERHEAD - len(cfg.agent_id.encode())
@@ -762,9 +899,9 @@ class BatchExporter:
         while self._spool is not None and len(self._spool):
             try:
                 batch = self._spool.oldest()
-            except ValueError as e:
+            except DamagedBatch as e:
                 log.warning("%s", e)
-                self._count(corrupt_spool_files=1)
+                self._count_damaged(e)
                 continue
             if batch is not None:
                 return batch, True

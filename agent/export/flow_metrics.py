@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Optional
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from agent.export.collector_client import SPOOL_DAMAGE_REASONS
 from agent.flows.model import FlowRecordData, IdentityData, RecordKind
 from agent.kernel.abi import Verdict
 
@@ -158,3 +159,11 @@ def _exporter_metrics(st, prefix: str = "aimesh_export", what: str = "Flow recor
     batches.add_metric(["memory"], st.memory_batches)
     batches.add_metric(["spool"], st.spool_batches)
     yield batches
+    # a damaged spool file is set aside, never sent: its batch and the records it held, by reason
+    kept = dict(st.spool_discarded_batches), dict(st.spool_discarded_records)
+    for i, unit in enumerate(("batches", "records")):
+        fam = CounterMetricFamily(f"{prefix}_spool_discarded_{unit}", f"Damaged spool {unit}, set aside unsent",
+                                  labels=["reason"])
+        for reason in SPOOL_DAMAGE_REASONS:
+            fam.add_metric([reason], kept[i].get(reason, 0))
+        yield fam

@@ -20,11 +20,15 @@ So a key costs at most two records per interval (one at once, one aggregate), an
 record per interval. Nothing is dropped, only merged: the immediate records (1 each) plus the aggregates' counts add
 up to the events added.
 
-At most `max_keys` distinct keys per interval. Decisions of further keys go to one `other` bucket per interval
-(never an immediate record), so memory is bounded (this interval's keys and the previous interval's, 2 * max_keys)
-whatever the flood looks like, e.g. a port scan. The bucket's key keeps each field on which all its decisions agree
-and WILDCARD where they differ; its record names wildcard identities `other` (kind) and zeroes wildcard ports and
-codes (agent/flows/denials.py denial_record).
+At most `max_keys` records per interval (immediate records and aggregates together), plus one `other` record.
+Decisions that would need a further record go to one `other` bucket per interval (never an immediate record): those
+of a new key once the budget is spent, and the follow-ups of a key reported at once this interval (its aggregate
+would be a second record). The budget counts records, not keys: a port scan cycling over more ports than
+`max_keys` used to cost up to 2 * max_keys records a second, because the keys that overflowed into `other` were
+not remembered and so were "quiet" in the next interval (an immediate record each, then an aggregate each).
+Memory is bounded (this interval's keys and the previous interval's, 2 * max_keys) whatever the flood looks like.
+The bucket's key keeps each field on which all its decisions agree and WILDCARD where they differ; its record names
+wildcard identities `other` (kind) and zeroes wildcard ports and codes (agent/flows/denials.py denial_record).
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from agent.policy.identities import IdentityMeta
 
 WILDCARD = -1                  # a field of the `other` bucket's key on which its decisions differ
 DEFAULT_INTERVAL_NS = 1_000_000_000
-DEFAULT_MAX_KEYS = 1000        # distinct keys per interval; more go to the `other` bucket
+DEFAULT_MAX_KEYS = 1000        # records per interval (immediate + aggregates); more go to the `other` bucket
 OTHER_IDENTITY = IdentityData(name="", kind="other")   # a wildcard identity in the `other` bucket's record
 
 
@@ -108,6 +112,7 @@ class DenialAggregator:
         self._previous: Mapping[tuple, _Acc] = {}
         self._other = _Acc()
         self._other_key: list[int] = []
+        self._records = 0       # records this interval has committed to: immediate ones and non-empty aggregates
         self._events = self._overflowed = self._immediate = self._aggregates = 0
 
     def add(self, d: Decision) -> bool:
@@ -115,14 +120,16 @@ class DenialAggregator:
         self._events += 1
         key = (d.src_id, d.dst_id, d.dialed_port, int(d.reason), int(d.hook), int(d.verdict))
         acc = self._current.get(key)
-        if acc is None:
-            if len(self._current) >= self.max_keys:
+        if acc is None or acc.sample is None:    # a new key, or the first follow-up of one reported at once
+            if self._records >= self.max_keys:
                 self._overflow(key, d)
                 return False
-            self._current[key] = acc = _Acc()
-            if key not in self._previous:
-                self._immediate += 1
-                return True
+            self._records += 1
+            if acc is None:
+                self._current[key] = acc = _Acc()
+                if key not in self._previous:
+                    self._immediate += 1
+                    return True
         acc.count_in(d)
         return False
 
@@ -152,6 +159,7 @@ class DenialAggregator:
         self._aggregates += len(out)
         self._previous, self._current = self._current, {}
         self._other, self._other_key = _Acc(), []
+        self._records = 0
         self.interval_start_ns = now_ns
         return out
 

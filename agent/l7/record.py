@@ -11,23 +11,25 @@ exists, so unredacted text never leaves the decoder.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Pattern
+from typing import Hashable, Iterable
 
 from agent.l7.http1 import (DEFAULT_BODY_CAP, Body, Direction, Http1Connection, HttpEvent, MessageEnd, RequestHead,
                             ResponseHead, Undecoded, UndecodedReason, header)
-from agent.l7.llm import Operation, Protocol, RequestInfo, RequestScan, ResponseInfo, ResponseParse, classify
+from agent.l7.llm import (TEXT_MARGIN, Operation, Protocol, RequestInfo, RequestScan, ResponseInfo, ResponseParse,
+                          classify)
+from agent.l7.redact import Redaction, compile_redaction
 
 DEFAULT_CONTENT_CAP = 16 << 10     # characters of prompt and of completion text kept when capture is on
 REDACTED = "[REDACTED]"
 
-BUILTIN_REDACTIONS: tuple[Pattern[str], ...] = (
-    re.compile(r"sk-ant-[A-Za-z0-9_\-]{8,}"),                              # Anthropic keys
-    re.compile(r"sk-[A-Za-z0-9_\-]{16,}"),                                  # OpenAI keys (sk-, sk-proj-, ...)
-    re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/\-]{8,}=*"),                 # bearer tokens
-    re.compile(r"\bAKIA[0-9A-Z]{16}\b"),                                    # AWS access key ids
-    re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"),   # e-mail addresses
+# RE2 (agent/l7/redact.py): the text is the workload's, so matching must be linear in it
+BUILTIN_REDACTIONS: tuple[Redaction, ...] = (
+    compile_redaction(r"sk-ant-[A-Za-z0-9_\-]{8,}"),                                  # Anthropic keys
+    compile_redaction(r"sk-[A-Za-z0-9_\-]{16,}"),                                     # OpenAI keys (sk-, sk-proj-, ...)
+    compile_redaction(r"(?i)\bbearer\s+[A-Za-z0-9._~+/\-]{8,}=*"),                    # bearer tokens
+    compile_redaction(r"\bAKIA[0-9A-Z]{16}\b"),                                       # AWS access key ids
+    compile_redaction(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"),  # e-mail addresses
 )
 
 
@@ -76,7 +78,7 @@ class ModelCallRecord:
 class DecoderOptions:
     """How one destination's connections are decoded (from its identity's `llm:` and the global `llm:` section)."""
     capture_content: bool = False
-    redact: tuple[Pattern[str], ...] = ()      # beside BUILTIN_REDACTIONS, which always apply
+    redact: tuple[Redaction, ...] = ()         # beside BUILTIN_REDACTIONS, which always apply
     content_cap: int = DEFAULT_CONTENT_CAP
     protocol: Protocol | None = None           # None: auto
 
@@ -114,14 +116,14 @@ class _Call:
 class ConnectionDecoder:
     """Captured bytes of one connection -> ModelCallRecords. Never raises on what the connection carries."""
 
-    def __init__(self, conn_key: Hashable, capture_content: bool = False, redact: Iterable[str | Pattern[str]] = (),
+    def __init__(self, conn_key: Hashable, capture_content: bool = False, redact: Iterable[str | Redaction] = (),
                  *, tls: bool = False, body_cap: int = DEFAULT_BODY_CAP, content_cap: int = DEFAULT_CONTENT_CAP,
                  protocol: Protocol | None = None) -> None:
         """protocol: only this protocol's calls are recorded (an identity's `llm.protocol`); None: any (auto)."""
         self.conn_key = conn_key
         self._protocol = protocol
         self._capture = capture_content
-        self._redact = BUILTIN_REDACTIONS + tuple(re.compile(r) if isinstance(r, str) else r for r in redact)
+        self._redact = BUILTIN_REDACTIONS + tuple(compile_redaction(r) if isinstance(r, str) else r for r in redact)
         self._tls = tls
         self._content_cap = content_cap
         self._http = Http1Connection(body_cap=body_cap)
@@ -261,6 +263,7 @@ class ConnectionDecoder:
         """Redact the whole kept text (cap + margin), then cut it to the cap: a secret on the edge is caught whole."""
         if text is None or not self._capture:
             return None
+        text = text[: self._content_cap + TEXT_MARGIN]   # bounds each call's redaction time, whoever built the text
         for rx in self._redact:
             text = rx.sub(REDACTED, text)
         return text[: self._content_cap]

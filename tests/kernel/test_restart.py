@@ -287,11 +287,11 @@ def _stored_calls(coll) -> list:
 
 
 def _spooled_calls(spool: Path) -> int:
-    from agent.export.collector_client import CALLS, batch_records
+    from agent.export.collector_client import CALLS, read_spool_file
     n = 0
     for path in spool.glob("*.batch"):
         try:
-            n += len(batch_records(path.read_bytes(), CALLS))
+            n += len(read_spool_file(path, CALLS))
         except Exception:  # noqa: BLE001 - gone meanwhile (sent)
             pass
     return n

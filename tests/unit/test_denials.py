@@ -68,16 +68,13 @@ def test_key_cap_sends_the_rest_to_one_other_bucket():
         for port in range(50):
             at_once += agg.add(_d(rep * 100 + port, dialed_port=1000 + port))
     assert at_once == 10 and agg.stats().keys == 10
-    out = agg.flush(SECOND)
-    regular = [a for a in out if not a.other]
-    (other,) = [a for a in out if a.other]
-    assert [a.count for a in regular] == [1] * 10          # the second pass over the first 10 ports
-    assert other.count == 80 and agg.stats().overflowed == 80
+    (other,) = agg.flush(SECOND)     # the budget (10 records) went to the 10 immediate ones: the rest is other
+    assert other.other and other.count == 90 and agg.stats().overflowed == 90
     assert other.key == DenialKey(16, 17, WILDCARD, abi.Reason.NO_POLICY_DST, abi.Hook.CONNECT, abi.Verdict.DENIED)
     assert (other.first_ns, other.last_ns, other.sample.dialed_port) == (10, 149, 1010)
-    assert at_once + sum(a.count for a in out) == 100
+    assert at_once + other.count == 100
     rec = denial_record(other, META, 10**18, "node-a", "host")
-    assert (rec.count, rec.dialed_port, rec.destination_port) == (80, 0, 0)
+    assert (rec.count, rec.dialed_port, rec.destination_port) == (90, 0, 0)
     assert (rec.source.name, rec.destination.name, rec.verdict) == ("chat", "llama", abi.Verdict.DENIED)
     # the next interval starts empty: its first 10 new keys are admitted again, its other bucket is new
     assert agg.add(_d(SECOND + 1, dialed_port=2000)) is True
@@ -147,3 +144,28 @@ def test_denial_record_carries_count_sample_and_times():
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         DenialAggregator(start_ns=0, **kw)
+
+
+@pytest.mark.parametrize("ports", [None, 1500], ids=["unique keys", "a scan cycling over 1500 ports"])
+def test_a_flood_of_10k_keys_a_second_costs_at_most_1000_records_and_one_other_a_second(ports):
+    """10,000 denied connects a second, each to another key. Cycling over more ports than the cap used to cost up to
+    2,001 records a second: the keys that overflowed into `other` were "quiet" in the next interval, so each got an
+    immediate record and then an aggregate."""
+    agg = DenialAggregator(start_ns=0)
+    reported = 0
+    for s in range(5):
+        records = 0
+        for j in range(10_000):
+            i = s * 10_000 + j
+            k = i if ports is None else i % ports
+            if agg.add(_d(s * SECOND + j * 100_000, src_id=16 + k // 60_000, dialed_port=1 + k % 60_000)):
+                records += 1
+                reported += 1
+        assert agg.due((s + 1) * SECOND)
+        out = agg.flush((s + 1) * SECOND)
+        others = [a for a in out if a.other]
+        assert len(others) == 1 and others[0].count > 0
+        records += len(out) - 1
+        assert records <= 1000, (s, records)
+        reported += sum(a.count for a in out)
+    assert reported == agg.stats().events == 50_000

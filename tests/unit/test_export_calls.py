@@ -140,11 +140,11 @@ time.sleep(600)
 
 
 def spooled_cookies(spool: Path) -> list[int]:
-    from agent.export.collector_client import CALLS, batch_records
+    from agent.export.collector_client import CALLS, read_spool_file
     out: list[int] = []
     for path in sorted(spool.glob("*.batch")):
         try:
-            out += [c.cookie for c in batch_records(path.read_bytes(), CALLS)]
+            out += [c.cookie for c in read_spool_file(path, CALLS)]
         except Exception:  # noqa: BLE001 - only whole (renamed after fsync) files count
             pass
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import threading
 import time
 from collections import Counter
@@ -38,8 +39,12 @@ from agent.export.collector_client import (
     SealedBatch,
     backoff_delay,
     classify_error,
+    DamagedBatch,
+    batch_records,
     encode_batch,
+    read_spool_file,
 )
+from agent.export.flow_metrics import ExportMetrics
 from agent.export.records import FlowRecordData, IdentityData, to_proto
 
 
@@ -94,7 +99,7 @@ def stream(exporter: FlowExporter, n: int, seconds: float) -> threading.Thread:
 
 
 def spooled_records(spool_dir: Path) -> int:
-    return sum(len(collector_pb2.FlowBatch.FromString(p.read_bytes()).records) for p in spool_dir.glob("*.batch"))
+    return sum(len(read_spool_file(p)) for p in spool_dir.glob("*.batch"))
 
 
 def assert_exactly_once(cookies: list[int], n: int) -> None:
@@ -241,7 +246,7 @@ def test_spool_survives_an_agent_restart(collectors: list[CollectorServer], tmp_
     assert stats.sent_records == 0 and stats.dropped == 0
     files = sorted(spool_dir.glob("*.batch"))
     assert spooled_records(spool_dir) == 300
-    first_sequences = [int(p.stem) for p in files]
+    first_sequences = [int(p.name.split(".")[0]) for p in files]
 
     srv = start_server(collectors, tmp_dir / "flows.db", listen=f"127.0.0.1:{port}")
     second = FlowExporter(fast_config(str(srv.address), spool_dir=spool_dir))
@@ -314,17 +319,91 @@ def test_corrupt_spool_file_is_skipped(collectors: list[CollectorServer], tmp_di
     assert sorted(list_cookies(str(srv.address))) == [0, 1, 2]
 
 
+def _frame_file(spool_dir: Path, seq: int, cookies: range) -> tuple[Path, bytes]:
+    """A spool file as the spool writes it (header + batch) and the batch's bytes."""
+    payload = encode_batch("node-a", seq, [to_proto(rec(i)) for i in cookies])
+    path = spool_dir / f"{seq:020d}.{len(cookies)}.batch"
+    path.write_bytes(Spool.frame(SealedBatch(seq, payload, len(cookies))))
+    return path, payload
+
+
+def test_damaged_spool_batches_are_counted_kept_aside_and_the_rest_sent(collectors: list[CollectorServer],
+                                                                          tmp_dir: Path) -> None:
+    """A flipped byte, a file cut at a record boundary (its batch still parses, one record short: the old format
+    lost that record silently) and one cut mid-record: each batch and its records counted by reason, the file kept
+    in damaged/ (0600), never a crash; the good batches around them, new format and old, are all sent."""
+    spool_dir = tmp_dir / "spool"
+    Spool(spool_dir, 1 << 20)                                   # the directory, 0700
+    _frame_file(spool_dir, 1, range(0, 3))
+    flipped, _ = _frame_file(spool_dir, 2, range(100, 268))    # 268 - 100 = 168 records
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    boundary, payload = _frame_file(spool_dir, 3, range(300, 310))
+    shorter = encode_batch("node-a", 3, [to_proto(rec(i)) for i in range(300, 309)])
+    assert payload.startswith(shorter) and len(batch_records(shorter)) == 9      # a prefix that parses
+    boundary.write_bytes(boundary.read_bytes()[: Spool.HEADER.size + len(shorter)])
+    mid, _ = _frame_file(spool_dir, 4, range(400, 405))
+    mid.write_bytes(mid.read_bytes()[:-3])
+    _frame_file(spool_dir, 5, range(5, 8))
+    old = encode_batch("node-a", 6, [to_proto(rec(i)) for i in range(8, 10)])
+    (spool_dir / f"{6:020d}.batch").write_bytes(old)           # the format before checksums: still read
+    with pytest.raises(DamagedBatch) as e:
+        read_spool_file(flipped)
+    assert e.value.reason == "checksum"
+
+    srv = start_server(collectors, tmp_dir / "flows.db")
+    exporter = FlowExporter(fast_config(str(srv.address), spool_dir=spool_dir))
+    exporter.start()
+    assert exporter.flush(10)
+    stats = exporter.close()
+    assert sorted(list_cookies(str(srv.address))) == [0, 1, 2, 5, 6, 7, 8, 9]
+    assert stats.sent_records == 8 and stats.corrupt_spool_files == 3
+    assert dict(stats.spool_discarded_batches) == {"checksum": 1, "truncated": 2}
+    assert dict(stats.spool_discarded_records) == {"checksum": 168, "truncated": 15}
+    assert stats.dropped == 183
+    damaged = spool_dir / Spool.DAMAGED
+    assert stat.S_IMODE(damaged.stat().st_mode) == 0o700
+    kept = sorted(p.name for p in damaged.iterdir())
+    assert kept == [f"{2:020d}.168.batch.checksum", f"{3:020d}.10.batch.truncated", f"{4:020d}.5.batch.truncated"]
+    assert all(stat.S_IMODE((damaged / k).stat().st_mode) == 0o600 for k in kept)
+    assert not list(spool_dir.glob("*.batch"))
+    families = {f.name: f for f in ExportMetrics(exporter.stats, "aimesh_export", "Flow records").collect()}
+    by_reason = {s.labels["reason"]: s.value for s in families["aimesh_export_spool_discarded_records"].samples
+                 if s.name.endswith("_total")}
+    assert by_reason == {"unreadable": 0, "truncated": 15, "checksum": 168, "undecodable": 0}
+
+
+def test_the_damaged_folder_is_bounded(tmp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Spool, "DAMAGED_MAX_FILES", 2)
+    spool_dir = tmp_dir / "spool"
+    Spool(spool_dir, 1 << 20)
+    for seq in range(1, 5):
+        path, _ = _frame_file(spool_dir, seq, range(seq, seq + 1))
+        path.write_bytes(path.read_bytes()[:-1])
+    spool = Spool(spool_dir, 1 << 20)
+    reasons = []
+    while len(spool):
+        with pytest.raises(DamagedBatch) as e:
+            spool.oldest()
+        reasons.append((e.value.reason, e.value.records))
+    assert reasons == [("truncated", 1)] * 4
+    assert sorted(p.name for p in (spool_dir / Spool.DAMAGED).iterdir()) == [
+        f"{3:020d}.1.batch.truncated", f"{4:020d}.1.batch.truncated"]                # the newest two
+
+
 def test_spool_is_bounded_and_ordered(tmp_dir: Path) -> None:
-    spool = Spool(tmp_dir, max_bytes=100)
+    h = Spool.HEADER.size
+    spool = Spool(tmp_dir, max_bytes=2 * (40 + h) + 10)
     assert spool.put(SealedBatch(3, b"x" * 40, 1))
     assert spool.put(SealedBatch(1, b"y" * 40, 1))
-    assert not spool.put(SealedBatch(2, b"z" * 40, 1))  # would exceed 100 bytes
-    assert (len(spool), spool.bytes, spool.max_sequence) == (2, 80, 3)
-    reopened = Spool(tmp_dir, max_bytes=100)
-    assert (len(reopened), reopened.bytes) == (2, 80)
-    with pytest.raises(ValueError, match="unreadable"):  # b"y"*40 is not a FlowBatch
+    assert not spool.put(SealedBatch(2, b"z" * 40, 1))  # would exceed max_bytes
+    assert (len(spool), spool.bytes, spool.max_sequence) == (2, 2 * (40 + h), 3)
+    reopened = Spool(tmp_dir, max_bytes=2 * (40 + h) + 10)
+    assert (len(reopened), reopened.bytes) == (2, 2 * (40 + h))
+    with pytest.raises(DamagedBatch, match="damaged") as e:  # b"y"*40 checks but is not a FlowBatch
         reopened.oldest()
-    assert len(reopened) == 1
+    assert (e.value.reason, e.value.records, len(reopened)) == ("undecodable", 1, 1)
 
 
 def test_backoff_is_exponential_capped_and_jittered() -> None:

@@ -89,7 +89,7 @@ def test_spool_directory_and_files_are_private(tmp_path: Path, mask: int) -> Non
         spool = Spool(d, 1 << 20)
         assert spool.put(SealedBatch(7, b"x" * 10, 1))
     assert mode(d) == 0o700
-    assert [(p.name, mode(p)) for p in d.iterdir()] == [(f"{7:020d}.batch", 0o600)]
+    assert [(p.name, mode(p)) for p in d.iterdir()] == [(f"{7:020d}.1.batch", 0o600)]
 
 
 def test_a_wider_spool_is_narrowed_on_open(tmp_path: Path) -> None:

@@ -3,7 +3,6 @@ forced protocol, from the config to the decoder."""
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 
@@ -11,6 +10,7 @@ from agent.config import ConfigError, parse_config
 from agent.l7.llm import Protocol
 from agent.l7.record import ConnectionDecoder, DecoderOptions
 from agent.l7.http1 import Direction
+from agent.l7.redact import compile_redaction
 
 BASE = """
 identities:
@@ -49,7 +49,7 @@ def test_global_capture_content_is_the_default_and_an_identity_overrides_it():
 
 def test_redaction_rules_and_content_cap_reach_the_text():
     cfg = parse_config(BASE + "llm: {capture_content: true, content_max_chars: 40, redact: ['order-[0-9]+']}\n")
-    opts = DecoderOptions(capture_content=True, redact=tuple(re.compile(r) for r in cfg.llm.redact),
+    opts = DecoderOptions(capture_content=True, redact=tuple(compile_redaction(r) for r in cfg.llm.redact),
                           content_cap=cfg.llm.content_max_chars)
     [rec] = _decode(opts.decoder(1), _call("m", "about order-12345 from bob@example.com " + "x" * 100),
                     _answer("m", "ok"))
@@ -74,3 +74,23 @@ def test_bad_llm_settings_name_the_field(section, field):
     with pytest.raises(ConfigError) as e:
         parse_config(BASE + f"llm: {section}\n")
     assert field in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_catastrophic_backtracking_pattern_runs_in_linear_time():
+    """`(a+)+$` on 'a' * 50 + '!' backtracks ~2**50 steps with Python's re (minutes); RE2 returns at once: the test
+    proves it by completing. The pattern is the config's, the text the workload's prompt."""
+    cfg = parse_config(BASE + "llm: {capture_content: true, redact: ['(a+)+$', 'x(b+)+y']}\n")
+    opts = DecoderOptions(capture_content=True, redact=tuple(compile_redaction(r) for r in cfg.llm.redact))
+    evil = "a" * 50 + "!"
+    [rec] = _decode(opts.decoder(1), _call("m", evil + " " + "x" + "b" * 5000 + "z"), _answer("m", "a" * 50))
+    assert rec.prompt_text == evil + " x" + "b" * 5000 + "z"     # neither matches: nothing redacted
+    assert rec.completion_text == "[REDACTED]"                   # (a+)+$ does match a run of a's at the end
+
+
+@pytest.mark.parametrize("pattern", [r"(secret)-\1", "(?=token)tok", "(?<!x)key"],
+                         ids=["backreference", "lookahead", "lookbehind"])
+def test_a_pattern_re2_cannot_compile_is_refused_at_load_naming_the_field_and_the_pattern(pattern):
+    with pytest.raises(ConfigError) as e:
+        parse_config(BASE + "llm: {redact: ['order-[0-9]+', '%s']}\n" % pattern)
+    msg = str(e.value)
+    assert "redact.1" in msg and repr(pattern) in msg and "RE2" in msg and "\n" not in msg
