@@ -923,6 +923,9 @@ class GatewaySettings(_Strict):
     redirect_address: Optional[str] = None        # default: listen
     ca_dir: Path = Field(default=Path("/var/lib/aimesh/ca"), strict=False)   # the node CA (key 0600, kept)
     mode: Optional[Literal["enforce", "audit"]] = None   # default: the global mode
+    # requests to endpoints the gateway does not understand (nor batches, whose models it does not read): refused,
+    # served, or served and recorded would_deny (agent/l7/endpoints.py)
+    unknown_endpoints: Literal["deny", "allow", "audit"] = "deny"
 
     @field_validator("listen", "redirect_address")
     @classmethod

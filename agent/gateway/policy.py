@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 DEFAULT_OUTPUT_RESERVATION = 4096   # output tokens reserved for a request that names no max_tokens
 FORMAT = 1
+UNKNOWN_ENDPOINTS = ("deny", "allow", "audit")
 
 
 class PolicyError(ValueError):
@@ -121,6 +122,8 @@ class GatewayPolicy:
     rules: tuple[Rule, ...] = ()
     identity_numbers: Mapping[str, int] = field(default_factory=dict)   # name -> kernel identity number
     audit_sources: frozenset[str] = frozenset()  # source identities in audit mode (identity mode: audit)
+    unknown_endpoints: str = "deny"             # deny | allow | audit: requests to endpoints the gateway does not
+                                                # understand (agent/l7/endpoints.py), batches among them
 
     # -- building --------------------------------------------------------------------------------------------------
     @staticmethod
@@ -130,6 +133,9 @@ class GatewayPolicy:
         mode = str(gw.get("mode") or cfg.get("mode") or "enforce")
         if mode not in ("enforce", "audit"):
             raise PolicyError(f"gateway.mode: {mode!r} is not enforce or audit")
+        unknown = str(gw.get("unknown_endpoints") or "deny")
+        if unknown not in UNKNOWN_ENDPOINTS:
+            raise PolicyError(f"gateway.unknown_endpoints: {unknown!r} is not deny, allow or audit")
         dests: dict[str, Destination] = {}
         for i, ident in enumerate(cfg.get("identities") or []):
             llm = ident.get("llm")
@@ -164,7 +170,7 @@ class GatewayPolicy:
         return GatewayPolicy(mode=mode, destinations=dests, rules=tuple(r for r in rules if r.destination in dests),
                              identity_numbers=dict(identity_numbers or {}),
                              audit_sources=frozenset(str(i.get("name")) for i in cfg.get("identities") or []
-                                                     if i.get("mode") == "audit"))
+                                                     if i.get("mode") == "audit"), unknown_endpoints=unknown)
 
     @staticmethod
     def from_config(config: Any, identity_numbers: Mapping[str, int] | None = None) -> "GatewayPolicy":
@@ -175,7 +181,7 @@ class GatewayPolicy:
     def to_json(self) -> str:
         return json.dumps({
             "format": FORMAT, "mode": self.mode, "identity_numbers": dict(self.identity_numbers),
-            "audit_sources": sorted(self.audit_sources),
+            "audit_sources": sorted(self.audit_sources), "unknown_endpoints": self.unknown_endpoints,
             "destinations": [{
                 "name": d.name, "protocol": d.protocol, "tls": d.tls.value, "upstream_ca": d.upstream_ca,
                 "api_key_file": d.api_key_file, "endpoints": list(d.endpoints), "audit": d.audit,
@@ -211,9 +217,13 @@ class GatewayPolicy:
                 for r in d.get("rules") or ())
         except (KeyError, TypeError, ValueError) as e:
             raise PolicyError(f"gateway policy: bad entry ({e})") from None
+        unknown = d.get("unknown_endpoints", "deny")
+        if unknown not in UNKNOWN_ENDPOINTS:
+            raise PolicyError(f"gateway policy: unknown_endpoints {unknown!r} is not deny, allow or audit")
         return GatewayPolicy(mode=d.get("mode", "enforce"), destinations=dests, rules=rules,
                              identity_numbers={str(k): int(v) for k, v in (d.get("identity_numbers") or {}).items()},
-                             audit_sources=frozenset(str(x) for x in d.get("audit_sources") or ()))
+                             audit_sources=frozenset(str(x) for x in d.get("audit_sources") or ()),
+                             unknown_endpoints=unknown)
 
     def identity_name(self, number: int) -> str | None:
         return next((n for n, v in self.identity_numbers.items() if v == number), None)

@@ -24,6 +24,7 @@ import math
 import ssl
 import time
 import zlib
+from urllib.parse import urlsplit
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,7 +40,8 @@ from agent.gateway.ca import NodeCA
 from agent.gateway.policy import (Decision, Destination, GatewayPolicy, Outcome, Refusal, TlsMode, budget_refusal,
                                   decide)
 from agent.gateway.records import RecordSender
-from agent.l7.llm import Operation, Protocol as LlmProtocol, ResponseParse, classify
+from agent.l7.endpoints import BodyShape, Endpoint, Unclear, judged_model, parse_target, read_form_model, read_json
+from agent.l7.llm import Operation, Protocol as LlmProtocol, ResponseParse
 
 log = logging.getLogger("aimesh.gateway")
 
@@ -379,27 +381,41 @@ class Gateway:
             return self._refuse(request, rec, protocol, Refusal(
                 403, "permission_denied", "model_not_allowed",
                 f"aimesh: no policy covers {origin.source} -> {origin.destination}"), "no_policy")
-        kind = classify(request.method, request.path)
+        ep = parse_target(request.method, request.raw_path)
+        if isinstance(ep, Unclear):
+            return self._refuse(request, rec, protocol, Refusal(400, "invalid_request_error", ep.code, ep.message),
+                                ep.code)
+        kind = ep.kind if ep is not None else None
         if protocol not in ("openai", "anthropic"):       # auto / ollama: the shape the request's API speaks
             protocol = "anthropic" if kind is not None and kind[0] is LlmProtocol.ANTHROPIC else "openai"
             rec["protocol"] = kind[0].value if kind is not None else protocol
-        if kind is None:       # not a model call (GET /v1/models, ...): no model policy applies
+        if ep is None or not ep.judged:      # not understood, or batches (their models are in an uploaded file)
+            return await self._unjudged(request, conn, dest, body, rec, protocol, ep)
+        rec["path"] = ep.path
+        if not ep.model_bearing:             # GET /v1/models, file uploads, ...: no model runs
             rec["decision"], rec["reason"] = Outcome.SERVED.value, "not_a_model_call"
-            return await self._forward(request, conn, dest, body, rec, None, None, None, 0)
-        rec["operation"] = kind[1].value
-        try:
-            obj = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            obj = None
-        if not isinstance(obj, dict):
-            return self._refuse(request, rec, protocol, Refusal(
-                400, "invalid_request_error", "invalid_json",
-                "aimesh: the request body is not a JSON object"), "invalid_json")
-        model = obj.get("model")
-        if not isinstance(model, str) or not model:
-            return self._refuse(request, rec, protocol, Refusal(
-                400, "invalid_request_error", "missing_model",
-                "aimesh: the request names no model (\"model\" is missing or not a string)"), "missing_model")
+            return await self._forward(request, conn, dest, body, rec, None, None, None, 0, ep.target)
+        rec["operation"] = kind[1].value if kind is not None else ep.name
+        obj: dict[str, Any] = {}
+        body_model: Any = None
+        if ep.body is BodyShape.JSON:
+            parsed = read_json(body)
+            if isinstance(parsed, Unclear):
+                return self._refuse(request, rec, protocol, Refusal(400, "invalid_request_error", parsed.code,
+                                                                    parsed.message), parsed.code)
+            obj, body_model = parsed, parsed.get("model")
+        elif ep.body is BodyShape.MULTIPART:
+            form = read_form_model(request.headers.get("Content-Type"), body)
+            if isinstance(form, Unclear):
+                return self._refuse(request, rec, protocol, Refusal(400, "invalid_request_error", form.code,
+                                                                    form.message), form.code)
+            body_model = form
+        judged = judged_model(ep, body_model)
+        if isinstance(judged, Unclear):
+            return self._refuse(request, rec, protocol, Refusal(400, "invalid_request_error", judged.code,
+                                                                judged.message), judged.code)
+        model = judged.model
+        rec["model_from"] = judged.source
         mt_key = next((k for k in _MAX_TOKEN_KEYS if _is_int(obj.get(k))), None)
         max_tokens = int(obj[mt_key]) if mt_key else None
         stream = obj.get("stream")
@@ -433,12 +449,55 @@ class Gateway:
         rec["decision"], rec["reason"] = outcome.value, reason
         if outcome is Outcome.WOULD_DENY:
             self.counters.would_deny += 1
-        if d.sent_model != model or d.max_tokens != max_tokens:
-            obj["model"] = d.sent_model
+        target = ep.target
+        if d.sent_model != model:
+            if ep.body is BodyShape.MULTIPART and "body" in judged.source:
+                if reservation is not None:
+                    self.budgets.release(reservation)
+                return self._refuse(request, rec, protocol, Refusal(
+                    400, "invalid_request_error", "model_retired",
+                    f"aimesh: {model!r} is retired (successor {d.sent_model!r}); the gateway does not rewrite a "
+                    "multipart body: name the successor"), "model_retired")
+            target = ep.with_model(d.sent_model)
+        if ep.body is BodyShape.JSON and (d.sent_model != model or d.max_tokens != max_tokens):
+            if "model" in obj:
+                obj["model"] = d.sent_model
             if mt_key is not None and d.max_tokens is not None:
                 obj[mt_key] = d.max_tokens
             body = json.dumps(obj).encode()
-        return await self._forward(request, conn, dest, body, rec, d, kind, reservation, est_input)
+        if ep.name == "realtime":            # judged, but the gateway relays no websockets
+            if reservation is not None:
+                self.budgets.release(reservation)
+            return self._refuse(request, rec, protocol, Refusal(
+                501, "invalid_request_error", "websocket_not_relayed",
+                f"aimesh: {ep.path} is a websocket; the gateway does not relay websockets"), "websocket_not_relayed")
+        return await self._forward(request, conn, dest, body, rec, d, kind, reservation, est_input, target)
+
+    async def _unjudged(self, request: web.BaseRequest, conn: _Conn, dest: Destination, body: bytes,
+                        rec: dict[str, Any], protocol: str, ep: Endpoint | None) -> web.StreamResponse:
+        """An endpoint the gateway does not understand, or batches: `unknown_endpoints` decides (deny by default)."""
+        policy, origin = self.policy, conn.origin
+        what = (f"{request.method} {ep.path} (batches: the models are in an uploaded file the gateway does not read)"
+                if ep is not None else f"{request.method} {request.path}")
+        reason = "batch_not_judged" if ep is not None else "endpoint_not_understood"
+        if ep is not None:
+            rec["path"] = ep.path
+        mode = policy.unknown_endpoints
+        if mode == "allow":
+            rec["decision"], rec["reason"] = Outcome.SERVED.value, reason
+        elif mode == "audit" or policy.audit_for(origin.source, origin.destination):
+            self.counters.would_deny += 1
+            rec["decision"], rec["reason"] = Outcome.WOULD_DENY.value, reason
+        else:
+            return self._refuse(request, rec, protocol, Refusal(
+                403, "permission_denied", reason,
+                f"aimesh: the gateway does not judge {what[:300]} on {origin.destination}; refused "
+                "(gateway.unknown_endpoints: deny)"), reason)
+        target = ep.target if ep is not None else request.raw_path
+        if ep is None and "://" in target.split("?", 1)[0]:
+            u = urlsplit(target)
+            target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        return await self._forward(request, conn, dest, body, rec, None, None, None, 0, target)
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
         cap = self.settings.max_body
@@ -489,12 +548,12 @@ class Gateway:
 
     async def _forward(self, request: web.BaseRequest, conn: _Conn, dest: Destination, body: bytes,
                        rec: dict[str, Any], d: Decision | None, kind: tuple[LlmProtocol, Operation] | None,
-                       reservation: Reservation | None, est_input: int) -> web.StreamResponse:
+                       reservation: Reservation | None, est_input: int, target: str) -> web.StreamResponse:
         assert self._session is not None
         origin = conn.origin
         https = dest.tls is TlsMode.ORIGINATE or (dest.tls is TlsMode.INTERCEPT and origin.tls)
         host = f"[{origin.address}]" if ":" in origin.address else origin.address
-        url = f"{'https' if https else 'http'}://{host}:{origin.port}{request.raw_path}"
+        url = f"{'https' if https else 'http'}://{host}:{origin.port}{target}"
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
         if dest.api_key_file:
             try:
