@@ -167,21 +167,26 @@ def parse_target(method: str, target: str) -> Endpoint | Unclear | None:
     for m in (path_model, query_model):
         if m is not None and (bad := check_model(m)) is not None:
             return bad
+    wrong_method: Unclear | None = None
+    thread_messages = _tail_matches(segs, ("threads", "*", "messages"))    # not Anthropic's /v1/messages
+    for tail_segs, name, kind, body in () if thread_messages else _MODEL_ENDPOINTS:
+        if _tail_matches(segs, tail_segs):
+            realtime = name == "realtime" and body is BodyShape.NONE
+            if method == ("GET" if realtime else "POST"):
+                return Endpoint(name=name, kind=kind, model_bearing=True, judged=name != "batches", body=body,
+                                path=path, target=raw, path_model=path_model, query_model=query_model,
+                                _path_head=head, _path_tail=tail)
+            wrong_method = Unclear("method_not_judged", f"aimesh: {method} {path} is a model endpoint; only "
+                                   f"{'GET (websocket)' if realtime else 'POST'} is judged there; refused")
+            break
     if path_model is None and query_model is None:
-        for tail_segs, methods, name in _PLAIN_ENDPOINTS:
+        for tail_segs, methods, name in _PLAIN_ENDPOINTS:     # GET /v1/batches: a listing, no model runs
             n = len(segs) - len(tail_segs)
             if n >= 0 and segs[:n] in _PLAIN_PREFIXES and _tail_matches(segs, tail_segs) and method in methods:
                 return Endpoint(name=name, kind=None, model_bearing=False, judged=True, body=BodyShape.NONE,
                                 path=path, target=raw)
-    for tail_segs, name, kind, body in _MODEL_ENDPOINTS:
-        if _tail_matches(segs, tail_segs):
-            realtime = name == "realtime" and body is BodyShape.NONE
-            if method != ("GET" if realtime else "POST"):
-                return Unclear("method_not_judged", f"aimesh: {method} {path} is a model endpoint; only "
-                               f"{'GET (websocket)' if realtime else 'POST'} is judged there; refused")
-            return Endpoint(name=name, kind=kind, model_bearing=True, judged=name != "batches", body=body,
-                            path=path, target=raw, path_model=path_model, query_model=query_model,
-                            _path_head=head, _path_tail=tail)
+    if wrong_method is not None:
+        return wrong_method
     return None
 
 

@@ -16,6 +16,7 @@ from typing import Hashable, Iterable
 
 from agent.l7.http1 import (DEFAULT_BODY_CAP, Body, Direction, Http1Connection, HttpEvent, MessageEnd, RequestHead,
                             ResponseHead, Undecoded, UndecodedReason, header)
+from agent.l7.endpoints import target_model
 from agent.l7.llm import (TEXT_MARGIN, Operation, Protocol, RequestInfo, RequestScan, ResponseInfo, ResponseParse,
                           classify)
 from agent.l7.redact import Redaction, compile_redaction
@@ -105,6 +106,8 @@ class _Call:
         self.head = head
         self.kind = kind
         self.scan = RequestScan(kind[0], kind[1], capture, cap) if kind else None
+        # the model the path or query names: the upstream uses it over the body's (agent/l7/endpoints.py)
+        self.target_model = target_model(head.method, head.target) if kind else None
         self.request: RequestInfo | None = None
         self.request_bytes = 0
         self.request_truncated = False
@@ -225,7 +228,8 @@ class ConnectionDecoder:
             call.request_truncated = True
         req = call.request
         # an API path whose JSON body was cut (by the capture or the close) before its "model" is still a call
-        llm = req is not None and (req.is_llm or (call.request_truncated and req.json_object))
+        llm = req is not None and (req.is_llm or (call.request_truncated and req.json_object)
+                                   or (call.target_model is not None and req.json_object))
         if call.kind is None or req is None or not llm:
             self._other += 1
             return []
@@ -243,7 +247,8 @@ class ConnectionDecoder:
             resp is not None and (resp.completion_cut or resp.event_bytes_dropped > 0))
         rec = ModelCallRecord(
             conn_key=self.conn_key, sequence=call.seq, start_ns=start,
-            protocol=call.kind[0], operation=call.kind[1], request_model=req.model,
+            protocol=call.kind[0], operation=call.kind[1],
+            request_model=call.target_model if call.target_model is not None else req.model,
             response_model=resp.model if resp else None, stream=req.stream, status=call.status,
             error_type=resp.error_type if resp else None,
             input_tokens=resp.input_tokens if resp else None, output_tokens=resp.output_tokens if resp else None,
