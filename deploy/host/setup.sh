@@ -90,3 +90,15 @@ if [ ! -x .venv-phoenix/bin/phoenix ]; then
     rm -rf .venv-phoenix
   fi
 fi
+
+# A real OpenAI-compatible upstream nobody here wrote, for tests/kernel/test_gateway_endpoints.py: the LiteLLM proxy
+# (its mock_response models run offline), in a venv of its own (it pins its own openai, httpx, pydantic). Installed
+# once; a failed install only leaves that test skipped, with its reason.
+if [ ! -x .venv-litellm/bin/litellm ]; then
+  log "installing the LiteLLM proxy into .venv-litellm (the upstream of tests/kernel/test_gateway_endpoints.py)"
+  rm -rf .venv-litellm
+  if ! { "$SYSPY" -m venv .venv-litellm && .venv-litellm/bin/pip install -q 'litellm[proxy]' >/dev/null 2>&1; }; then
+    log "warning: LiteLLM could not be installed; tests/kernel/test_gateway_endpoints.py will be skipped"
+    rm -rf .venv-litellm
+  fi
+fi

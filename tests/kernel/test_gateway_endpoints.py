@@ -1,6 +1,6 @@
 """Issue 22 items 1, 2 and 5 through the real kernel redirect and the gateway, with a real upstream nobody here wrote:
-the LiteLLM proxy (PyPI `litellm[proxy]`, in its own venv /work/venv-litellm or $AIMESH_LITELLM, see
-deploy/host/setup.sh) with `mock_response` models, offline. Each mock answers with its own text, so the client sees
+the LiteLLM proxy (PyPI `litellm[proxy]`, in its own venv: $AIMESH_LITELLM, <repo>/.venv-litellm from
+deploy/host/setup.sh, or /work/venv-litellm) with `mock_response` models, offline. Each mock answers with its own text, so the client sees
 which model the upstream really ran, whatever the response's `model` field says (LiteLLM echoes the body's).
 
 The workloads are the official openai SDK (OpenAI with path models in base_url, AzureOpenAI for deployment paths,
@@ -19,9 +19,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernel.harness import CgroupTree, _enter_cgroup, free_port, start_agent
+from tests.kernel.harness import REPO, CgroupTree, _enter_cgroup, free_port, start_agent
 
-LITELLM = Path(os.environ.get("AIMESH_LITELLM", "/work/venv-litellm")) / "bin" / "litellm"
+def _litellm() -> Path:
+    """$AIMESH_LITELLM (a venv), else <repo>/.venv-litellm (deploy/host/setup.sh), else /work/venv-litellm."""
+    cands = [os.environ.get("AIMESH_LITELLM"), str(REPO / ".venv-litellm"), "/work/venv-litellm"]
+    for c in filter(None, cands):
+        if (Path(c) / "bin" / "litellm").exists():
+            return Path(c) / "bin" / "litellm"
+    return REPO / ".venv-litellm" / "bin" / "litellm"
+
+
+LITELLM = _litellm()
 MASTER = "sk-aimesh-test-master-key-0123456789"
 HOST = "127.0.0.6"
 TEXT = {"gpt-4o": "hello from gpt-4o", "gpt-4o-mini": "hello from mini", "o1-preview": "hello from o1"}
