@@ -1,5 +1,5 @@
-"""Request targets and bodies read the way real upstreams read them (agent/l7/endpoints.py), and the capture path
-recording the model the upstream used. Pure: no kernel, no sockets."""
+"""Request targets and bodies read the way real upstreams read them (agent/l7/endpoints.py), the capture path
+recording the model the upstream used (pure), and the gateway in-process acting on them (loopback sockets)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ from agent.l7.endpoints import (BodyShape, Endpoint, Judged, Unclear, judged_mod
 from agent.l7.http1 import Direction
 from agent.l7.llm import Operation, Protocol
 from agent.l7.record import ConnectionDecoder
+from tests.unit.test_gateway_server import MSG, make_gateway, policy_for  # noqa: F401  (fixtures)
 
 
 def ep(method: str, target: str) -> Endpoint:
@@ -192,3 +193,84 @@ def test_capture_records_the_path_or_query_model(path: str, body: dict[str, obje
     recs += dec.close(2)
     assert [r.request_model for r in recs] == [want]
     assert target_model("POST", path) == (want if want == "o1-preview" else None)
+
+
+# -- the gateway in-process (tests/unit/test_gateway_server.py's harness) with an upstream that notes what it got ---
+class _Noting:
+    """Answers every POST/GET with a chat completion naming the body's model; notes (method, target, body model)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        self.got: list[tuple[str, str, object]] = []
+        owner = self
+
+        class H(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a: object) -> None:
+                pass
+
+            def _any(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    model = json.loads(raw).get("model") if raw else None
+                except ValueError:
+                    model = None
+                owner.got.append((self.command, self.path, model))
+                out = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": str(model),
+                                  "choices": [{"index": 0, "finish_reason": "stop",
+                                               "message": {"role": "assistant", "content": "ok"}}],
+                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            do_POST = do_GET = _any
+
+        self.srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.srv.server_address[1]
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.srv.shutdown()
+        self.srv.server_close()
+
+
+@pytest.fixture
+def noting():
+    n = _Noting()
+    yield n
+    n.close()
+
+
+def test_a_retired_model_in_the_deployment_path_is_rewritten_there_too(noting, make_gateway):
+    import openai
+    llm = {"models": [{"name": "gpt-4-0613", "deprecated": {"sunset": "2020-01-01T00:00:00Z", "successor": "gpt-4o"}}]}
+    h = make_gateway(policy_for(noting.port, [{"models": ["gpt-4o*"]}], llm=llm), noting.port)
+    c = openai.AzureOpenAI(azure_endpoint=h.url(suffix=""), api_version="2024-06-01", api_key="k", max_retries=0)
+    c.chat.completions.create(model="gpt-4-0613", messages=MSG)
+    assert noting.got == [("POST", "/openai/deployments/gpt-4o/chat/completions?api-version=2024-06-01", "gpt-4o")]
+    rec = h.drain(1)[0]
+    assert (rec["request_model"], rec["sent_model"], rec["model_from"], rec["decision"]) == (
+        "gpt-4-0613", "gpt-4o", "path+body", "served")
+
+
+@pytest.mark.parametrize("mode,decision,status", [("deny", "refused", 403), ("allow", "served", 200),
+                                                  ("audit", "would_deny", 200)])
+def test_unknown_endpoints_option(noting, make_gateway, mode: str, decision: str, status: int) -> None:
+    import dataclasses
+
+    import httpx
+    pol = dataclasses.replace(policy_for(noting.port, [{"models": ["gpt-4o*"]}]), unknown_endpoints=mode)
+    h = make_gateway(pol, noting.port)
+    r = httpx.post(h.url() + "/some/new/api", json={"model": "o1"}, timeout=10)
+    assert r.status_code == status, r.text
+    if mode == "deny":
+        assert "POST /v1/some/new/api" in r.json()["error"]["message"] and noting.got == []
+    else:
+        assert noting.got == [("POST", "/v1/some/new/api", "o1")]
+    rec = h.drain(1)[0]
+    assert (rec["decision"], rec["reason"]) == (decision, "endpoint_not_understood")
