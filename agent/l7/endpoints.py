@@ -153,7 +153,7 @@ def parse_target(method: str, target: str) -> Endpoint | Unclear | None:
     path_model: str | None = None
     head = tail = ""
     for i, s in enumerate(segs[:-1]):
-        if (s == "deployments" and i > 0 and segs[i - 1] == "openai") or s == "engines":
+        if s in ("deployments", "engines"):    # under any prefix (/openai/v1/deployments/...): fail closed
             path_model = segs[i + 1]
             head = "/" + "/".join(raw_segs[:i + 1]) + "/"
             tail = "/" + "/".join(raw_segs[i + 2:]) if len(raw_segs) > i + 2 else ""

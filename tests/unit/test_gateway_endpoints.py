@@ -37,6 +37,12 @@ def test_azure_deployment_path_names_the_model() -> None:
     assert "gpt-4o" in m.message and "o1-preview" in m.message
 
 
+def test_deployments_and_engines_under_any_prefix_name_the_model() -> None:
+    assert ep("POST", "/openai/v1/deployments/o1/chat/completions").path_model == "o1"
+    assert ep("POST", "/deployments/o1/embeddings").path_model == "o1"
+    assert ep("POST", "/engines/o1/chat/completions").path_model == "o1"
+
+
 def test_engines_path_and_query_model() -> None:
     e = ep("POST", "/engines/o1-preview/completions")
     assert (e.name, e.path_model) == ("completion", "o1-preview")
