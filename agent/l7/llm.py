@@ -49,6 +49,7 @@ _PATHS: tuple[tuple[str, Protocol, Operation], ...] = (
     ("/v1/chat/completions", Protocol.OPENAI, Operation.CHAT),
     ("/chat/completions", Protocol.OPENAI, Operation.CHAT),           # Azure deployments, gateways with prefixes
     ("/v1/completions", Protocol.OPENAI, Operation.COMPLETION),
+    ("/completions", Protocol.OPENAI, Operation.COMPLETION),          # /engines/{model}/completions, no /v1
     ("/v1/embeddings", Protocol.OPENAI, Operation.EMBEDDINGS),
     ("/embeddings", Protocol.OPENAI, Operation.EMBEDDINGS),
     ("/v1/responses", Protocol.OPENAI, Operation.RESPONSES),

@@ -192,6 +192,7 @@ def _resp(model: str) -> bytes:
     ("/v1/chat/completions?model=o1-preview", {"model": "gpt-4o", "messages": []}, "o1-preview"),
     ("/openai/deployments/o1-preview/chat/completions", {"messages": []}, "o1-preview"),
     ("/v1/chat/completions", {"model": "gpt-4o", "messages": []}, "gpt-4o"),
+    ("/engines/o1-preview/completions", {"model": "gpt-4o", "prompt": "hi"}, "o1-preview"),
 ])
 def test_capture_records_the_path_or_query_model(path: str, body: dict[str, object], want: str) -> None:
     dec = ConnectionDecoder("c")
