@@ -281,3 +281,17 @@ def test_unknown_endpoints_option(noting, make_gateway, mode: str, decision: str
         assert noting.got == [("POST", "/v1/some/new/api", "o1")]
     rec = h.drain(1)[0]
     assert (rec["decision"], rec["reason"]) == (decision, "endpoint_not_understood")
+
+
+def test_multipart_model_from_the_sdk_is_judged(noting, make_gateway) -> None:
+    import openai
+    h = make_gateway(policy_for(noting.port, [{"models": ["whisper-1"]}]), noting.port)
+    c = openai.OpenAI(base_url=h.url(), api_key="k", max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        c.audio.transcriptions.create(model="gpt-4o-transcribe", file=("a.wav", b"RIFF0000WAVE", "audio/wav"))
+    assert "gpt-4o-transcribe" in str(e.value) and noting.got == []
+    c.audio.transcriptions.create(model="whisper-1", file=("a.wav", b"RIFF0000WAVE", "audio/wav"))
+    assert [(m, p) for m, p, _ in noting.got] == [("POST", "/v1/audio/transcriptions")]
+    recs = h.drain(2)
+    assert [(r["request_model"], r["decision"], r["operation"]) for r in recs] == [
+        ("gpt-4o-transcribe", "refused", "audio"), ("whisper-1", "served", "audio")]
