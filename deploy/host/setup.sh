@@ -97,7 +97,7 @@ fi
 if [ ! -x .venv-litellm/bin/litellm ]; then
   log "installing the LiteLLM proxy into .venv-litellm (the upstream of tests/kernel/test_gateway_endpoints.py)"
   rm -rf .venv-litellm
-  if ! { "$SYSPY" -m venv .venv-litellm && .venv-litellm/bin/pip install -q 'litellm[proxy]' >/dev/null 2>&1; }; then
+  if ! { "$SYSPY" -m venv .venv-litellm && .venv-litellm/bin/pip install -q 'litellm[proxy]==1.108.7' >/dev/null 2>&1; }; then
     log "warning: LiteLLM could not be installed; tests/kernel/test_gateway_endpoints.py will be skipped"
     rm -rf .venv-litellm
   fi
