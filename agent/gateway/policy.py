@@ -282,8 +282,10 @@ def _lifecycle(m: Mapping[str, Any], where: str) -> ModelLifecycle:
 
 # -- the decision ----------------------------------------------------------------------------------------------------
 def decide(policy: GatewayPolicy, source: str, destination: str, port: int, model: str, max_tokens: int | None,
-           input_tokens: int, now: datetime) -> Decision:
-    """Judge one request: lifecycle rewrite, then the model allow-list, then max_tokens. Budgets are separate."""
+           input_tokens: int, now: datetime, choices: int = 1) -> Decision:
+    """Judge one request: lifecycle rewrite, then the model allow-list, then max_tokens (the largest limit the
+    request names, agent/gateway/limits.py). Budgets are separate; the reservation is the input estimate plus
+    `choices` (n, best_of) times the output limit. With cap_max_tokens a request naming no limit gets the cap."""
     dest = policy.destinations.get(destination)
     audit = policy.audit_for(source, destination)
     rules = [r for r in policy.rules if r.source == source and r.destination == destination
@@ -292,7 +294,7 @@ def decide(policy: GatewayPolicy, source: str, destination: str, port: int, mode
     life = dest.lifecycle(model) if dest else None
 
     def reserve(mt: int | None) -> int:
-        return max(input_tokens, 0) + (mt if mt is not None else DEFAULT_OUTPUT_RESERVATION)
+        return max(input_tokens, 0) + max(choices, 1) * (mt if mt is not None else DEFAULT_OUTPUT_RESERVATION)
 
     def out(refusal: Refusal, reason: str, rule: Rule | None) -> Decision:
         return Decision(Outcome.WOULD_DENY if audit else Outcome.REFUSED, reason, refusal, rule, model, sent,
@@ -328,7 +330,10 @@ def decide(policy: GatewayPolicy, source: str, destination: str, port: int, mode
                                f"aimesh: max_tokens {max_tokens} is over the cap {rule.max_tokens} of policy "
                                f"{rule.name} for {source} on {destination}"), "max_tokens_over_cap", rule)
     if mt is None and rule.max_tokens is not None:
-        res = max(input_tokens, 0) + rule.max_tokens
+        if rule.cap_max_tokens:
+            mt = rule.max_tokens
+            note = (note + "; " if note else "") + f"max_tokens {mt} inserted"
+        res = reserve(rule.max_tokens)
     else:
         res = reserve(mt)
     return Decision(Outcome.SERVED, note, None, rule, model, sent, mt, res, deprecated)

@@ -36,16 +36,17 @@ from aiohttp.web_protocol import RequestHandler
 
 from agent.gateway.budget import BudgetBook, Exceeded, Limits, Reservation
 from agent.gateway.ca import NodeCA
+from agent.gateway.limits import LimitError, apply_cap, token_limit
 from agent.gateway.policy import (Decision, Destination, GatewayPolicy, Outcome, Refusal, TlsMode, budget_refusal,
                                   decide)
 from agent.gateway.records import RecordSender
+from agent.gateway.usage import UsageChunkStrip, estimate_tokens, want_stream_usage
 from agent.l7.llm import Operation, Protocol as LlmProtocol, ResponseParse, classify
 
 log = logging.getLogger("aimesh.gateway")
 
 _HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
                   "proxy-authorization", "proxy-authenticate", "content-length"})
-_MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,8 +401,13 @@ class Gateway:
             return self._refuse(request, rec, protocol, Refusal(
                 400, "invalid_request_error", "missing_model",
                 "aimesh: the request names no model (\"model\" is missing or not a string)"), "missing_model")
-        mt_key = next((k for k in _MAX_TOKEN_KEYS if _is_int(obj.get(k))), None)
-        max_tokens = int(obj[mt_key]) if mt_key else None
+        try:
+            limit = token_limit(obj)
+        except LimitError as e:
+            rec["request_model"] = model
+            return self._refuse(request, rec, protocol, Refusal(
+                400, "invalid_request_error", "invalid_token_limit", f"{e}"), "invalid_token_limit")
+        max_tokens = limit.value
         stream = obj.get("stream")
         rec.update(request_model=model, max_tokens=max_tokens, stream=stream is True,
                    temperature=obj.get("temperature") if _is_num(obj.get("temperature")) else None,
@@ -409,7 +415,7 @@ class Gateway:
                    if isinstance(obj.get("stream_options"), dict) else None)
         est_input = math.ceil(len(body) / 4)
         d = decide(policy, origin.source, origin.destination, origin.port, model, max_tokens, est_input,
-                   datetime.fromtimestamp(wall, timezone.utc))
+                   datetime.fromtimestamp(wall, timezone.utc), limit.choices)
         rec.update(policy=d.policy, sent_model=d.sent_model, reason=d.reason, deprecated=d.deprecated,
                    sent_max_tokens=d.max_tokens)
         if d.outcome is Outcome.REFUSED:
@@ -433,12 +439,19 @@ class Gateway:
         rec["decision"], rec["reason"] = outcome.value, reason
         if outcome is Outcome.WOULD_DENY:
             self.counters.would_deny += 1
-        if d.sent_model != model or d.max_tokens != max_tokens:
+        strip = False
+        rewrite = d.sent_model != model or d.max_tokens != max_tokens
+        if rewrite:
             obj["model"] = d.sent_model
-            if mt_key is not None and d.max_tokens is not None:
-                obj[mt_key] = d.max_tokens
+            if d.max_tokens is not None:
+                apply_cap(obj, limit, d.max_tokens, kind[0], kind[1])
+        if reservation is not None:           # a budget is settled from usage: ask OpenAI streams for it
+            ask = want_stream_usage(obj, kind[0], kind[1])
+            if ask is not None:
+                rewrite, strip = True, ask
+        if rewrite:
             body = json.dumps(obj).encode()
-        return await self._forward(request, conn, dest, body, rec, d, kind, reservation, est_input)
+        return await self._forward(request, conn, dest, body, rec, d, kind, reservation, est_input, strip)
 
     async def _read_body(self, request: web.BaseRequest) -> bytes:
         cap = self.settings.max_body
@@ -489,13 +502,15 @@ class Gateway:
 
     async def _forward(self, request: web.BaseRequest, conn: _Conn, dest: Destination, body: bytes,
                        rec: dict[str, Any], d: Decision | None, kind: tuple[LlmProtocol, Operation] | None,
-                       reservation: Reservation | None, est_input: int) -> web.StreamResponse:
+                       reservation: Reservation | None, est_input: int, strip: bool = False) -> web.StreamResponse:
         assert self._session is not None
         origin = conn.origin
         https = dest.tls is TlsMode.ORIGINATE or (dest.tls is TlsMode.INTERCEPT and origin.tls)
         host = f"[{origin.address}]" if ":" in origin.address else origin.address
         url = f"{'https' if https else 'http'}://{host}:{origin.port}{request.raw_path}"
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
+        if strip:         # the usage event is removed from the stream: it must come uncompressed
+            headers = [(k, v) for k, v in headers if k.lower() != "accept-encoding"]
         if dest.api_key_file:
             try:
                 key = self._api_key(dest.api_key_file)
@@ -527,11 +542,14 @@ class Gateway:
                 if d is not None and d.sent_model != d.requested_model:
                     resp.headers["x-aimesh-requested-model"] = d.requested_model
                     resp.headers["x-aimesh-sent-model"] = d.sent_model
-                if up.content_length is not None and "chunked" not in up.headers.get("Transfer-Encoding", ""):
+                strip_usage = (UsageChunkStrip() if strip and up.status < 400 and not up.headers.get("Content-Encoding")
+                               and up.headers.get("Content-Type", "").startswith("text/event-stream") else None)
+                if (up.content_length is not None and "chunked" not in up.headers.get("Transfer-Encoding", "")
+                        and strip_usage is None):
                     resp.content_length = up.content_length
                 rec["status"] = up.status
-                if kind is not None:
-                    parse = ResponseParse(kind[0], kind[1], up.status, up.headers.get("Content-Type"), False, 0)
+                if kind is not None:      # text counted (not kept): a stream without usage is settled from it
+                    parse = ResponseParse(kind[0], kind[1], up.status, up.headers.get("Content-Type"), True, 0)
                 gz = (zlib.decompressobj(wbits=31) if parse is not None and
                       up.headers.get("Content-Encoding", "").lower() == "gzip" else None)
                 await resp.prepare(request)
@@ -539,13 +557,18 @@ class Gateway:
                     now = time.monotonic_ns()
                     if first is None:
                         first = now
-                    await resp.write(chunk)
-                    sent_bytes += len(chunk)
+                    passed = strip_usage.feed(chunk) if strip_usage is not None else chunk
+                    if passed:
+                        await resp.write(passed)
+                    sent_bytes += len(passed)
                     if parse is not None:
                         try:
                             parse.feed(now, gz.decompress(chunk, 1 << 22) if gz is not None else chunk)
                         except zlib.error:
                             gz, parse = None, None
+                if strip_usage is not None and (rest := strip_usage.flush()):
+                    await resp.write(rest)
+                    sent_bytes += len(rest)
                 await resp.write_eof()
                 complete = True
                 return resp
@@ -602,8 +625,12 @@ class Gateway:
                 self.budgets.settle(reservation, reservation.tokens)
             else:
                 inp = info.input_tokens if info.input_tokens is not None else est_input
-                out = (info.output_tokens if info.output_tokens is not None
-                       else min(info.chunks, out_cap) if info.streamed else out_cap)
+                if info.output_tokens is not None:
+                    out = info.output_tokens
+                elif info.streamed:     # no usage (or cut before it): from the text sent, never from chunk counts
+                    out = estimate_tokens(info.text_bytes)
+                else:                   # a body without usage: the upstream may have generated up to the limit
+                    out = max(out_cap, estimate_tokens(info.text_bytes))
                 self.budgets.settle(reservation, inp + out)
         self._records.send(rec)
 

@@ -81,8 +81,10 @@ class _Text:
         self._parts: list[str] = []
         self._size = 0
         self.cut = False
+        self.seen_bytes = 0      # UTF-8 bytes of every piece offered, kept or not (the gateway's usage estimate)
 
     def add(self, s: str) -> None:
+        self.seen_bytes += len(s.encode("utf-8", "surrogatepass"))
         if self._size >= self._limit:
             self.cut = self.cut or bool(s)
             return
@@ -209,6 +211,7 @@ class ResponseInfo:
     completion_text: str | None
     completion_cut: bool
     event_bytes_dropped: int        # stream events over the per-event bound, skipped
+    text_bytes: int = 0             # UTF-8 bytes of all output text (with capture_text; beyond the cap too)
 
 
 _MAX_EVENT = 1 << 20   # one SSE event / NDJSON line; longer ones are skipped and counted
@@ -490,7 +493,8 @@ class ResponseParse:
             first_chunk_ns=self._first, last_chunk_ns=self._last, chunks=self._chunks,
             confidence_mean=self._lp_sum / self._lp_n if self._lp_n else None, confidence_min=self._lp_min,
             completion_text=self._text.value() if self._text else None,
-            completion_cut=bool(self._text and self._text.cut), event_bytes_dropped=self._dropped)
+            completion_cut=bool(self._text and self._text.cut), event_bytes_dropped=self._dropped,
+            text_bytes=self._text.seen_bytes if self._text else 0)
 
 
 _SCAN = json.JSONDecoder().scan_once
