@@ -361,7 +361,8 @@ class Gateway:
             "reason": None, "deprecated": False, "status": None, "error_type": None, "input_tokens": None,
             "output_tokens": None, "cached_tokens": None, "time_to_first_chunk_ns": None, "duration_ns": None,
             "output_chunks": 0, "finish_reasons": [], "request_bytes": 0, "response_bytes": 0, "incomplete": False,
-            "max_tokens": None, "sent_max_tokens": None, "temperature": None, "include_usage": None}
+            "max_tokens": None, "sent_max_tokens": None, "temperature": None, "include_usage": None,
+            "choice_count": None, "response_id": None}
         try:
             body = await asyncio.wait_for(self._read_body(request), self.settings.body_timeout_s)
         except _TooLarge:
@@ -408,6 +409,7 @@ class Gateway:
             return self._refuse(request, rec, protocol, Refusal(
                 400, "invalid_request_error", "invalid_token_limit", f"{e}"), "invalid_token_limit")
         max_tokens = limit.value
+        rec["choice_count"] = obj.get("n") if "n" in obj else None   # token_limit checked it is an integer
         stream = obj.get("stream")
         rec.update(request_model=model, max_tokens=max_tokens, stream=stream is True,
                    temperature=obj.get("temperature") if _is_num(obj.get("temperature")) else None,
@@ -612,6 +614,7 @@ class Gateway:
             rec.update(response_model=info.model, input_tokens=info.input_tokens, output_tokens=info.output_tokens,
                        cached_tokens=info.cached_tokens, output_chunks=info.chunks,
                        finish_reasons=list(info.finish_reasons), error_type=info.error_type,
+                       response_id=info.response_id,
                        incomplete=not info.complete)
         rec["response_bytes"] = sent_bytes
         rec["duration_ns"] = now - t0

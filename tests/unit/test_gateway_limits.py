@@ -309,3 +309,4 @@ def test_cap_max_tokens_inserts_the_cap_when_the_request_names_none(upstream, ma
     assert b'"max_completion_tokens": 3' in _sent(upstream)
     rec = h.drain(1)[0]
     assert (rec["max_tokens"], rec["sent_max_tokens"]) == (None, 3) and "inserted" in rec["reason"]
+    assert rec["response_id"] and rec["choice_count"] is None      # gen_ai.response.id from the gateway's record too
