@@ -162,7 +162,7 @@ class PackingUpstream:
     """OpenAI chat: n choices of `max_tokens` words each (default 40), each choice's words in ONE chunk; usage chunk
     only when include_usage (and `usage=True`). `spent` is the server's own count of output tokens."""
 
-    def __init__(self, usage: bool = True) -> None:
+    def __init__(self, usage: bool = True, host: str = "127.0.0.1", port: int = 0) -> None:
         self.lock = threading.Lock()
         self.spent = 0
         self.bodies: list[dict[str, Any]] = []
@@ -199,7 +199,7 @@ class PackingUpstream:
                 chunk(b"data: [DONE]\n\n")
                 self.wfile.write(b"0\r\n\r\n")
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.httpd = ThreadingHTTPServer((host, port), H)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -221,6 +221,10 @@ BUDGET = 2000
 MAXT = 40
 
 
+def FIXED_CLOCK() -> float:      # one budget minute for the whole test: no window rolls over mid-test
+    return 1_800_000_030.0
+
+
 def _check_budget(h: Any, up: PackingUpstream, results: list[str], total: int) -> None:
     recs = h.drain(total)
     served = results.count("served")
@@ -232,7 +236,8 @@ def _check_budget(h: Any, up: PackingUpstream, results: list[str], total: int) -
 
 
 def test_50_concurrent_n8_streams_from_the_python_sdk_stay_in_budget(packing, make_gateway):
-    h = make_gateway(policy_for(packing.port, [{"models": ["gpt-4o"], "tokens_per_minute": BUDGET}]), packing.port)
+    h = make_gateway(policy_for(packing.port, [{"models": ["gpt-4o"], "tokens_per_minute": BUDGET}]), packing.port,
+                     clock=FIXED_CLOCK)
 
     async def one(c: openai.AsyncOpenAI) -> str:
         try:
@@ -271,7 +276,8 @@ Promise.all(Array.from({length: 50}, one)).then(r => console.log(JSON.stringify(
 def test_50_concurrent_n8_streams_from_the_node_sdk_stay_in_budget(make_gateway, tmp_path):
     up = PackingUpstream(usage=False)
     try:
-        h = make_gateway(policy_for(up.port, [{"models": ["gpt-4o"], "tokens_per_minute": BUDGET}]), up.port)
+        h = make_gateway(policy_for(up.port, [{"models": ["gpt-4o"], "tokens_per_minute": BUDGET}]), up.port,
+                         clock=FIXED_CLOCK)
         out = subprocess.run(["node", "-e", NODE_SCRIPT, h.url()], capture_output=True, text=True, timeout=120,
                              env={**os.environ, "NODE_PATH": str(NODE_DIR / "node_modules")}, check=True)
         results = json.loads(out.stdout)
