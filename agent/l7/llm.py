@@ -455,7 +455,7 @@ class ResponseParse:
             self._model = value
         elif path in _ID:
             if self._id is None and self._shape is not None and (self._op is not Operation.EMBEDDINGS):
-                self._id = value[:256]
+                self._id = value[:128]      # ids are short; the collector caps names at 253
         elif path in _FINISH_APPEND:
             self._finish.append(value)
         elif path in _FINISH_SET and self._op is Operation.RESPONSES:
