@@ -327,7 +327,8 @@ def decide(policy: GatewayPolicy, source: str, destination: str, port: int, mode
             note = (note + "; " if note else "") + f"max_tokens capped to {mt}"
         else:
             return out(Refusal(400, "invalid_request_error", "max_tokens_exceeded",
-                               f"aimesh: max_tokens {max_tokens} is over the cap {rule.max_tokens} of policy "
+                               f"aimesh: max_tokens {_limit_text(max_tokens)} is over the cap {rule.max_tokens} "
+                               f"of policy "
                                f"{rule.name} for {source} on {destination}"), "max_tokens_over_cap", rule)
     if mt is None and rule.max_tokens is not None:
         if rule.cap_max_tokens:
@@ -337,6 +338,10 @@ def decide(policy: GatewayPolicy, source: str, destination: str, port: int, mode
     else:
         res = reserve(mt)
     return Decision(Outcome.SERVED, note, None, rule, model, sent, mt, res, deprecated)
+
+
+def _limit_text(n: int) -> str:
+    return "unbounded (a negative num_predict)" if n >= 1 << 62 else str(n)     # limits.UNBOUNDED
 
 
 def budget_refusal(kind: str, retry_after_s: float, source: str, destination: str, rule: Rule) -> Refusal:

@@ -225,7 +225,7 @@ _TERMINAL_TYPES = frozenset({"message_stop", "response.completed", "response.inc
 
 # leaf path -> what it is, for every protocol at once; paths are ijson's (list elements are "item")
 _MODEL = frozenset({"model", "message.model", "response.model"})
-_ID = frozenset({"id", "message.id", "response.id"})      # chat / completions / Anthropic JSON, message_start, Responses
+_ID = frozenset({"id", "message.id", "response.id"})      # chat/completions/Anthropic JSON, message_start, Responses
 _INPUT = frozenset({"usage.prompt_tokens", "usage.input_tokens", "message.usage.input_tokens",
                     "response.usage.input_tokens", "prompt_eval_count"})
 _OUTPUT = frozenset({"usage.completion_tokens", "usage.output_tokens", "message.usage.output_tokens",

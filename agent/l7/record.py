@@ -258,8 +258,9 @@ class ConnectionDecoder:
             confidence_mean=resp.confidence_mean if resp else None,
             confidence_min=resp.confidence_min if resp else None, request_digest=req.digest,
             max_tokens=req.max_tokens, temperature=req.temperature, include_usage=req.include_usage,
-            prompt_text=self._clean(req.prompt_text), completion_text=self._clean(resp.completion_text if resp else None),
-            choice_count=req.choice_count, response_id=resp.response_id if resp else None)
+            prompt_text=self._clean(req.prompt_text),
+            completion_text=self._clean(resp.completion_text if resp else None), choice_count=req.choice_count,
+            response_id=resp.response_id if resp else None)
         return [rec]
 
     def _clean(self, text: str | None) -> str | None:
