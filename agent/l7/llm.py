@@ -110,7 +110,7 @@ class RequestInfo:
     json_object: bool             # the body starts as a JSON object (what a request cut before its "model" shows)
     model: str | None
     stream: bool
-    max_tokens: int | None        # max_tokens, else max_completion_tokens / max_output_tokens / options.num_predict
+    max_tokens: int | None        # the largest of max_tokens, max_completion_tokens, max_output_tokens, num_predict
     include_usage: bool | None    # stream_options.include_usage
     temperature: float | None
     digest: str                   # sha256 of the body bytes seen (hex)
@@ -171,8 +171,9 @@ class RequestScan:
         stream = t.get("stream")
         if not isinstance(stream, bool):   # Ollama streams unless told not to; the others do not unless told to
             stream = self._proto is Protocol.OLLAMA and self._op in (Operation.CHAT, Operation.COMPLETION)
-        mt = next((t[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens", "options.num_predict")
-                   if isinstance(t.get(k), (int, float)) and not isinstance(t.get(k), bool)), None)
+        # the largest limit named, as the gateway judges it (agent/gateway/limits.py): servers read different fields
+        mt = max((t[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens", "options.num_predict")
+                  if isinstance(t.get(k), (int, float)) and not isinstance(t.get(k), bool)), default=None)
         iu = t.get("stream_options.include_usage")
         temp = t.get("temperature", t.get("options.temperature"))
         n = t.get("n")

@@ -71,3 +71,9 @@ def test_the_decoder_reads_the_choice_count():
     s.feed(b'{"model":"m"}')
     assert s.finish().choice_count is None
     assert replace(make_call(), choice_count=3).choice_count == 3
+
+
+def test_the_decoder_records_the_largest_token_limit_as_the_gateway_judges_it():
+    s = RequestScan(Protocol.OPENAI, Operation.CHAT, False, 0)
+    s.feed(b'{"model":"m","max_tokens":50,"max_completion_tokens":5000,"messages":[]}')
+    assert s.finish().max_tokens == 5000
