@@ -30,7 +30,7 @@ _ENUMS = {
     "operation": frozenset(model_call_pb2.LlmOperation.values()),
 }
 _IDENTITIES = ("source", "destination", "actual_destination")
-_OPTIONAL_TEXT = ("request_model", "response_model", "error_type", "policy", "sent_model")
+_OPTIONAL_TEXT = ("request_model", "response_model", "error_type", "policy", "sent_model", "response_id")
 MAX_REASON = 1024  # the gateway's reason text
 DECISIONS = frozenset({"served", "refused", "would_deny"})   # agent/gateway/policy.py Outcome
 _COUNTS = ("input_tokens", "output_tokens", "cached_tokens", "time_to_first_chunk_ns", "duration_ns",

@@ -9,11 +9,14 @@ aggregates at scrape time. The OpenTelemetry names map to Prometheus the usual w
     gen_ai.client.operation.time_to_first_chunk  -> gen_ai_client_operation_time_to_first_chunk_seconds (streams only,
                                                     as the convention says)
 
+Each carries the convention's recommended gen_ai_response_model (bounded like the request model, with its own cap)
+and server_address / server_port (the address the client dialed, bounded: `MAX_SERVERS` distinct, then `other`).
+
 Every label is bounded: identities come from the config, operation and provider from our enums, error_type from the
 HTTP status (never from the response body), and the request model through `ModelLabel`: an allow-list of globs and a
 cap on how many distinct names it admits, everything else `other`, so a client inventing model names cannot grow
-the series. Buckets are the convention's ExplicitBucketBoundaries (time to first chunk uses the ones it gives for
-gen_ai.server.time_to_first_token).
+the series. Buckets are the convention's ExplicitBucketBoundaries (the client's time to first chunk has the same
+ones as the operation duration; gen_ai.server.time_to_first_token's finer ones are the server's metric, not ours).
 
 `IdentityCompute` reads CPU time (cpu.stat usage_usec) and memory (memory.current) of each identity's cgroups when
 scraped, the way prometheus_client's ProcessCollector reads /proc. Nothing here registers itself anywhere: the
@@ -40,8 +43,8 @@ TOKEN_BUCKETS: tuple[float, ...] = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536,
                                     67108864)
 DURATION_BUCKETS: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                                        40.96, 81.92)
-TIME_TO_FIRST_CHUNK_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
-                                                  1.0, 2.5, 5.0, 7.5, 10.0)
+TIME_TO_FIRST_CHUNK_BUCKETS: tuple[float, ...] = DURATION_BUCKETS    # gen_ai.client.operation.time_to_first_chunk
+MAX_SERVERS = 256            # distinct server_address label values; the rest are `other`
 
 OTHER_MODEL = "other"        # a model name outside the allow-list, or past its cap
 UNKNOWN_MODEL = "unknown"    # the request named no model we could read
@@ -93,6 +96,10 @@ class ModelLabel:
         self._admitted: set[str] = set()
         self._lock = threading.Lock()
 
+    def fresh(self) -> "ModelLabel":
+        """The same allow-list and cap, admitting names of its own (the response model's label)."""
+        return ModelLabel(self._globs, self._max)
+
     def __call__(self, model: str | None) -> str:
         if not model:
             return UNKNOWN_MODEL
@@ -131,7 +138,8 @@ class _Histogram:
 
 
 PAIR_LABELS = ["source", "source_kind", "destination", "destination_kind"]
-CALL_LABELS = PAIR_LABELS + ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model"]
+CALL_LABELS = PAIR_LABELS + ["gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model",
+                             "gen_ai_response_model", "server_address", "server_port"]
 
 
 def _ident(i: IdentityData) -> tuple[str, str]:
@@ -144,6 +152,8 @@ class GenAiTally(Collector):
 
     def __init__(self, model_label: ModelLabel) -> None:
         self._model = model_label
+        self._response_model = model_label.fresh()
+        self._server = ModelLabel(["*"], MAX_SERVERS)
         self._lock = threading.Lock()
         self._tokens: dict[tuple[str, ...], _Histogram] = {}
         self._duration: dict[tuple[str, ...], _Histogram] = {}
@@ -152,7 +162,10 @@ class GenAiTally(Collector):
     def emit_call(self, call: ModelCallRecord, source: IdentityData, destination: IdentityData, pid: int, comm: str,
                   *, server_address: str = "", server_port: int = 0, dialed: IdentityData | None = None) -> None:
         key = _ident(source) + _ident(destination) + (
-            operation_name(call.operation), provider_name(call.protocol), self._model(call.request_model))
+            operation_name(call.operation), provider_name(call.protocol), self._model(call.request_model),
+            self._response_model(call.response_model) if call.response_model else "",
+            self._server(server_address) if server_address else "",
+            str(server_port) if server_address and server_port else "")
         with self._lock:
             for kind, n in (("input", call.input_tokens), ("output", call.output_tokens)):
                 if n is not None:

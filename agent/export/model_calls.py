@@ -22,7 +22,7 @@ _IDENTITY_FIELDS = tuple(f.name for f in fields(IdentityData))   # aimesh.v1.Ide
 _OPTIONAL = ("request_model", "response_model", "status", "error_type", "input_tokens", "output_tokens",
              "cached_tokens", "time_to_first_chunk_ns", "duration_ns", "time_per_output_chunk_ns", "confidence_mean",
              "confidence_min", "max_tokens", "temperature", "include_usage", "prompt_text", "completion_text", "policy", "sent_model",
-             "decision", "reason")  # fmt: skip
+             "decision", "reason", "choice_count", "response_id")  # fmt: skip
 _PLAIN = ("stream", "output_chunks", "request_bytes", "response_bytes", "tls", "truncated", "incomplete",
           "request_digest", "gateway")  # fmt: skip
 

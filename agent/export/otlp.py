@@ -26,6 +26,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from agent.export.genai_metrics import operation_name, provider_name
 from agent.flows.model import IdentityData
+from agent.l7.llm import Operation, Protocol
 from agent.l7.record import ModelCallRecord
 
 INSTRUMENTATION_SCOPE = "aimesh.l7"
@@ -131,6 +132,15 @@ def span_error_type(call: ModelCallRecord) -> str | None:
     return None
 
 
+# openai.api.type: the well-known values (chat_completions, responses), custom ones for the other OpenAI APIs
+_OPENAI_API_TYPES = {Operation.CHAT: "chat_completions", Operation.RESPONSES: "responses",
+                     Operation.COMPLETION: "completions", Operation.EMBEDDINGS: "embeddings"}
+
+
+def openai_api_type(call: ModelCallRecord) -> str | None:
+    return _OPENAI_API_TYPES.get(call.operation) if call.protocol is Protocol.OPENAI else None
+
+
 def span_attributes(call: ModelCallRecord, source: IdentityData, destination: IdentityData, pid: int, comm: str,
                     server_address: str = "", server_port: int = 0) -> dict[str, object]:
     """The span's attributes: GenAI semantic conventions (gen_ai.provider.name, which replaced gen_ai.system in
@@ -138,7 +148,6 @@ def span_attributes(call: ModelCallRecord, source: IdentityData, destination: Id
     a: dict[str, object] = {
         "gen_ai.operation.name": operation_name(call.operation),
         "gen_ai.provider.name": provider_name(call.protocol),
-        "gen_ai.request.stream": call.stream,
         "aimesh.source.identity": source.name,
         "aimesh.source.kind": source.kind,
         "aimesh.source.pid": pid,
@@ -159,8 +168,11 @@ def span_attributes(call: ModelCallRecord, source: IdentityData, destination: Id
         ("gen_ai.usage.cache_read.input_tokens", call.cached_tokens),
         ("gen_ai.request.max_tokens", call.max_tokens),
         ("gen_ai.request.temperature", call.temperature),
-        ("gen_ai.response.time_to_first_chunk",
-         call.time_to_first_chunk_ns / 1e9 if call.time_to_first_chunk_ns is not None else None),
+        ("gen_ai.response.time_to_first_chunk",          # "if the request was a streaming request" only
+         call.time_to_first_chunk_ns / 1e9 if call.time_to_first_chunk_ns is not None and call.stream else None),
+        ("gen_ai.request.choice.count", call.choice_count if call.choice_count != 1 else None),   # "and != 1"
+        ("gen_ai.response.id", call.response_id),
+        ("openai.api.type", openai_api_type(call)),
         ("http.response.status_code", call.status),
         ("error.type", span_error_type(call)),
         ("aimesh.l7.confidence_mean", call.confidence_mean),
@@ -169,6 +181,8 @@ def span_attributes(call: ModelCallRecord, source: IdentityData, destination: Id
     for k, v in optional:
         if v is not None:
             a[k] = v
+    if call.stream:     # "if and only if the request is streaming" (unset: assumed not)
+        a["gen_ai.request.stream"] = True
     if call.finish_reasons:
         a["gen_ai.response.finish_reasons"] = tuple(call.finish_reasons)
     if call.truncated:

@@ -106,7 +106,8 @@ def to_call(rec: Mapping[str, Any], numbers: Mapping[str, int], mono_to_wall_ns:
         temperature=_float(rec.get("temperature")),
         include_usage=rec.get("include_usage") if isinstance(rec.get("include_usage"), bool) else None,
         gateway=True, policy=_str(rec.get("policy")), sent_model=_str(rec.get("sent_model")),
-        decision=_str(rec.get("decision")), reason=_str(rec.get("reason")))
+        decision=_str(rec.get("decision")), reason=_str(rec.get("reason")),
+        choice_count=_int(rec.get("choice_count")), response_id=_str(rec.get("response_id")))
     return CapturedCall(record=call, cookie=call.conn_key, pid=0, src_id=numbers.get(source, 0), dst_id=numbers.get(dest, 0),
                         actual_dst_id=0)
 

@@ -292,8 +292,10 @@ def _lifecycle(m: Mapping[str, Any], where: str) -> ModelLifecycle:
 
 # -- the decision ----------------------------------------------------------------------------------------------------
 def decide(policy: GatewayPolicy, source: str, destination: str, port: int, model: str, max_tokens: int | None,
-           input_tokens: int, now: datetime) -> Decision:
-    """Judge one request: lifecycle rewrite, then the model allow-list, then max_tokens. Budgets are separate."""
+           input_tokens: int, now: datetime, choices: int = 1) -> Decision:
+    """Judge one request: lifecycle rewrite, then the model allow-list, then max_tokens (the largest limit the
+    request names, agent/gateway/limits.py). Budgets are separate; the reservation is the input estimate plus
+    `choices` (n, best_of) times the output limit. With cap_max_tokens a request naming no limit gets the cap."""
     dest = policy.destinations.get(destination)
     audit = policy.audit_for(source, destination)
     rules = [r for r in policy.rules if r.source == source and r.destination == destination
@@ -302,7 +304,7 @@ def decide(policy: GatewayPolicy, source: str, destination: str, port: int, mode
     life = dest.lifecycle(model) if dest else None
 
     def reserve(mt: int | None) -> int:
-        return max(input_tokens, 0) + (mt if mt is not None else DEFAULT_OUTPUT_RESERVATION)
+        return max(input_tokens, 0) + max(choices, 1) * (mt if mt is not None else DEFAULT_OUTPUT_RESERVATION)
 
     def out(refusal: Refusal, reason: str, rule: Rule | None) -> Decision:
         return Decision(Outcome.WOULD_DENY if audit else Outcome.REFUSED, reason, refusal, rule, model, sent,
@@ -335,13 +337,21 @@ def decide(policy: GatewayPolicy, source: str, destination: str, port: int, mode
             note = (note + "; " if note else "") + f"max_tokens capped to {mt}"
         else:
             return out(Refusal(400, "invalid_request_error", "max_tokens_exceeded",
-                               f"aimesh: max_tokens {max_tokens} is over the cap {rule.max_tokens} of policy "
+                               f"aimesh: max_tokens {_limit_text(max_tokens)} is over the cap {rule.max_tokens} "
+                               f"of policy "
                                f"{rule.name} for {source} on {destination}"), "max_tokens_over_cap", rule)
     if mt is None and rule.max_tokens is not None:
-        res = max(input_tokens, 0) + rule.max_tokens
+        if rule.cap_max_tokens:
+            mt = rule.max_tokens
+            note = (note + "; " if note else "") + f"max_tokens {mt} inserted"
+        res = reserve(rule.max_tokens)
     else:
         res = reserve(mt)
     return Decision(Outcome.SERVED, note, None, rule, model, sent, mt, res, deprecated)
+
+
+def _limit_text(n: int) -> str:
+    return "unbounded (a negative num_predict)" if n >= 1 << 62 else str(n)     # limits.UNBOUNDED
 
 
 def budget_refusal(kind: str, retry_after_s: float, source: str, destination: str, rule: Rule) -> Refusal:

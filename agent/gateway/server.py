@@ -37,9 +37,11 @@ from aiohttp.web_protocol import RequestHandler
 
 from agent.gateway.budget import BudgetBook, Exceeded, Limits, Reservation
 from agent.gateway.ca import NodeCA
+from agent.gateway.limits import LimitError, apply_cap, token_limit
 from agent.gateway.policy import (Decision, Destination, GatewayPolicy, Outcome, Refusal, TlsMode, budget_refusal,
                                   decide)
 from agent.gateway.records import RecordSender
+from agent.gateway.usage import UsageChunkStrip, estimate_tokens, want_stream_usage
 from agent.l7.endpoints import BodyShape, Endpoint, Unclear, judged_model, parse_target, read_form_model, read_json
 from agent.l7.llm import Operation, Protocol as LlmProtocol, ResponseParse
 
@@ -47,7 +49,6 @@ log = logging.getLogger("aimesh.gateway")
 
 _HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
                   "proxy-authorization", "proxy-authenticate", "content-length"})
-_MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,7 +363,8 @@ class Gateway:
             "reason": None, "deprecated": False, "status": None, "error_type": None, "input_tokens": None,
             "output_tokens": None, "cached_tokens": None, "time_to_first_chunk_ns": None, "duration_ns": None,
             "output_chunks": 0, "finish_reasons": [], "request_bytes": 0, "response_bytes": 0, "incomplete": False,
-            "max_tokens": None, "sent_max_tokens": None, "temperature": None, "include_usage": None}
+            "max_tokens": None, "sent_max_tokens": None, "temperature": None, "include_usage": None,
+            "choice_count": None, "response_id": None}
         try:
             body = await asyncio.wait_for(self._read_body(request), self.settings.body_timeout_s)
         except _TooLarge:
@@ -416,8 +418,14 @@ class Gateway:
                                                                 judged.message), judged.code)
         model = judged.model
         rec["model_from"] = judged.source
-        mt_key = next((k for k in _MAX_TOKEN_KEYS if _is_int(obj.get(k))), None)
-        max_tokens = int(obj[mt_key]) if mt_key else None
+        try:
+            limit = token_limit(obj)
+        except LimitError as e:
+            rec["request_model"] = model
+            return self._refuse(request, rec, protocol, Refusal(
+                400, "invalid_request_error", "invalid_token_limit", f"{e}"), "invalid_token_limit")
+        max_tokens = limit.value
+        rec["choice_count"] = obj.get("n") if "n" in obj else None   # token_limit checked it is an integer
         stream = obj.get("stream")
         rec.update(request_model=model, max_tokens=max_tokens, stream=stream is True,
                    temperature=obj.get("temperature") if _is_num(obj.get("temperature")) else None,
@@ -425,7 +433,7 @@ class Gateway:
                    if isinstance(obj.get("stream_options"), dict) else None)
         est_input = math.ceil(len(body) / 4)
         d = decide(policy, origin.source, origin.destination, origin.port, model, max_tokens, est_input,
-                   datetime.fromtimestamp(wall, timezone.utc))
+                   datetime.fromtimestamp(wall, timezone.utc), limit.choices)
         rec.update(policy=d.policy, sent_model=d.sent_model, reason=d.reason, deprecated=d.deprecated,
                    sent_max_tokens=d.max_tokens)
         if d.outcome is Outcome.REFUSED:
@@ -459,11 +467,18 @@ class Gateway:
                     f"aimesh: {model!r} is retired (successor {d.sent_model!r}); the gateway does not rewrite a "
                     "multipart body: name the successor"), "model_retired")
             target = ep.with_model(d.sent_model)
-        if ep.body is BodyShape.JSON and (d.sent_model != model or d.max_tokens != max_tokens):
+        strip = False
+        rewrite = ep.body is BodyShape.JSON and (d.sent_model != model or d.max_tokens != max_tokens)
+        if rewrite:
             if "model" in obj:
                 obj["model"] = d.sent_model
-            if mt_key is not None and d.max_tokens is not None:
-                obj[mt_key] = d.max_tokens
+            if d.max_tokens is not None and kind is not None:
+                apply_cap(obj, limit, d.max_tokens, kind[0], kind[1])
+        if reservation is not None and ep.body is BodyShape.JSON and kind is not None:
+            ask = want_stream_usage(obj, kind[0], kind[1])   # a budget is settled from usage: ask OpenAI streams
+            if ask is not None:
+                rewrite, strip = True, ask
+        if rewrite:
             body = json.dumps(obj).encode()
         if ep.name == "realtime":            # judged, but the gateway relays no websockets
             if reservation is not None:
@@ -471,7 +486,8 @@ class Gateway:
             return self._refuse(request, rec, protocol, Refusal(
                 501, "invalid_request_error", "websocket_not_relayed",
                 f"aimesh: {ep.path} is a websocket; the gateway does not relay websockets"), "websocket_not_relayed")
-        return await self._forward(request, conn, dest, body, rec, d, kind, reservation, est_input, target)
+        return await self._forward(request, conn, dest, body, rec, d, kind, reservation, est_input, target,
+                                   strip)
 
     async def _unjudged(self, request: web.BaseRequest, conn: _Conn, dest: Destination, body: bytes,
                         rec: dict[str, Any], protocol: str, ep: Endpoint | None) -> web.StreamResponse:
@@ -548,13 +564,16 @@ class Gateway:
 
     async def _forward(self, request: web.BaseRequest, conn: _Conn, dest: Destination, body: bytes,
                        rec: dict[str, Any], d: Decision | None, kind: tuple[LlmProtocol, Operation] | None,
-                       reservation: Reservation | None, est_input: int, target: str) -> web.StreamResponse:
+                       reservation: Reservation | None, est_input: int, target: str,
+                       strip: bool = False) -> web.StreamResponse:
         assert self._session is not None
         origin = conn.origin
         https = dest.tls is TlsMode.ORIGINATE or (dest.tls is TlsMode.INTERCEPT and origin.tls)
         host = f"[{origin.address}]" if ":" in origin.address else origin.address
         url = f"{'https' if https else 'http'}://{host}:{origin.port}{target}"
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
+        if strip:         # the usage event is removed from the stream: it must come uncompressed
+            headers = [(k, v) for k, v in headers if k.lower() != "accept-encoding"]
         if dest.api_key_file:
             try:
                 key = self._api_key(dest.api_key_file)
@@ -586,11 +605,14 @@ class Gateway:
                 if d is not None and d.sent_model != d.requested_model:
                     resp.headers["x-aimesh-requested-model"] = d.requested_model
                     resp.headers["x-aimesh-sent-model"] = d.sent_model
-                if up.content_length is not None and "chunked" not in up.headers.get("Transfer-Encoding", ""):
+                strip_usage = (UsageChunkStrip() if strip and up.status < 400 and not up.headers.get("Content-Encoding")
+                               and up.headers.get("Content-Type", "").startswith("text/event-stream") else None)
+                if (up.content_length is not None and "chunked" not in up.headers.get("Transfer-Encoding", "")
+                        and strip_usage is None):
                     resp.content_length = up.content_length
                 rec["status"] = up.status
-                if kind is not None:
-                    parse = ResponseParse(kind[0], kind[1], up.status, up.headers.get("Content-Type"), False, 0)
+                if kind is not None:      # text counted (not kept): a stream without usage is settled from it
+                    parse = ResponseParse(kind[0], kind[1], up.status, up.headers.get("Content-Type"), True, 0)
                 gz = (zlib.decompressobj(wbits=31) if parse is not None and
                       up.headers.get("Content-Encoding", "").lower() == "gzip" else None)
                 await resp.prepare(request)
@@ -598,13 +620,18 @@ class Gateway:
                     now = time.monotonic_ns()
                     if first is None:
                         first = now
-                    await resp.write(chunk)
-                    sent_bytes += len(chunk)
+                    passed = strip_usage.feed(chunk) if strip_usage is not None else chunk
+                    if passed:
+                        await resp.write(passed)
+                    sent_bytes += len(passed)
                     if parse is not None:
                         try:
                             parse.feed(now, gz.decompress(chunk, 1 << 22) if gz is not None else chunk)
                         except zlib.error:
                             gz, parse = None, None
+                if strip_usage is not None and (rest := strip_usage.flush()):
+                    await resp.write(rest)
+                    sent_bytes += len(rest)
                 await resp.write_eof()
                 complete = True
                 return resp
@@ -648,6 +675,7 @@ class Gateway:
             rec.update(response_model=info.model, input_tokens=info.input_tokens, output_tokens=info.output_tokens,
                        cached_tokens=info.cached_tokens, output_chunks=info.chunks,
                        finish_reasons=list(info.finish_reasons), error_type=info.error_type,
+                       response_id=info.response_id,
                        incomplete=not info.complete)
         rec["response_bytes"] = sent_bytes
         rec["duration_ns"] = now - t0
@@ -661,8 +689,12 @@ class Gateway:
                 self.budgets.settle(reservation, reservation.tokens)
             else:
                 inp = info.input_tokens if info.input_tokens is not None else est_input
-                out = (info.output_tokens if info.output_tokens is not None
-                       else min(info.chunks, out_cap) if info.streamed else out_cap)
+                if info.output_tokens is not None:
+                    out = info.output_tokens
+                elif info.streamed:     # no usage (or cut before it): from the text sent, never from chunk counts
+                    out = estimate_tokens(info.text_bytes)
+                else:                   # a body without usage: the upstream may have generated up to the limit
+                    out = max(out_cap, estimate_tokens(info.text_bytes))
                 self.budgets.settle(reservation, inp + out)
         self._records.send(rec)
 
@@ -691,10 +723,6 @@ def _host_name(host: str | None) -> str | None:
         return None
     except ValueError:
         return h or None
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_num(v: Any) -> bool:

@@ -82,8 +82,10 @@ class _Text:
         self._parts: list[str] = []
         self._size = 0
         self.cut = False
+        self.seen_bytes = 0      # UTF-8 bytes of every piece offered, kept or not (the gateway's usage estimate)
 
     def add(self, s: str) -> None:
+        self.seen_bytes += len(s.encode("utf-8", "surrogatepass"))
         if self._size >= self._limit:
             self.cut = self.cut or bool(s)
             return
@@ -109,13 +111,14 @@ class RequestInfo:
     json_object: bool             # the body starts as a JSON object (what a request cut before its "model" shows)
     model: str | None
     stream: bool
-    max_tokens: int | None        # max_tokens, else max_completion_tokens / max_output_tokens / options.num_predict
+    max_tokens: int | None        # the largest of max_tokens, max_completion_tokens, max_output_tokens, num_predict
     include_usage: bool | None    # stream_options.include_usage
     temperature: float | None
     digest: str                   # sha256 of the body bytes seen (hex)
     body_bytes: int
     prompt_text: str | None       # only when asked for; not yet redacted, up to cap + TEXT_MARGIN
     prompt_cut: bool
+    choice_count: int | None = None   # n (OpenAI): candidate completions asked for; None: not named
 
 
 class RequestScan:
@@ -169,21 +172,25 @@ class RequestScan:
         stream = t.get("stream")
         if not isinstance(stream, bool):   # Ollama streams unless told not to; the others do not unless told to
             stream = self._proto is Protocol.OLLAMA and self._op in (Operation.CHAT, Operation.COMPLETION)
-        mt = next((t[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens", "options.num_predict")
-                   if isinstance(t.get(k), (int, float)) and not isinstance(t.get(k), bool)), None)
+        # the largest limit named, as the gateway judges it (agent/gateway/limits.py): servers read different fields
+        mt = max((t[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens", "options.num_predict")
+                  if isinstance(t.get(k), (int, float)) and not isinstance(t.get(k), bool)), default=None)
         iu = t.get("stream_options.include_usage")
         temp = t.get("temperature", t.get("options.temperature"))
+        n = t.get("n")
         return RequestInfo(
             is_llm=self._object and model is not None, json_object=self._object, model=model, stream=stream,
             max_tokens=int(mt) if mt is not None else None,
             include_usage=iu if isinstance(iu, bool) else None,
             temperature=float(temp) if isinstance(temp, (int, float)) and not isinstance(temp, bool) else None,
             digest=self._hash.hexdigest(), body_bytes=self._bytes,
-            prompt_text=self._text.value() if self._text else None, prompt_cut=bool(self._text and self._text.cut))
+            prompt_text=self._text.value() if self._text else None, prompt_cut=bool(self._text and self._text.cut),
+            choice_count=int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) and n == int(n) else None)
 
 
 _WANTED = frozenset({"model", "stream", "max_tokens", "max_completion_tokens", "max_output_tokens",
-                     "options.num_predict", "stream_options.include_usage", "temperature", "options.temperature"})
+                     "options.num_predict", "stream_options.include_usage", "temperature", "options.temperature",
+                     "n"})
 
 
 class _Shape(enum.Enum):
@@ -210,6 +217,8 @@ class ResponseInfo:
     completion_text: str | None
     completion_cut: bool
     event_bytes_dropped: int        # stream events over the per-event bound, skipped
+    text_bytes: int = 0             # UTF-8 bytes of all output text (with capture_text; beyond the cap too)
+    response_id: str | None = None  # the completion's id (chatcmpl-..., msg_..., resp_...): the first one seen
 
 
 _MAX_EVENT = 1 << 20   # one SSE event / NDJSON line; longer ones are skipped and counted
@@ -218,6 +227,7 @@ _TERMINAL_TYPES = frozenset({"message_stop", "response.completed", "response.inc
 
 # leaf path -> what it is, for every protocol at once; paths are ijson's (list elements are "item")
 _MODEL = frozenset({"model", "message.model", "response.model"})
+_ID = frozenset({"id", "message.id", "response.id"})      # chat/completions/Anthropic JSON, message_start, Responses
 _INPUT = frozenset({"usage.prompt_tokens", "usage.input_tokens", "message.usage.input_tokens",
                     "response.usage.input_tokens", "prompt_eval_count"})
 _OUTPUT = frozenset({"usage.completion_tokens", "usage.output_tokens", "message.usage.output_tokens",
@@ -256,6 +266,7 @@ class ResponseParse:
         self._dropped = 0
         self._terminal = False
         self._model: str | None = None
+        self._id: str | None = None
         self._in: int | None = None
         self._out: int | None = None
         self._cached: int | None = None
@@ -444,6 +455,9 @@ class ResponseParse:
             return
         if path in _MODEL:
             self._model = value
+        elif path in _ID:
+            if self._id is None and self._shape is not None and (self._op is not Operation.EMBEDDINGS):
+                self._id = value[:128]      # ids are short; the collector caps names at 253
         elif path in _FINISH_APPEND:
             self._finish.append(value)
         elif path in _FINISH_SET and self._op is Operation.RESPONSES:
@@ -491,7 +505,8 @@ class ResponseParse:
             first_chunk_ns=self._first, last_chunk_ns=self._last, chunks=self._chunks,
             confidence_mean=self._lp_sum / self._lp_n if self._lp_n else None, confidence_min=self._lp_min,
             completion_text=self._text.value() if self._text else None,
-            completion_cut=bool(self._text and self._text.cut), event_bytes_dropped=self._dropped)
+            completion_cut=bool(self._text and self._text.cut), event_bytes_dropped=self._dropped,
+            text_bytes=self._text.seen_bytes if self._text else 0, response_id=self._id)
 
 
 _SCAN = json.JSONDecoder().scan_once
@@ -525,7 +540,7 @@ def _trie(paths: frozenset[str]) -> dict:
 
 
 # every leaf path _absorb looks at
-_ABSORBED = (_MODEL | _INPUT | _OUTPUT | _CACHED | _FINISH_APPEND | _FINISH_SET | _LOGPROB | _COMPLETION
+_ABSORBED = (_MODEL | _ID | _INPUT | _OUTPUT | _CACHED | _FINISH_APPEND | _FINISH_SET | _LOGPROB | _COMPLETION
              | {"error", "error.type", "error.code", "delta"})
 _TRIE = _trie(_ABSORBED)
 _TRIE_NO_TEXT = _trie(_ABSORBED - _COMPLETION - {"delta"})   # _absorb reads these only to capture text

@@ -73,6 +73,8 @@ class ModelCallRecord:
     sent_model: str | None = None       # the model sent upstream (differs from request_model after a sunset rewrite)
     decision: str | None = None         # served | refused | would_deny (audit: served, enforce would have refused)
     reason: str | None = None           # why it was refused / would be / was rewritten
+    choice_count: int | None = None     # the request's n (gen_ai.request.choice.count); None: not named
+    response_id: str | None = None      # the completion's id (gen_ai.response.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +263,9 @@ class ConnectionDecoder:
             confidence_mean=resp.confidence_mean if resp else None,
             confidence_min=resp.confidence_min if resp else None, request_digest=req.digest,
             max_tokens=req.max_tokens, temperature=req.temperature, include_usage=req.include_usage,
-            prompt_text=self._clean(req.prompt_text), completion_text=self._clean(resp.completion_text if resp else None))
+            prompt_text=self._clean(req.prompt_text),
+            completion_text=self._clean(resp.completion_text if resp else None), choice_count=req.choice_count,
+            response_id=resp.response_id if resp else None)
         return [rec]
 
     def _clean(self, text: str | None) -> str | None:

@@ -40,7 +40,8 @@ def registry_with(*collectors: object) -> CollectorRegistry:
 
 
 CALL = {"source": "chat-frontend", "source_kind": "workload", "destination": "llama", "destination_kind": "model",
-        "gen_ai_operation_name": "chat", "gen_ai_provider_name": "openai", "gen_ai_request_model": "gpt-4o-mini"}
+        "gen_ai_operation_name": "chat", "gen_ai_provider_name": "openai", "gen_ai_request_model": "gpt-4o-mini",
+        "gen_ai_response_model": "gpt-4o-mini-2024-07-18", "server_address": "", "server_port": ""}
 
 
 def test_token_duration_and_first_chunk_histograms() -> None:
@@ -60,8 +61,8 @@ def test_token_duration_and_first_chunk_histograms() -> None:
     assert g("gen_ai_client_operation_duration_seconds_bucket", {**ok, "le": "0.02"}) == 1
     assert g("gen_ai_client_operation_duration_seconds_bucket", {**ok, "le": "2.56"}) == 2
     assert g("gen_ai_client_operation_time_to_first_chunk_seconds_count", CALL) == 2
-    assert g("gen_ai_client_operation_time_to_first_chunk_seconds_bucket", {**CALL, "le": "0.1"}) == 0
-    assert g("gen_ai_client_operation_time_to_first_chunk_seconds_bucket", {**CALL, "le": "0.25"}) == 2
+    assert g("gen_ai_client_operation_time_to_first_chunk_seconds_bucket", {**CALL, "le": "0.08"}) == 0
+    assert g("gen_ai_client_operation_time_to_first_chunk_seconds_bucket", {**CALL, "le": "0.16"}) == 2
     text = generate_latest(reg).decode()
     assert "# TYPE gen_ai_client_token_usage histogram" in text
 
@@ -201,3 +202,32 @@ def test_compute_from_real_cgroups() -> None:
     finally:
         for d in reversed(made):
             d.rmdir()
+
+
+def test_first_chunk_buckets_are_the_client_conventions_duration_buckets() -> None:
+    """semconv gen_ai.client.operation.time_to_first_chunk: [0.01, 0.02, ..., 81.92] (not the server TTFT ones)."""
+    tally = GenAiTally(ModelLabel(["*"]))
+    reg = registry_with(tally)
+    tally.emit_call(make_call(), WEB, LLAMA, 1, "c")
+    les = [s.labels["le"] for fam in reg.collect() if fam.name == "gen_ai_client_operation_time_to_first_chunk_seconds"
+           for s in fam.samples if s.name.endswith("_bucket")]
+    assert les == ["0.01", "0.02", "0.04", "0.08", "0.16", "0.32", "0.64", "1.28", "2.56", "5.12", "10.24", "20.48",
+                   "40.96", "81.92", "+Inf"]
+
+
+def test_response_model_and_server_address_labels_are_recommended_and_bounded() -> None:
+    tally = GenAiTally(ModelLabel(["gpt-4o*"], max_models=3))
+    reg = registry_with(tally)
+    tally.emit_call(make_call(), WEB, LLAMA, 1, "c", server_address="10.0.0.7", server_port=443)
+    g = reg.get_sample_value
+    lab = {**CALL, "server_address": "10.0.0.7", "server_port": "443", "error_type": ""}
+    assert g("gen_ai_client_operation_duration_seconds_count", lab) == 1
+    tally.emit_call(make_call(response_model=None), WEB, LLAMA, 1, "c")       # none reported: an empty label
+    assert g("gen_ai_client_operation_duration_seconds_count", {**CALL, "gen_ai_response_model": "",
+                                                                 "error_type": ""}) == 1
+    for i in range(1000):     # invented response models and server addresses stay bounded
+        tally.emit_call(make_call(response_model=f"gpt-4o-{i}"), WEB, LLAMA, 1, "c", server_address=f"10.1.{i}.1",
+                        server_port=80)
+    labels = [s.labels for fam in reg.collect() for s in fam.samples]
+    assert len({x.get("gen_ai_response_model") for x in labels} - {None}) <= 3 + 2     # 3 admitted, other, ""
+    assert len({x.get("server_address") for x in labels} - {None}) <= 256 + 3
