@@ -102,3 +102,10 @@ if [ ! -x .venv-litellm/bin/litellm ]; then
     rm -rf .venv-litellm
   fi
 fi
+
+# The Node openai SDK, for the n=8 budget test of tests/unit/test_gateway_limits.py (versions in tests/node/package.json).
+if command -v npm >/dev/null 2>&1 && [ ! -d tests/node/node_modules/openai ]; then
+  log "installing the Node openai SDK into tests/node (the client of tests/unit/test_gateway_limits.py)"
+  npm install --prefix tests/node --no-audit --no-fund --silent >/dev/null 2>&1 \
+    || log "warning: the Node openai SDK could not be installed; its test in tests/unit/test_gateway_limits.py will be skipped"
+fi
