@@ -655,6 +655,9 @@ class Policy(_Strict):
     to: list[str]
     ports: list[int] = Field(default_factory=list)   # empty = any port
     protocol: Literal["tcp", "udp", "any"] = "any"
+    # same-node fast path for this pair only (TCP), even with the top-level `fast_path: false`: for workloads known
+    # not to depend on what it changes (FAST_PATH_CAVEAT; README "Same-node fast path")
+    fast_path: bool = False
     # model policy (issue 10), judged per request by the L7 gateway; all optional
     models: Optional[list[str]] = Field(default=None, max_length=1000)   # globs over the request's model; None: any
     max_tokens: Optional[int] = None           # a request asking for more is refused (or capped: cap_max_tokens)
