@@ -988,9 +988,9 @@ class NodeLlmSettings(_Strict):
 # kernel (6.18). `aimesh check` prints it.
 FAST_PATH_CAVEAT = (
     "the same-node fast path changes what applications see (issue 23; tests/kernel/test_socket_conformance.py, "
-    "15 of 19 scenarios identical): a blocking recv after shutdown(SHUT_WR) fails with EAGAIN (5-45% of calls here), "
+    "14-15 of 19 scenarios identical): a blocking recv after shutdown(SHUT_WR) fails with EAGAIN (5-45% of calls here), "
     "splice(2) from the socket reads nothing, a writer gets no back-pressure from a slow reader (a non-blocking send never "
-    "gets EAGAIN; the reader's memory grows instead), a peer that closes with unread data sends FIN instead of RST (the writer sees EOF, not ECONNRESET); the kernel's "
+    "gets EAGAIN; the reader's memory grows instead), a peer that closes with unread data sends FIN instead of RST (the writer sees EOF or EPIPE, not ECONNRESET); the kernel's "
     "sockmap cannot avoid these (README \"Same-node fast path\"): turn it on only for pairs known not to depend on them "
     "(a policy's fast_path: true)")
 

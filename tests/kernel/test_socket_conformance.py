@@ -78,7 +78,7 @@ KNOWN_FASTPATH_DIFFERENCES = {
                                 "client's 10 s to drain (TimeoutError)",
     "peer_aborts_mid_stream": "no back-pressure (above): all 16 MiB are accepted; the reader's close purges its "
                               "psock queue and, its own receive queue being empty, sends FIN, not RST: the writer "
-                              "sees EOF instead of ECONNRESET",
+                              "sees EOF (or EPIPE, when a send comes after the close) instead of ECONNRESET",
 }
 
 
@@ -87,6 +87,14 @@ def test_issue_23_repro_no_eagain_on_a_blocking_socket(seen):
     for m in ("normal", "no_agent"):
         assert seen[m]["halfclose_echo_300"] == {"b'y'": 300}, (m, seen[m]["halfclose_echo_300"])
 
+
+# Differences of the same causes that show up only under some timing (seen once in three full runs on this 2-CPU VM):
+# not strict, since most runs agree; a difference anywhere else still fails.
+RACY_FASTPATH_DIFFERENCES = {
+    "halfclose_server_first": "the server half-closes and then blocks in recv: when its own FIN's ACK comes while it "
+                              "waits, tcp_bpf_recvmsg returns EAGAIN (as in halfclose_echo_300), the server gives up "
+                              "and closes, and the client's later shutdown fails with ENOTCONN",
+}
 
 from tests.kernel.conformance import SERVERS   # noqa: E402
 
@@ -98,4 +106,6 @@ def test_same_as_without_aimesh(seen, scenario):
     if scenario in KNOWN_FASTPATH_DIFFERENCES:
         assert not same, f"{scenario} now agrees with the fast path on: remove it from KNOWN_FASTPATH_DIFFERENCES"
         pytest.xfail(f"fast path differs: {seen['fastpath'][scenario]!r}: {KNOWN_FASTPATH_DIFFERENCES[scenario]}")
+    if scenario in RACY_FASTPATH_DIFFERENCES and not same:
+        pytest.xfail(f"fast path differs: {seen['fastpath'][scenario]!r}: {RACY_FASTPATH_DIFFERENCES[scenario]}")
     assert same, {m: seen[m][scenario] for m in MODES}
