@@ -93,6 +93,10 @@ def _check(args: argparse.Namespace) -> int:
         print(f"warning: fast_path: true: {FAST_PATH_CAVEAT}")
     else:
         print(f"note: fast_path is off (the default): {FAST_PATH_CAVEAT}")
+        for p in cfg.policies:
+            if p.fast_path:
+                print(f"warning: policy {','.join(p.from_)} -> {','.join(p.to)} has fast_path: true: its "
+                      f"connections get the fast path's differences")
     print(f"{args.config}: ok — {len(cfg.identities)} identities, {len(image.policies)} policy entries, "
           f"{len(image.redirects)} redirect entries, {len(image.endpoints)} endpoints")
     return 0

@@ -655,6 +655,9 @@ class Policy(_Strict):
     to: list[str]
     ports: list[int] = Field(default_factory=list)   # empty = any port
     protocol: Literal["tcp", "udp", "any"] = "any"
+    # same-node fast path for this pair only (TCP), even with the top-level `fast_path: false`: for workloads known
+    # not to depend on what it changes (FAST_PATH_CAVEAT; README "Same-node fast path")
+    fast_path: bool = False
     # model policy (issue 10), judged per request by the L7 gateway; all optional
     models: Optional[list[str]] = Field(default=None, max_length=1000)   # globs over the request's model; None: any
     max_tokens: Optional[int] = None           # a request asking for more is refused (or capped: cap_max_tokens)
@@ -987,10 +990,12 @@ class NodeLlmSettings(_Strict):
 # Why `fast_path` is off by default: what tests/kernel/test_socket_conformance.py sees differ with it on, on this
 # kernel (6.18). `aimesh check` prints it.
 FAST_PATH_CAVEAT = (
-    "the same-node fast path changes what applications see (issue 23; tests/kernel/test_socket_conformance.py): "
-    "a blocking recv after shutdown(SHUT_WR) fails with EAGAIN (6-8 of 100 calls here), splice(2) from the socket reads "
-    "nothing, a writer to a slow reader can stall, a send to a peer that closed with unread data fails with EPIPE "
-    "instead of ECONNRESET")
+    "the same-node fast path changes what applications see (issue 23; tests/kernel/test_socket_conformance.py, "
+    "14-15 of 19 scenarios identical): a blocking recv after shutdown(SHUT_WR) fails with EAGAIN (5-45% of calls here), "
+    "splice(2) from the socket reads nothing, a writer gets no back-pressure from a slow reader (a non-blocking send never "
+    "gets EAGAIN; the reader's memory grows instead), a peer that closes with unread data sends FIN instead of RST (the writer sees EOF or EPIPE, not ECONNRESET); the kernel's "
+    "sockmap cannot avoid these (README \"Same-node fast path\"): turn it on only for pairs known not to depend on them "
+    "(a policy's fast_path: true)")
 
 
 class Config(_Strict):

@@ -33,6 +33,7 @@ class AgentConfigSpec:
     workloads: int = 0
     telemetry: Optional[dict] = None
     collector: Optional[dict] = None
+    extra_ports: tuple[int, ...] = ()    # more ports of the client -> server policy (each one policy entry)
 
 
 WATCHED_PREFIX = "idle-"
@@ -59,7 +60,7 @@ def dummy_pairs(entries: int) -> list[tuple[int, int, list[int]]]:
 
 def agent_config(spec: AgentConfigSpec) -> dict:
     """The config dict for one governed configuration (see the module docstring)."""
-    pairs = dummy_pairs(spec.policy_entries - 1)
+    pairs = dummy_pairs(spec.policy_entries - 1 - len(spec.extra_ports))
     dummies = sorted({i for i, _, _ in pairs} | {j for _, j, _ in pairs})
     identities = [
         {"name": "client", "kind": "service", "select": {"cgroups": [f"{spec.cgroup_rel}/client"]}},
@@ -70,7 +71,7 @@ def agent_config(spec: AgentConfigSpec) -> dict:
                            "select": {"cgroups": [f"{spec.cgroup_rel}/{WATCHED_PREFIX}*"]}})
     identities += [{"name": f"{WORKLOAD_PREFIX}{i}", "kind": "model", "version": "1",
                     "select": {"cgroups": [f"{spec.cgroup_rel}/{WORKLOAD_PREFIX}{i}"]}} for i in range(spec.workloads)]
-    policies = [{"from": "client", "to": "server", "ports": [spec.port], "protocol": "tcp"}] + [
+    policies = [{"from": "client", "to": "server", "ports": [spec.port, *spec.extra_ports], "protocol": "tcp"}] + [
         {"from": f"m{i}", "to": f"m{j}", "ports": ports, "protocol": "tcp"} for i, j, ports in pairs
     ]
     config: dict = {"mode": "enforce"}

@@ -18,7 +18,7 @@ import json
 import subprocess
 from typing import Optional
 
-from bench import agents, cgroups, loadgen, progstats, proxy, rounds, stats
+from bench import agents, cgroups, conformance, loadgen, progstats, proxy, rounds, stats
 from bench.configs import AgentConfigSpec
 from bench.context import Context, distinct_ports
 from bench.made import Made
@@ -86,10 +86,16 @@ def run(ctx: Context, made: Made) -> dict:
     proxy_ports = distinct_ports(len(names) + 2)[-2:]
     while set(proxy_ports) & set(ports.values()):
         proxy_ports = distinct_ports(len(names) + 2)[-2:]
+    conf_names = conformance.scenarios()
+    conf_ports = dict(zip(conf_names, distinct_ports(len(conf_names) + len(names))[len(names):]))
+    while set(conf_ports.values()) & set(ports.values()):
+        conf_ports = dict(zip(conf_names, distinct_ports(len(conf_names) + len(names))[len(names):]))
+    extra = tuple(conf_ports.values())
     specs = {
-        "enforce": AgentConfigSpec("enforce", ctx.rel(ctx.tree.group("paths/enforce")), ports["enforce"], 10,
-                                   fast_path=False),
-        "fast": AgentConfigSpec("fast", ctx.rel(ctx.tree.group("paths/fast")), ports["fast"], 10, fast_path=True),
+        "enforce": AgentConfigSpec("enforce", ctx.rel(ctx.tree.group("paths/enforce")), ports["enforce"],
+                                   10 + len(extra), fast_path=False, extra_ports=extra),
+        "fast": AgentConfigSpec("fast", ctx.rel(ctx.tree.group("paths/fast")), ports["fast"], 10 + len(extra),
+                                fast_path=True, extra_ports=extra),
     }
     routes = [rounds.Route("none", LABELS["none"], "paths/none", ports["none"], ports["none"]),
               rounds.Route("enforce", LABELS["enforce"], "paths/enforce", ports["enforce"], ports["enforce"],
@@ -139,6 +145,7 @@ def run(ctx: Context, made: Made) -> dict:
     results, rounds_s = rounds.run_rounds(routes, lines, opts.rounds, settings, made, meters, ctx.say)
     usage_after = {n: agents.usage_of(ps) for n, ps in meters.procs.items()}
     metrics = {a.name: agents.scrape(a) for a in made.agents}
+    conf = _conformance(ctx, conf_ports)
     redirected = _nft_counter(netns, table) if netns else None
     prog_cost: dict = {}
     if opts.profile:
@@ -154,16 +161,29 @@ def run(ctx: Context, made: Made) -> dict:
             finally:
                 progstats.disable_stats(fd)
     out.update(report(ctx, routes, results, rounds_s, usage_before, usage_after, metrics, ready, prog_cost,
-                      redirected))
+                      redirected, conf))
     out["commands"] = {"compile": ctx.lg.build, "clients_and_servers": lines, **extra_lines,
                        "agents": {a.name: a.argv for a in made.agents}}
     out["agent_configs"] = {n: (ctx.tmpdir / f"{n}.yaml").read_text() for n in specs}
     return out
 
 
+def _conformance(ctx: Context, ports: dict[str, int]) -> dict:
+    """tests/kernel/conformance.py between the client and server cgroups of paths 1-3, after the rounds (so it
+    never disturbs them): per agent path, the scenarios identical to no agent."""
+    seen, errors = {}, {}
+    for n in ("none", "enforce", "fast"):
+        try:
+            seen[n] = conformance.run(ctx.python(), ctx.tree.leaf(f"paths/{n}", "client"),
+                                      ctx.tree.leaf(f"paths/{n}", "server"), ports)
+        except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as e:
+            errors[n] = str(e)
+    return {"compared": conformance.compare(seen, BASELINE) if BASELINE in seen else {}, "errors": errors}
+
+
 def report(ctx: Context, routes: list[rounds.Route], results: list[stats.RoundResult], rounds_s: float,
            usage_before: dict, usage_after: dict, metrics: dict, ready: dict, prog_cost: dict,
-           redirected: Optional[int]) -> dict:
+           redirected: Optional[int], conf: Optional[dict] = None) -> dict:
     opts, w = ctx.opts, ctx.opts.workload
     order = [r.name for r in routes]
     labels = {r.name: r.label for r in routes}
@@ -217,6 +237,13 @@ def report(ctx: Context, routes: list[rounds.Route], results: list[stats.RoundRe
     for name, progs in prog_cost.items():
         cells = [f"{v['program']} {v['ns_per_run']:.0f} ns × {v['runs']}" for v in progs.values()]
         ctx.say(f"  BPF run time, {labels[name]}: " + ", ".join(cells))
+    conf = conf or {"compared": {}, "errors": {}}
+    for name in ("enforce", "fast"):      # the speed figures above hold only with what applications see below
+        if name in conf["compared"]:
+            ctx.say(conformance.line(labels[name], conf["compared"][name]))
+        elif name in conf["errors"] or BASELINE in conf["errors"]:
+            ctx.say(f"  conformance, {labels[name]}: not measured "
+                    f"({conf['errors'].get(name) or conf['errors'].get(BASELINE)})")
     overflow = sum(1 for x in results if x.listen_overflows)
     if overflow:
         ctx.say(f"  note: {overflow} connect runs saw host-wide accept-queue overflows (a SYN retransmit costs 1 s)")
@@ -232,6 +259,7 @@ def report(ctx: Context, routes: list[rounds.Route], results: list[stats.RoundRe
         "mesh_process": {n: {"rss_bytes": rss.get(n), "cpu_s_during_rounds": cpu_total.get(n)} for n in order
                          if n in rss},
         "agent_checks": checks,
+        "conformance": conf,
         "agents_ready_s": ready,
         "nft_redirected_connections": redirected,
         "bpf_prog_cost": prog_cost,

@@ -9,8 +9,9 @@
  *   STATE -> CLOSE      one flow_event per connection side.
  *   reads:  runtime_config, local_endpoint_identity, local_address, dns_resolver, endpoint_identity, identity_info,
  *           policy_verdict
- *   Fast path: an allowed connection whose peer is on this host joins fastpath_sockets (lib/fastpath.h); its
- *   record adds what sk_msg carried.
+ *   Fast path: an allowed connection whose peer is on this host joins fastpath_sockets (lib/fastpath.h) when the
+ *   fast path is on for every pair or the pair's policy opted in (both sides judge the pair the same way: source,
+ *   local server, port); its record adds what sk_msg carried.
  *   writes: flow_state (sk storage), local_peer, gateway_origin, gateway_pending (delete), fastpath_sockets, fastpath_state, flow_events, verdict_counters
  */
 #include "programs.h"
@@ -29,6 +30,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, __u8 side
 	sockops_addrs(skops, local, remote);
 	__u16 rport = sockops_remote_port(skops);
 	int remote_is_local = addr_is_local(remote);
+	__u8 policy_flags = 0;      /* of the policy that allowed the pair: POLICY_F_FAST_PATH opts it in */
 
 	if (side == SIDE_CLIENT) {
 		gateway_established(bpf_get_socket_cookie(skops), local, skops->local_port);
@@ -39,6 +41,11 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, __u8 side
 			__builtin_memcpy(k.addr, local, 16);
 			struct peer_origin po = { .src_id = fo->src_id, .pid = fo->pid };
 			local_peer.update(&k, &po);
+			/* the pair as the server side judges it (same source, same local server), for its fast-path opt-in */
+			__u32 dst = local_endpoint_lookup(remote, rport, IPPROTO_TCP, 1);
+			struct decision cd = {};
+			decide(&cd, cfg, fo->src_id, dst == ID_NONE ? ID_UNMANAGED : dst, remote, rport, IPPROTO_TCP);
+			policy_flags = cd.policy_flags;
 		}
 	} else {
 		__u32 dst = local_endpoint_lookup(local, skops->local_port, IPPROTO_TCP, 1);
@@ -63,11 +70,12 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, __u8 side
 		fo->verdict = d.verdict == VERDICT_DENIED ? VERDICT_ALLOWED : d.verdict;  /* it got through: ingress allowed it */
 		fo->reason = d.reason;
 		fo->flags = d.flags;
+		policy_flags = d.policy_flags;
 		__builtin_memcpy(fo->dialed_addr, local, 16);
 		fo->dialed_port = skops->local_port;
 	}
 	fo->side = side;
-	fastpath_join(skops, local, remote, rport, remote_is_local, fo->verdict);
+	fastpath_join(skops, local, remote, rport, remote_is_local, fo->verdict, policy_flags);
 	fo->cookie = bpf_get_socket_cookie(skops);
 	fo->start_ns = bpf_ktime_get_ns();
 	fo->last_report_ns = fo->start_ns;

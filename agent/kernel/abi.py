@@ -80,6 +80,7 @@ class PolicyFlag(enum.IntFlag):
     """policy_value.flags (POLICY_F_*)."""
     GATEWAY = 0x01
     TLS = 0x02
+    FAST_PATH = 0x04
 
 
 class GatewayOriginFlag(enum.IntFlag):

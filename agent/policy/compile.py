@@ -90,12 +90,17 @@ def gateway_flags(cfg: Config) -> int:
 
 
 def policy_flags(cfg: Config, p, dst: str, proto: int) -> int:
-    """POLICY_F_* of one compiled (policy, destination, protocol) entry: the gateway takes TCP pairs that need L7."""
-    if proto != 6 or not cfg.pair_needs_l7(p, dst):
+    """POLICY_F_* of one compiled (policy, destination, protocol) entry: the gateway takes TCP pairs that need L7; a
+    TCP pair whose policy says `fast_path: true` joins the same-node fast path."""
+    if proto != 6:
         return 0
-    flags = abi.PolicyFlag.GATEWAY
-    if cfg.identity(dst).llm.tls == "intercept":
-        flags |= abi.PolicyFlag.TLS
+    flags = abi.PolicyFlag(0)
+    if p.fast_path:
+        flags |= abi.PolicyFlag.FAST_PATH
+    if cfg.pair_needs_l7(p, dst):
+        flags |= abi.PolicyFlag.GATEWAY
+        if cfg.identity(dst).llm.tls == "intercept":
+            flags |= abi.PolicyFlag.TLS
     return int(flags)
 
 

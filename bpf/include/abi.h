@@ -142,6 +142,7 @@ enum aimesh_reason {
 #define POLICY_F_GATEWAY 0x01  /* the pair needs L7 policy: the connect is rewritten to the gateway (runtime_config.gw_*);
                                 * a socket that cannot reach the gateway is denied with REASON_FAMILY */
 #define POLICY_F_TLS     0x02  /* the client speaks TLS to the destination (llm.tls: intercept): gateway_origin.flags */
+#define POLICY_F_FAST_PATH 0x04 /* the pair opted in to the same-node fast path (policy `fast_path: true`; TCP only) */
 
 /* gateway_origin.flags (mirror: abi.py GatewayOriginFlag) */
 #define GW_ORIGIN_F_TLS  0x01  /* TLS expected from the client */

@@ -18,12 +18,16 @@ static __always_inline void tuple_from(struct sock_tuple *t, const __u8 *local, 
 	t->pad = 0;
 }
 
-/* sock_ops, at established: join the fast path when the peer is on this host. */
+/* sock_ops, at established: join the fast path when the peer is on this host and the fast path is on for every pair
+ * (runtime_config) or for this one (its policy's POLICY_F_FAST_PATH). Only a socket that joins gets the sockmap's
+ * receive path (tcp_bpf_recvmsg), so a pair that did not opt in sees the plain TCP stack whatever the others do. */
 static __always_inline void fastpath_join(struct bpf_sock_ops *skops, const __u8 *local, const __u8 *remote,
-					  __u16 rport, int remote_is_local, __u8 verdict)
+					  __u16 rport, int remote_is_local, __u8 verdict, __u8 policy_flags)
 {
 	const struct runtime_config *cfg = config_get();
-	if (!cfg || !(cfg->flags & CFG_F_FAST_PATH) || verdict == VERDICT_DENIED)
+	if (!cfg || verdict == VERDICT_DENIED)
+		return;
+	if (!(cfg->flags & CFG_F_FAST_PATH) && !(policy_flags & POLICY_F_FAST_PATH))
 		return;
 	if (!remote_is_local) {
 		counter_add(COUNTER_FASTPATH_REMOTE);

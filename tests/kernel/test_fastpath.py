@@ -202,3 +202,28 @@ def test_a_send_after_the_peer_closed_fails_as_without_the_fast_path(cgroups, ag
     finally:
         srv.kill()
         srv.wait()
+
+
+def test_a_policy_opts_one_pair_in(cgroups, agents):
+    """`fast_path: false` for the node, `fast_path: true` on the chat -> llama policy only: chat's connection takes
+    the fast path (both sockets join), batch's to the same server stays on the plain stack (no socket joins, so none
+    gets the sockmap's receive path)."""
+    port = free_port()
+    cfg = base_config(cgroups, port, fast_path=False)
+    cfg["policies"] = [{"from": "chat", "to": "llama", "ports": [port], "fast_path": True},
+                       {"from": "batch", "to": "llama", "ports": [port]}]
+    agent = agents(cfg)
+    srv = _spawn(cgroups.child("llama"), "server", "--port", str(port), "--connections", "2", "--reply", "5000")
+    assert srv.stdout.readline()
+    for who in ("chat", "batch"):
+        cli = _spawn(cgroups.child(who), "client", "--port", str(port), "--bytes", "200000")
+        client = _last_json(cli)["connections"][0]
+        assert client["received"] == 5000 and not {"send_error", "recv_error", "connect_error"} & set(client)
+        if who == "chat":
+            assert _metric(agent, "aimesh_fastpath_sockets_total") == 2
+            chat_messages = _metric(agent, "aimesh_fastpath_messages_total")
+            assert chat_messages > 0
+    server = _last_json(srv)["connections"]
+    assert [c["received"] for c in server] == [200000, 200000]
+    assert _metric(agent, "aimesh_fastpath_sockets_total") == 2          # batch's sockets never joined
+    assert _metric(agent, "aimesh_fastpath_messages_total") == chat_messages

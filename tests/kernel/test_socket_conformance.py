@@ -61,10 +61,25 @@ def test_the_fast_path_was_taken(seen):
     assert seen["fastpath"]["_fastpath_messages"] > 1000
 
 
-# Where the fast path differs on this kernel: why fast_path is off by default (README "Same-node fast path"). A
-# scenario that starts to agree fails (strict), so the list cannot go stale.
-KNOWN_FASTPATH_DIFFERENCES = {"halfclose_echo_300", "splice_recv", "slow_reader_backpressure",
-                              "peer_aborts_mid_stream"}
+# Where the fast path differs on this kernel (6.18), and why: the sockmap itself, which no BPF program can change
+# (README "Same-node fast path"); why fast_path is off by default. A scenario that starts to agree fails (strict), so
+# the list cannot go stale.
+KNOWN_FASTPATH_DIFFERENCES = {
+    "halfclose_echo_300": "tcp_bpf_recvmsg waits once (tcp_msg_wait_data) and returns EAGAIN on any wakeup without "
+                          "data, even on a blocking socket: here the state change when the socket's own FIN is "
+                          "ACKed (FIN_WAIT1 -> FIN_WAIT2) while recv waits; tcp_recvmsg would wait on. Leaving the "
+                          "sockhash at half-close would purge the bytes already queued in the psock",
+    "splice_recv": "splice(2) reads sk_receive_queue through tcp_read_sock; redirected bytes sit in the psock's "
+                   "ingress_msg, which it never sees: it reads nothing and then EOF",
+    "slow_reader_backpressure": "no back-pressure: a BPF_F_INGRESS redirect charges the reader with sk_wmem_schedule "
+                                "(tcp_mem only, not its receive buffer) and gives the writer its memory back at "
+                                "once, so a non-blocking writer never gets EAGAIN: all 64 MiB go into the reader's "
+                                "psock queue, which this reader (bytes += chunk) then takes longer than the "
+                                "client's 10 s to drain (TimeoutError)",
+    "peer_aborts_mid_stream": "no back-pressure (above): all 16 MiB are accepted; the reader's close purges its "
+                              "psock queue and, its own receive queue being empty, sends FIN, not RST: the writer "
+                              "sees EOF (or EPIPE, when a send comes after the close) instead of ECONNRESET",
+}
 
 
 def test_issue_23_repro_no_eagain_on_a_blocking_socket(seen):
@@ -72,6 +87,14 @@ def test_issue_23_repro_no_eagain_on_a_blocking_socket(seen):
     for m in ("normal", "no_agent"):
         assert seen[m]["halfclose_echo_300"] == {"b'y'": 300}, (m, seen[m]["halfclose_echo_300"])
 
+
+# Differences of the same causes that show up only under some timing (seen once in three full runs on this 2-CPU VM):
+# not strict, since most runs agree; a difference anywhere else still fails.
+RACY_FASTPATH_DIFFERENCES = {
+    "halfclose_server_first": "the server half-closes and then blocks in recv: when its own FIN's ACK comes while it "
+                              "waits, tcp_bpf_recvmsg returns EAGAIN (as in halfclose_echo_300), the server gives up "
+                              "and closes, and the client's later shutdown fails with ENOTCONN",
+}
 
 from tests.kernel.conformance import SERVERS   # noqa: E402
 
@@ -82,5 +105,7 @@ def test_same_as_without_aimesh(seen, scenario):
     same = seen["fastpath"][scenario] == seen["no_agent"][scenario]
     if scenario in KNOWN_FASTPATH_DIFFERENCES:
         assert not same, f"{scenario} now agrees with the fast path on: remove it from KNOWN_FASTPATH_DIFFERENCES"
-        pytest.xfail(f"fast path differs: {seen['fastpath'][scenario]!r}")
+        pytest.xfail(f"fast path differs: {seen['fastpath'][scenario]!r}: {KNOWN_FASTPATH_DIFFERENCES[scenario]}")
+    if scenario in RACY_FASTPATH_DIFFERENCES and not same:
+        pytest.xfail(f"fast path differs: {seen['fastpath'][scenario]!r}: {RACY_FASTPATH_DIFFERENCES[scenario]}")
     assert same, {m: seen[m][scenario] for m in MODES}

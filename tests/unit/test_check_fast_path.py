@@ -23,3 +23,10 @@ def test_check_warns_when_a_config_turns_it_on(tmp_path):
     r = _check(tmp_path, "fast_path: true\n")
     assert r.returncode == 0, r.stderr
     assert f"warning: fast_path: true: {FAST_PATH_CAVEAT}" in r.stdout
+
+
+def test_check_warns_for_a_policy_that_opts_in(tmp_path):
+    r = _check(tmp_path, "identities:\n  - {name: a, kind: service}\n  - {name: b, kind: model}\n"
+                         "policies:\n  - {from: a, to: b, ports: [80], fast_path: true}\n")
+    assert r.returncode == 0, r.stderr
+    assert "warning: policy a -> b has fast_path: true" in r.stdout
