@@ -9,8 +9,9 @@ is denied, counts it and records it (hook egress, reason raw_socket). AF_PACKET 
 on this kernel: that gap is held by a strict xfail, so it is seen the day it closes.
 
 Moves: a root process in b writes its pid into a's cgroup.procs. New sockets are a's (the cgroup is the identity:
-root in the cgroup can take any identity it can write the cgroup of). What a socket opened before the move does is
-tested below and documented in the README ("What a cgroup identity proves")."""
+root that can write another cgroup's cgroup.procs takes that cgroup's identity). Sockets opened before the move stay
+b's: bpf/sock_create.c remembers the cgroup each socket was made in, and connect/sendmsg judge the socket as it.
+README: "What a cgroup identity proves"."""
 from __future__ import annotations
 
 import json
@@ -197,4 +198,8 @@ def test_a_process_moving_into_another_cgroup(mesh):
     got = json.loads(lines[-1])
     assert got["before"] == "EPERM", got
     assert got["new_udp"] == "s" and got["new_tcp"] == "s", got
-    assert got["old_udp"] != "s" and got["old_tcp"] != "s", got
+    assert got["old_udp"] == "EPERM" and got["old_tcp"] == "EPERM", got
+    for port, proto, hook in ((ports["move_udp"], "udp", "sendmsg"), (ports["move_tcp"], "tcp", "connect")):
+        recs = agent.records_where(lambda r: r["destination"]["port"] == port and r["verdict"] == "denied")
+        assert {(r["source"]["name"], r["source"]["cgroup_id"], r["hook"], r["protocol"]) for r in recs} == \
+            {("b", cg["b"].stat().st_ino, hook, proto)}, recs
