@@ -3,8 +3,9 @@
  * connect / sendmsg: judge (source identity, identity of the socket the dial reaches — the unspecified address is
  *   this host —, port, proto) against the allow-list; a deny returns 0
  *   (the caller gets EPERM); an allowed or audited connection may be rewritten to a redirect backend.
- *   reads:  runtime_config, process_identity, cgroup_identity, local_endpoint_identity, local_address, dns_resolver,
- *           udp_reply,
+ *   The source is the process's identity, else that of the cgroup the socket was created in (socket_cgroup).
+ *   reads:  runtime_config, process_identity, cgroup_identity, socket_cgroup, local_endpoint_identity, local_address,
+ *           dns_resolver, udp_reply,
  *           endpoint_identity, identity_info, policy_verdict, redirect_service, redirect_backend
  *   writes: dialed_address and flow_state (sk storage), udp_reverse_nat, udp_flows, verdict_counters, decision_counts,
  *           capture_connect (a TCP connect toward an identity with LLM capture on: lib/capture.h; not for a connect
@@ -75,7 +76,8 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 	__u8 proto = ctx->protocol;
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 
-	__u32 src = current_identity();
+	__u64 cgroup_id = socket_cgroup_id(ctx->sk);   /* the socket's cgroup, not where its process moved since */
+	__u32 src = workload_identity(cgroup_id);
 	if (is_udp_reply(ctx, proto, t)) {
 		counter_add(COUNTER_DECISION(hook, VERDICT_ALLOWED));
 		return 1;
@@ -160,7 +162,6 @@ static __always_inline int judge(struct bpf_sock_addr *ctx, __u8 hook, struct so
 	counter_add(COUNTER_DECISION(hook, d.verdict));
 
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u64 cgroup_id = bpf_get_current_cgroup_id();
 	if (d.verdict != VERDICT_DENIED) {
 		if (proto == IPPROTO_TCP) {
 			/* sock_ops picks this up at established and reports the connection at close */

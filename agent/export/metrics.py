@@ -84,6 +84,12 @@ class AgentCollector(Collector):
                                   value=c[abi.COUNTER_FASTPATH_BYTES])
         yield CounterMetricFamily("aimesh_flows_untracked", "TCP connections established with no connect-time origin",
                                   value=c[abi.COUNTER_FLOWS_UNTRACKED])
+        raw = CounterMetricFamily("aimesh_raw_socket_packets",
+                                  "Packets of raw sockets (SOCK_RAW) judged by the egress program, by outcome",
+                                  labels=["outcome"])
+        raw.add_metric(["dropped"], c[abi.COUNTER_RAW_DENIED])
+        raw.add_metric(["passed"], c[abi.COUNTER_RAW_PASSED])
+        yield raw
         yield from capture_metrics(c, st.get("capture_undecoded", {}))
 
         meta = self._identities()

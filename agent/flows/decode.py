@@ -96,6 +96,8 @@ def to_json(d: Decision, meta: Mapping[int, IdentityMeta], mono_to_wall_ns: int)
     src = _identity(meta, d.src_id)
     if d.hook == abi.Hook.INGRESS:
         src.update(pid=None, comm=None, cgroup_id=None, address=d.peer_addr, port=d.peer_port)
+    elif d.hook == abi.Hook.EGRESS:   # a raw socket's packet: the socket's cgroup, no process; the source it claims
+        src.update(pid=None, comm=None, cgroup_id=d.cgroup_id, address=d.peer_addr, port=d.peer_port or None)
     else:
         src.update(pid=d.pid, comm=d.comm, cgroup_id=d.cgroup_id, address=d.peer_addr,
                    port=d.peer_port or None)

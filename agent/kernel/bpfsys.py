@@ -15,6 +15,7 @@ from typing import Optional
 # enum bpf_attach_type (uapi/linux/bpf.h), the ones aimesh uses. Names as bcc's BPFAttachType.
 CGROUP_INET_INGRESS = 0
 CGROUP_INET_EGRESS = 1
+CGROUP_INET_SOCK_CREATE = 2
 CGROUP_SOCK_OPS = 3
 SK_MSG_VERDICT = 7
 CGROUP_INET4_BIND = 8

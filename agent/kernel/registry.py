@@ -77,6 +77,7 @@ MAPS: tuple[MapSpec, ...] = (
             owner="kernel"),
     MapSpec("udp_flows", HASH, abi.SocketPeerKey, abi.UdpFlow, lambda lim: lim.max_udp_flows, owner="kernel"),
     MapSpec("udp_reply", LRU_HASH, abi.SocketPeerKey, ct.c_uint32, lambda lim: abi.MAX_UDP_REPLIES, owner="kernel"),
+    MapSpec("socket_cgroup", SK_STORAGE, ct.c_int, ct.c_uint64, lambda lim: 0, BPF_F_NO_PREALLOC, owner="kernel"),
     MapSpec("flow_state", SK_STORAGE, ct.c_int, abi.FlowOrigin, lambda lim: 0, BPF_F_NO_PREALLOC, owner="kernel"),
     MapSpec("local_peer", LRU_HASH, abi.LocalEndpointKey, abi.PeerOrigin, lambda lim: lim.max_local_peers,
             owner="kernel"),
@@ -129,6 +130,7 @@ class ProgramSpec:
 
 
 PROGRAMS: tuple[ProgramSpec, ...] = (
+    ProgramSpec("aimesh_sock_create", CGROUP_SOCK, sys_.CGROUP_INET_SOCK_CREATE, "cgroup", "sock_create"),
     ProgramSpec("aimesh_connect4", CGROUP_SOCK_ADDR, sys_.CGROUP_INET4_CONNECT, "cgroup", "connect4"),
     ProgramSpec("aimesh_connect6", CGROUP_SOCK_ADDR, sys_.CGROUP_INET6_CONNECT, "cgroup", "connect6"),
     ProgramSpec("aimesh_sendmsg4", CGROUP_SOCK_ADDR, sys_.CGROUP_UDP4_SENDMSG, "cgroup", "sendmsg4"),

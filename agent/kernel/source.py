@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-PROGRAM_FILES = ("sock_addr.c", "sock_bind.c", "sock_ingress.c", "sock_egress.c", "sock_ops.c", "sk_msg.c", "watch.c",
-                 "capture.c", "tls.c")   # tls.c uses capture.c's capture_data: keep it after
+PROGRAM_FILES = ("sock_create.c", "sock_addr.c", "sock_bind.c", "sock_ingress.c", "sock_egress.c", "sock_ops.c",
+                 "sk_msg.c", "watch.c", "capture.c", "tls.c")   # tls.c uses capture.c's capture_data: keep it after
 _INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
 
 

@@ -103,7 +103,9 @@ enum aimesh_hook {
 	HOOK_CONNECT = 1,   /* cgroup connect4/6 */
 	HOOK_SENDMSG = 2,   /* cgroup sendmsg4/6 (unconnected UDP) */
 	HOOK_INGRESS = 3,   /* cgroup_skb ingress, remote source */
-	HOOK__MAX    = 4,
+	HOOK_EGRESS  = 4,   /* cgroup_skb egress: a raw socket's packet (never passed connect/sendmsg). No decision counter
+	                     * block: COUNTER_RAW_DENIED / COUNTER_RAW_PASSED count it */
+	HOOK__MAX    = 5,
 };
 
 /* Why. Mirrors: abi.py Reason; flow.proto Reason (0 is REASON_UNSPECIFIED there);
@@ -119,6 +121,7 @@ enum aimesh_reason {
 	REASON_SUNSET         = 7,  /* destination deprecated past its sunset, no successor to redirect to */
 	REASON_FAMILY         = 8,  /* redirect skipped: backend family cannot be reached from this socket */
 	REASON_REPLY          = 9,  /* UDP sent from a port the sender's identity serves: a reply, not a new flow */
+	REASON_RAW_SOCKET     = 10, /* a raw socket's packet to a destination its identity may not reach (HOOK_EGRESS) */
 };
 
 /* decision_event.flags (mirror: abi.py EventFlag; flow.proto FlowRecord deprecated/lifecycle/redirected) */
@@ -191,8 +194,12 @@ enum aimesh_reason {
 #define COUNTER_CAPTURE_LOST_BYTES     54   /* bytes of sends/receives whose chunks and GAP record the full ring dropped: the
                                              * socket's next record tells the agent (capture_event.lost_*) */
 #define COUNTER_PROCESS_IDENTITY_FULL  55   /* process_identity full at fork: the child kept no identity (fails closed) */
-#define COUNTER_SLOTS                  64   /* 56..63 free */
-_Static_assert(HOOK__MAX <= COUNTER_DECISION_HOOKS, "a new hook needs its own block of decision counter slots");
+#define COUNTER_RAW_DENIED             60   /* packets of raw sockets (SOCK_RAW) dropped by the egress program */
+#define COUNTER_RAW_PASSED             61   /* packets of raw sockets the egress program judged and let through (allowed
+                                             * or audit) */
+#define COUNTER_SLOTS                  64   /* 56..59, 62, 63 free */
+_Static_assert(HOOK_EGRESS + 1 == HOOK__MAX && HOOK_INGRESS < COUNTER_DECISION_HOOKS,
+	       "a new hook needs its own block of decision counter slots (HOOK_EGRESS has none: COUNTER_RAW_*)");
 _Static_assert(VERDICT__MAX <= COUNTER_DECISION_VERDICTS, "a new verdict does not fit the decision counter stride");
 _Static_assert(COUNTER_DECISION_BASE + COUNTER_DECISION_HOOKS * COUNTER_DECISION_VERDICTS <= COUNTER_DECISION_EVENTS_LOST,
 	       "decision counters overlap the drop counters");

@@ -47,6 +47,7 @@ AIMESH_SK_STORAGE(dialed_address, struct dialed);                               
 AIMESH_MAP("lru_hash", struct socket_peer_key, struct dialed, udp_reverse_nat, MAX_REVERSE_NAT); /* (cookie, backend) -> dialed */
 AIMESH_MAP("hash", struct socket_peer_key, struct udp_flow, udp_flows, MAX_UDP_FLOWS);        /* (cookie, remote) -> UDP counters; not LRU: full is counted, never a silent eviction; the agent removes idle entries */
 AIMESH_MAP("lru_hash", struct socket_peer_key, __u32, udp_reply, MAX_UDP_REPLIES);          /* (server socket, client addr:port) -> client identity (ID_NONE: local, judged at its sendmsg): that client wrote to this socket first and was let in, so the socket's datagrams back to it are replies */
+AIMESH_SK_STORAGE(socket_cgroup, __u64);                                                      /* socket -> cgroup id it was created in (sock_create) */
 AIMESH_SK_STORAGE(flow_state, struct flow_origin);                                             /* TCP socket -> identities, start */
 AIMESH_MAP("lru_hash", struct local_endpoint_key, struct peer_origin, local_peer, MAX_LOCAL_PEERS); /* local client addr:port -> identity */
 AIMESH_SOCKHASH(fastpath_sockets, struct sock_tuple, MAX_FASTPATH_SOCKETS);                    /* own 4-tuple -> TCP socket */

@@ -2,18 +2,35 @@
 #ifndef AIMESH_LIB_IDENTITY_H
 #define AIMESH_LIB_IDENTITY_H
 
-/* The calling process first (process selectors are more specific), then its cgroup. */
-static __always_inline __u32 current_identity(void)
+/* The calling process first (process selectors are more specific), then the cgroup cg. */
+static __always_inline __u32 workload_identity(__u64 cg)
 {
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	__u32 *id = process_identity.lookup(&tgid);
 	if (id)
 		return *id;
-	__u64 cg = bpf_get_current_cgroup_id();
 	id = cgroup_identity.lookup(&cg);
 	if (id)
 		return *id;
 	return ID_UNMANAGED;
+}
+
+static __always_inline __u32 current_identity(void)
+{
+	return workload_identity(bpf_get_current_cgroup_id());
+}
+
+/* The cgroup a socket was created in (bpf/sock_create.c), else the caller's (a socket made before the datapath was
+ * attached). A process that wrote itself into another cgroup's cgroup.procs keeps, for the sockets it opened before,
+ * the identity of the cgroup it opened them in: the kernel charges those sockets there too. */
+static __always_inline __u64 socket_cgroup_id(struct bpf_sock *sk)
+{
+	if (sk) {
+		__u64 *cg = socket_cgroup.sk_storage_get(sk, 0, 0);
+		if (cg)
+			return *cg;
+	}
+	return bpf_get_current_cgroup_id();
 }
 
 /* A remote endpoint from the config: port-specific entries win over any-port ones. */

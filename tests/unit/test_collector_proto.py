@@ -44,9 +44,9 @@ def test_enum_numbers_are_the_documented_ones() -> None:
         "VERDICT_REDIRECTED": 4,
     }  # fmt: skip
     assert dict(flow_pb2.Hook.items()) == {
-        "HOOK_UNSPECIFIED": 0, "HOOK_CONNECT": 1, "HOOK_SENDMSG": 2, "HOOK_INGRESS": 3,
+        "HOOK_UNSPECIFIED": 0, "HOOK_CONNECT": 1, "HOOK_SENDMSG": 2, "HOOK_INGRESS": 3, "HOOK_EGRESS": 4,
     }  # fmt: skip
-    assert [v for _, v in flow_pb2.Reason.items()] == list(range(10))
+    assert [v for _, v in flow_pb2.Reason.items()] == list(range(11))
     assert dict(flow_pb2.Protocol.items()) == {"PROTOCOL_UNSPECIFIED": 0, "PROTOCOL_TCP": 6, "PROTOCOL_UDP": 17}
 
 
