@@ -172,6 +172,7 @@ class Agent:
         self._mono_to_wall = time.time_ns() - time.monotonic_ns()
         self._local_addrs: set[bytes] = set()
         self._addr_watch: Optional[AddressWatch] = None   # None: rescanned every second instead
+        self._unlisted_seen = 0     # COUNTER_INGRESS_UNLISTED_* at the last look
         self._resolv_watch = ConfigWatch(RESOLV_CONF)
         self._dns_resolvers_logged: list[bytes] = []   # resolv.conf's nameservers are the resolvers `dns: allow` opens
         self.node = os.uname().nodename
@@ -488,6 +489,10 @@ class Agent:
         """Entries the programs could not write (counted in the kernel): degraded while it keeps happening."""
         c = self.datapath.counters()
         now = time.monotonic()
+        unlisted = c[abi.COUNTER_INGRESS_UNLISTED_EXACT] + c[abi.COUNTER_INGRESS_UNLISTED_JUDGED]
+        if unlisted > self._unlisted_seen:   # packets from an address of this host the kernel does not list yet
+            self._unlisted_seen = unlisted
+            self._refresh_local_addresses()
         forks = c[abi.COUNTER_PROCESS_IDENTITY_FULL]   # the kernel set CFG_F_UNMANAGED_CLOSED itself at the fork
         if forks > self._kernel_full.get("process_identity", (0, 0.0))[0]:
             self._kernel_full["process_identity"] = (forks, now)

@@ -84,6 +84,13 @@ class AgentCollector(Collector):
                                   value=c[abi.COUNTER_FASTPATH_BYTES])
         yield CounterMetricFamily("aimesh_flows_untracked", "TCP connections established with no connect-time origin",
                                   value=c[abi.COUNTER_FLOWS_UNTRACKED])
+        unl = CounterMetricFamily("aimesh_ingress_unlisted_local",
+                                  "Packets from this host at an address the agent had not listed yet, by what the "
+                                  "kernel did (exact_bind: let in; judged_remote: judged as from world)",
+                                  labels=["outcome"])
+        unl.add_metric(["exact_bind"], c[abi.COUNTER_INGRESS_UNLISTED_EXACT])
+        unl.add_metric(["judged_remote"], c[abi.COUNTER_INGRESS_UNLISTED_JUDGED])
+        yield unl
         yield from capture_metrics(c, st.get("capture_undecoded", {}))
 
         meta = self._identities()

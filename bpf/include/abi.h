@@ -190,7 +190,10 @@ enum aimesh_reason {
 #define COUNTER_CAPTURE_LOST_BYTES     54   /* bytes of sends/receives whose chunks and GAP record the full ring dropped: the
                                              * socket's next record tells the agent (capture_event.lost_*) */
 #define COUNTER_PROCESS_IDENTITY_FULL  55   /* process_identity full at fork: the child kept no identity (fails closed) */
-#define COUNTER_SLOTS                  64   /* 56..63 free */
+#define COUNTER_INGRESS_UNLISTED_EXACT 58   /* from this host (loopback) at an address not in local_address yet, to an
+                                             * exact address:port bind: let in (its sender was judged against that bind) */
+#define COUNTER_INGRESS_UNLISTED_JUDGED 59  /* the same to a wildcard bind: judged as from world (fails closed) */
+#define COUNTER_SLOTS                  64   /* 56..57, 60..63 free */
 _Static_assert(HOOK__MAX <= COUNTER_DECISION_HOOKS, "a new hook needs its own block of decision counter slots");
 _Static_assert(VERDICT__MAX <= COUNTER_DECISION_VERDICTS, "a new verdict does not fit the decision counter stride");
 _Static_assert(COUNTER_DECISION_BASE + COUNTER_DECISION_HOOKS * COUNTER_DECISION_VERDICTS <= COUNTER_DECISION_EVENTS_LOST,

@@ -10,13 +10,14 @@ A may also reach `peer`, a server on a link-local address in a network namespace
   remote one is judged by policy."""
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
 
 import pytest
 
-from tests.kernel.harness import CgroupTree, free_port, run_client, start_agent, start_server
+from tests.kernel.harness import CgroupTree, free_port, metric_value, run_client, start_agent, start_server
 from tests.kernel.netns import NetnsHost
 
 
@@ -38,7 +39,8 @@ def mesh(tmp_path_factory):
         _ip("-n", remote.ns, "-6", "addr", "add", f"{remote_ll}/64", "dev", remote.ns_if, "nodad")
         a, b, u, s = (tree.child(n) for n in ("a", "b", "u", "s"))
         ports = {"v4": free_port(), "v6": free_port(family=socket.AF_INET6), "ll": free_port(family=socket.AF_INET6),
-                 "peer": free_port(family=socket.AF_INET6)}
+                 "peer": free_port(family=socket.AF_INET6),
+                 "unlisted": free_port()}
         cfg = {
             "mode": "enforce",
             "identities": [
@@ -88,6 +90,10 @@ def check(mesh, dial: str, port: int, dst: str) -> None:
     """A reaches dst through `dial`; B and U get EPERM (not a timeout); the records say what the kernel did."""
     since = len(mesh["agent"].flows())
     seen = {who: run_client(mesh[who], port, host=dial, timeout=2.0) for who in ("a", "b", "u")}
+    check_seen(mesh, since, seen, port, dst)
+
+
+def check_seen(mesh, since: int, seen: dict, port: int, dst: str) -> None:
     assert seen["a"]["ok"] == 1 and seen["a"]["answers"] == {dst: 1}, seen
     assert seen["b"]["errors"] == {"EPERM": 1} and seen["u"]["errors"] == {"EPERM": 1}, seen
     recs = records_for(mesh["agent"], since, port, 3)
@@ -104,6 +110,24 @@ def test_address_added_after_start_is_this_host(mesh, family):
     port = mesh["ports"][family]
     mesh["servers"].append(start_server(mesh["s"], port, name="s", host=addr, timeout=600))
     check(mesh, addr, port, "s")
+
+
+def test_address_not_listed_yet_exact_bind(mesh):
+    """Before the agent has seen a new address (it is stopped: its programs keep judging), a server bound to exactly
+    that address is judged as itself: A reaches it, B and U get EPERM, and the records, written once the agent runs
+    again, say so. The kernel counts what came from an address it did not list."""
+    agent = mesh["agent"]
+    addr, port = f"198.19.{mesh['octet']}.5", mesh["ports"]["unlisted"]
+    since = len(agent.flows())
+    agent.popen.send_signal(signal.SIGSTOP)
+    try:
+        _ip("addr", "add", f"{addr}/32", "dev", mesh["link"])
+        mesh["servers"].append(start_server(mesh["s"], port, name="s", host=addr, timeout=600))
+        seen = {who: run_client(mesh[who], port, host=addr, timeout=2.0) for who in ("a", "b", "u")}
+    finally:
+        agent.popen.send_signal(signal.SIGCONT)
+    check_seen(mesh, since, seen, port, "s")
+    assert metric_value(agent.get("/metrics")[1], "aimesh_ingress_unlisted_local_total", outcome="exact_bind") >= 1
 
 
 def test_address_removed_is_forgotten(mesh):
