@@ -40,7 +40,7 @@ def mesh(tmp_path_factory):
         a, b, u, s = (tree.child(n) for n in ("a", "b", "u", "s"))
         ports = {"v4": free_port(), "v6": free_port(family=socket.AF_INET6), "ll": free_port(family=socket.AF_INET6),
                  "peer": free_port(family=socket.AF_INET6),
-                 "unlisted": free_port()}
+                 "unlisted": free_port(), "wild": free_port()}
         cfg = {
             "mode": "enforce",
             "identities": [
@@ -53,6 +53,7 @@ def mesh(tmp_path_factory):
                          {"from": "a", "to": "peer", "ports": [ports["peer"]]}],
         }
         agent = start_agent(tmp_path_factory.mktemp("addr"), tree.root, cfg)
+        servers.append(start_server(s, ports["wild"], name="s", host="0.0.0.0", timeout=600))
         servers.append(start_server(None, ports["peer"], name="peer", host=f"{remote_ll}%{remote.ns_if}",
                                     timeout=600, netns=remote.ns))
         yield {"agent": agent, "ports": ports, "a": a, "b": b, "u": u, "s": s, "link": link, "octet": octet,
@@ -128,6 +129,25 @@ def test_address_not_listed_yet_exact_bind(mesh):
         agent.popen.send_signal(signal.SIGCONT)
     check_seen(mesh, since, seen, port, "s")
     assert metric_value(agent.get("/metrics")[1], "aimesh_ingress_unlisted_local_total", outcome="exact_bind") >= 1
+
+
+def test_address_not_listed_yet_wildcard_bind_fails_closed(mesh):
+    """Before the agent has seen a new address, a connect to it reaching a wildcard (0.0.0.0) bind is judged as to
+    `world` (allowed here: nothing denies world), and its SYN at S as from `world`: dropped, counted. Nobody reaches
+    S through it, A included (fails closed until the agent lists the address)."""
+    agent = mesh["agent"]
+    addr, port = f"198.19.{mesh['octet']}.6", mesh["ports"]["wild"]
+    before = metric_value(agent.get("/metrics")[1], "aimesh_ingress_unlisted_local_total", outcome="judged_remote")
+    agent.popen.send_signal(signal.SIGSTOP)
+    try:
+        _ip("addr", "add", f"{addr}/32", "dev", mesh["link"])
+        seen = {who: run_client(mesh[who], port, host=addr, timeout=2.0) for who in ("a", "b", "u")}
+    finally:
+        agent.popen.send_signal(signal.SIGCONT)
+    assert all(r["ok"] == 0 and r["errors"] in ({"EPERM": 1}, {"timeout": 1}) for r in seen.values()), seen
+    timeouts = sum(r["errors"] == {"timeout": 1} for r in seen.values())
+    assert metric_value(agent.get("/metrics")[1], "aimesh_ingress_unlisted_local_total",
+                        outcome="judged_remote") >= before + timeouts
 
 
 def test_address_removed_is_forgotten(mesh):
