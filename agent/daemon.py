@@ -28,6 +28,7 @@ from agent.flows.log import FlowLog
 from agent.flows.sink import RecordSink, RecordsLogSink
 from agent.identity.assigner import IdentityAssigner
 from agent.identity.cgroups import cgroup2_mount, cgroup_id
+from agent.identity.addrwatch import AddressWatch
 from agent.identity.host import RESOLV_CONF, dns_resolver_keys, local_address_keys
 from agent.config_watch import ConfigWatch, kubelet_mounted
 from agent.identity.k8s.model import ClusterState
@@ -36,7 +37,7 @@ from agent.kernel.pins import FORMAT as PIN_FORMAT
 from agent.kernel.pins import DatapathDir, PinError, RootLock, check_format, prune_dir, read_manifest, write_manifest
 from agent.errors import AgentError
 from agent.flows.denials import DenialAggregator, denial_record
-from agent.flows.decode import DecodeError, decode_agent_event, decode_decision, to_json, wall_time
+from agent.flows.decode import DecodeError, decode_agent_event, decode_decision, format_addr, to_json, wall_time
 from agent.flows.records import (UdpWindow, decision_record, decode_flow_event, flow_record, udp_aggregate)
 from agent.kernel import abi
 from agent.kernel.maps import MapError
@@ -170,6 +171,8 @@ class Agent:
         self._next_transition: Optional[datetime] = None
         self._mono_to_wall = time.time_ns() - time.monotonic_ns()
         self._local_addrs: set[bytes] = set()
+        self._addr_watch: Optional[AddressWatch] = None   # None: rescanned every second instead
+        self._unlisted_seen = 0     # COUNTER_INGRESS_UNLISTED_* at the last look
         self._resolv_watch = ConfigWatch(RESOLV_CONF)
         self._dns_resolvers_logged: list[bytes] = []   # resolv.conf's nameservers are the resolvers `dns: allow` opens
         self.node = os.uname().nodename
@@ -339,9 +342,8 @@ class Agent:
         self.assigner.processes = dp.identity_entries("process_identity")
         try:
             self._install(config)
-            keys = local_address_keys()
-            dp.set_local_addresses(keys)
-            self._local_addrs = {bytes(k.addr) for k in keys}
+            self._watch_addresses()   # subscribed before the first scan: no change falls between the two
+            self._refresh_local_addresses()
             dp.attach(root, Path(self.build["progs"]))
             write_manifest(self.pins, self.manifest())
             removed = prune_dir(self.pins.progs, {Path(self.build["progs"]).name}) + \
@@ -487,6 +489,10 @@ class Agent:
         """Entries the programs could not write (counted in the kernel): degraded while it keeps happening."""
         c = self.datapath.counters()
         now = time.monotonic()
+        unlisted = c[abi.COUNTER_INGRESS_UNLISTED_EXACT] + c[abi.COUNTER_INGRESS_UNLISTED_JUDGED]
+        if unlisted > self._unlisted_seen:   # packets from an address of this host the kernel does not list yet
+            self._unlisted_seen = unlisted
+            self._refresh_local_addresses()
         forks = c[abi.COUNTER_PROCESS_IDENTITY_FULL]   # the kernel set CFG_F_UNMANAGED_CLOSED itself at the fork
         if forks > self._kernel_full.get("process_identity", (0, 0.0))[0]:
             self._kernel_full["process_identity"] = (forks, now)
@@ -526,6 +532,8 @@ class Agent:
             # agent events wake us; the rest is polled: after a drain that stopped at its budget or time limit (a
             # ring still holds records; capture records do not wake us) only look, do not sleep
             wait_readable([self.datapath.rings["agent_events"]], 0 if self._drain_cut else POLL_MS)
+            if self._addr_watch is not None and self._addr_changed():
+                self._refresh_local_addresses()
             self._drain()
             if self.gateway is not None:
                 self._gateway_tick()
@@ -536,6 +544,8 @@ class Agent:
                 last_root_check = time.monotonic()
                 self._check_root()
                 self._check_kernel_full()
+                if self._addr_watch is None:
+                    self._refresh_local_addresses()
                 if datetime.now(timezone.utc) < self._installed_wall - timedelta(seconds=1):
                     log.warning("the clock stepped back: recompiling lifecycle rules for the time it says now")
                     self._next_transition = datetime.now(timezone.utc)
@@ -683,6 +693,43 @@ class Agent:
         rec = flow_record(ev, self.identities, self._mono_to_wall, self.agent_id, self.node, self._workloads)
         # metrics count a connection once: on its client's side, or on the server's when the client is remote
         self._emit_record(rec, ev.side == abi.Side.CLIENT or not self._is_local(bytes(ev.remote_addr)))
+
+    # ---- this host's addresses ----
+    def _watch_addresses(self) -> None:
+        try:
+            self._addr_watch = AddressWatch()
+        except OSError as e:
+            log.warning("cannot subscribe to address changes (%s): rescanning this host's addresses every second", e)
+            self._addr_watch = None
+
+    def _addr_changed(self) -> bool:
+        try:
+            return self._addr_watch.changed()
+        except OSError as e:   # the subscription broke: fall back to the rescan every second
+            log.warning("address change subscription failed (%s): rescanning this host's addresses every second", e)
+            self._addr_watch.close()
+            self._addr_watch = None
+            return True
+
+    def _refresh_local_addresses(self) -> None:
+        """Give the kernel this host's addresses as they are now: an address added after start is this host (its
+        servers judged as themselves, its connections as local), one removed is not any more."""
+        keys = local_address_keys()
+        now = {bytes(k.addr) for k in keys}
+        if now == self._local_addrs:
+            return
+        try:
+            self.datapath.set_local_addresses(keys)
+        except (MapError, OSError) as e:   # more addresses than the map holds: the rest is judged as remote
+            log.error("local_address: %s (%d addresses); connections to the rest are judged as remote", e, len(keys))
+            self.degraded["local addresses incomplete"] = str(e)
+            return
+        self.degraded.pop("local addresses incomplete", None)
+        if self._local_addrs:
+            log.info("this host's addresses changed: %s",
+                     " ".join([f"+{format_addr(a)}" for a in sorted(now - self._local_addrs)] +
+                              [f"-{format_addr(a)}" for a in sorted(self._local_addrs - now)]))
+        self._local_addrs = now
 
     def _is_local(self, addr16: bytes) -> bool:
         return addr16 in self._local_addrs or addr16 == LOOPBACK6 or addr16[:13] == LOOPBACK4_PREFIX

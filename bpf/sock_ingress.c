@@ -10,6 +10,8 @@
  */
 #include "programs.h"
 
+#define LOOPBACK_IFINDEX 1   /* the loopback device's index in every network namespace */
+
 struct ingress_tuple {
 	__u8  saddr[16];
 	__u8  daddr[16];
@@ -98,6 +100,20 @@ int aimesh_ingress(struct __sk_buff *skb)
 		if (t.proto == IPPROTO_UDP)
 			udp_reply_allow(skb, &t, ID_NONE);   /* judged at the sender's sendmsg/connect */
 		return 1;
+	}
+	/* In on loopback: from this host, at an address the agent has not listed yet (added since it last looked;
+	 * counted, and the agent rescans). To an exact address:port bind the sender's connect/sendmsg was judged
+	 * against that bind's identity (the same lookup, and a governed bind entry is written by post_bind, not by the
+	 * agent): let it in like any local source. To a wildcard bind the sender judged the address as remote: judge
+	 * it as from world below (fails closed). */
+	if (skb->ingress_ifindex == LOOPBACK_IFINDEX) {
+		if (local_endpoint_lookup(t.daddr, t.dport, t.proto, 0) != ID_NONE) {
+			counter_add(COUNTER_INGRESS_UNLISTED_EXACT);
+			if (t.proto == IPPROTO_UDP)
+				udp_reply_allow(skb, &t, ID_NONE);
+			return 1;
+		}
+		counter_add(COUNTER_INGRESS_UNLISTED_JUDGED);
 	}
 
 	__u8 gen = cfg->active_gen;

@@ -90,6 +90,13 @@ class AgentCollector(Collector):
         raw.add_metric(["dropped"], c[abi.COUNTER_RAW_DENIED])
         raw.add_metric(["passed"], c[abi.COUNTER_RAW_PASSED])
         yield raw
+        unl = CounterMetricFamily("aimesh_ingress_unlisted_local",
+                                  "Packets from this host at an address the agent had not listed yet, by what the "
+                                  "kernel did (exact_bind: let in; judged_remote: judged as from world)",
+                                  labels=["outcome"])
+        unl.add_metric(["exact_bind"], c[abi.COUNTER_INGRESS_UNLISTED_EXACT])
+        unl.add_metric(["judged_remote"], c[abi.COUNTER_INGRESS_UNLISTED_JUDGED])
+        yield unl
         yield from capture_metrics(c, st.get("capture_undecoded", {}))
 
         meta = self._identities()

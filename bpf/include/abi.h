@@ -194,10 +194,13 @@ enum aimesh_reason {
 #define COUNTER_CAPTURE_LOST_BYTES     54   /* bytes of sends/receives whose chunks and GAP record the full ring dropped: the
                                              * socket's next record tells the agent (capture_event.lost_*) */
 #define COUNTER_PROCESS_IDENTITY_FULL  55   /* process_identity full at fork: the child kept no identity (fails closed) */
+#define COUNTER_INGRESS_UNLISTED_EXACT 58   /* from this host (loopback) at an address not in local_address yet, to an
+                                             * exact address:port bind: let in (its sender was judged against that bind) */
+#define COUNTER_INGRESS_UNLISTED_JUDGED 59  /* the same to a wildcard bind: judged as from world (fails closed) */
 #define COUNTER_RAW_DENIED             60   /* packets of raw sockets (SOCK_RAW) dropped by the egress program */
 #define COUNTER_RAW_PASSED             61   /* packets of raw sockets the egress program judged and let through (allowed
                                              * or audit) */
-#define COUNTER_SLOTS                  64   /* 56..59, 62, 63 free */
+#define COUNTER_SLOTS                  64   /* 56, 57, 62, 63 free */
 _Static_assert(HOOK_EGRESS + 1 == HOOK__MAX && HOOK_INGRESS < COUNTER_DECISION_HOOKS,
 	       "a new hook needs its own block of decision counter slots (HOOK_EGRESS has none: COUNTER_RAW_*)");
 _Static_assert(VERDICT__MAX <= COUNTER_DECISION_VERDICTS, "a new verdict does not fit the decision counter stride");

@@ -19,12 +19,20 @@ def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def _sockaddr(host: str, port: int, fam: int) -> tuple:
+    """(host, port) for the socket calls; with a zone id (fe80::1%eth0) the 4-tuple that carries its scope id
+    (a 2-tuple drops it)."""
+    if "%" not in host:
+        return (host, port)
+    return socket.getaddrinfo(host, port, fam, 0, 0, socket.AI_NUMERICHOST)[0][4]
+
+
 def server(a) -> None:
     fam = _family(a.host)
     kind = socket.SOCK_DGRAM if a.udp else socket.SOCK_STREAM
     s = socket.socket(fam, kind)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((a.host, a.port))
+    s.bind(_sockaddr(a.host, a.port, fam))
     if not a.udp:
         s.listen(128)
     s.settimeout(a.timeout)
@@ -56,10 +64,10 @@ def client(a) -> None:
             if a.bind:
                 s.bind((a.bind, 0))
             if a.udp:
-                s.sendto(b"ping", (a.host, a.port))
+                s.sendto(b"ping", _sockaddr(a.host, a.port, fam))
                 data, peer = s.recvfrom(2048)
             else:
-                s.connect((a.host, a.port))
+                s.connect(_sockaddr(a.host, a.port, fam))
                 peer = s.getpeername()
                 data = s.recv(2048)
             ok += 1
