@@ -115,7 +115,7 @@ def test_a_co_binder_of_another_identity_cannot_take_the_port(mesh, proto, host)
         assert seen == {"bind llama": "ok",
                         **{k: v for h in ("rogue", "batch") for k, v in (
                             (f"bind {h}", "EPERM"), (f"chat after {h}", {"llama": 1}),
-                            (f"batch after {h}", {"EPERM": 1}), (f"rogue after {h}", {"EPERM": 1}))}}
+                            (f"batch after {h}", {"EPERM": 1}), (f"rogue after {h}", {"EPERM": 1}))}}, json.dumps(seen)
         want_denied = {("batch", "llama"), ("unmanaged", "llama")}
         allowed = records(agent, port, proto, verdict="allowed")
         denied = records(agent, port, proto, until=lambda recs: pairs(recs) >= want_denied, verdict="denied")
