@@ -84,6 +84,12 @@ class AgentCollector(Collector):
                                   value=c[abi.COUNTER_FASTPATH_BYTES])
         yield CounterMetricFamily("aimesh_flows_untracked", "TCP connections established with no connect-time origin",
                                   value=c[abi.COUNTER_FLOWS_UNTRACKED])
+        ports = CounterMetricFamily("aimesh_port_binds_refused",
+                                    "Binds refused (EPERM) to an address:port live sockets hold, by why",
+                                    labels=["reason"])
+        ports.add_metric(["held_by_another_identity"], c[abi.COUNTER_PORT_COBIND_REFUSED])
+        ports.add_metric(["release_race"], c[abi.COUNTER_PORT_BIND_RACE])
+        yield ports
         yield from capture_metrics(c, st.get("capture_undecoded", {}))
 
         meta = self._identities()

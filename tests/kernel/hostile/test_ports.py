@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from tests.kernel.harness import CgroupTree, _enter_cgroup, free_port, run_client, start_agent, start_server
+from tests.kernel.harness import (CgroupTree, _enter_cgroup, free_port, metric_value, run_client, start_agent,
+                                  start_server)
 
 CASES = [("tcp", "127.0.0.1"), ("udp", "127.0.0.1"), ("tcp", "::1"), ("udp", "::1")]
 
@@ -121,6 +122,8 @@ def test_a_co_binder_of_another_identity_cannot_take_the_port(mesh, proto, host)
         denied = records(agent, port, proto, until=lambda recs: pairs(recs) >= want_denied, verdict="denied")
         assert pairs(allowed) == {("chat", "llama")}
         assert pairs(denied) == want_denied
+        _, text = agent.get("/metrics")
+        assert metric_value(text, "aimesh_port_binds_refused_total", reason="held_by_another_identity") >= 2
     finally:
         srv.popen.kill()
         srv.popen.wait()
