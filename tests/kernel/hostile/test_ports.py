@@ -153,3 +153,31 @@ def test_a_later_listener_on_an_exited_servers_port_is_not_judged_as_it(mesh):
             [("chat", "unmanaged", "not_governed")]
     finally:
         stray.close()
+
+
+def test_a_server_bound_before_the_agent_keeps_its_port(tmp_path):
+    """llama listens (SO_REUSEPORT) before the agent starts, so no post_bind saw it: the agent seeds its port from
+    /proc. rogue's co-bind is still refused and chat still reaches llama."""
+    tree = CgroupTree()
+    agent = srv = None
+    try:
+        cg = {n: tree.child(n) for n in ("chat", "llama", "rogue")}
+        port = free_port()
+        srv = start_server(cg["llama"], port, name="llama", reuseport=True, timeout=60)
+        cfg = {"mode": "enforce",
+               "identities": [{"name": n, "kind": "model" if n == "llama" else "service",
+                               "select": {"cgroups": [tree.rel(cg[n])]}} for n in ("chat", "llama")],
+               "policies": [{"from": "chat", "to": "llama", "ports": [port], "protocol": "tcp"}]}
+        agent = start_agent(tmp_path, tree.root, cfg)
+        seen = {"bind rogue": co_bind(cg["rogue"], "127.0.0.1", port, "tcp")}
+        for who in ("chat", "rogue"):
+            res = run_client(cg[who], port)
+            seen[who] = res["answers"] if res["ok"] else res["errors"]
+        assert seen == {"bind rogue": "EPERM", "chat": {"llama": 1}, "rogue": {"EPERM": 1}}, json.dumps(seen)
+    finally:
+        if srv is not None:
+            srv.popen.kill()
+            srv.popen.wait()
+        if agent is not None:
+            agent.stop()
+        tree.cleanup()
