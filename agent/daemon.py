@@ -579,7 +579,12 @@ class Agent:
                 self.assigner.prune_pod_cgroups()
                 self.k8s.housekeeping(lambda pid: os.path.exists(f"/proc/{pid}"))
                 m = self.datapath.maps["local_endpoint_identity"]
-                n = self.assigner.prune_local_endpoints(list(m.keys()), m.delete)
+                refs = self.datapath.maps["local_endpoint_refs"]
+                seeded = {bytes(k): k for k, r in refs.items() if r.flags & abi.LocalEndpointRefFlag.SEEDED}
+                # a port a live socket registered is the programs' to remove (at its release), not ours
+                n = self.assigner.prune_local_endpoints(
+                    [k for k in m.keys() if bytes(k) in seeded or refs.lookup(k) is None], m.delete)
+                self.assigner.prune_local_endpoints(list(seeded.values()), refs.delete)
                 if n:
                     log.info("forgot %d bound ports no socket holds any more", n)
                 self._capture_housekeeping()

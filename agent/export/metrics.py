@@ -97,6 +97,12 @@ class AgentCollector(Collector):
         unl.add_metric(["exact_bind"], c[abi.COUNTER_INGRESS_UNLISTED_EXACT])
         unl.add_metric(["judged_remote"], c[abi.COUNTER_INGRESS_UNLISTED_JUDGED])
         yield unl
+        ports = CounterMetricFamily("aimesh_port_binds_refused",
+                                    "Binds refused (EPERM) to an address:port live sockets hold, by why",
+                                    labels=["reason"])
+        ports.add_metric(["held_by_another_identity"], c[abi.COUNTER_PORT_COBIND_REFUSED])
+        ports.add_metric(["release_race"], c[abi.COUNTER_PORT_BIND_RACE])
+        yield ports
         yield from capture_metrics(c, st.get("capture_undecoded", {}))
 
         meta = self._identities()

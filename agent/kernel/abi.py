@@ -177,6 +177,8 @@ COUNTER_CAPTURE_TLS_SOCKETS = 52
 COUNTER_CAPTURE_TRUNCATED_BYTES = 53
 COUNTER_CAPTURE_LOST_BYTES = 54
 COUNTER_PROCESS_IDENTITY_FULL = 55
+COUNTER_PORT_COBIND_REFUSED = 56
+COUNTER_PORT_BIND_RACE = 57
 COUNTER_INGRESS_UNLISTED_EXACT = 58
 COUNTER_INGRESS_UNLISTED_JUDGED = 59
 COUNTER_RAW_DENIED = 60
@@ -203,6 +205,22 @@ class EndpointKey(ct.Structure):
 class LocalEndpointKey(ct.Structure):
     """struct local_endpoint_key { __u8 addr[16]; __u16 port; __u8 proto; __u8 pad; };"""
     _fields_ = [("addr", Addr16), ("port", ct.c_uint16), ("proto", ct.c_uint8), ("pad", ct.c_uint8)]
+
+
+class LocalEndpointRefFlag(enum.IntFlag):
+    DEAD = 1      # the last holder is deleting the entry
+    SEEDED = 2    # written by the agent for a socket bound before the datapath
+
+
+class LocalEndpointRef(ct.Structure):
+    """struct local_endpoint_ref { struct bpf_spin_lock lock; __u32 identity; __u32 flags; __u32 pad; __u64 refs; };"""
+    _fields_ = [("lock", ct.c_uint32), ("identity", ct.c_uint32), ("flags", ct.c_uint32), ("pad", ct.c_uint32),
+                ("refs", ct.c_uint64)]
+
+
+class BoundPort(ct.Structure):
+    """struct bound_port { struct local_endpoint_key key; __u32 identity; };"""
+    _fields_ = [("key", LocalEndpointKey), ("identity", ct.c_uint32)]
 
 
 class IdentityKey(ct.Structure):
@@ -409,6 +427,8 @@ MIRRORS: dict[str, type[ct.Structure]] = {
     "runtime_config": RuntimeConfig,
     "endpoint_key": EndpointKey,
     "local_endpoint_key": LocalEndpointKey,
+    "local_endpoint_ref": LocalEndpointRef,
+    "bound_port": BoundPort,
     "identity_key": IdentityKey,
     "identity_info": IdentityInfo,
     "policy_key": PolicyKey,
@@ -458,7 +478,8 @@ UNNAMED_IN_C: frozenset[str] = frozenset({"Side.UNKNOWN"})
 # Prefix of a #define family in abi.h -> Python mirror (EV_F_DEPRECATED is EventFlag.DEPRECATED).
 FLAGS: dict[str, type[enum.IntFlag]] = {"EV_F_": EventFlag, "ID_F_": IdentityFlag, "CFG_F_": ConfigFlag,
                                         "CAPTURE_SOCK_F_": CaptureSockFlag, "CAPTURE_EV_F_": CaptureEventFlag,
-                                        "POLICY_F_": PolicyFlag, "GW_ORIGIN_F_": GatewayOriginFlag}
+                                        "POLICY_F_": PolicyFlag, "GW_ORIGIN_F_": GatewayOriginFlag,
+                                        "LREF_F_": LocalEndpointRefFlag}
 
 # Every other value abi.h defines (the limits are Limits' defaults), by its C name.
 CONSTANTS: dict[str, int] = {
@@ -484,6 +505,7 @@ CONSTANTS: dict[str, int] = {
     "COUNTER_CAPTURE_TRUNCATED_BYTES": COUNTER_CAPTURE_TRUNCATED_BYTES,
     "COUNTER_CAPTURE_LOST_BYTES": COUNTER_CAPTURE_LOST_BYTES,
     "COUNTER_PROCESS_IDENTITY_FULL": COUNTER_PROCESS_IDENTITY_FULL,
+    "COUNTER_PORT_COBIND_REFUSED": COUNTER_PORT_COBIND_REFUSED, "COUNTER_PORT_BIND_RACE": COUNTER_PORT_BIND_RACE,
     "COUNTER_INGRESS_UNLISTED_EXACT": COUNTER_INGRESS_UNLISTED_EXACT,
     "COUNTER_INGRESS_UNLISTED_JUDGED": COUNTER_INGRESS_UNLISTED_JUDGED,
     "COUNTER_RAW_DENIED": COUNTER_RAW_DENIED, "COUNTER_RAW_PASSED": COUNTER_RAW_PASSED,

@@ -338,6 +338,14 @@ class Datapath:
         self.maps["process_identity"].delete(ct.c_uint32(pid))
 
     def set_local_endpoint(self, key: abi.LocalEndpointKey, identity: int) -> None:
+        """A socket bound before the datapath (seen in /proc): its port's identity, with a seeded ref so that a
+        co-binder of another identity is refused. A port the programs already hold for another identity keeps it."""
+        refs = self.maps["local_endpoint_refs"]
+        seeded = abi.LocalEndpointRef(identity=identity, flags=abi.LocalEndpointRefFlag.SEEDED, refs=1)
+        if not refs.insert(key, seeded):
+            cur = refs.lookup(key)
+            if cur is not None and cur.refs and cur.identity != identity:
+                return
         self.maps["local_endpoint_identity"].update(key, ct.c_uint32(identity))
 
     def set_local_addresses(self, keys: list[abi.LocalEndpointKey]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes as ct
+import errno
 import os
 from typing import Iterable, Iterator, Sequence, TypeVar
 
@@ -30,6 +31,15 @@ class MapHandle:
         res = bpfsys.map_update(self.fd, key, value, BPF_ANY)
         if res < 0:
             raise MapError(f"map {self.name}: update failed: {os.strerror(-res)}")
+
+    def insert(self, key, value) -> bool:
+        """Create the entry; False (and nothing written) when the key is there already."""
+        res = bpfsys.map_update(self.fd, key, value, bpfsys.BPF_NOEXIST)
+        if res == -errno.EEXIST:
+            return False
+        if res < 0:
+            raise MapError(f"map {self.name}: insert failed: {os.strerror(-res)}")
+        return True
 
     def delete(self, key) -> bool:
         return bpfsys.map_delete(self.fd, key)

@@ -194,13 +194,16 @@ enum aimesh_reason {
 #define COUNTER_CAPTURE_LOST_BYTES     54   /* bytes of sends/receives whose chunks and GAP record the full ring dropped: the
                                              * socket's next record tells the agent (capture_event.lost_*) */
 #define COUNTER_PROCESS_IDENTITY_FULL  55   /* process_identity full at fork: the child kept no identity (fails closed) */
+#define COUNTER_PORT_COBIND_REFUSED    56   /* a bind to an addr:port that live sockets of another identity hold: EPERM */
+#define COUNTER_PORT_BIND_RACE         57   /* a bind that lost a race with the holder's release, or whose socket record
+                                             * could not be made: EPERM (fails closed; the binder may retry) */
 #define COUNTER_INGRESS_UNLISTED_EXACT 58   /* from this host (loopback) at an address not in local_address yet, to an
                                              * exact address:port bind: let in (its sender was judged against that bind) */
 #define COUNTER_INGRESS_UNLISTED_JUDGED 59  /* the same to a wildcard bind: judged as from world (fails closed) */
 #define COUNTER_RAW_DENIED             60   /* packets of raw sockets (SOCK_RAW) dropped by the egress program */
 #define COUNTER_RAW_PASSED             61   /* packets of raw sockets the egress program judged and let through (allowed
                                              * or audit) */
-#define COUNTER_SLOTS                  64   /* 56, 57, 62, 63 free */
+#define COUNTER_SLOTS                  64   /* 62, 63 free */
 _Static_assert(HOOK_EGRESS + 1 == HOOK__MAX && HOOK_INGRESS < COUNTER_DECISION_HOOKS,
 	       "a new hook needs its own block of decision counter slots (HOOK_EGRESS has none: COUNTER_RAW_*)");
 _Static_assert(VERDICT__MAX <= COUNTER_DECISION_VERDICTS, "a new verdict does not fit the decision counter stride");
@@ -234,6 +237,27 @@ struct local_endpoint_key {
 	__u16 port;
 	__u8  proto;
 	__u8  pad;
+};
+
+/* local_endpoint_refs: who holds a bound (addr, port, proto): the live sockets of one identity that registered it at
+ * post_bind (refs), released at sock_release. The first identity keeps the entry for as long as any of its sockets
+ * holds the port; a co-binder (SO_REUSEPORT/SO_REUSEADDR) of another identity is refused. LREF_F_DEAD: the last
+ * holder is deleting the entry (a binder retries); LREF_F_SEEDED: written by the agent for a socket bound before the
+ * datapath (no release will come; the agent removes it when no socket holds the port). */
+#define LREF_F_DEAD   1
+#define LREF_F_SEEDED 2
+struct local_endpoint_ref {
+	struct bpf_spin_lock lock;
+	__u32 identity;
+	__u32 flags;        /* LREF_F_* */
+	__u32 pad;
+	__u64 refs;
+};
+
+/* bound_port (socket storage): the key a socket registered in local_endpoint_refs, for its release. */
+struct bound_port {
+	struct local_endpoint_key key;
+	__u32 identity;
 };
 
 struct identity_key {

@@ -37,6 +37,8 @@ AIMESH_MAP("hash", __u64, __u32, cgroup_identity, MAX_CGROUPS);                 
 AIMESH_MAP("hash", __u32, __u32, process_identity, MAX_PROCESSES);                             /* tgid -> identity */
 AIMESH_MAP_F("lpm_trie", struct endpoint_key, __u32, endpoint_identity, MAX_ENDPOINTS, BPF_F_NO_PREALLOC); /* (gen, port, prefix) -> identity */
 AIMESH_MAP("hash", struct local_endpoint_key, __u32, local_endpoint_identity, MAX_LOCAL_ENDPOINTS); /* bound (addr, port, proto) -> identity */
+AIMESH_MAP("hash", struct local_endpoint_key, struct local_endpoint_ref, local_endpoint_refs, MAX_LOCAL_ENDPOINTS); /* bound (addr, port, proto) -> holding identity, live sockets */
+AIMESH_SK_STORAGE(bound_port, struct bound_port);                                              /* socket -> the key it holds in local_endpoint_refs */
 AIMESH_MAP("hash", struct local_endpoint_key, __u8, local_address, 1024);                      /* this host's addresses (port 0) -> 1 */
 AIMESH_MAP("hash", struct local_endpoint_key, __u8, dns_resolver, 64);                          /* a resolver's address (port 0) -> 1 */
 AIMESH_MAP("hash", struct identity_key, struct identity_info, identity_info, MAX_IDENTITIES);  /* (id, gen) -> governed/mode/lifecycle */

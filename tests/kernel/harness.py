@@ -106,9 +106,11 @@ class Proc:
 
 
 def start_server(cgroup: Optional[Path], port: int, name: str = "server", host: str = "127.0.0.1",
-                 udp: bool = False, count: int = 0, timeout: float = 20, netns: Optional[str] = None) -> Proc:
+                 udp: bool = False, count: int = 0, timeout: float = 20, netns: Optional[str] = None,
+                 reuseport: bool = False) -> Proc:
     cmd = [sys.executable, str(WORKLOADS), "server", "--host", host, "--port", str(port), "--name", name,
-           "--count", str(count), "--timeout", str(timeout)] + (["--udp"] if udp else [])
+           "--count", str(count), "--timeout", str(timeout)] + (["--udp"] if udp else []) + \
+        (["--reuseport"] if reuseport else [])
     if netns:
         cmd = ["ip", "netns", "exec", netns] + cmd
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -9,6 +9,7 @@ import time
 import pytest
 import yaml
 
+from agent.kernel.registry import CGROUP_PROGRAMS
 from tests.kernel.harness import REPO, attached_programs, free_port, run_client, start_server
 from tests.kernel.netns import NetnsHost
 from tests.kernel.test_enforce import base_config
@@ -99,7 +100,7 @@ def test_sighup_good_and_bad_config(cgroups, agents):
 def test_sigterm_leaves_the_datapath_in_force_and_uninstall_removes_exactly_it(cgroups, agents):
     agent = agents(base_config(cgroups, 18000))
     names = attached_programs(cgroups.root)
-    assert len(names) == 14 and all(n.startswith("aimesh_") for n in names)
+    assert len(names) == len(CGROUP_PROGRAMS) and all(n.startswith("aimesh_") for n in names)
     assert agent.get("/healthz")[0] == 200
     assert agent.stop() == 0
     assert sorted(attached_programs(cgroups.root)) == sorted(names)   # a rollout keeps enforcing
@@ -119,7 +120,7 @@ def test_a_second_agent_on_the_same_root_refuses(cgroups, agents, tmp_path):
     r = _aimesh("agent", "--config", str(cfg), "--cgroup-root", str(cgroups.root), "--metrics-addr",
                 f"127.0.0.1:{free_port()}")
     assert r.returncode == 2 and "another aimesh agent is running" in r.stderr and "Traceback" not in r.stderr
-    assert len(attached_programs(cgroups.root)) == 14
+    assert len(attached_programs(cgroups.root)) == len(CGROUP_PROGRAMS)
 
 
 def pinned_dir(root):

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from agent.kernel.registry import CGROUP_PROGRAMS
 from tests.kernel.harness import REPO, attached_programs, free_port, run_client, start_server
 from tests.kernel.test_enforce import base_config
 
@@ -64,14 +65,15 @@ def test_kill9_keeps_enforcing_and_the_next_agent_adopts_with_no_gap(cgroups, ag
     agent.popen.send_signal(signal.SIGKILL)
     agent.popen.wait()
     time.sleep(1.5)                                  # no agent at all
-    assert len(attached_programs(cgroups.root)) == 14
+    assert len(attached_programs(cgroups.root)) == len(CGROUP_PROGRAMS)
     assert status(cgroups.root)["agent_attached"] is False
     agents(base_config(cgroups, port))
     a, d = prober_result(allowed), prober_result(denied)
     assert set(a["counts"]) == {"ok"} and a["counts"]["ok"] > 100, a
     assert set(d["counts"]) == {"EPERM"} and d["counts"]["EPERM"] > 100, d
     names = attached_programs(cgroups.root)
-    assert len(names) == 14 and all(n.startswith("aimesh_") for n in names), names   # one set, not two
+    # one set, not two
+    assert len(names) == len(CGROUP_PROGRAMS) and all(n.startswith("aimesh_") for n in names), names
     assert link_programs(cgroups.root) == links     # adopted: the same programs behind the same links
     srv.popen.kill()
 
@@ -97,7 +99,7 @@ def test_a_config_change_across_a_crash_takes_effect(cgroups, agents):
     assert outcomes in (["EPERM", "ok"], ["ok"]), res
     if outcomes == ["EPERM", "ok"]:
         assert res["changes"][1][0] <= t_ready
-    assert len(attached_programs(cgroups.root)) == 14
+    assert len(attached_programs(cgroups.root)) == len(CGROUP_PROGRAMS)
     flows = agent2.records_where(lambda r: r["verdict"] == "allowed" and r["source"]["name"] == "batch")
     assert flows
     srv.popen.kill()
@@ -151,7 +153,7 @@ def test_an_upgrade_swaps_only_the_changed_program_and_keeps_the_maps(cgroups, a
     assert status(cgroups.root)["maps"] == maps_before            # same layouts: the same maps, contents kept
     _, m = agent2.get("/metrics")
     assert _metric(m, 'aimesh_kernel_decisions_total{hook="connect",verdict="denied"}') >= denied_before + 100
-    assert len(attached_programs(cgroups.root)) == 14
+    assert len(attached_programs(cgroups.root)) == len(CGROUP_PROGRAMS)
     assert len(status(cgroups.root)["builds"]) == 1                # the old build is unpinned
     srv.popen.kill()
 

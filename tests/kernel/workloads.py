@@ -1,6 +1,6 @@
 """Tiny real workloads the kernel tests run inside cgroups. Each prints one JSON line and exits.
 
-    server  --port P [--host H] [--udp] [--name N] [--count K] [--timeout S]
+    server  --port P [--host H] [--udp] [--name N] [--count K] [--timeout S] [--reuseport]
         answers each TCP connection (or UDP datagram) with N, K times, then exits.
     client  --host H --port P [--udp] [--count K] [--timeout S] [--bind H]
         connects K times; prints {"ok": n, "errors": {errno_name: n}, "peers": [...], "answers": {...}}.
@@ -32,6 +32,8 @@ def server(a) -> None:
     kind = socket.SOCK_DGRAM if a.udp else socket.SOCK_STREAM
     s = socket.socket(fam, kind)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if a.reuseport:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     s.bind(_sockaddr(a.host, a.port, fam))
     if not a.udp:
         s.listen(128)
@@ -91,6 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--bind", default=None)
+    p.add_argument("--reuseport", action="store_true")
     a = p.parse_args(argv)
     (server if a.role == "server" else client)(a)
     return 0
