@@ -3,7 +3,7 @@
  * connect / sendmsg: judge (source identity, identity of the socket the dial reaches — the unspecified address is
  *   this host —, port, proto) against the allow-list; a deny returns 0
  *   (the caller gets EPERM); an allowed or audited connection may be rewritten to a redirect backend.
- *   reads:  runtime_config, process_identity, cgroup_identity, local_endpoint_identity, local_address, dns_resolver,
+ *   reads:  runtime_config, process_identity, cgroup_identity, cgroup_inherit, local_endpoint_identity, local_address, dns_resolver,
  *           udp_reply,
  *           endpoint_identity, identity_info, policy_verdict, redirect_service, redirect_backend
  *   writes: dialed_address and flow_state (sk storage), udp_reverse_nat, udp_flows, verdict_counters, decision_counts,

@@ -1,6 +1,6 @@
 /* cgroup post_bind4/6: a workload with an identity that binds a port makes that address:port an endpoint of its
  * identity, so local model servers need no `endpoints:` entry.
- *   reads:  process_identity, cgroup_identity
+ *   reads:  process_identity, cgroup_identity, cgroup_inherit
  *   A bind by a workload without identity removes a stale entry for that address:port.
  *   When local_endpoint_identity is full, a workload with an identity cannot bind (EPERM, counted): its port would
  *   otherwise look unmanaged and be open to whoever may reach unmanaged servers.
