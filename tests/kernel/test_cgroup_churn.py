@@ -105,25 +105,26 @@ def test_a_fresh_cgroup_below_an_identity_with_other_children_is_not_given_its_p
         srv.popen.wait()
 
 
-def _churn_leaves_nothing(cgroups, agents, n: int) -> None:
+def _churn_leaves_nothing(cgroups, agents, n: int, batch: int = 500) -> None:
+    """n cgroups (each with a grandchild) made and removed, in batches of `batch` the agent catches up with (a
+    sentinel cgroup classified: it reads mkdir events in order), so the agent_events ring never overflows."""
+    from agent.identity.cgroups import cgroup_id
     port = free_port()
     chat = cgroups.child("chat")
     cgroups.child("llama")
     agents(_config(cgroups, port))
-    for i in range(n):
-        c = chat / f"c{i}"
-        c.mkdir()
-        (c / "sub").mkdir()          # a grandchild too: its parent gets a cgroup_inherit entry
-        (c / "sub").rmdir()
-        c.rmdir()
-    # the agent reads mkdir events in order: once the sentinel is classified, every churned one was handled
-    from agent.identity.cgroups import cgroup_id
-    sentinel = cgroups.child("chat/sentinel")
-    sid = cgroup_id(sentinel)
-    deadline = time.monotonic() + 120          # a bound on a hang, not a timing assertion
-    while sid not in _entries(cgroups.root, "cgroup_identity"):
-        assert time.monotonic() < deadline, "the agent never classified the sentinel cgroup"
-        time.sleep(0.05)
+    for b in range(0, n, batch):
+        for i in range(b, min(n, b + batch)):
+            c = chat / f"c{i}"
+            c.mkdir()
+            (c / "sub").mkdir()          # a grandchild too: its parent gets a cgroup_inherit entry
+            (c / "sub").rmdir()
+            c.rmdir()
+        sid = cgroup_id(cgroups.child(f"chat/sentinel{b}"))
+        deadline = time.monotonic() + 120          # a bound on a hang, not a timing assertion
+        while sid not in _entries(cgroups.root, "cgroup_identity"):
+            assert time.monotonic() < deadline, "the agent never classified the sentinel cgroup"
+            time.sleep(0.05)
     live = {cgroup_id(Path(p)) for p, _, _ in os.walk(cgroups.root)}
     for name in ("cgroup_identity", "cgroup_inherit"):
         stale = set(_entries(cgroups.root, name)) - live
