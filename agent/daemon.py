@@ -151,6 +151,7 @@ class Agent:
         """cluster: a ClusterState someone else fills (tests); default: one the agent's own watch fills when the
         config uses Kubernetes (agent/identity/k8s/source.py)."""
         self.opts = opts
+        self._lock: Optional[RootLock] = None        # held on the datapath directory while the agent runs
         self.k8s = KubernetesSource(cluster, opts.kubeconfig, opts.node_name)
         self._workloads = None                      # cgroup id -> WorkloadData, when Kubernetes is on
         self.resolved: tuple = ()                   # the remote ends the live generation was compiled with
@@ -240,6 +241,7 @@ class Agent:
         except PinError as e:
             lock.release()
             raise AgentError(str(e)) from None
+        self._lock = lock
         try:
             return self._run_locked(config, manifest, mount, root)
         finally:
@@ -248,7 +250,10 @@ class Agent:
     def _open_datapath(self, manifest: Optional[dict]):
         """Adopt the pinned build when it is the one these sources and limits make; else build it (loader child)."""
         from agent.kernel.datapath import Datapath
-        from agent.kernel.loader import LoadError, build_digest, build_inputs, run_child
+        from agent.kernel.loader import LoadError, build_digest, build_inputs, reap_stale, run_child
+        stale = reap_stale(self.pins)   # a loader killed with its agent left these half-pinned
+        if stale:
+            log.warning("unpinned %d objects a killed loader left half-pinned in %s", len(stale), self.pins.progs)
         text, cflags = build_inputs(self.pins, self.limits, self.opts.bpf_root)
         digest = build_digest(text, cflags)
         build = (manifest or {}).get("build")
@@ -262,7 +267,7 @@ class Agent:
             loader_preflight()
             t0 = time.monotonic()
             try:
-                build = run_child(self.pins, self.limits, self.opts.bpf_root)
+                build = run_child(self.pins, self.limits, self.opts.bpf_root, lock=self._lock)
             except LoadError as e:
                 raise AgentError(str(e)) from None
             log.info("compiled and loaded the programs in %.1fs (build %s)", time.monotonic() - t0, build["build"])
@@ -339,6 +344,7 @@ class Agent:
         self.assigner = IdentityAssigner(dp, self.numbering, mount, root, self._on_map_full, stats=self.k8s.stats)
         # what a previous agent left in the kernel, so the resync also clears what no longer matches
         self.assigner.cgroups = dp.identity_entries("cgroup_identity")
+        self.assigner.inherit = dp.identity_entries("cgroup_inherit")
         self.assigner.processes = dp.identity_entries("process_identity")
         try:
             self._install(config)

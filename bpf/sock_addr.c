@@ -4,7 +4,8 @@
  *   this host —, port, proto) against the allow-list; a deny returns 0
  *   (the caller gets EPERM); an allowed or audited connection may be rewritten to a redirect backend.
  *   The source is the process's identity, else that of the cgroup the socket was created in (socket_cgroup).
- *   reads:  runtime_config, process_identity, cgroup_identity, socket_cgroup, local_endpoint_identity, local_address,
+ *   reads:  runtime_config, process_identity, cgroup_identity, cgroup_inherit, socket_cgroup,
+ *           local_endpoint_identity, local_address,
  *           dns_resolver, udp_reply,
  *           endpoint_identity, identity_info, policy_verdict, redirect_service, redirect_backend
  *   writes: dialed_address and flow_state (sk storage), udp_reverse_nat, udp_flows, verdict_counters, decision_counts,

@@ -1,6 +1,6 @@
 /* cgroup post_bind4/6 and sock_release: a workload with an identity that binds a port makes that address:port an
  * endpoint of its identity, so local model servers need no `endpoints:` entry.
- *   reads:  process_identity, cgroup_identity
+ *   reads:  process_identity, cgroup_identity, cgroup_inherit
  *   writes: local_endpoint_identity, local_endpoint_refs, bound_port, verdict_counters
  * Who holds a port (local_endpoint_refs): the first identity that binds it keeps it for as long as any of its sockets
  * holds it (same-identity co-binders, e.g. SO_REUSEPORT workers, count as refs). A co-binder (SO_REUSEPORT or

@@ -1,7 +1,7 @@
 /* cgroup_skb ingress: a packet from a remote source to a local server is judged on (remote identity, server
  * identity). Only new TCP connections (SYN without ACK) and UDP datagrams are judged; local sources were already
  * judged at connect time. Returning 0 drops the packet.
- *   reads:  runtime_config, local_address, dns_resolver, local_endpoint_identity, endpoint_identity, cgroup_identity,
+ *   reads:  runtime_config, local_address, dns_resolver, local_endpoint_identity, endpoint_identity, cgroup_identity, cgroup_inherit,
  *           identity_info, policy_verdict
  *   Also counts received UDP bytes into udp_flows (the client socket's entry for this remote address), and
  *   records in udp_reply that this remote or local address:port wrote to the receiving socket and was let in (a
@@ -119,10 +119,8 @@ int aimesh_ingress(struct __sk_buff *skb)
 	__u8 gen = cfg->active_gen;
 	__u64 cg = bpf_skb_cgroup_id(skb);
 	__u32 dst = local_endpoint_lookup(t.daddr, t.dport, t.proto, 1);
-	if (dst == ID_NONE) {
-		__u32 *id = cgroup_identity.lookup(&cg);
-		dst = id ? *id : ID_UNMANAGED;
-	}
+	if (dst == ID_NONE)
+		dst = skb_cgroup_identity(skb);
 	__u32 src = endpoint_lookup(gen, t.saddr, 0);
 	if (src == ID_NONE)
 		src = ID_WORLD;

@@ -7,7 +7,7 @@
  *                                                         (capture_data of bpf/capture.c, flagged CAPTURE_EV_F_TLS)
  * The agent attaches these once per libssl file a governed process maps (agent/kernel/uprobes.py). A call on a thread
  * that is not governed, or while no identity has LLM capture on, costs one runtime_config and one identity lookup.
- *   reads: runtime_config, process_identity, cgroup_identity, tls_calls, tls_ssl_fd, capture_sockets
+ *   reads: runtime_config, process_identity, cgroup_identity, cgroup_inherit, tls_calls, tls_ssl_fd, capture_sockets
  *   writes: tls_calls, capture_sockets (flags), capture_events, verdict_counters
  * This file follows capture.c in the assembled program text (agent/kernel/source.py): it uses capture_data.
  */

@@ -1,11 +1,11 @@
 /* Tracepoints that keep identities current:
  *   cgroup:cgroup_mkdir      -> agent_events (the agent classifies the new cgroup within milliseconds)
- *   cgroup:cgroup_rmdir      -> deletes cgroup_identity[id]
+ *   cgroup:cgroup_rmdir      -> deletes cgroup_identity[id], cgroup_inherit[id]
  *   task:task_newtask        -> copies the parent's process_identity[tgid] to a new process (not a thread)
  *   sched:sched_process_exec -> deletes process_identity[tgid] (a process identity follows the executable), then
  *                               agent_events when process selectors exist (CFG_F_WATCH_EXEC)
  *   sched:sched_process_exit -> deletes process_identity[tgid] when the last thread of the process exits
- *   reads: runtime_config; writes: agent_events, cgroup_identity, process_identity, runtime_config, verdict_counters
+ *   reads: runtime_config; writes: agent_events, cgroup_identity, cgroup_inherit, process_identity, runtime_config, verdict_counters
  */
 #include "programs.h"
 
@@ -45,6 +45,7 @@ TRACEPOINT_PROBE(cgroup, cgroup_rmdir)
 		return 0;
 	__u64 id = args->id;
 	cgroup_identity.delete(&id);
+	cgroup_inherit.delete(&id);
 	return 0;
 }
 

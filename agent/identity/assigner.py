@@ -16,7 +16,7 @@ from agent.identity.host import listeners
 from agent.identity.k8s import cgroup_path
 from agent.identity.k8s.resolve import ClusterView, PodResolutionStats
 from agent.identity.k8s.selectors import pod_identity
-from agent.identity.selectors import cgroup_match, process_match
+from agent.identity.selectors import cgroup_match, descendants_identity, process_match
 from agent.kernel import abi
 from agent.kernel.maps import MapError
 from agent.policy.identities import IdentityNumbering
@@ -27,6 +27,8 @@ log = logging.getLogger("aimesh.identity")
 class IdentityMaps(Protocol):
     def set_cgroup_identity(self, cgroup_id: int, identity: int) -> None: ...
     def clear_cgroup_identity(self, cgroup_id: int) -> None: ...
+    def set_cgroup_inherit(self, cgroup_id: int, identity: int) -> None: ...
+    def clear_cgroup_inherit(self, cgroup_id: int) -> None: ...
     def set_process_identity(self, pid: int, identity: int) -> None: ...
     def clear_process_identity(self, pid: int) -> None: ...
     def set_local_endpoint(self, key: abi.LocalEndpointKey, identity: int) -> None: ...
@@ -50,6 +52,7 @@ class IdentityAssigner:
         self.maps, self.numbering, self.mount, self.root = maps, numbering, mount, root
         self.on_full = on_full
         self.cgroups: dict[int, int] = {}     # cgroup id -> identity id, as written
+        self.inherit: dict[int, int] = {}     # cgroup id -> identity every cgroup below it gets, as written
         self.processes: dict[int, int] = {}   # pid -> identity id, as written
         self.config: Optional[Config] = None
         self.view = view or ClusterView()
@@ -85,6 +88,42 @@ class IdentityAssigner:
             return name
         return cgroup_match(rel, cfg.identities) if cfg is not None else None
 
+    def inherit_identity(self, rel: str, name: Optional[str]) -> Optional[str]:
+        """The identity the kernel may give a not-yet-classified cgroup below rel (cgroup_inherit), or None. Only
+        cgroup globs are certain before the agent looks: with pod selectors, or the gateway's cgroup below rel, none."""
+        cfg = self.config
+        if cfg is None or name is None or name in (GATEWAY, UNRESOLVED):
+            return None
+        if any(i.select.pods for i in cfg.identities):
+            return None
+        full = self.mount / rel.lstrip("/")
+        if cfg.uses_gateway:
+            try:
+                (self.root / GATEWAY_CGROUP).relative_to(full)
+                return None
+            except ValueError:
+                pass
+        below = descendants_identity(rel, cfg.identities)
+        return name if below == name else None
+
+    def _alive(self, rel: str, cid: int) -> bool:
+        """The cgroup at rel is still the one with this id (ids are never reused; a removed one is gone for good)."""
+        try:
+            return cgroups.cgroup_id(self.mount / rel.lstrip("/")) == cid
+        except OSError:
+            return False
+
+    def _forget_if_removed(self, rel: str, cid: int) -> None:
+        """Written after the cgroup_rmdir program already deleted the entries (removed between the event or the walk
+        and the write): delete them again, or they stay for good. Checked after the write, so a removal after this
+        check is the kernel's to clean up."""
+        if self._alive(rel, cid):
+            return
+        if self.cgroups.pop(cid, None) is not None:
+            self.maps.clear_cgroup_identity(cid)
+        if self.inherit.pop(cid, None) is not None:
+            self.maps.clear_cgroup_inherit(cid)
+
     def on_cluster_change(self, view: ClusterView) -> int:
         """Pods or namespaces changed: assign every known pod cgroup again; returns how many entries changed."""
         self.view = view
@@ -119,16 +158,29 @@ class IdentityAssigner:
         seen: dict[int, int] = {}
         self.pod_cgroups = {}
         walked: set[int] = set()
+        seen_inherit: dict[int, int] = {}
+        rels: dict[int, str] = {}
         for rel, cid in cgroups.walk(self.mount, self.root):
             walked.add(cid)
+            rels[cid] = rel
             name = self.cgroup_identity(rel, cid)
             if name:
                 seen[cid] = self.numbering.id_of(name)
+            below = self.inherit_identity(rel, name)
+            if below:
+                seen_inherit[cid] = self.numbering.id_of(below)
         for cid in [c for c in self.waiting if c not in walked]:
             del self.waiting[cid]
         self.stats.unresolved_now = len(self.waiting)
+        # inherit entries that no longer hold go before the identities change, new ones after
+        self._diff(self.inherit, {c: v for c, v in seen_inherit.items() if self.inherit.get(c) == v},
+                   self._guard("cgroup_inherit", self.maps.set_cgroup_inherit), self.maps.clear_cgroup_inherit)
         self._diff(self.cgroups, seen, self._guard("cgroup_identity", self.maps.set_cgroup_identity),
                    self.maps.clear_cgroup_identity)
+        self._diff(self.inherit, seen_inherit, self._guard("cgroup_inherit", self.maps.set_cgroup_inherit),
+                   self.maps.clear_cgroup_inherit)
+        for cid, rel in rels.items():
+            self._forget_if_removed(rel, cid)
         procs: dict[int, int] = {}
         if any(i.select.processes for i in config.identities):
             for pid in processes.all_pids():
@@ -194,6 +246,10 @@ class IdentityAssigner:
             if self._guard("cgroup_identity", self.maps.set_cgroup_identity)(cgroup_id, ident):
                 self.cgroups[cgroup_id] = ident
                 log.info("cgroup %s -> %s", rel_path, name)
+        below = self.inherit_identity(rel_path, name)
+        if below and self._guard("cgroup_inherit", self.maps.set_cgroup_inherit)(cgroup_id, self.numbering.id_of(below)):
+            self.inherit[cgroup_id] = self.numbering.id_of(below)
+        self._forget_if_removed(rel_path, cgroup_id)
         return name
 
     def on_exec(self, pid: int) -> Optional[str]:

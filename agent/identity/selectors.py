@@ -21,6 +21,43 @@ def is_glob(text: str) -> bool:
     return any(c in text for c in "*?[")
 
 
+def _literal_prefix(glob: str) -> str:
+    for i, c in enumerate(glob):
+        if c in "*?[":
+            return glob[:i]
+    return glob
+
+
+def _may_match_below(path: str, glob: str) -> bool:
+    """Whether glob can match some cgroup below path (conservative: True when it cannot be ruled out)."""
+    below = path.rstrip("/") + "/"
+    if not is_glob(glob):
+        return glob.startswith(below)
+    lit = _literal_prefix(glob)
+    return lit.startswith(below) or below.startswith(lit)
+
+
+def _matches_all_below(path: str, glob: str) -> bool:
+    """Whether glob matches every cgroup below path: it is H* with H matching a prefix of path/ (fnmatch's * crosses
+    '/', so it takes the rest, whatever the child is named)."""
+    if not glob.endswith("*"):
+        return False
+    below = path.rstrip("/") + "/"
+    return any(fnmatchcase(below[:i], glob[:-1]) for i in range(len(below) + 1))
+
+
+def descendants_identity(path: str, identities: Sequence[Identity]) -> Optional[str]:
+    """The identity cgroup_match gives every cgroup below path, whatever its name, or None when that is not certain.
+    The kernel judges a cgroup the agent has not classified yet by this (cgroup_inherit), so it must never name an
+    identity some descendant would not get: an earlier identity that might match below path rules it out."""
+    for ident in identities:
+        if any(_matches_all_below(path, g) for g in ident.select.cgroups):
+            return ident.name
+        if any(_may_match_below(path, g) for g in ident.select.cgroups):
+            return None
+    return None
+
+
 def file_id(path: str) -> Optional[tuple[int, int]]:
     """(st_dev, st_ino) of the file a path names now (symlinks followed), or None."""
     try:

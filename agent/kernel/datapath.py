@@ -331,6 +331,12 @@ class Datapath:
     def clear_cgroup_identity(self, cgroup_id: int) -> None:
         self.maps["cgroup_identity"].delete(ct.c_uint64(cgroup_id))
 
+    def set_cgroup_inherit(self, cgroup_id: int, identity: int) -> None:
+        self.maps["cgroup_inherit"].update(ct.c_uint64(cgroup_id), ct.c_uint32(identity))
+
+    def clear_cgroup_inherit(self, cgroup_id: int) -> None:
+        self.maps["cgroup_inherit"].delete(ct.c_uint64(cgroup_id))
+
     def set_process_identity(self, pid: int, identity: int) -> None:
         self.maps["process_identity"].update(ct.c_uint32(pid), ct.c_uint32(identity))
 
@@ -361,7 +367,7 @@ class Datapath:
         m.update_many([(k, ct.c_uint8(1)) for k in keys])
 
     def identity_entries(self, name: str) -> dict[int, int]:
-        """cgroup_identity or process_identity as the kernel holds it now (what a previous agent wrote)."""
+        """cgroup_identity, cgroup_inherit or process_identity as the kernel holds it now (what a previous agent wrote)."""
         return {int(k.value): int(v.value) for k, v in self.maps[name].items()}
 
     # ---- counters ----

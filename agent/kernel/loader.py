@@ -5,27 +5,73 @@ bcc and LLVM (~60 MB). Maps are pinned by bcc itself at the paths registry.pin_c
 reused: same layout, same map). Programs are pinned under progs/<build digest>/; the loader attaches nothing — the
 agent fills the maps first and then attaches or swaps the links, so no program ever runs on empty maps.
 
+One build at a time: the loader holds an exclusive flock on the datapath directory while it builds and pins (the
+agent hands it the open file of its own RootLock, so the lock is held by whoever of the two still lives; a loader
+started alone takes the lock itself and is refused when an agent or another loader holds it). It dies with the agent
+(PR_SET_PDEATHSIG SIGKILL): a loader whose agent was killed never pins a build after the next agent adopted another.
+What a killed loader left half-pinned (progs/tmp-*) the next start reaps (reap_stale) before it builds or adopts.
+
 Output: one JSON line on stdout ({"build": digest, "progs": dir, "maps": {name: pin name}}); on failure one line on
 stderr naming what failed, exit status 2, and every pin this run created removed.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes as ct
+import fcntl
 import hashlib
 import json
 import os
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 from agent.kernel import abi, registry
-from agent.kernel.pins import DatapathDir, remove_tree
+from agent.kernel.pins import DatapathDir, RootLock, remove_tree
 from agent.kernel.source import assemble
 
 
 class LoadError(Exception):
     pass
+
+
+TMP_PREFIX = "tmp-"
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when the thread that started it exits; refuse to go on if that parent is already gone
+    (it died between fork and prctl: the signal was never armed)."""
+    libc = ct.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise LoadError(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ct.get_errno())}")
+    if os.getppid() != parent_pid:
+        raise LoadError(f"the agent that started this loader (pid {parent_pid}) is gone; nothing was pinned")
+
+
+def lock_dir(d: DatapathDir, fd: Optional[int]) -> int:
+    """Hold the exclusive flock on the datapath directory: on the agent's open file when given (same lock), else on
+    a new one. Raises LoadError when another agent or loader holds it."""
+    if fd is None:
+        d.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(d.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise LoadError(f"another aimesh agent or loader holds {d.path}; nothing was pinned") from None
+    return fd
+
+
+def reap_stale(d: DatapathDir) -> list[str]:
+    """Unpin what a killed loader left half-done (its progs/tmp-* directory). Call only while holding the lock."""
+    removed: list[str] = []
+    if d.progs.is_dir():
+        for p in d.progs.iterdir():
+            if p.name.startswith(TMP_PREFIX) and p.is_dir():
+                removed += remove_tree(p)
+    return removed
 
 
 def build_inputs(d: DatapathDir, limits: abi.Limits, bpf_root: Optional[Path] = None) -> tuple[bytes, list[str]]:
@@ -54,7 +100,7 @@ def load(d: DatapathDir, limits: abi.Limits, bpf_root: Optional[Path] = None) ->
     digest = build_digest(text, cflags)
     maps_before = set(os.listdir(d.maps))
     final = d.progs / digest
-    tmp = d.progs / f"tmp-{digest}-{os.getpid()}"   # bpffs refuses names with a dot
+    tmp = d.progs / f"{TMP_PREFIX}{digest}-{os.getpid()}"   # bpffs refuses names with a dot
     b = None
     try:
         try:
@@ -100,13 +146,20 @@ def load(d: DatapathDir, limits: abi.Limits, bpf_root: Optional[Path] = None) ->
     return {"build": digest, "progs": str(final), "maps": {m.name: m.pin_name(limits) for m in registry.MAPS}}
 
 
-def run_child(d: DatapathDir, limits: abi.Limits, bpf_root: Optional[Path] = None, timeout: float = 300) -> dict:
-    """Run the loader in a child process and return its result; raises LoadError with its one-line error."""
+def run_child(d: DatapathDir, limits: abi.Limits, bpf_root: Optional[Path] = None, timeout: float = 300,
+              lock: Optional[RootLock] = None) -> dict:
+    """Run the loader in a child process and return its result; raises LoadError with its one-line error.
+    lock: the caller's held RootLock on d, shared with the child (it builds under that same lock)."""
     import subprocess
     cmd = [sys.executable, "-m", "agent.kernel.loader", "--dir", str(d.path), "--limits",
-           json.dumps(asdict(limits))] + (["--bpf-root", str(bpf_root)] if bpf_root else [])
+           json.dumps(asdict(limits)), "--parent-pid", str(os.getpid())] + \
+        (["--bpf-root", str(bpf_root)] if bpf_root else [])
+    fds: tuple[int, ...] = ()
+    if lock is not None and lock.fd is not None:
+        cmd += ["--lock-fd", str(lock.fd)]
+        fds = (lock.fd,)
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, pass_fds=fds)
     except subprocess.TimeoutExpired:
         raise LoadError(f"the BPF loader did not finish in {timeout:.0f}s") from None
     if out.returncode != 0:
@@ -123,8 +176,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--dir", required=True, type=Path)
     ap.add_argument("--limits", default="{}")
     ap.add_argument("--bpf-root", type=Path, default=None)
+    ap.add_argument("--parent-pid", type=int, default=None, help="die with this parent (the agent)")
+    ap.add_argument("--lock-fd", type=int, default=None, help="the agent's open, locked datapath directory")
     args = ap.parse_args(argv)
     try:
+        if args.parent_pid is not None:
+            die_with_parent(args.parent_pid)
+        lock_dir(DatapathDir(args.dir), args.lock_fd)   # held until exit
         limits = abi.Limits(**json.loads(args.limits))
         res = load(DatapathDir(args.dir), limits, args.bpf_root)
     except (LoadError, OSError, TypeError, ValueError) as e:

@@ -61,6 +61,7 @@ def _layout(t: Optional[type]) -> str:
 MAPS: tuple[MapSpec, ...] = (
     MapSpec("runtime_config", ARRAY, ct.c_uint32, abi.RuntimeConfig, lambda lim: 1),
     MapSpec("cgroup_identity", HASH, ct.c_uint64, ct.c_uint32, lambda lim: lim.max_cgroups),
+    MapSpec("cgroup_inherit", HASH, ct.c_uint64, ct.c_uint32, lambda lim: lim.max_cgroups),
     MapSpec("process_identity", HASH, ct.c_uint32, ct.c_uint32, lambda lim: lim.max_processes),
     MapSpec("endpoint_identity", LPM_TRIE, abi.EndpointKey, ct.c_uint32, lambda lim: lim.max_endpoints,
             BPF_F_NO_PREALLOC, gen_keyed=True),

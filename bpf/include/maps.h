@@ -34,6 +34,7 @@ BPF_ANNOTATE_KV_PAIR(_name, _key_type, int)
 
 AIMESH_MAP("array", __u32, struct runtime_config, runtime_config, 1);                        /* 0 -> live generation, flags */
 AIMESH_MAP("hash", __u64, __u32, cgroup_identity, MAX_CGROUPS);                                /* cgroup id -> identity */
+AIMESH_MAP("hash", __u64, __u32, cgroup_inherit, MAX_CGROUPS);                                 /* cgroup id -> identity every descendant has */
 AIMESH_MAP("hash", __u32, __u32, process_identity, MAX_PROCESSES);                             /* tgid -> identity */
 AIMESH_MAP_F("lpm_trie", struct endpoint_key, __u32, endpoint_identity, MAX_ENDPOINTS, BPF_F_NO_PREALLOC); /* (gen, port, prefix) -> identity */
 AIMESH_MAP("hash", struct local_endpoint_key, __u32, local_endpoint_identity, MAX_LOCAL_ENDPOINTS); /* bound (addr, port, proto) -> identity */

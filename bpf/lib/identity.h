@@ -2,6 +2,57 @@
 #ifndef AIMESH_LIB_IDENTITY_H
 #define AIMESH_LIB_IDENTITY_H
 
+/* A cgroup the agent has not classified yet (made a moment ago: the agent classifies on the cgroup_mkdir event) takes
+ * the identity of an ancestor in cgroup_inherit: the agent writes an ancestor there only when every cgroup below it
+ * matches that identity's selectors first (agent/identity/assigner.py inherit_identity), so the child's own entry,
+ * when it comes, says the same. No such ancestor: unmanaged, as before. Deeper than CGROUP_WALK_LEVELS: not walked
+ * (fails closed). ancestor(level) is 0 above the cgroup's own level. The walk is of the caller's cgroup: a socket
+ * created in another cgroup (its process moved since, bpf/sock_create.c) is judged by that cgroup's own entry. */
+#define CGROUP_WALK_LEVELS 16
+
+static __always_inline __u32 cgroup_identity_of(__u64 cg)
+{
+	__u32 *id = cgroup_identity.lookup(&cg);
+	if (id)
+		return *id;
+	if (cg != bpf_get_current_cgroup_id())
+		return ID_UNMANAGED;
+#pragma unroll
+	for (int lvl = CGROUP_WALK_LEVELS; lvl >= 1; lvl--) {
+		__u64 a = bpf_get_current_ancestor_cgroup_id(lvl);
+		if (!a || a == cg)
+			continue;
+		id = cgroup_inherit.lookup(&a);
+		if (id)
+			return *id;
+	}
+	return ID_UNMANAGED;
+}
+
+static __always_inline __u32 current_cgroup_identity(void)
+{
+	return cgroup_identity_of(bpf_get_current_cgroup_id());
+}
+
+/* The same for the socket of an skb (cgroup_skb programs: the sender's or receiver's cgroup, not current's). */
+static __always_inline __u32 skb_cgroup_identity(struct __sk_buff *skb)
+{
+	__u64 cg = bpf_skb_cgroup_id(skb);
+	__u32 *id = cgroup_identity.lookup(&cg);
+	if (id)
+		return *id;
+#pragma unroll
+	for (int lvl = CGROUP_WALK_LEVELS; lvl >= 1; lvl--) {
+		__u64 a = bpf_skb_ancestor_cgroup_id(skb, lvl);
+		if (!a || a == cg)
+			continue;
+		id = cgroup_inherit.lookup(&a);
+		if (id)
+			return *id;
+	}
+	return ID_UNMANAGED;
+}
+
 /* The calling process first (process selectors are more specific), then the cgroup cg. */
 static __always_inline __u32 workload_identity(__u64 cg)
 {
@@ -9,10 +60,7 @@ static __always_inline __u32 workload_identity(__u64 cg)
 	__u32 *id = process_identity.lookup(&tgid);
 	if (id)
 		return *id;
-	id = cgroup_identity.lookup(&cg);
-	if (id)
-		return *id;
-	return ID_UNMANAGED;
+	return cgroup_identity_of(cg);
 }
 
 static __always_inline __u32 current_identity(void)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from agent.config import parse_config
 from agent.identity.cgroups import cgroup2_mount_from
-from agent.identity.selectors import cgroup_match, process_match
+from agent.identity.selectors import cgroup_match, descendants_identity, process_match
 from agent.kernel.abi import Limits
 from agent.kernel.source import assemble
 
@@ -73,3 +73,24 @@ def test_source_assembly_inlines_our_headers_once():
 def test_limits_become_defines():
     flags = Limits(max_policies=10).cflags()
     assert "-DMAX_POLICIES=10" in flags and "-DRINGBUF_PAGES=256" in flags
+
+
+def test_descendants_identity_is_only_what_every_cgroup_below_gets():
+    """cgroup_inherit: the kernel gives an unclassified cgroup this; it must agree with cgroup_match for any child."""
+    cfg = parse_config("""
+identities:
+  - {name: batch, kind: service, select: {cgroups: ["/r/app/batch", "/r/tools/x*"]}}
+  - {name: app, kind: service, select: {cgroups: ["/r/app", "/r/app/*"]}}
+  - {name: solo, kind: service, select: {cgroups: ["/r/solo"]}}
+  - {name: web, kind: service, select: {cgroups: ["/r/web*"]}}
+""")
+    ids = cfg.identities
+    assert descendants_identity("/r/web", ids) == "web"
+    assert descendants_identity("/r/web-1/a", ids) == "web"
+    assert descendants_identity("/r/solo", ids) is None          # only the cgroup itself is `solo`
+    assert descendants_identity("/r/app", ids) is None           # /r/app/batch is `batch`, listed first
+    assert descendants_identity("/r/app/other", ids) == "app"
+    assert descendants_identity("/r/tools", ids) is None         # /r/tools/x... is `batch`, the rest nothing
+    for parent in ("/r/web", "/r/app/other", "/r/web-1/a"):
+        for child in ("c", "batch", "x/y", "a*b"):
+            assert cgroup_match(f"{parent}/{child}", ids) == descendants_identity(parent, ids)
