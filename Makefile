@@ -3,7 +3,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.aimesh-installed
 
-.PHONY: setup demo test unit bench proto clean k8s-check
+.PHONY: setup demo test unit soak bench proto clean k8s-check
 setup:
 	@bash deploy/host/setup.sh
 	@# deploy/k8s is rendered by kustomize v5+ (tests/unit/test_k8s_manifests.py): a kustomize binary or kubectl's
@@ -17,11 +17,17 @@ k8s-check: setup
 demo: setup
 	$(VENV)/bin/aimesh demo --config deploy/examples/demo.yaml
 
+# Two workers, one test file per worker at a time (tests in a file share module fixtures); the kernel tests share one
+# compilation of the BPF programs per session (tests/conftest.py). Soak runs are left to `make soak`.
 test: setup
-	$(PY) -m pytest -ra tests
+	$(PY) -m pytest -ra -n 2 --dist loadfile -m "not soak" tests
 
+# No root needed: the kernel tests are the ones marked `kernel` (everything under tests/kernel).
 unit: setup
-	$(PY) -m pytest -ra tests/unit
+	$(PY) -m pytest -ra -m "not kernel and not soak" tests/unit
+
+soak: setup
+	AIMESH_FUZZ=1 $(PY) -m pytest -ra -m "soak or fuzz" tests
 
 bench: setup
 	$(PY) -m bench.run

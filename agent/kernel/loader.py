@@ -28,7 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from agent.kernel import abi, registry
+from agent.kernel import abi, buildcache, registry
 from agent.kernel.pins import DatapathDir, RootLock, remove_tree
 from agent.kernel.source import assemble
 
@@ -103,6 +103,12 @@ def load(d: DatapathDir, limits: abi.Limits, bpf_root: Optional[Path] = None) ->
     tmp = d.progs / f"{TMP_PREFIX}{digest}-{os.getpid()}"   # bpffs refuses names with a dot
     b = None
     try:
+        if _load_cached(d, limits, text, cflags, tmp):
+            if final.exists():
+                remove_tree(final)
+            os.rename(tmp, final)
+            return {"build": digest, "progs": str(final),
+                    "maps": {m.name: m.pin_name(limits) for m in registry.MAPS}}
         try:
             b = BPF(text=text, cflags=cflags)
         except Exception as e:  # bcc raises bare Exception for compile and load errors
@@ -132,6 +138,7 @@ def load(d: DatapathDir, limits: abi.Limits, bpf_root: Optional[Path] = None) ->
                 raise LoadError(f"loading {name} failed: {e}") from None
             if lib.bpf_obj_pin(fn.fd, str(tmp / name).encode()) < 0:
                 raise LoadError(f"pinning {name} in {tmp} failed")
+        _save_cached(d, text, cflags, b)
         if final.exists():
             remove_tree(final)
         os.rename(tmp, final)
@@ -144,6 +151,47 @@ def load(d: DatapathDir, limits: abi.Limits, bpf_root: Optional[Path] = None) ->
         if b is not None:
             b.cleanup()
     return {"build": digest, "progs": str(final), "maps": {m.name: m.pin_name(limits) for m in registry.MAPS}}
+
+
+def _cached_programs() -> list[tuple[str, int, int]]:
+    """(name, prog_type, expected attach type) of every program, as load() hands them to bcc."""
+    return [(p.name, p.prog_type, p.attach_type if p.prog_type in (registry.CGROUP_SOCK_ADDR, registry.CGROUP_SOCK)
+             else 0) for p in registry.PROGRAMS] + [(name, registry.KPROBE, 0) for name in registry.UPROBE_PROGRAMS]
+
+
+def _load_cached(d: DatapathDir, limits: abi.Limits, text: bytes, cflags: list[str], tmp: Path) -> bool:
+    """Load and pin the programs from the build cache (buildcache.py) when one is set and holds this build."""
+    root = buildcache.cache_dir()
+    if root is None:
+        return False
+    from bcc.libbcc import lib
+    key = buildcache.cache_key(text, cflags, str(d.maps), _cached_programs())
+    pins = {m.name: str(d.maps / m.pin_name(limits)) for m in registry.MAPS}
+    try:
+        fds = buildcache.load(root, key, pins)
+    except (buildcache.CacheMiss, OSError):
+        remove_tree(tmp)
+        return False
+    try:
+        tmp.mkdir(parents=True)
+        for name, fd in fds.items():
+            if lib.bpf_obj_pin(fd, str(tmp / name).encode()) < 0:
+                raise LoadError(f"pinning {name} in {tmp} failed")
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return True
+
+
+def _save_cached(d: DatapathDir, text: bytes, cflags: list[str], b) -> None:
+    root = buildcache.cache_dir()
+    if root is None:
+        return
+    key = buildcache.cache_key(text, cflags, str(d.maps), _cached_programs())
+    try:
+        buildcache.save(root, key, b, _cached_programs(), [m.name for m in registry.MAPS])
+    except (buildcache.CacheMiss, OSError) as e:
+        print(f"aimesh loader: build not cached: {e}", file=sys.stderr)
 
 
 def run_child(d: DatapathDir, limits: abi.Limits, bpf_root: Optional[Path] = None, timeout: float = 300,

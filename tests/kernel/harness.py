@@ -2,6 +2,7 @@
 removed by path or pid at teardown."""
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -204,7 +205,22 @@ def start_agent(tmp: Path, cgroup_root: Path, cfg: dict | str, extra: list[str] 
                 timeout: float = 90, degraded_ok: bool = False, flow_log: bool = True,
                 env: Optional[dict] = None) -> AgentProc:
     """Start an agent and wait until it is ready (/healthz 200), or, with degraded_ok, until it is running (a
-    degraded agent answers /healthz 503 by design)."""
+    degraded agent answers /healthz 503 by design). free_port() can race another process (a parallel test worker)
+    for the metrics port: an agent that could not listen on it is started again on another one."""
+    for _ in range(2):
+        try:
+            return _start_agent(tmp, cgroup_root, cfg, extra, timeout, degraded_ok, flow_log, env)
+        except _PortTaken:
+            continue
+    return _start_agent(tmp, cgroup_root, cfg, extra, timeout, degraded_ok, flow_log, env)
+
+
+class _PortTaken(AssertionError):
+    pass
+
+
+def _start_agent(tmp: Path, cgroup_root: Path, cfg: dict | str, extra: list[str], timeout: float, degraded_ok: bool,
+                 flow_log: bool, env: Optional[dict]) -> AgentProc:
     port = free_port()
     ap = AgentProc(tmp / "aimesh.yaml", tmp / "flows.jsonl", port, None, tmp / "agent.log")  # type: ignore[arg-type]
     ap.write_config(cfg)
@@ -216,11 +232,12 @@ def start_agent(tmp: Path, cgroup_root: Path, cfg: dict | str, extra: list[str] 
     deadline = time.monotonic() + timeout
     while True:
         if ap.popen.poll() is not None:
-            raise AssertionError(f"agent exited with {ap.popen.returncode}:\n{ap.log()}")
+            err = _PortTaken if f"cannot listen on 127.0.0.1:{port}" in ap.log() else AssertionError
+            raise err(f"agent exited with {ap.popen.returncode}:\n{ap.log()}")
         try:
             if ap.get("/healthz")[0] == 200 or (degraded_ok and "agent ready" in ap.log()):
                 return ap
-        except OSError:
+        except (OSError, http.client.HTTPException):   # not listening yet, or another process's port
             pass
         if time.monotonic() > deadline:
             ap.stop()

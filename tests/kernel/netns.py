@@ -2,8 +2,12 @@
 range). Removed by name at teardown."""
 from __future__ import annotations
 
+import fcntl
+import re
 import subprocess
 import uuid
+
+LOCK = "/run/lock/aimesh-test-netns.lock"   # parallel workers (pytest-xdist) pick their subnets one at a time
 
 
 def _ip(*args: str, check: bool = True) -> None:
@@ -15,7 +19,20 @@ class NetnsHost:
         tag = uuid.uuid4().hex[:6]
         self.ns = f"aimt-{tag}"
         self.host_if, self.ns_if = f"aimh{tag}", f"aimn{tag}"
+        lock = open(LOCK, "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._make(tag, extra_addrs)
+        finally:
+            lock.close()
+
+    def _make(self, tag: str, extra_addrs: int) -> None:
+        used = {int(m) for m in re.findall(r"inet 198\.18\.(\d+)\.1/", subprocess.run(
+            ["ip", "-4", "addr", "show"], capture_output=True, text=True).stdout)}
         octet = int(tag[:2], 16)
+        free = [o for o in range(256) if o not in used]
+        if octet in used and free:
+            octet = free[octet % len(free)]   # a subnet no other test host (of any worker) holds now
         self.host_addr = f"198.18.{octet}.1"
         self.addrs = [f"198.18.{octet}.{2 + i}" for i in range(1 + extra_addrs)]
         self.host_addr6 = f"fd00:aim:{octet:x}::1".replace("aim", "a1")
