@@ -165,7 +165,8 @@ class Agent:
         self.last_tick = time.monotonic()           # the main loop's heartbeat (liveness)
         self.state = {"programs_attached": 0, "reloads_ok": 0, "reloads_failed": 0, "decode_errors": 0,
                       "ring_events": {"decision_events": 0, "flow_events": 0, "agent_events": 0, "capture_events": 0},
-                      "model_calls": 0}
+                      "model_calls": 0, "agent_events_resyncs": 0}
+        self._agent_events_lost = 0                 # COUNTER_AGENT_EVENTS_LOST at the last cgroup resync
         self._reload = False
         self._stop = False
         self.config_watch: Optional[ConfigWatch] = None
@@ -346,6 +347,7 @@ class Agent:
         self.assigner.cgroups = dp.identity_entries("cgroup_identity")
         self.assigner.inherit = dp.identity_entries("cgroup_inherit")
         self.assigner.processes = dp.identity_entries("process_identity")
+        self._agent_events_lost = dp.counters()[abi.COUNTER_AGENT_EVENTS_LOST]   # earlier losses: the install resyncs
         try:
             self._install(config)
             self._watch_addresses()   # subscribed before the first scan: no change falls between the two
@@ -495,6 +497,7 @@ class Agent:
         """Entries the programs could not write (counted in the kernel): degraded while it keeps happening."""
         c = self.datapath.counters()
         now = time.monotonic()
+        self._resync_after_lost_events(c[abi.COUNTER_AGENT_EVENTS_LOST])
         unlisted = c[abi.COUNTER_INGRESS_UNLISTED_EXACT] + c[abi.COUNTER_INGRESS_UNLISTED_JUDGED]
         if unlisted > self._unlisted_seen:   # packets from an address of this host the kernel does not list yet
             self._unlisted_seen = unlisted
@@ -518,6 +521,20 @@ class Agent:
                 self._kernel_full[name] = (c[slot], last[1])
                 if now - last[1] > FULL_LOG_EVERY_S:
                     self.degraded.pop(f"map {name} full", None)
+
+    def _resync_after_lost_events(self, lost: int) -> None:
+        """agent_events was full (cgroup mkdir / exec events lost): nothing else would ever tell the agent about
+        those cgroups, so it walks the tree again. The counter is read before the walk: a cgroup made after the walk
+        has its event in the ring, or it was lost too and the next check resyncs again."""
+        if lost <= self._agent_events_lost or self.config is None:
+            return
+        if not self.state["agent_events_resyncs"]:
+            log.warning("agent_events ring full: %d cgroup/exec events lost in the kernel; re-reading every cgroup "
+                        "(counted in aimesh_agent_events_resyncs_total, logged once)", lost - self._agent_events_lost)
+        self._agent_events_lost = lost
+        self.state["agent_events_resyncs"] += 1
+        self.assigner.processes = self.datapath.identity_entries("process_identity")
+        self.assigner.resync(self.config)
 
     def _check_root(self) -> None:
         if self.root.is_dir():

@@ -142,6 +142,8 @@ class AgentCollector(Collector):
         yield cap
         yield CounterMetricFamily("aimesh_flow_log_records", "Records written to the flow log",
                                   value=st.get("flow_log_records", 0))
+        yield CounterMetricFamily("aimesh_agent_events_resyncs", "Cgroup resyncs after agent_events were lost",
+                                  value=st.get("agent_events_resyncs", 0))
         yield CounterMetricFamily("aimesh_decode_errors", "Kernel events that could not be decoded",
                                   value=st.get("decode_errors", 0))
         den = st.get("denials")

@@ -135,6 +135,40 @@ def test_cgroup_churn_leaves_no_entry(cgroups, agents):
     _churn_leaves_nothing(cgroups, agents, 500)
 
 
+def _lost_agent_events(agent) -> float:
+    status, text = agent.get("/metrics")
+    assert status == 200
+    for line in text.splitlines():
+        if line.startswith('aimesh_events_lost_total{ring="agent_events"}'):
+            return float(line.split()[-1])
+    raise AssertionError("no aimesh_events_lost_total for agent_events in /metrics")
+
+
+def test_a_burst_that_overflows_agent_events_does_not_stop_classification(cgroups, agents):
+    """mkdir events lost to a full ring: the agent resyncs the cgroup tree, so a cgroup made after the burst (its
+    own event possibly lost too) is still classified, and cgroups of the burst that remain are classified."""
+    from agent.identity.cgroups import cgroup_id
+    chat = cgroups.child("chat")
+    cgroups.child("llama")
+    agent = agents(_config(cgroups, free_port()))
+    kept = []
+    for i in range(3000):                    # far more mkdir events than the 64 KiB ring holds
+        c = chat / f"b{i}"
+        c.mkdir()
+        if i % 100 == 0:
+            kept.append(c)
+        else:
+            c.rmdir()
+    assert _lost_agent_events(agent) > 0, "the burst did not overflow agent_events: the test proves nothing"
+    wanted = {cgroup_id(c) for c in kept} | {cgroup_id(cgroups.child("chat/sentinel"))}
+    deadline = time.monotonic() + 120          # a bound on a hang, not a timing assertion
+    while not wanted <= set(_entries(cgroups.root, "cgroup_identity")):
+        assert time.monotonic() < deadline, "the agent stopped classifying cgroups after losing agent_events"
+        time.sleep(0.05)
+    for c in kept:
+        c.rmdir()
+
+
 @pytest.mark.soak
 @pytest.mark.skipif(os.environ.get("AIMESH_SOAK") != "1", reason="long churn: set AIMESH_SOAK=1")
 def test_cgroup_churn_10k_leaves_no_entry(cgroups, agents):
