@@ -101,10 +101,10 @@ def test_flows_reach_the_collector(cgroups, agents, collector, tmp_path):
     srv = subprocess.Popen([sys.executable, str(FLOWLOAD), "serve", "--port", str(port), "--reply", "4096",
                             "--connections", "3"], stdout=subprocess.PIPE, text=True, preexec_fn=_enter_cgroup(llama))
     assert srv.stdout.readline()
+    assert run_client(rogue, port)["errors"] == {"EPERM": 1}   # while llama holds the port (it exits after 3)
     for n in (1000, 20000, 300000):
         assert _send(chat, port, n)["received"] == 4096
     srv.wait(30)
-    assert run_client(rogue, port)["errors"] == {"EPERM": 1}
 
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:

@@ -140,10 +140,10 @@ def test_nothing_aimesh_writes_is_readable_by_others(cgroups, default_agent, col
 
     collector.stop()   # what the agent exports now stays in its spool
     srv = start_server(llama, port, name="llama", count=3)
+    assert run_client(rogue, port)["errors"] == {"EPERM": 1}   # while llama holds the port (it exits after 3)
     for _ in range(3):
         assert run_client(chat, port)["ok"] == 1
     srv.result()
-    assert run_client(rogue, port)["errors"] == {"EPERM": 1}
     assert agent.records_where(lambda r: r.get("verdict") == "denied"), agent.log()[-2000:]
     deadline = time.monotonic() + 15
     while not (list(spool.glob("*.batch")) and records_log.exists() and records_log.stat().st_size):
