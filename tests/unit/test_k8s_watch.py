@@ -128,6 +128,9 @@ def test_410_gone_relists_and_drops_what_was_deleted_meanwhile(running) -> None:
     until(lambda: w.stats()["pods"].relists == 1)
     until(lambda: CHAT_UID not in state.pods)
     assert MIRROR_HASH in state.pods
+    # the re-list counts before its new watch starts: wait for that watch, then check it resumed from the new list
+    until(lambda: len(api.watches("pods")) >= 2 and api.watches("pods")[-1].query.get("resourceVersion") is not None
+          and int(api.watches("pods")[-1].query["resourceVersion"]) >= api.resource_version)
     watches = api.watches("pods")
     assert int(watches[-1].query["resourceVersion"]) >= api.resource_version   # resumed from the new list, not the old rv
     assert w.stats()["pods"].errors == 0
